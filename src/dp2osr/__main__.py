@@ -1,0 +1,5 @@
+import sys
+
+from dp2osr.cli import main
+
+sys.exit(main())

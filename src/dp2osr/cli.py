@@ -1,0 +1,89 @@
+"""The ``dp2osr`` command: one sub-command per pipeline stage.
+
+Each stage module defines a config dataclass and a function taking it; this file only maps names to them
+(imported lazily so ``dp2osr --help`` is instant) and turns user errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from dp2osr.config import add_arguments, build_config
+
+# name -> (module, config class, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "upscale": ("dp2osr.upscale", "UpscaleConfig", "upscale", "super-resolve image(s) with a ControlNet SR model"),
+    "degrade": ("dp2osr.degrade", "DegradeConfig", "degrade", "HR photos -> LR/HR training pairs (Real-ESRGAN-style)"),
+    "sample": ("dp2osr.sample", "SampleConfig", "sample", "M seeded SR candidates per LR image (resumable)"),
+    "score": ("dp2osr.score", "ScoreConfig", "score", "IQA scores and hybrid reward for every candidate"),
+    "pair": ("dp2osr.pair", "PairConfig", "pair", "top-N x bottom-N preference pairs with HPO weights"),
+    "train": ("dp2osr.train", "TrainConfig", "train", "train the ControlNet: supervised (sft) or DP²O (dpo)"),
+    "eval": ("dp2osr.evaluate", "EvalConfig", "evaluate", "IQA tables for SR folders; Best/Mean/Worst@M of pools"),
+    "report": ("dp2osr.report", "ReportConfig", "report", "one self-contained HTML page of results"),
+    "quickstart": ("dp2osr.quickstart", "QuickstartConfig", "quickstart", "the whole DP²O loop on the embedded model"),
+}
+
+DESCRIPTION = """\
+dp2osr — DP²O-SR (Direct Perceptual Preference Optimization for Real-World Image Super-Resolution).
+
+Stages, in pipeline order: degrade -> sample -> score -> pair -> train -> eval -> report.
+`upscale` runs a trained model on your images. Every command takes --config FILE.yaml (flags override it)
+and saves its resolved config beside its output. `dp2osr COMMAND --help` lists every option.
+"""
+
+
+def _available() -> dict[str, tuple[str, str, str, str]]:
+    """Commands whose module exists in this installation."""
+    out = {}
+    for name, spec in COMMANDS.items():
+        if importlib.util.find_spec(spec[0]) is not None:
+            out[name] = spec
+    return out
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, str, str]]]:
+    parser = argparse.ArgumentParser(
+        prog="dp2osr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = _available()
+    wanted = sys.argv[1] if len(sys.argv) > 1 else None
+    for name, (module, cls_name, _, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen command's module is imported (torch/diffusers imports cost seconds).
+        if name == wanted:
+            cls = getattr(importlib.import_module(module), cls_name)
+            add_arguments(p, cls)
+            if cls.__doc__:
+                p.description = cls.__doc__.strip()
+                p.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser, commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = ["dp2osr", *argv]
+    parser, commands = build_parser()
+    args = parser.parse_args(sys.argv[1:])
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module, cls_name, fn_name, _ = commands[args.command]
+    mod = importlib.import_module(module)
+    try:
+        cfg = build_config(getattr(mod, cls_name), args)
+        result = getattr(mod, fn_name)(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dp2osr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dp2osr {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

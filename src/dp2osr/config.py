@@ -1,0 +1,150 @@
+"""Configuration: one dataclass per stage is the single source of truth.
+
+Precedence is dataclass defaults < YAML file (``--config``) < command-line flags. Every field becomes a flag
+(``field_name`` -> ``--field-name``) whose help text is the field's ``metadata["help"]``; ``choices`` in the
+metadata restrict values. Unknown YAML keys are an error. The resolved config is saved beside every output
+(``save_config``) so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, choices: list | None = None, **kw: Any) -> Any:
+    """A dataclass field with a help string (and optional choices) for the CLI."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = list(choices)
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for ``X | None`` / ``Optional[X]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field, plus ``--config`` for a YAML file."""
+    parser.add_argument(
+        "--config", type=Path, default=None, help="YAML file of options (flags given here override it)"
+    )
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        help_text = f.metadata.get("help", "")
+        required = default is None and not optional and f.default is dataclasses.MISSING
+        if not required:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is list:
+            (inner,) = typing.get_args(tp) or (str,)
+            kwargs.update(nargs="+", type=inner)
+        elif tp is Path:
+            kwargs["type"] = Path
+        elif tp in (int, float, str):
+            kwargs["type"] = tp
+        parser.add_argument(flag, **kwargs)
+
+
+def build_config(cls: type[T], args: argparse.Namespace) -> T:
+    """Resolve defaults < YAML (``args.config``) < flags into an instance of ``cls``."""
+    values: dict[str, Any] = {}
+    config_path = getattr(args, "config", None)
+    if config_path is not None:
+        values.update(load_yaml(cls, Path(config_path)))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+    ]
+    if missing:
+        raise ValueError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    return cls(**_coerce(cls, values))
+
+
+def load_yaml(cls: type, path: Path) -> dict[str, Any]:
+    """Read a YAML mapping of options for ``cls``; unknown keys are an error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; allowed: {sorted(names)}")
+    return data
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, value in values.items():
+        tp, _ = _base_type(hints[name])
+        if value is not None and tp is Path and not isinstance(value, Path):
+            value = Path(value)
+        out[name] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON/YAML-friendly dict of a config dataclass (paths as strings)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML (``.yaml``) or JSON (anything else)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = to_dict(cfg)
+    if path.suffix in (".yaml", ".yml"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2))
+
+
+def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
+    """Raise a ValueError naming ``name`` when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
