@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import importlib.util
 import sys
 
@@ -58,7 +59,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, s
             cls = getattr(importlib.import_module(module), cls_name)
             add_arguments(p, cls)
             if cls.__doc__:
-                p.description = cls.__doc__.strip()
+                p.description = inspect.cleandoc(cls.__doc__)
                 p.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser, commands
 

@@ -1,0 +1,205 @@
+"""The backbone interface: everything that differs between SD2 and FLUX, behind one small class.
+
+`sampling`, `sample`, `train` and `eval` only call these methods, so they never branch on the model.
+Latents are always handled *unpacked*, ``(B, C, h, w)``; FLUX packs them into tokens inside `predict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+# A text condition: a dict of tensors whose first dimension is the batch (FLUX's `text_ids` excepted).
+Cond = dict[str, torch.Tensor]
+
+
+class Backbone(ABC):
+    """A frozen base model (UNet or transformer, VAE, text encoders, scheduler) plus a trainable ControlNet.
+
+    Subclasses set the class attributes below and implement the abstract methods.
+    """
+
+    kind: str = ""  # "sd2" | "flux": the family (defaults, pair ratio) this backbone belongs to
+    default_steps: int = 50
+    default_guidance: float = 3.5
+    default_negative_prompt: str = ""
+    default_process_size: int = 512
+    pair_ratio: float = 0.25  # METHOD.md §2.5: N/M = 1/4 for SD2, 1/16 for FLUX
+    train_guidance: float | None = None  # guidance passed to `predict` while training (FLUX: 2.5)
+
+    def __init__(self, *, name: str, controlnet: torch.nn.Module, scheduler: Any) -> None:
+        self.name = name
+        self.controlnet = controlnet
+        self.scheduler = scheduler
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    # ---- geometry -------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def latent_factor(self) -> int:
+        """Pixels per latent along each side (8 for the SD2/FLUX VAE)."""
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latents the denoiser works on."""
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this (the latent factor; ×2 for FLUX's 2×2 packing)."""
+        return self.latent_factor
+
+    # ---- conditioning ---------------------------------------------------------------------------
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
+        """Text condition for a batch of prompts (with the negative prompt's embeddings when CFG is used)."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] -> latents ``(B, C, H/f, W/f)`` (scaled as the denoiser expects).
+
+        ``control`` (the upsampled LR, same size) is used by autoencoders that encode a residual.
+        """
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents -> ``(B, 3, H, W)`` in [0, 1]."""
+
+    @abstractmethod
+    def prepare_control(self, control_image: torch.Tensor) -> torch.Tensor:
+        """The upsampled LR ``(B, 3, H, W)`` in [0, 1] -> what the ControlNet takes (pixels or latents)."""
+
+    @abstractmethod
+    def control_tile(self, control: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        """The part of a prepared control that matches the latent window ``[y0:y1, x0:x1]``."""
+
+    # ---- denoiser ---------------------------------------------------------------------------------
+    @abstractmethod
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: Cond,
+        control: torch.Tensor,
+        *,
+        guidance: float | None = None,
+        controlnet: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Model output (epsilon, v or flow velocity) for ``latents`` at ``timesteps`` ``(B,)``.
+
+        ``guidance`` is the CFG scale (SD2; needs negative embeddings in ``cond``) or the guidance-embedding
+        value (FLUX). ``controlnet`` overrides the backbone's own (the frozen reference in DPO).
+        """
+
+    @abstractmethod
+    def set_timesteps(self, steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Prepare the scheduler for sampling and return its timesteps."""
+
+    def step(self, output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, generators: list) -> torch.Tensor:
+        """One sampler step; per-sample generators keep stochastic samplers seed-exact per row."""
+        return self.scheduler.step(output, t, latents, generator=generators).prev_sample
+
+    # ---- training ---------------------------------------------------------------------------------
+    @abstractmethod
+    def sample_timesteps(self, batch: int, latent_hw: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+        """Training timesteps ``(batch,)`` (DDPM indices, or FLUX sigmas), drawn on the CPU generator."""
+
+    @abstractmethod
+    def noisy_and_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy latents, regression target) for clean latents ``x0`` — epsilon, v, or ε − x0 for flow."""
+
+    # ---- parts ----------------------------------------------------------------------------------
+    @abstractmethod
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        """The frozen parts (denoiser, VAE, text encoders) by diffusers subfolder name."""
+
+    @abstractmethod
+    def new_controlnet(self) -> torch.nn.Module:
+        """A ControlNet initialised from the denoiser (``from_unet`` / ``from_transformer``)."""
+
+    @contextlib.contextmanager
+    def vae_tiling(self, enabled: bool, tile_px: int | None = None):
+        """Decode/encode in overlapping tiles while inside the block (diffusers' tiled VAE), if enabled."""
+        vae = getattr(self, "vae", None)
+        if not enabled or vae is None or not hasattr(vae, "enable_tiling"):
+            yield
+            return
+        old = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+        px = tile_px or self.default_process_size
+        vae.tile_sample_min_size, vae.tile_latent_min_size = px, px // self.latent_factor
+        vae.enable_tiling()
+        try:
+            yield
+        finally:
+            vae.disable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = old
+
+    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> Backbone:
+        """Move everything; the ControlNet keeps float32 master weights only when it trains (see train)."""
+        self.device, self.dtype = torch.device(device), dtype
+        for m in [*self.frozen_modules().values(), self.controlnet]:
+            same = all(p.dtype == dtype for p in m.parameters())
+            m.to(self.device) if same else m.to(self.device, dtype)
+        for m in self.frozen_modules().values():
+            m.requires_grad_(False)
+            m.eval()
+        return self
+
+    def save_pretrained(self, path: Path) -> None:
+        """Write a diffusers-layout folder (one subfolder per part, ``controlnet/`` included)."""
+        path = Path(path)
+        for name, module in self.frozen_modules().items():
+            module.save_pretrained(path / name)
+        for name, tok in self.tokenizers().items():
+            tok.save_pretrained(path / name)
+        self.scheduler.save_pretrained(path / "scheduler")
+        self.controlnet.save_pretrained(path / "controlnet")
+        meta = {"backbone": self.kind, "name": self.name}
+        meta.update({k: getattr(self, k) for k in ("default_process_size", "default_steps", "default_guidance")})
+        (path / "dp2osr.json").write_text(json.dumps(meta, indent=2))
+
+    def tokenizers(self) -> dict[str, Any]:
+        return {}
+
+
+def save_release(controlnet: torch.nn.Module, path: Path) -> None:
+    """Save a ControlNet the way the published checkpoints are: one ``model.safetensors`` state dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in controlnet.state_dict().items()}
+    save_file(state, str(path))
+
+
+def load_release_state(controlnet: torch.nn.Module, path: Path, what: str) -> None:
+    """Strictly load a release-format state dict into ``controlnet``; errors name the file and the keys."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: expected a .safetensors ControlNet state dict or a diffusers ControlNet folder")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+    own = controlnet.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shape:
+            k = shape[0]
+            detail.append(f"{len(shape)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})")
+        raise ValueError(f"{path} does not match {what}: " + "; ".join(detail))
+    controlnet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)

@@ -1,0 +1,159 @@
+"""C-SD2: Stable Diffusion 2 base + a diffusers ControlNet (METHOD.md §1), epsilon or v prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+from dp2osr.backbones.base import Backbone, Cond
+
+
+class SD2Backbone(Backbone):
+    """UNet2DConditionModel + ControlNetModel.from_unet; the control image is the upsampled LR in pixels."""
+
+    kind = "sd2"
+    default_steps = 50
+    default_guidance = 3.5
+    default_negative_prompt = "dotted, noise, blur, lowres, smooth"
+    default_process_size = 512
+    pair_ratio = 0.25
+    train_guidance = None  # no CFG while training
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        unet: UNet2DConditionModel,
+        vae: Any,
+        text_encoder: torch.nn.Module | None,
+        tokenizer: Any,
+        scheduler: DDPMScheduler,
+        controlnet: ControlNetModel | None = None,
+    ) -> None:
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        super().__init__(name=name, controlnet=controlnet or ControlNetModel.from_unet(unet), scheduler=scheduler)
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    # ---- conditioning ---------------------------------------------------------------------------
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
+        cond = {"prompt_embeds": self._embed(prompts)}
+        if negative_prompt is not None:
+            cond["negative_prompt_embeds"] = self._embed([negative_prompt] * len(prompts))
+        return cond
+
+    def encode_images(self, images: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
+        x = images.to(self.device, self.vae.dtype) * 2 - 1
+        return (self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor).to(self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+        return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
+
+    def prepare_control(self, control_image: torch.Tensor) -> torch.Tensor:
+        return control_image.to(self.device, self.dtype)
+
+    def control_tile(self, control: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        f = self.latent_factor
+        return control[..., y0 * f : y1 * f, x0 * f : x1 * f]
+
+    # ---- denoiser ---------------------------------------------------------------------------------
+    def predict(self, latents, timesteps, cond, control, *, guidance=None, controlnet=None):
+        net = controlnet if controlnet is not None else self.controlnet
+        emb = cond["prompt_embeds"]
+        cfg = guidance is not None and guidance > 1 and "negative_prompt_embeds" in cond
+        if control.shape[0] != latents.shape[0]:
+            control = control.expand(latents.shape[0], -1, -1, -1)
+        if cfg:  # one batched call for the unconditional and conditional branches
+            latents = torch.cat([latents, latents])
+            emb = torch.cat([cond["negative_prompt_embeds"], emb])
+            control = torch.cat([control, control])
+            timesteps = torch.cat([timesteps, timesteps])
+        down, mid = net(
+            latents, timesteps, encoder_hidden_states=emb, controlnet_cond=control, return_dict=False
+        )
+        out = self.unet(
+            latents,
+            timesteps,
+            encoder_hidden_states=emb,
+            down_block_additional_residuals=[d.to(latents.dtype) for d in down],
+            mid_block_additional_residual=mid.to(latents.dtype),
+            return_dict=False,
+        )[0]
+        if cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + guidance * (text - uncond)
+        return out
+
+    def set_timesteps(self, steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+        self.scheduler.set_timesteps(steps, device=self.device)
+        return self.scheduler.timesteps
+
+    # ---- training ---------------------------------------------------------------------------------
+    def sample_timesteps(self, batch, latent_hw, generator):
+        n = self.scheduler.config.num_train_timesteps
+        return torch.randint(0, n, (batch,), generator=generator).to(self.device)
+
+    def noisy_and_target(self, x0, noise, timesteps):
+        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, self.scheduler.get_velocity(x0, noise, timesteps)
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+
+    # ---- parts ----------------------------------------------------------------------------------
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        parts = {"unet": self.unet, "vae": self.vae}
+        if self.text_encoder is not None:
+            parts["text_encoder"] = self.text_encoder
+        return parts
+
+    def tokenizers(self) -> dict[str, Any]:
+        return {"tokenizer": self.tokenizer} if self.tokenizer is not None else {}
+
+    def new_controlnet(self) -> ControlNetModel:
+        return ControlNetModel.from_unet(self.unet)
+
+
+def load_sd2(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2Backbone:
+    """Load an SD2-base folder in diffusers layout; ``make_controlnet(unet)`` gives the ControlNet."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from dp2osr.backbones.loading import require_parts
+
+    base = require_parts(base, ["unet", "vae", "text_encoder", "tokenizer", "scheduler"], "Stable Diffusion 2 base")
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype)
+    return SD2Backbone(
+        name=name,
+        unet=unet,
+        vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype),
+        text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype),
+        tokenizer=AutoTokenizer.from_pretrained(base / "tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(base / "scheduler"),
+        controlnet=make_controlnet(unet),
+    )

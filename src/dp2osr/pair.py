@@ -1,0 +1,299 @@
+"""The ``pair`` stage: rewards -> top-N × bottom-N preference pairs with HPO weights (METHOD.md §2.5, §3).
+
+Reads ``rewards.parquet`` (written by ``score``: one row per candidate, ``image_id, seed, path, reward``),
+ranks each image's M candidates by reward, keeps the N best as winners and the N worst as losers, forms all
+N×N (winner, loser) pairs, weights every pair with Hierarchical Preference Optimization, and writes
+``pref_pairs.parquet`` for ``train --mode dpo``.
+
+Conventions (our choices where the paper is silent):
+
+- Ties in reward are broken by seed ascending: of two candidates with equal reward the lower seed ranks
+  higher. With rows sorted by seed first, the result does not depend on the order of the input rows.
+- N from a ratio is ``max(1, floor(ratio · M + 0.5))`` (round half up, not Python's round-half-to-even).
+- σ_g, the reward spread of group g, is the population standard deviation (ddof = 0) of all M candidates.
+- A disabled HPO level is stored as weight 1, so ``weight == w_intra · w_inter`` holds in every row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dp2osr.config import check_choice, field, save_config
+from dp2osr.images import write_parquet
+
+#: N/M by backbone (METHOD.md §2.5): 1/4 for SD2 (N=8 of M=32), 1/16 for FLUX (N=4 of M=64).
+DEFAULT_RATIOS: dict[str, float] = {"sd2": 0.25, "flux": 0.0625}
+
+#: Which HPO levels weight the loss: both, only the intra-group one, only the inter-group one, or none.
+HPO_MODES = ("both", "intra", "inter", "none")
+
+PAIR_COLUMNS = [
+    "image_id",
+    "win_seed",
+    "lose_seed",
+    "win_path",
+    "lose_path",
+    "lr_path",
+    "win_reward",
+    "lose_reward",
+    "w_intra",
+    "w_inter",
+    "weight",
+]
+
+
+def n_from_ratio(m: int, ratio: float) -> int:
+    """N winners (and N losers) for a group of M candidates: N = max(1, round(ratio · M)), half rounded up.
+
+    Example: M = 32, ratio = 1/4 -> N = 8; M = 64, ratio = 1/16 -> N = 4; M = 2, ratio = 1/4 -> N = 1.
+    """
+    if m < 1:
+        raise ValueError(f"group size M must be >= 1, got {m}")
+    if not 0 < ratio <= 0.5:
+        raise ValueError(f"ratio must be in (0, 0.5] (N winners + N losers <= M), got {ratio!r}")
+    return max(1, math.floor(ratio * m + 0.5))
+
+
+def select_pairs(rewards: np.ndarray, seeds: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """All N×N (winner, loser) pairs of one group (METHOD.md §2.5).
+
+    Args:
+        rewards: ``(M,)`` hybrid rewards of one image's candidates (higher is better).
+        seeds: ``(M,)`` their sampling seeds (unique); ties in reward go to the lower seed.
+        n: N, the number of winners and of losers; needs 2N <= M.
+
+    Returns:
+        ``N·N`` pairs ``(win_idx, lose_idx)`` of indices into ``rewards``, ordered by winner rank (best
+        first), then by loser rank (from the best of the losers to the worst candidate).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    seeds = np.asarray(seeds)
+    if rewards.ndim != 1 or seeds.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and seeds must be (M,) vectors of one length, got {rewards.shape}, {seeds.shape}"
+        )
+    m = len(rewards)
+    if n < 1 or 2 * n > m:
+        raise ValueError(f"N must satisfy 1 <= N and 2N <= M, got N={n}, M={m}")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError(f"rewards must be finite, got {rewards[~np.isfinite(rewards)].tolist()}")
+    if len(np.unique(seeds)) != m:
+        raise ValueError(f"seeds within a group must be unique, got {seeds.tolist()}")
+    order = np.lexsort((seeds, -rewards))  # primary key: reward descending; secondary: seed ascending
+    winners, losers = order[:n], order[m - n :]
+    return [(int(w), int(lo)) for w in winners for lo in losers]
+
+
+def intra_weights(gaps: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
+    """Intra-group HPO weights (METHOD.md §3): w_intra = |R_w − R_l| + (1 − μ_gap(g)).
+
+    Args:
+        gaps: ``(P,)`` reward gaps of the pairs (the absolute value is taken).
+        group_ids: ``(P,)`` the group (image id) of each pair.
+
+    Returns:
+        ``(P,)`` weights; within each group they average exactly 1. Non-negative when rewards lie in [0, 1].
+    """
+    gaps = np.abs(np.asarray(gaps, dtype=np.float64))
+    group_ids = np.asarray(group_ids)
+    if gaps.ndim != 1 or group_ids.shape != gaps.shape:
+        raise ValueError(
+            f"gaps and group_ids must be (P,) vectors of one length, got {gaps.shape}, {group_ids.shape}"
+        )
+    _, inverse = np.unique(group_ids, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    mean_gap = np.bincount(inverse, weights=gaps) / np.bincount(inverse)
+    return gaps + (1.0 - mean_gap[inverse])
+
+
+def inter_weights(group_stds: np.ndarray) -> np.ndarray:
+    """Inter-group HPO weights (METHOD.md §3): w_inter(g) = σ_g + (1 − μ_σ).
+
+    Args:
+        group_stds: ``(G,)`` σ_g, the population std (ddof = 0) of the rewards of all M candidates of group g.
+
+    Returns:
+        ``(G,)`` weights averaging exactly 1 over the groups.
+    """
+    stds = np.asarray(group_stds, dtype=np.float64)
+    if stds.ndim != 1 or len(stds) == 0:
+        raise ValueError(f"group_stds must be a non-empty (G,) vector, got shape {stds.shape}")
+    return stds + (1.0 - stds.mean())
+
+
+def build_pairs(
+    rewards_df: pd.DataFrame, n: int | None, ratio: float | None, hpo: str = "both"
+) -> pd.DataFrame:
+    """The ``pref_pairs`` table (docs/ARCHITECTURE.md) from a rewards table.
+
+    Args:
+        rewards_df: one row per candidate with columns ``image_id, seed, path, reward, lr_path`` (others are
+            ignored). ``pair`` fills ``lr_path`` from ``candidates.parquet`` when ``score`` did not keep it.
+        n: N winners and N losers per image; overrides ``ratio`` when given.
+        ratio: N = :func:`n_from_ratio` (M, ratio) per image when ``n`` is None.
+        hpo: one of :data:`HPO_MODES`; a disabled level's weight column is 1.
+
+    Returns:
+        One row per pair, columns :data:`PAIR_COLUMNS`, groups in sorted ``image_id`` order. Paths are copied
+        unchanged (the caller rebases them to the output's folder).
+    """
+    check_choice("hpo", hpo, HPO_MODES)
+    if n is None and ratio is None:
+        raise ValueError("give N (--n) or a ratio (--ratio)")
+    required = ["image_id", "seed", "path", "reward", "lr_path"]
+    missing = [c for c in required if c not in rewards_df.columns]
+    if missing:
+        raise ValueError(f"rewards table lacks column(s) {missing}; needs {required}")
+    if rewards_df.empty:
+        raise ValueError("rewards table is empty")
+    df = rewards_df[required].copy()
+    df["image_id"] = df["image_id"].astype(str)
+    dup = df.duplicated(["image_id", "seed"])
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise ValueError(
+            f"duplicate candidate in rewards table: image_id={first.image_id!r}, seed={first.seed}"
+        )
+    # Sorting first makes the output independent of the input's row order.
+    df = df.sort_values(["image_id", "seed"], kind="stable").reset_index(drop=True)
+
+    rows: list[dict] = []
+    group_ids: list[str] = []
+    group_stds: list[float] = []
+    for image_id, group in df.groupby("image_id", sort=True):
+        m = len(group)
+        n_g = n if n is not None else n_from_ratio(m, ratio)
+        if 2 * n_g > m:
+            raise ValueError(
+                f"image {image_id!r} has M={m} candidates, too few for N={n_g} winners and losers"
+            )
+        rewards = group["reward"].to_numpy(dtype=np.float64)
+        seeds = group["seed"].to_numpy()
+        paths = group["path"].astype(str).to_numpy()
+        lr_paths = group["lr_path"].astype(str).unique()
+        if len(lr_paths) != 1:
+            raise ValueError(f"image {image_id!r} has several lr_path values: {lr_paths.tolist()}")
+        for w, lo in select_pairs(rewards, seeds, n_g):
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "win_seed": int(seeds[w]),
+                    "lose_seed": int(seeds[lo]),
+                    "win_path": paths[w],
+                    "lose_path": paths[lo],
+                    "lr_path": lr_paths[0],
+                    "win_reward": float(rewards[w]),
+                    "lose_reward": float(rewards[lo]),
+                }
+            )
+        group_ids.append(image_id)
+        group_stds.append(float(np.std(rewards, ddof=0)))
+
+    out = pd.DataFrame(rows)
+    ones = np.ones(len(out))
+    if hpo in ("both", "intra"):
+        out["w_intra"] = intra_weights(out["win_reward"] - out["lose_reward"], out["image_id"].to_numpy())
+    else:
+        out["w_intra"] = ones
+    if hpo in ("both", "inter"):
+        per_group = dict(zip(group_ids, inter_weights(np.array(group_stds))))
+        out["w_inter"] = out["image_id"].map(per_group).to_numpy(dtype=np.float64)
+    else:
+        out["w_inter"] = ones
+    out["weight"] = out["w_intra"] * out["w_inter"]
+    if (out["weight"] < 0).any():
+        raise ValueError(
+            f"negative HPO weight (min {out['weight'].min():.4g}); rewards must lie in [0, 1] "
+            "(as `score` writes them) or use --hpo none"
+        )
+    return out.astype({"win_seed": "int64", "lose_seed": "int64"})[PAIR_COLUMNS]
+
+
+@dataclass
+class PairConfig:
+    """Curate preference pairs from rewards (METHOD.md §2.5): per image, rank the M candidates by reward,
+    pair each of the top-N winners with each of the bottom-N losers (N×N pairs), and weight each pair with
+    Hierarchical Preference Optimization (w = w_intra · w_inter). Writes pref_pairs.parquet for `train`."""
+
+    # RUF009: ruff cannot tell that config.field returns a dataclasses.field.
+    rewards: Path = field(help="rewards.parquet written by `dp2osr score`")  # noqa: RUF009
+    output: Path | None = field(None, help="output table (default: pref_pairs.parquet by --rewards)")  # noqa: RUF009
+    n: int | None = field(
+        None, help="winners and losers per image, N (N=1: best vs worst); overrides --ratio"
+    )
+    ratio: float | None = field(
+        0.25,
+        help="N = max(1, round(ratio*M)) when --n is not given; paper: 0.25 for SD2 (N=8 of M=32), "
+        "0.0625 for FLUX (N=4 of M=64)",
+    )
+    hpo: str = field(
+        "both",
+        help="HPO weights: both (w_intra*w_inter), intra, inter, or none (uniform, plain Diffusion-DPO)",
+        choices=list(HPO_MODES),
+    )
+
+    def __post_init__(self) -> None:
+        self.rewards = Path(self.rewards)
+        if self.output is not None:
+            self.output = Path(self.output)
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.n is None and self.ratio is None:
+            raise ValueError("give --n or --ratio")
+        if self.ratio is not None and not 0 < self.ratio <= 0.5:
+            raise ValueError(f"ratio must be in (0, 0.5], got {self.ratio}")
+        check_choice("hpo", self.hpo, HPO_MODES)
+
+
+def _rebase(path: str, src_dir: Path, dst_dir: Path) -> str:
+    """A path relative to ``src_dir`` re-expressed relative to ``dst_dir`` (absolute and empty kept)."""
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.relpath(os.path.join(src_dir, path), dst_dir)
+
+
+def _with_lr_paths(rewards_df: pd.DataFrame, rewards_path: Path) -> pd.DataFrame:
+    """Add ``lr_path`` from ``candidates.parquet`` beside the rewards table when the rewards lack it."""
+    if "lr_path" in rewards_df.columns:
+        return rewards_df
+    candidates_path = rewards_path.parent / "candidates.parquet"
+    if not candidates_path.is_file():
+        raise FileNotFoundError(
+            f"{rewards_path} has no lr_path column and there is no {candidates_path} to take it from"
+        )
+    lr = pd.read_parquet(candidates_path, columns=["image_id", "lr_path"])
+    lr = lr.astype({"image_id": str}).drop_duplicates("image_id")
+    out = rewards_df.astype({"image_id": str}).merge(lr, on="image_id", how="left")
+    if out["lr_path"].isna().any():
+        missing = sorted(out.loc[out["lr_path"].isna(), "image_id"].unique())[:5]
+        raise ValueError(f"image(s) {missing} of {rewards_path} are not in {candidates_path}")
+    return out
+
+
+def pair(cfg: PairConfig) -> int:
+    """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config."""
+    if not cfg.rewards.is_file():
+        raise FileNotFoundError(f"rewards table not found: {cfg.rewards}")
+    output = cfg.output if cfg.output is not None else cfg.rewards.parent / "pref_pairs.parquet"
+    rewards_df = _with_lr_paths(pd.read_parquet(cfg.rewards), cfg.rewards)
+    pairs = build_pairs(rewards_df, n=cfg.n, ratio=cfg.ratio, hpo=cfg.hpo)
+    # Table paths are relative to the table's folder; the output may live elsewhere than the rewards.
+    src_dir, dst_dir = cfg.rewards.parent.resolve(), output.parent.resolve()
+    if src_dir != dst_dir:
+        for col in ("win_path", "lose_path", "lr_path"):
+            pairs[col] = [_rebase(p, src_dir, dst_dir) for p in pairs[col]]
+    write_parquet(pairs, output)
+    save_config(cfg, output.with_name(output.stem + ".config.yaml"))
+    groups = pairs["image_id"].nunique()
+    n_values = sorted(set(pairs.groupby("image_id").size().map(lambda p: math.isqrt(p))))
+    print(
+        f"pair: {groups} images, {len(pairs)} pairs (N={','.join(map(str, n_values))}), hpo={cfg.hpo}, "
+        f"weight range [{pairs['weight'].min():.4f}, {pairs['weight'].max():.4f}] -> {output}"
+    )
+    return 0

@@ -1,0 +1,236 @@
+"""The sampler every stage shares: seeded, batched over seeds, tiled in latent space for large images.
+
+Sample k of a batch always starts from ``randn(seed_k)`` drawn on its own CPU generator, and every stochastic
+scheduler step draws from that generator too, so an (image, seed) gives the same output whatever the batch
+size, device count or order. Images larger than the process size are denoised in overlapping latent tiles
+blended with smooth weights (memory bound by the tile, not the image), and decoded with a tiled VAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, load_backbone
+from dp2osr.colorfix import COLOR_FIXES, color_fix
+from dp2osr.config import field
+from dp2osr.prompts import PROMPT_SOURCES
+
+
+def tile_starts(size: int, tile: int, stride: int, align: int = 1) -> list[int]:
+    """Start offsets of tiles of length ``tile`` covering ``[0, size)`` with at most ``stride`` between starts."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, max(align, stride // align * align)))
+    starts.append(size - tile)
+    return sorted(set(starts))
+
+
+def ramp(length: int, overlap: int, device, dtype) -> torch.Tensor:
+    """1-D blending weight: linear ramps of ``overlap`` at both ends, 1 in the middle, never 0."""
+    i = torch.arange(length, device=device, dtype=dtype)
+    if overlap <= 0:
+        return torch.ones(length, device=device, dtype=dtype)
+    return torch.minimum((i + 0.5) / overlap, (length - i - 0.5) / overlap).clamp(max=1.0)
+
+
+def expand_cond(cond: Cond, batch: int) -> Cond:
+    return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
+
+
+def initial_latents(backbone: Backbone, seeds: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Per-seed Gaussian latents drawn on the CPU (identical on every device)."""
+    shape = (1, backbone.latent_channels, *latent_hw)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.cat(noise).to(backbone.device, backbone.dtype) * backbone.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def generate(
+    backbone: Backbone,
+    control_image: torch.Tensor,
+    cond: Cond,
+    seeds: list[int],
+    *,
+    steps: int,
+    guidance: float | None,
+    tile: int | None = None,
+    overlap: int | None = None,
+    controlnet: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Sample one SR output per seed for one control image.
+
+    Args:
+        control_image: ``(1, 3, H, W)`` upsampled LR in [0, 1]; H, W multiples of ``backbone.pixel_multiple``.
+        cond: text condition for batch 1 (or ``len(seeds)``), from ``backbone.encode_prompts``.
+        seeds: one seed per output.
+        tile: latent tile side (default: the whole image, no tiling); ``overlap`` in latents (default tile/4).
+    Returns:
+        ``(len(seeds), 3, H, W)`` in [0, 1], float32 on the CPU.
+    """
+    f = backbone.latent_factor
+    h, w = control_image.shape[-2] // f, control_image.shape[-1] // f
+    b = len(seeds)
+    control = backbone.prepare_control(control_image.to(backbone.device))
+    cond = expand_cond({k: v.to(backbone.device) for k, v in cond.items()}, b)
+    latents = initial_latents(backbone, seeds, (h, w))
+    generators = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]  # scheduler noise stream
+    tiled = tile is not None and (h > tile or w > tile)
+    th, tw = (min(tile, h), min(tile, w)) if tiled else (h, w)
+    ov = (tile // 4 if overlap is None else overlap) if tiled else 0
+    align = backbone.pixel_multiple // f
+    ys = tile_starts(h, th, th - ov, align)
+    xs = tile_starts(w, tw, tw - ov, align)
+    dev, dt = latents.device, latents.dtype
+    weight = ramp(th, ov, dev, dt)[:, None] * ramp(tw, ov, dev, dt)[None, :]
+    timesteps = backbone.set_timesteps(steps, (th, tw))
+    for t in timesteps:
+        t_batch = t.expand(b).to(dev)
+        if not tiled:
+            out = backbone.predict(latents, t_batch, cond, control, guidance=guidance, controlnet=controlnet)
+        else:
+            out = torch.zeros_like(latents)
+            total = torch.zeros((h, w), device=dev, dtype=dt)
+            for y in ys:
+                for x in xs:
+                    c_tile = backbone.control_tile(control, y, y + th, x, x + tw)
+                    o = backbone.predict(
+                        latents[..., y : y + th, x : x + tw], t_batch, cond, c_tile,
+                        guidance=guidance, controlnet=controlnet,
+                    )
+                    out[..., y : y + th, x : x + tw] += o * weight
+                    total[y : y + th, x : x + tw] += weight
+            out = out / total
+        latents = backbone.step(out, t, latents, generators)
+    images = []
+    with backbone.vae_tiling(tiled):
+        for k in range(b):  # one at a time: decoder activations dominate memory at real size
+            images.append(backbone.decode_latents(latents[k : k + 1], control_image).float().cpu())
+    return torch.cat(images)
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize (antialiased when shrinking) of ``(B, 3, H, W)`` in [0, 1], clamped."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+    out = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=shrink)
+    return out.clamp(0, 1)
+
+
+def super_resolve(
+    backbone: Backbone,
+    lr_up: torch.Tensor,
+    cond: Cond,
+    seeds: list[int],
+    *,
+    steps: int,
+    guidance: float | None,
+    process_size: int,
+    tile_overlap: float = 0.25,
+    color_fix_method: str = "adain",
+    controlnet: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """SR outputs ``(len(seeds), 3, H, W)`` for the upsampled LR ``lr_up`` ``(1, 3, H, W)`` at any size/aspect.
+
+    The short side is brought up to ``process_size`` when smaller (and the result resized back), the image is
+    padded (reflect) to the model's multiple and cropped back — never squashed — and sides larger than the
+    process size are tiled. Colour is then fixed against ``lr_up``.
+    """
+    height, width = lr_up.shape[-2:]
+    scale = process_size / min(height, width)
+    work = resize(lr_up, (round(height * scale), round(width * scale))) if scale > 1 else lr_up
+    hw, ww = work.shape[-2:]
+    m = backbone.pixel_multiple
+    ph, pw = (-hw) % m, (-ww) % m
+    mode = "reflect" if ph < hw and pw < ww else "replicate"
+    work = F.pad(work, (0, pw, 0, ph), mode=mode)
+    align = m // backbone.latent_factor
+    tile = max(align, process_size // backbone.latent_factor // align * align)
+    overlap = int(round(tile * tile_overlap / align)) * align
+    out = generate(
+        backbone, work, cond, seeds, steps=steps, guidance=guidance, tile=tile, overlap=overlap,
+        controlnet=controlnet,
+    )
+    out = out[..., :hw, :ww]
+    if scale > 1:
+        out = resize(out, (height, width))
+    return color_fix(out, lr_up.float().cpu(), color_fix_method)
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Which model to run: shared by upscale, sample, train and eval."""
+
+    backbone: str = field("sd2", help="model family: sd2 | flux (real, need --base) or sd2-tiny | flux-tiny "
+                          "(small random test models, built in code)", choices=list(NAMES))
+    base: Path | None = field(None, help="base model folder in diffusers layout (SD2-base or FLUX.1-dev)")
+    controlnet: Path | None = field(None, help="ControlNet: the release model.safetensors, or a diffusers "
+                                    "ControlNet folder (default: BASE/controlnet if present)")
+    dtype: str = field("auto", help="weights/activations dtype; auto = fp16 (SD2) / bf16 (FLUX) on CUDA, "
+                       "fp32 on CPU", choices=["auto", "fp32", "fp16", "bf16"])
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)")
+
+
+@dataclass(kw_only=True)
+class SamplingOptions(ModelOptions):
+    """How to sample: shared by upscale and sample. Unset values take the backbone's defaults (METHOD.md §1)."""
+
+    steps: int | None = field(None, help="denoising steps (default: 50 for SD2 DDPM, 25 for FLUX Euler)")
+    guidance: float | None = field(None, help="CFG scale for SD2 (default 3.5) or the FLUX guidance-embedding "
+                                   "value (default 2.5)")
+    negative_prompt: str | None = field(None, help="SD2 negative prompt (default: 'dotted, noise, blur, "
+                                        "lowres, smooth'); FLUX uses none")
+    process_size: int | None = field(None, help="short side the model works at (default 512; 64 for the tiny "
+                                     "models); larger images are tiled, smaller ones upsized then resized back")
+    tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
+    color_fix: str = field("adain", help="colour correction against the upsampled LR", choices=list(COLOR_FIXES))
+    prompt_source: str = field("none", help="none | text (--prompt) | sidecar (NAME.txt beside each image) | "
+                               "ram (RAM tagger with DAPE weights; needs the ram package)", choices=list(PROMPT_SOURCES))
+    prompt: str = field("", help="the prompt for --prompt-source text")
+    ram_path: Path | None = field(None, help="RAM swin-L checkpoint (.pth) for --prompt-source ram")
+    dape_path: Path | None = field(None, help="DAPE checkpoint (.pth) for --prompt-source ram")
+    batch_size: int = field(8, help="seeds of one image sampled together in one batched call")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.tile_overlap < 1:
+            raise ValueError(f"--tile-overlap must be in [0, 1), got {self.tile_overlap}")
+        if self.process_size is not None and self.process_size < 16:
+            raise ValueError(f"--process-size must be >= 16, got {self.process_size}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    return dev
+
+
+def load_model(opts: ModelOptions, device: torch.device | None = None) -> Backbone:
+    """Load the backbone + ControlNet that ``opts`` names, moved to its device and dtype."""
+    device = device or resolve_device(opts.device)
+    dtype = opts.dtype
+    if dtype == "auto":
+        dtype = "fp32" if device.type == "cpu" else ("bf16" if opts.backbone.startswith("flux") else "fp16")
+    bb = load_backbone(opts.backbone, opts.base, opts.controlnet, dtype="fp32" if opts.backbone.endswith("tiny") else dtype)
+    return bb.to(device, DTYPES[dtype])
+
+
+def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
+    """The resolved settings (backbone defaults filled in) recorded beside every output."""
+    return {
+        "steps": opts.steps or bb.default_steps,
+        "guidance": bb.default_guidance if opts.guidance is None else opts.guidance,
+        "negative_prompt": (bb.default_negative_prompt if opts.negative_prompt is None else opts.negative_prompt)
+        if bb.kind == "sd2" else None,
+        "process_size": opts.process_size or bb.default_process_size,
+        "tile_overlap": opts.tile_overlap,
+        "color_fix": opts.color_fix,
+    }
