@@ -8,23 +8,43 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import importlib.util
+import inspect
 import sys
 
 from dp2osr.config import add_arguments, build_config
 
 # name -> (module, config class, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "upscale": ("dp2osr.upscale", "UpscaleConfig", "upscale", "super-resolve image(s) with a ControlNet SR model"),
-    "degrade": ("dp2osr.degrade", "DegradeConfig", "degrade", "HR photos -> LR/HR training pairs (Real-ESRGAN-style)"),
+    "upscale": (
+        "dp2osr.upscale",
+        "UpscaleConfig",
+        "upscale",
+        "super-resolve image(s) with a ControlNet SR model",
+    ),
+    "degrade": (
+        "dp2osr.degrade",
+        "DegradeConfig",
+        "degrade",
+        "HR photos -> LR/HR training pairs (Real-ESRGAN-style)",
+    ),
     "sample": ("dp2osr.sample", "SampleConfig", "sample", "M seeded SR candidates per LR image (resumable)"),
     "score": ("dp2osr.score", "ScoreConfig", "score", "IQA scores and hybrid reward for every candidate"),
     "pair": ("dp2osr.pair", "PairConfig", "pair", "top-N x bottom-N preference pairs with HPO weights"),
     "train": ("dp2osr.train", "TrainConfig", "train", "train the ControlNet: supervised (sft) or DP²O (dpo)"),
-    "eval": ("dp2osr.evaluate", "EvalConfig", "evaluate", "IQA tables for SR folders; Best/Mean/Worst@M of pools"),
+    "eval": (
+        "dp2osr.evaluate",
+        "EvalConfig",
+        "evaluate",
+        "IQA tables for SR folders; Best/Mean/Worst@M of pools",
+    ),
     "report": ("dp2osr.report", "ReportConfig", "report", "one self-contained HTML page of results"),
-    "quickstart": ("dp2osr.quickstart", "QuickstartConfig", "quickstart", "the whole DP²O loop on the embedded model"),
+    "quickstart": (
+        "dp2osr.quickstart",
+        "QuickstartConfig",
+        "quickstart",
+        "the whole DP²O loop on the embedded model",
+    ),
 }
 
 DESCRIPTION = """\
@@ -81,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dp2osr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dp2osr {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
+        print(
+            f"dp2osr {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr
+        )
         return 130
     return int(result) if isinstance(result, int) else 0
 

@@ -16,6 +16,7 @@ def adain(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tenso
 
     out = (sr − μ_sr) / σ_sr · σ_ref + μ_ref, statistics over H, W per image and channel (population std).
     """
+
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.flatten(2)
         return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=False) + eps).sqrt()[..., None, None]
@@ -44,7 +45,9 @@ def wavelet_decompose(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, t
 def wavelet(sr: torch.Tensor, ref: torch.Tensor, levels: int = 5) -> torch.Tensor:
     """Keep the SR's high-frequency bands and take the reference's lowest band (same sizes required)."""
     if sr.shape[-2:] != ref.shape[-2:]:
-        raise ValueError(f"wavelet colour fix needs equal sizes, got {tuple(sr.shape[-2:])} and {tuple(ref.shape[-2:])}")
+        raise ValueError(
+            f"wavelet colour fix needs equal sizes, got {tuple(sr.shape[-2:])} and {tuple(ref.shape[-2:])}"
+        )
     sr_high, _ = wavelet_decompose(sr.float(), levels)
     _, ref_low = wavelet_decompose(ref.float().expand(sr.shape[0], -1, -1, -1), levels)
     return sr_high + ref_low

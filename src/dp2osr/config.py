@@ -100,7 +100,9 @@ def build_config(cls: type[T], args: argparse.Namespace) -> T:
         and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
     ]
     if missing:
-        raise ValueError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        raise ValueError(
+            "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
     return cls(**_coerce(cls, values))
 
 

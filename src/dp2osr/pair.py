@@ -222,8 +222,8 @@ class PairConfig:
     Hierarchical Preference Optimization (w = w_intra · w_inter). Writes pref_pairs.parquet for `train`."""
 
     # RUF009: ruff cannot tell that config.field returns a dataclasses.field.
-    rewards: Path = field(help="rewards.parquet written by `dp2osr score`")  # noqa: RUF009
-    output: Path | None = field(None, help="output table (default: pref_pairs.parquet by --rewards)")  # noqa: RUF009
+    rewards: Path = field(help="rewards.parquet written by `dp2osr score`")
+    output: Path | None = field(None, help="output table (default: pref_pairs.parquet by --rewards)")
     n: int | None = field(
         None, help="winners and losers per image, N (N=1: best vs worst); overrides --ratio"
     )

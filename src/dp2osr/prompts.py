@@ -34,7 +34,9 @@ def ram_tagger(ram_path: Path | None, dape_path: Path | None, device: str | torc
     """
     for label, p in (("--ram-path", ram_path), ("--dape-path", dape_path)):
         if p is None or not Path(p).is_file():
-            raise FileNotFoundError(f"prompt source 'ram' needs {label} pointing to a checkpoint file (got {p})")
+            raise FileNotFoundError(
+                f"prompt source 'ram' needs {label} pointing to a checkpoint file (got {p})"
+            )
     try:
         from ram import inference_ram
         from ram.models.ram_lora import ram

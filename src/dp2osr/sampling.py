@@ -45,7 +45,8 @@ def initial_latents(backbone: Backbone, seeds: list[int], latent_hw: tuple[int, 
     """Per-seed Gaussian latents drawn on the CPU (identical on every device)."""
     shape = (1, backbone.latent_channels, *latent_hw)
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-    return torch.cat(noise).to(backbone.device, backbone.dtype) * backbone.scheduler.init_noise_sigma
+    sigma = getattr(backbone.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from pure noise
+    return torch.cat(noise).to(backbone.device, backbone.dtype) * sigma
 
 
 @torch.no_grad()
@@ -98,8 +99,12 @@ def generate(
                 for x in xs:
                     c_tile = backbone.control_tile(control, y, y + th, x, x + tw)
                     o = backbone.predict(
-                        latents[..., y : y + th, x : x + tw], t_batch, cond, c_tile,
-                        guidance=guidance, controlnet=controlnet,
+                        latents[..., y : y + th, x : x + tw],
+                        t_batch,
+                        cond,
+                        c_tile,
+                        guidance=guidance,
+                        controlnet=controlnet,
                     )
                     out[..., y : y + th, x : x + tw] += o * weight
                     total[y : y + th, x : x + tw] += weight
@@ -152,7 +157,14 @@ def super_resolve(
     tile = max(align, process_size // backbone.latent_factor // align * align)
     overlap = int(round(tile * tile_overlap / align)) * align
     out = generate(
-        backbone, work, cond, seeds, steps=steps, guidance=guidance, tile=tile, overlap=overlap,
+        backbone,
+        work,
+        cond,
+        seeds,
+        steps=steps,
+        guidance=guidance,
+        tile=tile,
+        overlap=overlap,
         controlnet=controlnet,
     )
     out = out[..., :hw, :ww]
@@ -165,14 +177,26 @@ def super_resolve(
 class ModelOptions:
     """Which model to run: shared by upscale, sample, train and eval."""
 
-    backbone: str = field("sd2", help="model family: sd2 | flux (real, need --base) or sd2-tiny | flux-tiny "
-                          "(small random test models, built in code)", choices=list(NAMES))
+    backbone: str = field(
+        "sd2",
+        help="model family: sd2 | flux (real, need --base) or sd2-tiny | flux-tiny "
+        "(small random test models, built in code)",
+        choices=list(NAMES),
+    )
     base: Path | None = field(None, help="base model folder in diffusers layout (SD2-base or FLUX.1-dev)")
-    controlnet: Path | None = field(None, help="ControlNet: the release model.safetensors, or a diffusers "
-                                    "ControlNet folder (default: BASE/controlnet if present)")
-    dtype: str = field("auto", help="weights/activations dtype; auto = fp16 (SD2) / bf16 (FLUX) on CUDA, "
-                       "fp32 on CPU", choices=["auto", "fp32", "fp16", "bf16"])
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)")
+    controlnet: Path | None = field(
+        None,
+        help="ControlNet: the release model.safetensors, or a diffusers "
+        "ControlNet folder (default: BASE/controlnet if present)",
+    )
+    dtype: str = field(
+        "auto",
+        help="weights/activations dtype; auto = fp16 (SD2) / bf16 (FLUX) on CUDA, fp32 on CPU",
+        choices=["auto", "fp32", "fp16", "bf16"],
+    )
+    device: str = field(
+        "auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -180,16 +204,27 @@ class SamplingOptions(ModelOptions):
     """How to sample: shared by upscale and sample. Unset values take the backbone's defaults (METHOD.md §1)."""
 
     steps: int | None = field(None, help="denoising steps (default: 50 for SD2 DDPM, 25 for FLUX Euler)")
-    guidance: float | None = field(None, help="CFG scale for SD2 (default 3.5) or the FLUX guidance-embedding "
-                                   "value (default 2.5)")
-    negative_prompt: str | None = field(None, help="SD2 negative prompt (default: 'dotted, noise, blur, "
-                                        "lowres, smooth'); FLUX uses none")
-    process_size: int | None = field(None, help="short side the model works at (default 512; 64 for the tiny "
-                                     "models); larger images are tiled, smaller ones upsized then resized back")
+    guidance: float | None = field(
+        None, help="CFG scale for SD2 (default 3.5) or the FLUX guidance-embedding value (default 2.5)"
+    )
+    negative_prompt: str | None = field(
+        None, help="SD2 negative prompt (default: 'dotted, noise, blur, lowres, smooth'); FLUX uses none"
+    )
+    process_size: int | None = field(
+        None,
+        help="short side the model works at (default 512; 64 for the tiny "
+        "models); larger images are tiled, smaller ones upsized then resized back",
+    )
     tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
-    color_fix: str = field("adain", help="colour correction against the upsampled LR", choices=list(COLOR_FIXES))
-    prompt_source: str = field("none", help="none | text (--prompt) | sidecar (NAME.txt beside each image) | "
-                               "ram (RAM tagger with DAPE weights; needs the ram package)", choices=list(PROMPT_SOURCES))
+    color_fix: str = field(
+        "adain", help="colour correction against the upsampled LR", choices=list(COLOR_FIXES)
+    )
+    prompt_source: str = field(
+        "none",
+        help="none | text (--prompt) | sidecar (NAME.txt beside each image) | "
+        "ram (RAM tagger with DAPE weights; needs the ram package)",
+        choices=list(PROMPT_SOURCES),
+    )
     prompt: str = field("", help="the prompt for --prompt-source text")
     ram_path: Path | None = field(None, help="RAM swin-L checkpoint (.pth) for --prompt-source ram")
     dape_path: Path | None = field(None, help="DAPE checkpoint (.pth) for --prompt-source ram")
@@ -219,7 +254,9 @@ def load_model(opts: ModelOptions, device: torch.device | None = None) -> Backbo
     dtype = opts.dtype
     if dtype == "auto":
         dtype = "fp32" if device.type == "cpu" else ("bf16" if opts.backbone.startswith("flux") else "fp16")
-    bb = load_backbone(opts.backbone, opts.base, opts.controlnet, dtype="fp32" if opts.backbone.endswith("tiny") else dtype)
+    bb = load_backbone(
+        opts.backbone, opts.base, opts.controlnet, dtype="fp32" if opts.backbone.endswith("tiny") else dtype
+    )
     return bb.to(device, DTYPES[dtype])
 
 
@@ -228,8 +265,11 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
     return {
         "steps": opts.steps or bb.default_steps,
         "guidance": bb.default_guidance if opts.guidance is None else opts.guidance,
-        "negative_prompt": (bb.default_negative_prompt if opts.negative_prompt is None else opts.negative_prompt)
-        if bb.kind == "sd2" else None,
+        "negative_prompt": (
+            bb.default_negative_prompt if opts.negative_prompt is None else opts.negative_prompt
+        )
+        if bb.kind == "sd2"
+        else None,
         "process_size": opts.process_size or bb.default_process_size,
         "tile_overlap": opts.tile_overlap,
         "color_fix": opts.color_fix,

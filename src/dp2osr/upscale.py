@@ -17,7 +17,14 @@ from tqdm import tqdm
 from dp2osr.config import field, save_config
 from dp2osr.images import ImageReadError, list_images, load_image, save_image
 from dp2osr.prompts import make_prompt_fn
-from dp2osr.sampling import SamplingOptions, load_model, resize, resolve_device, sampling_settings, super_resolve
+from dp2osr.sampling import (
+    SamplingOptions,
+    load_model,
+    resize,
+    resolve_device,
+    sampling_settings,
+    super_resolve,
+)
 
 MIN_LR_SIDE = 8
 
@@ -34,7 +41,9 @@ class UpscaleConfig(SamplingOptions):
 
     input: Path = field(help="an image file or a folder of images (png, jpg, bmp, tif, webp)")
     output: Path = field(help="output folder")
-    upscale: int = field(4, help="scale factor: 4 for a raw x4 LR, 1 for an LR already upsampled to the output size")
+    upscale: int = field(
+        4, help="scale factor: 4 for a raw x4 LR, 1 for an LR already upsampled to the output size"
+    )
     samples: int = field(1, help="outputs per image (M); sample k uses seed SEED+k")
     seed: int = field(0, help="seed of the first sample")
     overwrite: bool = field(False, help="redo outputs that already exist (default: skip them, i.e. resume)")
@@ -65,7 +74,10 @@ def upscale(cfg: UpscaleConfig) -> int:
     bb = load_model(cfg, device)
     settings = sampling_settings(bb, cfg)
     if cfg.base is None and bb.name.endswith("tiny"):
-        print(f"note: using the built-in {bb.name} test model (random weights): outputs are not real SR", file=sys.stderr)
+        print(
+            f"note: using the built-in {bb.name} test model (random weights): outputs are not real SR",
+            file=sys.stderr,
+        )
     prompt_fn = make_prompt_fn(cfg.prompt_source, cfg.prompt, cfg.ram_path, cfg.dape_path, device)
     if state.is_main_process:
         save_config(cfg, Path(cfg.output) / "upscale_config.yaml")
@@ -84,16 +96,23 @@ def upscale(cfg: UpscaleConfig) -> int:
             lr = load_image(path)
             h, w = lr.shape[-2:]
             if min(h, w) < MIN_LR_SIDE:
-                raise ImageReadError(f"{path}: image is {w}x{h}; the smallest supported side is {MIN_LR_SIDE} px")
+                raise ImageReadError(
+                    f"{path}: image is {w}x{h}; the smallest supported side is {MIN_LR_SIDE} px"
+                )
             lr_up = resize(lr, (h * cfg.upscale, w * cfg.upscale))
             prompt = prompt_fn(path, lr)
             cond = bb.encode_prompts([prompt], settings["negative_prompt"])
             for i in range(0, len(todo), cfg.batch_size):
                 chunk = todo[i : i + cfg.batch_size]
                 sr = super_resolve(
-                    bb, lr_up, cond, chunk,
-                    steps=settings["steps"], guidance=settings["guidance"],
-                    process_size=settings["process_size"], tile_overlap=cfg.tile_overlap,
+                    bb,
+                    lr_up,
+                    cond,
+                    chunk,
+                    steps=settings["steps"],
+                    guidance=settings["guidance"],
+                    process_size=settings["process_size"],
+                    tile_overlap=cfg.tile_overlap,
                     color_fix_method=cfg.color_fix,
                 )
                 for seed, image in zip(chunk, sr):

@@ -3,4 +3,4 @@
 from dp2osr.backbones.base import Backbone, Cond, load_release_state, save_release
 from dp2osr.backbones.loading import DTYPES, NAMES, load_backbone
 
-__all__ = ["Backbone", "Cond", "DTYPES", "NAMES", "load_backbone", "load_release_state", "save_release"]
+__all__ = ["DTYPES", "NAMES", "Backbone", "Cond", "load_backbone", "load_release_state", "save_release"]

@@ -39,6 +39,9 @@ class Backbone(ABC):
         self.scheduler = scheduler
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        for m in self.frozen_modules().values():  # frozen parts never train (no dropout, no grads)
+            m.requires_grad_(False)
+            m.eval()
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
@@ -102,13 +105,17 @@ class Backbone(ABC):
     def set_timesteps(self, steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         """Prepare the scheduler for sampling and return its timesteps."""
 
-    def step(self, output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, generators: list) -> torch.Tensor:
+    def step(
+        self, output: torch.Tensor, t: torch.Tensor, latents: torch.Tensor, generators: list
+    ) -> torch.Tensor:
         """One sampler step; per-sample generators keep stochastic samplers seed-exact per row."""
         return self.scheduler.step(output, t, latents, generator=generators).prev_sample
 
     # ---- training ---------------------------------------------------------------------------------
     @abstractmethod
-    def sample_timesteps(self, batch: int, latent_hw: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    def sample_timesteps(
+        self, batch: int, latent_hw: tuple[int, int], generator: torch.Generator
+    ) -> torch.Tensor:
         """Training timesteps ``(batch,)`` (DDPM indices, or FLUX sigmas), drawn on the CPU generator."""
 
     @abstractmethod
@@ -164,7 +171,9 @@ class Backbone(ABC):
         self.scheduler.save_pretrained(path / "scheduler")
         self.controlnet.save_pretrained(path / "controlnet")
         meta = {"backbone": self.kind, "name": self.name}
-        meta.update({k: getattr(self, k) for k in ("default_process_size", "default_steps", "default_guidance")})
+        meta.update(
+            {k: getattr(self, k) for k in ("default_process_size", "default_steps", "default_guidance")}
+        )
         (path / "dp2osr.json").write_text(json.dumps(meta, indent=2))
 
     def tokenizers(self) -> dict[str, Any]:
@@ -183,7 +192,9 @@ def load_release_state(controlnet: torch.nn.Module, path: Path, what: str) -> No
     """Strictly load a release-format state dict into ``controlnet``; errors name the file and the keys."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: expected a .safetensors ControlNet state dict or a diffusers ControlNet folder")
+        raise ValueError(
+            f"{path}: expected a .safetensors ControlNet state dict or a diffusers ControlNet folder"
+        )
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
@@ -200,6 +211,8 @@ def load_release_state(controlnet: torch.nn.Module, path: Path, what: str) -> No
             detail.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
         if shape:
             k = shape[0]
-            detail.append(f"{len(shape)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})")
+            detail.append(
+                f"{len(shape)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+            )
         raise ValueError(f"{path} does not match {what}: " + "; ".join(detail))
     controlnet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)

@@ -10,7 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxTransformer2DModel,
+)
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
 from dp2osr.backbones.base import Backbone, Cond
@@ -19,7 +24,9 @@ CONTROLNET_DOUBLE_LAYERS = 4  # the released C-FLUX / DP²O-FLUX ControlNets
 CONTROLNET_SINGLE_LAYERS = 0
 
 
-def flux_controlnet_from(transformer: FluxTransformer2DModel, load_weights: bool = True) -> FluxControlNetModel:
+def flux_controlnet_from(
+    transformer: FluxTransformer2DModel, load_weights: bool = True
+) -> FluxControlNetModel:
     cfg = transformer.config
     return FluxControlNetModel.from_transformer(
         transformer,
@@ -81,12 +88,18 @@ class FluxBackbone(Backbone):
     def encode_prompts(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
         """CLIP pooled embedding + T5 token embeddings; FLUX-dev uses no negative prompt."""
         clip_ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
         pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
         t5_ids = self.tokenizer_2(
-            prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
@@ -138,9 +151,14 @@ class FluxBackbone(Backbone):
         hidden = self._pack(latents)
         blocks, single = net(hidden_states=hidden, controlnet_cond=self._pack(control), **common)
         out = self.transformer(
-            hidden_states=hidden, controlnet_block_samples=blocks, controlnet_single_block_samples=single, **common
+            hidden_states=hidden,
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=single,
+            **common,
         )[0]
-        return FluxPipeline._unpack_latents(out, h * self.latent_factor, w * self.latent_factor, self.latent_factor)
+        return FluxPipeline._unpack_latents(
+            out, h * self.latent_factor, w * self.latent_factor, self.latent_factor
+        )
 
     def _mu(self, latent_hw: tuple[int, int]) -> float:
         cfg = self.scheduler.config

@@ -39,7 +39,9 @@ def require_parts(base: Path | None, parts: list[str], what: str) -> Path:
         )
     missing = [p for p in parts if not (base / p).is_dir()]
     if missing:
-        raise ValueError(f"{base} is not {what} in diffusers layout: missing subfolder(s) {', '.join(missing)}")
+        raise ValueError(
+            f"{base} is not {what} in diffusers layout: missing subfolder(s) {', '.join(missing)}"
+        )
     return base
 
 
@@ -63,7 +65,9 @@ def new_controlnet(family: str, denoiser: torch.nn.Module) -> torch.nn.Module:
     return ControlNetModel.from_unet(denoiser) if family == "sd2" else flux_controlnet_from(denoiser)
 
 
-def load_controlnet(family: str, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+def load_controlnet(
+    family: str, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype
+) -> torch.nn.Module:
     """A ControlNet from a release ``.safetensors`` file or a diffusers folder, checked against the denoiser."""
     from diffusers import ControlNetModel, FluxControlNetModel
 
@@ -75,7 +79,9 @@ def load_controlnet(family: str, path: Path, denoiser: torch.nn.Module, dtype: t
         if path.joinpath("config.json").is_file():
             return cls.from_pretrained(path, torch_dtype=dtype)
         if not path.joinpath("model.safetensors").is_file():
-            raise ValueError(f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors")
+            raise ValueError(
+                f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors"
+            )
         path = path / "model.safetensors"  # a release folder holding only model.safetensors
     if not path.is_file():
         raise FileNotFoundError(f"ControlNet checkpoint not found: {path}")
@@ -131,7 +137,9 @@ def load_backbone(
     else:
         from dp2osr.backbones.flux import load_flux
 
-        bb = load_flux(require_parts(base, ["transformer"], WHERE["flux"]), torch_dtype, make_controlnet, name)
+        bb = load_flux(
+            require_parts(base, ["transformer"], WHERE["flux"]), torch_dtype, make_controlnet, name
+        )
     meta = Path(base) / "dp2osr.json"
     if meta.is_file():  # defaults a saved small model carries (process size, steps)
         info = json.loads(meta.read_text())

@@ -34,7 +34,9 @@ class SD2Backbone(Backbone):
         controlnet: ControlNetModel | None = None,
     ) -> None:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        super().__init__(name=name, controlnet=controlnet or ControlNetModel.from_unet(unet), scheduler=scheduler)
+        super().__init__(
+            name=name, controlnet=controlnet or ControlNetModel.from_unet(unet), scheduler=scheduler
+        )
 
     @property
     def latent_factor(self) -> int:
@@ -146,7 +148,9 @@ def load_sd2(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2B
 
     from dp2osr.backbones.loading import require_parts
 
-    base = require_parts(base, ["unet", "vae", "text_encoder", "tokenizer", "scheduler"], "Stable Diffusion 2 base")
+    base = require_parts(
+        base, ["unet", "vae", "text_encoder", "tokenizer", "scheduler"], "Stable Diffusion 2 base"
+    )
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype)
     return SD2Backbone(
         name=name,

@@ -94,7 +94,7 @@ def build_sd2_tiny(seed: int = 0) -> SD2Backbone:
     )
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    controlnet = ControlNetModel.from_unet(unet)  # default conditioning embedder: factor 8, like the VAE
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
@@ -135,7 +135,15 @@ def build_flux_tiny(seed: int = 0) -> FluxBackbone:
         axes_dims_rope=(4, 6, 6),
     )
     t5 = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer_2), d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2)
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=16,
+            d_ff=32,
+            d_kv=8,
+            num_layers=2,
+            num_heads=2,
+            dropout_rate=0.0,
+        )
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,

@@ -1,0 +1,409 @@
+"""The ``eval`` stage: IQA tables for SR folders, Best/Mean/Worst@M of candidate pools, reward curves.
+
+PSNR and SSIM follow the Real-ISR convention (the one that reproduces published RealSR numbers, e.g.
+OSEDiff's 25.15 dB / 0.7341): both on the Y channel of YCbCr (ITU-R BT.601 for 8-bit RGB,
+``Y = 16 + (65.481 R + 128.553 G + 24.966 B)`` with RGB in [0, 1]). PSNR uses the unrounded Y scaled to
+[0, 1] (``10 log10(1 / (MSE + 1e-8))``); SSIM rounds Y to integers 0..255 (as MATLAB does) and uses an
+11×11 Gaussian window (σ = 1.5), 'valid' filtering, no downsampling, in float64. These are numerically
+pyiqa's ``psnr`` / ``ssim`` with ``test_y_channel=True, color_space='ycbcr'`` (checked by the tests), but
+computed in NumPy so 100 images take seconds instead of minutes. Note that pyiqa's *default* ``psnry`` and
+``ssim`` use the YIQ luma instead, which gives different numbers (23.83 dB / 0.7073 for OSEDiff).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dp2osr import bestm, plots
+from dp2osr.config import field, to_dict
+from dp2osr.images import ImageReadError, list_images, load_image
+
+PER_IMAGE_CSV = "eval_per_image.csv"
+SUMMARY_JSON = "eval_summary.json"
+SUMMARY_MD = "eval_summary.md"
+BESTM_CSV = "bestm.csv"
+BESTM_MD = "bestm.md"
+BESTM_PNG = "bestm.png"
+SPREAD_CSV = "pool_spread.csv"
+CURVE_PNG = "reward_curve.png"
+CONFIG_JSON = "eval_config.json"
+
+# pyiqa metrics that run offline without weights and cost little on CPU (ENVIRONMENT.md).
+DEFAULT_METRICS = ["gmsd", "fsim", "piqe"]
+BUILTIN = ("psnr", "ssim")
+_Y_WEIGHTS = np.array([65.481, 128.553, 24.966])
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate super-resolution results.
+
+    A) --sr FOLDER [FOLDER ...] [--hr FOLDER]: per-image and mean ± std tables of PSNR/SSIM (Y channel of
+       YCbCr, Real-ISR convention) and pyiqa --metrics; SR and HR are matched by file stem (see
+       --name-pattern). A missing or size-mismatched pair is reported by name and the exit status is 1.
+    B) --pools rewards.parquet [...]: Best/Mean/Worst@M table and plot, per-image spread over seeds.
+    C) --reward-curve TABLE: (step, reward[, metric ...]) CSV/Parquet -> PNG line plot.
+    Any combination may be given in one call; everything is written to --output.
+    """
+
+    output: Path = field(help="output folder for tables (CSV/JSON/Markdown) and plots (PNG)")
+    sr: list[Path] = field([], help="SR result folder(s) to evaluate (mode A)")
+    names: list[str] = field([], help="labels for the --sr folders (default: folder names)")
+    hr: Path | None = field(None, help="HR (ground-truth) folder; without it only no-reference metrics run")
+    metrics: list[str] = field(
+        DEFAULT_METRICS,
+        help="pyiqa metric names besides PSNR/SSIM (which always run when --hr is given); "
+        "metrics needing weights must find them in pyiqa's cache",
+    )
+    crop_border: int = field(0, help="pixels cropped from each border of SR and HR before every metric")
+    name_pattern: str | None = field(None, help="regex applied to SR file stems to get the HR stem")
+    name_replace: str = field("", help="replacement for --name-pattern (re.sub syntax, e.g. '\\1')")
+    device: str = field("auto", help="device for pyiqa metrics: auto, cpu, cuda, cuda:1, ...")
+    weights_dir: Path | None = field(None, help="folder of IQA weight files (else pyiqa's torch-hub cache)")
+    pools: list[Path] = field([], help="rewards.parquet file(s) (or folders holding one) of candidate pools")
+    pool_names: list[str] = field([], help="labels for the --pools (default: parent folder names)")
+    reward_column: str = field("reward", help="column of rewards.parquet used for Best/Mean/Worst@M")
+    ms: list[int] = field([], help="values of M (default 1, 2, 4, ... up to the pool size)")
+    reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot (mode C)")
+    curve_smooth: int = field(1, help="moving-average window for the reward curve plot (1 = raw)")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def y_channel(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 luma ``16 + 65.481 R + 128.553 G + 24.966 B`` (HxW, float64, range [16, 235]) of HxWx3 RGB in [0, 1]."""
+    return np.asarray(rgb, dtype=np.float64) @ _Y_WEIGHTS + 16.0
+
+
+def psnr_y(sr: np.ndarray, hr: np.ndarray) -> float:
+    """PSNR (dB) on unrounded Y in [0, 1] of two HxWx3 RGB arrays in [0, 1] (= pyiqa psnr, ycbcr Y)."""
+    diff = (y_channel(sr) - y_channel(hr)) / 255.0
+    return float(10.0 * np.log10(1.0 / (np.mean(diff * diff) + 1e-8)))
+
+
+def _gauss_valid(x: np.ndarray, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Separable Gaussian filter with 'valid' borders over the last two axes."""
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma * sigma))
+    g /= g.sum()
+    h, w = x.shape[-2:]
+    rows = sum(g[k] * x[..., :, k : k + w - size + 1] for k in range(size))
+    return sum(g[k] * rows[..., k : k + h - size + 1, :] for k in range(size))
+
+
+def ssim_y(sr: np.ndarray, hr: np.ndarray) -> float:
+    """SSIM on Y rounded to 0..255 (MATLAB convention; = pyiqa ssim, ycbcr Y) of HxWx3 RGB arrays in [0, 1]."""
+    x, y = np.round(y_channel(sr)), np.round(y_channel(hr))
+    if min(x.shape) < 11:
+        raise ValueError(f"image {x.shape[1]}x{x.shape[0]} is smaller than the 11x11 SSIM window")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu1, mu2, xx, yy, xy = _gauss_valid(np.stack([x, y, x * x, y * y, x * y]))
+    s11, s22, s12 = xx - mu1 * mu1, yy - mu2 * mu2, xy - mu1 * mu2
+    cs = np.maximum((2 * s12 + c2) / (s11 + s22 + c2), 0.0)
+    return float(np.mean((2 * mu1 * mu2 + c1) / (mu1 * mu1 + mu2 * mu2 + c1) * cs))
+
+
+def _crop(t, border: int):
+    return t[..., border:-border, border:-border] if border > 0 else t
+
+
+def _pyiqa_metrics(names: list[str], cfg: EvalConfig, have_hr: bool) -> tuple[dict, dict[str, str]]:
+    """Build the requested metrics from local files (``dp2osr.metrics``): ``({name: (spec, model)}, skipped)``.
+
+    An unknown metric or missing weights is a ValueError naming it; nothing is skipped silently (a
+    full-reference metric without ``--hr`` is listed in ``skipped`` with the reason).
+    """
+    wanted = [m for m in dict.fromkeys(names) if m.lower() not in BUILTIN]
+    if not wanted:
+        return {}, {}
+    from dp2osr import metrics as catalogue
+
+    out, skipped = {}, {}
+    for name, spec in catalogue.catalogue(wanted).items():
+        if spec.family == "fr" and not have_hr:
+            skipped[name] = "full-reference metric, but no --hr folder was given"
+            continue
+        out[name] = (spec, catalogue.create(name, cfg.device, cfg.weights_dir))
+    return out, skipped
+
+
+# -------------------------------------------------------------------------------------------- matching
+def match_pairs(
+    sr_dir: Path, hr_dir: Path, pattern: str | None = None, replace: str = ""
+) -> tuple[list[tuple[str, Path, Path]], list[str]]:
+    """``([(name, sr_path, hr_path)], problems)``: SR files matched to HR files by (mapped) stem.
+
+    An SR file without an HR file and an HR file without an SR file are problems (by name).
+    """
+    try:
+        rx = re.compile(pattern) if pattern else None
+    except re.error as exc:
+        raise ValueError(f"--name-pattern {pattern!r} is not a valid regex: {exc}") from exc
+    hr_by_stem: dict[str, Path] = {}
+    for p in list_images(hr_dir):
+        if p.stem in hr_by_stem:
+            raise ValueError(
+                f"HR folder {hr_dir} has two files with stem {p.stem!r}: {hr_by_stem[p.stem].name}, {p.name}"
+            )
+        hr_by_stem[p.stem] = p
+    pairs, problems, used = [], [], set()
+    for sp in list_images(sr_dir):
+        stem = rx.sub(replace, sp.stem) if rx else sp.stem
+        if stem not in hr_by_stem:
+            problems.append(
+                f"missing HR: {sr_dir.name}/{sp.name} has no HR file with stem {stem!r} in {hr_dir}"
+            )
+            continue
+        if stem in used:
+            problems.append(f"ambiguous: several SR files in {sr_dir} map to HR stem {stem!r}")
+            continue
+        used.add(stem)
+        pairs.append((sp.name, sp, hr_by_stem[stem]))
+    for stem in sorted(set(hr_by_stem) - used):
+        problems.append(f"missing SR: HR {hr_by_stem[stem].name} has no SR file in {sr_dir}")
+    return pairs, problems
+
+
+# ------------------------------------------------------------------------------------------ mode A
+def unique_labels(paths: list[Path], names: list[str], what: str, default) -> list[str]:
+    if names and len(names) != len(paths):
+        raise ValueError(f"got {len(names)} name(s) for {len(paths)} {what}; give one per {what[:-1]}")
+    labels = list(names) if names else [default(p) for p in paths]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{what} labels must be unique, got {labels}; pass explicit names")
+    return labels
+
+
+def _score(model, images, ref=None):
+    """Scores of one metric (``dp2osr.metrics.score_batch``), imported lazily (it imports torch)."""
+    from dp2osr.metrics import score_batch
+
+    return score_batch(model, images, ref)
+
+
+def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
+    """Mode A: ``(per-image table, summary dict, problems)``."""
+
+    labels = unique_labels(cfg.sr, cfg.names, "SR folders", lambda p: Path(p).name)
+    have_hr = cfg.hr is not None
+    if have_hr and not Path(cfg.hr).is_dir():
+        raise FileNotFoundError(f"HR folder not found: {cfg.hr}")
+    iqa, skipped = _pyiqa_metrics(cfg.metrics, cfg, have_hr)
+    if not have_hr:
+        skipped.update({m: "no --hr folder was given" for m in BUILTIN})
+    for name, why in skipped.items():
+        print(f"eval: skipping metric {name}: {why}", file=sys.stderr)
+    rows, problems = [], []
+    for label, folder in zip(labels, cfg.sr):
+        folder = Path(folder)
+        if have_hr:
+            pairs, probs = match_pairs(folder, Path(cfg.hr), cfg.name_pattern, cfg.name_replace)
+            problems += [f"[{label}] {p}" for p in probs]
+        else:
+            pairs = [(p.name, p, None) for p in list_images(folder)]
+        print(f"eval: {label}: {len(pairs)} image(s)", file=sys.stderr)
+        for name, sp, hp in pairs:
+            try:
+                sr_t = _crop(load_image(sp), cfg.crop_border)
+                hr_t = _crop(load_image(hp), cfg.crop_border) if hp is not None else None
+            except ImageReadError as exc:
+                problems.append(f"[{label}] unreadable: {exc}")
+                continue
+            if hr_t is not None and sr_t.shape != hr_t.shape:
+                problems.append(
+                    f"[{label}] size mismatch: SR {name} is {sr_t.shape[-1]}x{sr_t.shape[-2]}, "
+                    f"HR {hp.name} is {hr_t.shape[-1]}x{hr_t.shape[-2]}"
+                )
+                continue
+            row = {"model": label, "image": name, "sr_path": str(sp), "hr_path": str(hp or "")}
+            try:
+                if hr_t is not None:
+                    sr_np = sr_t[0].permute(1, 2, 0).double().numpy()
+                    hr_np = hr_t[0].permute(1, 2, 0).double().numpy()
+                    row["psnr"], row["ssim"] = psnr_y(sr_np, hr_np), ssim_y(sr_np, hr_np)
+                for mname, (spec, model) in iqa.items():
+                    if min(sr_t.shape[-2:]) < spec.min_size:
+                        raise ValueError(f"{mname} needs a short side >= {spec.min_size} px")
+                    ref = hr_t if spec.family == "fr" else None
+                    row[mname] = float(_score(model, sr_t, ref)[0])
+            except (ValueError, RuntimeError) as exc:
+                problems.append(f"[{label}] {name}: metric failed: {exc}")
+                continue
+            rows.append(row)
+    metric_cols = ([*BUILTIN] if have_hr else []) + list(iqa)
+    table = pd.DataFrame(rows, columns=["model", "image", "sr_path", "hr_path", *metric_cols])
+    info = {m: {"higher_better": True, "mode": "FR"} for m in (BUILTIN if have_hr else ())}
+    info.update(
+        {m: {"higher_better": not bool(iqa[m].lower_better), "mode": iqa[m].metric_mode} for m in iqa}
+    )
+    models = {}
+    for label, folder in zip(labels, cfg.sr):
+        part = table[table["model"] == label]
+        stats = {
+            m: {"mean": float(part[m].mean()), "std": float(part[m].std(ddof=0)), "n": int(part[m].count())}
+            for m in metric_cols
+            if len(part)
+        }
+        models[label] = {"sr": str(folder), "n_images": len(part), "metrics": stats}
+    summary = {
+        "models": models,
+        "metrics": info,
+        "skipped_metrics": skipped,
+        "problems": problems,
+        "protocol": _protocol(cfg),
+    }
+    return table, summary, problems
+
+
+def _version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _protocol(cfg: EvalConfig) -> dict:
+    y_def = "BT.601 Y = 16 + 65.481 R + 128.553 G + 24.966 B (RGB in [0, 1], 8-bit studio range 16..235)"
+    return {
+        "y_channel": y_def,
+        "psnr": "PSNR on unrounded Y / 255, 10*log10(1/(MSE + 1e-8)); = pyiqa psnr(test_y_channel=True, "
+        "color_space='ycbcr')",
+        "ssim": "SSIM on Y rounded to integers 0..255, Gaussian window 11x11 sigma 1.5, 'valid' filtering, "
+        "no downsampling, float64; = pyiqa ssim(test_y_channel=True, color_space='ycbcr', downsample=False)",
+        "other_metrics": "pyiqa create_metric(name) defaults (dp2osr.metrics, local weights), RGB in [0, 1]",
+        "crop_border": int(cfg.crop_border),
+        "std": "population std over images (ddof=0)",
+        "matching": f"SR stem -> HR stem via re.sub({cfg.name_pattern!r}, {cfg.name_replace!r})"
+        if cfg.name_pattern
+        else "same file stem",
+        "pyiqa": _version("pyiqa"),
+        "torch": _version("torch"),
+        "numpy": np.__version__,
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    """A Markdown table: one row per model, ``mean ± std`` per metric (arrow = better direction)."""
+    metrics = list(summary["metrics"])
+    head = ["model", "n"] + [
+        f"{m.upper()} {'↑' if summary['metrics'][m]['higher_better'] else '↓'}" for m in metrics
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, entry in summary["models"].items():
+        cells = [_md(label), str(entry["n_images"])]
+        for m in metrics:
+            s = entry["metrics"].get(m)
+            cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s and s["n"] else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    proto = summary["protocol"]
+    lines += [
+        "",
+        f"PSNR/SSIM: {proto['y_channel']}; crop border {proto['crop_border']}; mean ± {proto['std']}.",
+        f"pyiqa {proto['pyiqa']}, torch {proto['torch']}.",
+    ]
+    if summary["problems"]:
+        lines += ["", f"**{len(summary['problems'])} problem(s)**:", *[f"- {p}" for p in summary["problems"]]]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ mode B
+def find_rewards(p: Path) -> Path:
+    p = Path(p)
+    if p.is_dir():
+        p = p / "rewards.parquet"
+    if not p.is_file():
+        raise FileNotFoundError(f"rewards table not found: {p}")
+    return p
+
+
+def evaluate_pools(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mode B: ``(Best/Mean/Worst@M table, per-image spread table)``, both with a ``model`` column."""
+    paths = [find_rewards(p) for p in cfg.pools]
+    labels = unique_labels(paths, cfg.pool_names, "pools", lambda p: p.parent.name)
+    tables, spreads = [], []
+    for label, path in zip(labels, paths):
+        df = pd.read_parquet(path)
+        try:
+            ids, seeds, mat = bestm.rewards_matrix(df, cfg.reward_column)
+            ms = list(cfg.ms) or bestm.default_ms(len(seeds))
+            stats = bestm.best_mean_worst(mat, ms)
+        except ValueError as exc:
+            raise ValueError(f"pool {label!r} ({path}): {exc}") from exc
+        part = pd.DataFrame({k: stats[k] for k in ("m", "best", "mean", "worst")})
+        part.insert(0, "model", label)
+        part["n_images"], part["pool_size"] = len(ids), len(seeds)
+        tables.append(part)
+        spread = bestm.per_image_spread(df, cfg.reward_column)
+        spread.insert(0, "model", label)
+        spreads.append(spread)
+    return pd.concat(tables, ignore_index=True), pd.concat(spreads, ignore_index=True)
+
+
+def _md(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def bestm_markdown(table: pd.DataFrame, spread: pd.DataFrame, column: str = "reward") -> str:
+    lines = [f"Best / Mean / Worst@M of `{column}` (first M seeds; mean over images)", ""]
+    lines += ["| model | M | Best@M | Mean@M | Worst@M |", "|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {_md(r.model)} | {r.m} | {r.best:.4f} | {r.mean:.4f} | {r.worst:.4f} |")
+    lines += ["", "Per-image spread over seeds (mean over images)", ""]
+    lines += ["| model | images | seeds | std over seeds | max − min |", "|---|---|---|---|---|"]
+    for model, part in spread.groupby("model", sort=False):
+        lines.append(
+            f"| {_md(model)} | {len(part)} | {int(part['n_seeds'].iloc[0])} | "
+            f"{part['std'].mean():.4f} | {(part['max'] - part['min']).mean():.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- main
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: EvalConfig) -> int:
+    """Run every mode whose inputs are given; 0 on success, 1 when image pairs were missing or mismatched."""
+    if not (cfg.sr or cfg.pools or cfg.reward_curve):
+        raise ValueError("nothing to evaluate: give --sr (with --hr), --pools and/or --reward-curve")
+    if cfg.crop_border < 0:
+        raise ValueError(f"--crop-border must be >= 0, got {cfg.crop_border}")
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / CONFIG_JSON, json.dumps(to_dict(cfg), indent=2, default=str))
+    status = 0
+    if cfg.sr:
+        table, summary, problems = evaluate_folders(cfg)
+        tmp = out / f".tmp_{os.getpid()}_{PER_IMAGE_CSV}"
+        table.to_csv(tmp, index=False, float_format="%.6f")
+        os.replace(tmp, out / PER_IMAGE_CSV)
+        _write_text(out / SUMMARY_JSON, json.dumps(summary, indent=2))
+        _write_text(out / SUMMARY_MD, summary_markdown(summary))
+        print(summary_markdown(summary))
+        for p in problems:
+            print(f"eval: problem: {p}", file=sys.stderr)
+        status = 1 if problems else 0
+    if cfg.pools:
+        table, spread = evaluate_pools(cfg)
+        table.to_csv(out / BESTM_CSV, index=False, float_format="%.6f")
+        spread.to_csv(out / SPREAD_CSV, index=False, float_format="%.6f")
+        _write_text(out / BESTM_MD, bestm_markdown(table, spread, cfg.reward_column))
+        plots.write_png(
+            plots.plot_bestm(table, f"Best / Mean / Worst@M ({cfg.reward_column})"), out / BESTM_PNG
+        )
+        print(bestm_markdown(table, spread, cfg.reward_column))
+    if cfg.reward_curve:
+        curve = plots.read_table(Path(cfg.reward_curve))
+        plots.write_png(plots.plot_curve(curve, smooth=max(1, cfg.curve_smooth)), out / CURVE_PNG)
+    print(f"eval: outputs in {out}", file=sys.stderr)
+    return status

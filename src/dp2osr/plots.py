@@ -1,0 +1,117 @@
+"""Plots for ``eval`` and ``report``: Best/Mean/Worst@M of several models, reward curves. PNG bytes out.
+
+matplotlib is used headless (Agg) and imported lazily; each function returns the PNG as bytes so callers can
+write a file (``write_png``) or embed it in HTML.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+_STYLES = {"best": "-", "mean": "--", "worst": ":"}
+_MARKERS = {"best": "^", "mean": "o", "worst": "v"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _to_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def write_png(data: bytes, path: Path) -> None:
+    """Write PNG bytes atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def plot_bestm(table: pd.DataFrame, title: str = "Best / Mean / Worst@M") -> bytes:
+    """One figure, all models: colour = model, line style = statistic, x = M on a log2 axis.
+
+    ``table`` has columns ``model, m, best, mean, worst`` (as written by ``eval`` to ``bestm.csv``).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (model, part) in enumerate(table.groupby("model", sort=False)):
+        part = part.sort_values("m")
+        for stat in ("best", "mean", "worst"):
+            ax.plot(
+                part["m"],
+                part[stat],
+                linestyle=_STYLES[stat],
+                marker=_MARKERS[stat],
+                color=colours[i % len(colours)],
+                label=f"{model} {stat.capitalize()}@M",
+            )
+    ms = sorted({int(m) for m in table["m"]})
+    if ms and max(ms) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(ms)
+    ax.set_xticklabels([str(m) for m in ms])
+    ax.set_xlabel("M (samples per image: the first M seeds)")
+    ax.set_ylabel("reward (mean over images)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=max(1, table["model"].nunique()), loc="best")
+    return _to_png(fig)
+
+
+def plot_curve(
+    df: pd.DataFrame, smooth: int = 1, max_panels: int = 6, title: str = "Training curve"
+) -> bytes:
+    """Line plot of ``reward`` (and any other numeric columns, one panel each) against ``step``.
+
+    ``smooth`` > 1 overlays a centred moving average of that many points over the raw (faint) line.
+    """
+    if "step" not in df.columns or "reward" not in df.columns:
+        raise ValueError(f"a reward curve needs columns 'step' and 'reward'; got {list(df.columns)}")
+    df = df.sort_values("step")
+    extra = [c for c in df.columns if c not in ("step", "reward") and pd.api.types.is_numeric_dtype(df[c])]
+    cols = ["reward", *extra][:max_panels]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(cols), 1, figsize=(7, 2.6 * len(cols) + 0.6), sharex=True, squeeze=False)
+    for ax, col in zip(axes[:, 0], cols):
+        y = df[col].to_numpy(dtype=np.float64)
+        x = df["step"].to_numpy()
+        if smooth > 1 and len(y) >= smooth:
+            ax.plot(x, y, color="C0", alpha=0.3, linewidth=1)
+            ys = pd.Series(y).rolling(smooth, center=True, min_periods=1).mean()
+            ax.plot(x, ys, color="C0", linewidth=2, label=f"{col} (moving average, {smooth})")
+            ax.legend(fontsize=8)
+        else:
+            ax.plot(x, y, color="C0", marker="o" if len(y) <= 30 else None, linewidth=1.5)
+        ax.set_ylabel(col)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("step")
+    return _to_png(fig)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet table, chosen by suffix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table not found: {path}")
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    raise ValueError(f"{path}: expected a .csv, .tsv or .parquet table")

@@ -1,0 +1,209 @@
+"""`dp2osr upscale` end to end on the tiny SD2 and FLUX backbones."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dp2osr.backbones import load_backbone
+from dp2osr.cli import main
+from dp2osr.images import load_image
+from dp2osr.prompts import make_prompt_fn
+from dp2osr.sampling import generate, super_resolve
+
+
+def _png(path, h, w, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    if mode == "I;16":
+        Image.fromarray((rng.random((h, w)) * 65535).astype(np.uint16)).save(path)
+    elif mode == "L":
+        Image.fromarray((rng.random((h, w)) * 255).astype(np.uint8), "L").save(path)
+    elif mode == "RGBA":
+        Image.fromarray((rng.random((h, w, 4)) * 255).astype(np.uint8), "RGBA").save(path)
+    else:
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("backbone", ["sd2-tiny", "flux-tiny"])
+def test_upscale_non_square_and_tiled(backbone, tmp_path):
+    """A 12x20 LR (x4 -> 48x80: short side below the 64 px process size, upsized and resized back) and a
+    24x40 LR (-> 96x160: larger than the process size, so latents are tiled) keep their aspect ratio."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "small.png", 12, 20)
+    _png(inp / "wide.png", 24, 40, seed=1)
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "upscale",
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--backbone",
+            backbone,
+            "--samples",
+            "2",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+        ]
+    )
+    assert rc == 0
+    for name, size in (("small", (80, 48)), ("wide", (160, 96))):
+        files = sorted(p.name for p in (out / name).glob("*.png"))
+        assert files == ["seed_0005.png", "seed_0006.png"]
+        a, b = (np.asarray(Image.open(out / name / f)) for f in files)
+        assert Image.open(out / name / files[0]).size == size
+        assert not np.array_equal(a, b)  # different seeds, different samples
+    assert (out / "upscale_config.yaml").is_file()
+
+
+def test_tiling_is_used_only_above_process_size(monkeypatch):
+    bb = load_backbone("sd2-tiny")
+    calls = []
+    orig = bb.predict
+
+    def spy(latents, *a, **k):
+        calls.append(tuple(latents.shape[-2:]))
+        return orig(latents, *a, **k)
+
+    monkeypatch.setattr(bb, "predict", spy)
+    cond = bb.encode_prompts([""], bb.default_negative_prompt)
+    super_resolve(bb, torch.rand(1, 3, 64, 64), cond, [0], steps=1, guidance=3.5, process_size=64)
+    assert calls == [(8, 8)]
+    calls.clear()
+    super_resolve(bb, torch.rand(1, 3, 64, 128), cond, [0], steps=1, guidance=3.5, process_size=64)
+    assert calls and all(c == (8, 8) for c in calls) and len(calls) >= 2  # 8x16 latents in 8x8 tiles
+
+
+@pytest.mark.parametrize("backbone", ["sd2-tiny", "flux-tiny"])
+def test_same_seed_same_output_whatever_the_batch(backbone):
+    """Seed 7 alone, and seed 7 inside a batch of three (at another position), give the same image."""
+    bb = load_backbone(backbone)
+    control = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_prompts(["a house"], bb.default_negative_prompt or None)
+    alone = generate(bb, control, cond, [7], steps=3, guidance=bb.default_guidance)
+    batch = generate(bb, control, cond, [3, 7, 9], steps=3, guidance=bb.default_guidance)
+    torch.testing.assert_close(batch[1:2], alone, atol=2e-5, rtol=0)
+    assert (batch[0] - batch[1]).abs().max() > 1e-3
+
+
+def test_batch_size_does_not_change_files(tmp_path):
+    inp = _png(tmp_path / "x.png", 16, 16)
+    outs = []
+    for bs in (1, 3):
+        out = tmp_path / f"bs{bs}"
+        assert (
+            main(
+                [
+                    "upscale",
+                    "--input",
+                    str(inp),
+                    "--output",
+                    str(out),
+                    "--backbone",
+                    "sd2-tiny",
+                    "--samples",
+                    "3",
+                    "--steps",
+                    "2",
+                    "--batch-size",
+                    str(bs),
+                ]
+            )
+            == 0
+        )
+        outs.append([np.asarray(Image.open(out / "x" / f"seed_{k:04d}.png")).astype(int) for k in range(3)])
+    for a, b in zip(*outs):
+        assert np.abs(a - b).max() <= 1  # float rounding may move a pixel by one 8-bit level at most
+
+
+def test_bad_inputs_reported_and_others_done(tmp_path, capsys):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    _png(inp / "tiny.png", 4, 4)
+    _png(inp / "gray.png", 12, 12, "L")
+    _png(inp / "alpha.png", 12, 12, "RGBA")
+    _png(inp / "deep.png", 12, 12, "I;16")
+    out = tmp_path / "out"
+    rc = main(
+        ["upscale", "--input", str(inp), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "1"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "corrupt.png" in err and "tiny.png" in err and "smallest supported side" in err
+    for name in ("gray", "alpha", "deep"):
+        im = Image.open(out / name / "seed_0000.png")
+        assert im.mode == "RGB" and im.size == (48, 48)
+    assert "3 done, 2 failed" in err
+
+
+def test_resume_skips_finished_files(tmp_path):
+    inp = _png(tmp_path / "x.png", 12, 12)
+    out = tmp_path / "out"
+    args = [
+        "upscale",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--backbone",
+        "sd2-tiny",
+        "--steps",
+        "1",
+        "--samples",
+        "2",
+    ]
+    assert main(args) == 0
+    target = out / "x" / "seed_0001.png"
+    before = target.stat().st_mtime_ns
+    (out / "x" / "seed_0000.png").unlink()
+    assert main(args) == 0
+    assert target.stat().st_mtime_ns == before and (out / "x" / "seed_0000.png").is_file()
+
+
+def test_user_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["upscale", "--input", str(tmp_path / "nope.png"), "--output", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["upscale", "--input", str(tmp_path), "--output", str(tmp_path), "--samples", "0"]) == 2
+    assert "--samples" in capsys.readouterr().err
+
+
+def test_load_image_converts_modes(tmp_path):
+    for mode in ("L", "RGBA", "I;16"):
+        x = load_image(_png(tmp_path / f"{mode.replace(';', '')}.png", 5, 7, mode))
+        assert x.shape == (1, 3, 5, 7) and 0 <= x.min() and x.max() <= 1
+
+
+def test_prompt_sources(tmp_path, monkeypatch):
+    img = _png(tmp_path / "p.png", 8, 8)
+    assert make_prompt_fn("none")(img, None) == ""
+    assert make_prompt_fn("text", "a cat")(img, None) == "a cat"
+    (tmp_path / "p.txt").write_text("tree, sky\n")
+    assert make_prompt_fn("sidecar")(img, None) == "tree, sky"
+    with pytest.raises(FileNotFoundError, match="--ram-path"):
+        make_prompt_fn("ram")
+    # A stand-in for the optional `ram` package: the provider turns its '|' tags into the prompt string.
+    ram_pkg = types.ModuleType("ram")
+    models = types.ModuleType("ram.models")
+    ram_lora = types.ModuleType("ram.models.ram_lora")
+
+    class FakeRAM(torch.nn.Module):
+        def load_state_dict(self, state, strict=True):
+            return None
+
+    ram_lora.ram = lambda **kw: FakeRAM()
+    ram_pkg.inference_ram = lambda x, model: ("building | sky | tree", "")
+    for name, mod in (("ram", ram_pkg), ("ram.models", models), ("ram.models.ram_lora", ram_lora)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    ckpt = tmp_path / "w.pth"
+    torch.save({"model": {}}, ckpt)
+    tag = make_prompt_fn("ram", ram_path=ckpt, dape_path=ckpt)
+    assert tag(img, torch.rand(1, 3, 8, 8)) == "building, sky, tree"
