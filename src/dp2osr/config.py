@@ -150,3 +150,21 @@ def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
     """Raise a ValueError naming ``name`` when ``value`` is not one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_resume(cfg: Any, path: Path, run_only: set[str], what: str = "outputs") -> None:
+    """Refuse to mix outputs made with different options in one folder.
+
+    ``path`` is the config saved by an earlier run; options in ``run_only`` (device, paths, ...) may change
+    between runs, every other option must match. Does nothing when ``cfg.overwrite`` is set.
+    """
+    if getattr(cfg, "overwrite", False) or not Path(path).is_file():
+        return
+    old = yaml.safe_load(Path(path).read_text()) or {}
+    new = to_dict(cfg)
+    changed = sorted(k for k in new if k not in run_only and old.get(k) != new[k])
+    if changed:
+        raise ValueError(
+            f"{Path(path).parent} holds {what} made with other options ({', '.join(changed)}); "
+            "use --overwrite or another --output"
+        )

@@ -27,11 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from dp2osr.config import check_choice, field, save_config, to_dict
+from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.images import ImageReadError, list_images, load_image, save_image, to_uint8, write_parquet
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -403,20 +402,6 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def _check_resume(cfg: DegradeConfig, path: Path) -> None:
-    """Refuse to mix pairs made with different options in one folder (unless ``overwrite``)."""
-    if cfg.overwrite or not path.is_file():
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    new = to_dict(cfg)
-    changed = sorted(k for k in new if k not in _RUN_ONLY and old.get(k) != new[k])
-    if changed:
-        raise ValueError(
-            f"{path.parent} holds pairs made with other options ({', '.join(changed)}); "
-            "use --overwrite or another --output"
-        )
-
-
 def degrade(cfg: DegradeConfig) -> int:
     """Run ``dp2osr degrade``; returns 0, or 1 when some input images were skipped (reported on stderr)."""
     files = list_images(cfg.input)
@@ -426,7 +411,7 @@ def degrade(cfg: DegradeConfig) -> int:
             raise ValueError(f"two input images share the ID {path.stem!r}: {seen[path.stem]} and {path}")
         seen[path.stem] = path
     out = Path(cfg.output)
-    _check_resume(cfg, out / CONFIG_NAME)
+    check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "pairs")
     device = _resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)
 

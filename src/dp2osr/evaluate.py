@@ -61,8 +61,8 @@ class EvalConfig:
     hr: Path | None = field(None, help="HR (ground-truth) folder; without it only no-reference metrics run")
     metrics: list[str] = field(
         DEFAULT_METRICS,
-        help="pyiqa metric names besides PSNR/SSIM (which always run when --hr is given); "
-        "metrics needing weights must find them in pyiqa's cache",
+        help="pyiqa metric names besides PSNR/SSIM (which always run when --hr is given; 'none' = no others); "
+        "metrics needing weights must find them in --weights-dir or pyiqa's cache",
     )
     crop_border: int = field(0, help="pixels cropped from each border of SR and HR before every metric")
     name_pattern: str | None = field(None, help="regex applied to SR file stems to get the HR stem")
@@ -120,7 +120,7 @@ def _pyiqa_metrics(names: list[str], cfg: EvalConfig, have_hr: bool) -> tuple[di
     An unknown metric or missing weights is a ValueError naming it; nothing is skipped silently (a
     full-reference metric without ``--hr`` is listed in ``skipped`` with the reason).
     """
-    wanted = [m for m in dict.fromkeys(names) if m.lower() not in BUILTIN]
+    wanted = [m for m in dict.fromkeys(names) if m.lower() not in (*BUILTIN, "none")]
     if not wanted:
         return {}, {}
     from dp2osr import metrics as catalogue
@@ -241,7 +241,7 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
     table = pd.DataFrame(rows, columns=["model", "image", "sr_path", "hr_path", *metric_cols])
     info = {m: {"higher_better": True, "mode": "FR"} for m in (BUILTIN if have_hr else ())}
     info.update(
-        {m: {"higher_better": not bool(iqa[m].lower_better), "mode": iqa[m].metric_mode} for m in iqa}
+        {m: {"higher_better": not sp.lower_better, "mode": sp.family.upper()} for m, (sp, _) in iqa.items()}
     )
     models = {}
     for label, folder in zip(labels, cfg.sr):

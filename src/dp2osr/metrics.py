@@ -288,10 +288,13 @@ def find_weights(spec: MetricSpec, weights_dir: Path | None = None) -> dict[str,
         else:
             found[wf.filename] = hit
     if missing:
+        hint = (
+            " Put the file(s) in --weights-dir (nothing is downloaded)."
+            if spec.weights[0].cache != "hf"
+            else ""
+        )
         raise ValueError(
-            f"metric {spec.name!r} needs weights that are not here: "
-            + "; ".join(missing)
-            + ". Put the file(s) in --weights-dir (nothing is downloaded)."
+            f"metric {spec.name!r} needs weights that are not here: " + "; ".join(missing) + "." + hint
         )
     return found
 
@@ -356,7 +359,10 @@ class _Tee(io.TextIOBase):
 def _download_hint(printed: str, exc: BaseException) -> str:
     urls = re.findall(r'Downloading: "([^"]+)"', printed)
     if urls:
-        return f"it tried to download {Path(urls[-1]).name} ({urls[-1]}); put that file in --weights-dir"
+        return (
+            f"it needs {Path(urls[-1]).name} ({urls[-1]}), which cannot be downloaded here; this metric is not in"
+            " dp2osr's catalogue, so pyiqa looks for that file in its own cache (~/.cache/torch/hub/...)"
+        )
     return f"it probably needs weights that are not available offline ({type(exc).__name__}: {exc})"
 
 

@@ -64,7 +64,7 @@ def upscale(cfg: UpscaleConfig) -> int:
     """Run the model over every input; returns 0 when all succeeded, 1 when any image failed."""
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     images = list_images(cfg.input)
     stems = [p.stem for p in images]
     dup = sorted({s for s in stems if stems.count(s) > 1})
@@ -87,7 +87,12 @@ def upscale(cfg: UpscaleConfig) -> int:
     seeds = [cfg.seed + k for k in range(cfg.samples)]
     bar = tqdm(mine, desc="upscale", unit="img", disable=not state.is_local_main_process)
     for path in bar:
-        todo = [s for s in seeds if cfg.overwrite or not output_path(cfg.output, path.stem, s).exists()]
+        # Whole batches are redone when any of their files is missing, so a resumed run writes the same
+        # bytes as an uninterrupted one (batched float maths can differ in the last bits across batch shapes).
+        chunks = [seeds[i : i + cfg.batch_size] for i in range(0, len(seeds), cfg.batch_size)]
+        todo = [
+            c for c in chunks if cfg.overwrite or not all(output_path(cfg.output, path.stem, s).exists() for s in c)
+        ]
         if not todo:
             skipped += 1
             continue
@@ -102,8 +107,7 @@ def upscale(cfg: UpscaleConfig) -> int:
             lr_up = resize(lr, (h * cfg.upscale, w * cfg.upscale))
             prompt = prompt_fn(path, lr)
             cond = bb.encode_prompts([prompt], settings["negative_prompt"])
-            for i in range(0, len(todo), cfg.batch_size):
-                chunk = todo[i : i + cfg.batch_size]
+            for chunk in todo:
                 sr = super_resolve(
                     bb,
                     lr_up,

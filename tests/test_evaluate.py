@@ -1,0 +1,183 @@
+"""eval: the Real-ISR PSNR/SSIM protocol (reproduces OSEDiff on RealSR), pair checks, pools and curves."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dp2osr import cli
+from dp2osr.evaluate import EvalConfig, evaluate, match_pairs, psnr_y, ssim_y
+
+ROOT = Path(__file__).resolve().parents[1]
+REALSR = next(
+    (p for p in (ROOT.parent / "shared/data/realsr", Path("/work/shared/data/realsr")) if p.is_dir()), None
+)
+
+
+def _smooth_image(rng, h, w):
+    """A natural-ish test image: upsampled noise, uint8 HxWx3."""
+    small = rng.random((max(2, h // 8), max(2, w // 8), 3))
+    im = Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    return np.asarray(im)
+
+
+def _save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.mark.skipif(
+    REALSR is None, reason="RealSR data not found at ../shared/data/realsr or /work/shared/data/realsr"
+)
+def test_reproduces_osediff_published_realsr_psnr_ssim(tmp_path):
+    """OSEDiff (Wu et al. 2024, Table 1, RealSR): PSNR 25.15 dB, SSIM 0.7341 — Y of YCbCr, no border crop."""
+    cfg = EvalConfig(
+        output=tmp_path,
+        sr=[REALSR / "results_osediff"],
+        names=["OSEDiff"],
+        hr=REALSR / "test_HR",
+        metrics=["none"],
+    )
+    assert evaluate(cfg) == 0
+    summary = json.loads((tmp_path / "eval_summary.json").read_text())
+    stats = summary["models"]["OSEDiff"]["metrics"]
+    assert summary["models"]["OSEDiff"]["n_images"] == 100 and summary["problems"] == []
+    assert round(stats["psnr"]["mean"], 2) == 25.15  # published to 2 decimals
+    assert round(stats["ssim"]["mean"], 4) == 0.7341  # published to 4 decimals
+    assert stats["psnr"]["mean"] == pytest.approx(25.1511, abs=5e-5)  # this protocol, 4 decimals
+    assert stats["ssim"]["mean"] == pytest.approx(0.7341, abs=5e-5)
+    proto = summary["protocol"]
+    assert proto["crop_border"] == 0 and "65.481" in proto["y_channel"] and proto["pyiqa"] and proto["torch"]
+    table = pd.read_csv(tmp_path / "eval_per_image.csv")
+    assert len(table) == 100 and {"psnr", "ssim"} <= set(table.columns)
+    assert "25.1511 ± " in (tmp_path / "eval_summary.md").read_text()
+
+
+def test_numpy_psnr_ssim_equal_pyiqa_ycbcr():
+    """The fast NumPy PSNR/SSIM are pyiqa's psnr/ssim with test_y_channel=True, color_space='ycbcr'."""
+    pyiqa = pytest.importorskip("pyiqa")
+    rng = np.random.default_rng(0)
+    hr = _smooth_image(rng, 72, 96)
+    sr = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
+    t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    ref_psnr = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr", device="cpu")
+    ref_ssim = pyiqa.create_metric("ssim", test_y_channel=True, color_space="ycbcr", device="cpu")
+    a, b = sr / 255.0, hr / 255.0
+    assert psnr_y(a, b) == pytest.approx(float(ref_psnr(t(sr), t(hr))), abs=1e-4)
+    assert ssim_y(a, b) == pytest.approx(float(ref_ssim(t(sr), t(hr))), abs=1e-6)
+    assert ssim_y(b, b) == pytest.approx(1.0)
+
+
+def test_mismatched_folders_are_reported_by_name(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    sr, hr = tmp_path / "sr", tmp_path / "hr"
+    for name in ("ok", "small"):
+        _save(hr / f"{name}.png", _smooth_image(rng, 32, 32))
+    _save(hr / "only_hr.png", _smooth_image(rng, 32, 32))
+    _save(sr / "ok.png", _smooth_image(rng, 32, 32))
+    _save(sr / "small.png", _smooth_image(rng, 24, 32))  # wrong size
+    _save(sr / "only_sr.png", _smooth_image(rng, 32, 32))  # no HR
+    out = tmp_path / "out"
+    assert evaluate(EvalConfig(output=out, sr=[sr], hr=hr, metrics=["none"])) != 0
+    problems = json.loads((out / "eval_summary.json").read_text())["problems"]
+    text = "\n".join(problems)
+    assert "only_sr.png" in text and "missing HR" in text
+    assert "only_hr.png" in text and "missing SR" in text
+    assert "size mismatch" in text and "small.png" in text and "32x24" in text
+    assert len(problems) == 3
+    assert "only_sr.png" in capsys.readouterr().err
+    table = pd.read_csv(out / "eval_per_image.csv")
+    assert table["image"].tolist() == ["ok.png"]  # the good pair is still evaluated
+    assert "3 problem(s)" in (out / "eval_summary.md").read_text()
+
+
+def test_name_pattern_maps_sr_to_hr(tmp_path):
+    rng = np.random.default_rng(2)
+    img = _smooth_image(rng, 16, 16)
+    _save(tmp_path / "hr" / "Canon_001.png", img)
+    _save(tmp_path / "sr" / "Canon_001_x4_out.png", img)
+    pairs, problems = match_pairs(tmp_path / "sr", tmp_path / "hr")
+    assert not pairs and len(problems) == 2
+    pairs, problems = match_pairs(tmp_path / "sr", tmp_path / "hr", r"_x4_out$", "")
+    assert problems == [] and pairs[0][0] == "Canon_001_x4_out.png"
+    with pytest.raises(ValueError, match="not a valid regex"):
+        match_pairs(tmp_path / "sr", tmp_path / "hr", "(", "")
+
+
+def test_pyiqa_metrics_and_nr_only(tmp_path):
+    """NR-only (no HR): NR metrics run, FR ones are skipped *with a reason*; unknown names are errors."""
+    pytest.importorskip("pyiqa")
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        _save(tmp_path / "sr" / f"im{i}.png", _smooth_image(rng, 32, 32))
+    out = tmp_path / "out"
+    assert (
+        evaluate(EvalConfig(output=out, sr=[tmp_path / "sr"], metrics=["entropy", "gmsd"], device="cpu")) == 0
+    )
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert set(summary["metrics"]) == {"entropy"}
+    assert "gmsd" in summary["skipped_metrics"] and "psnr" in summary["skipped_metrics"]
+    assert summary["models"]["sr"]["metrics"]["entropy"]["n"] == 2
+    with pytest.raises(ValueError, match="no_such_metric"):
+        evaluate(EvalConfig(output=out, sr=[tmp_path / "sr"], metrics=["no_such_metric"]))
+
+
+def _pool(folder, rewards, seeds=(0, 1, 2, 3)):
+    rows = [
+        {"image_id": f"im{i}", "seed": s, "path": f"im{i}/seed_{s:04d}.png", "reward": float(r[j])}
+        for i, r in enumerate(rewards)
+        for j, s in enumerate(seeds)
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(folder / "rewards.parquet", index=False)
+    return folder / "rewards.parquet"
+
+
+def test_pools_and_reward_curve(tmp_path):
+    base = _pool(tmp_path / "base", [[0.2, 0.8, 0.5, 0.1], [0.6, 0.4, 0.9, 0.3]])
+    dpo = _pool(tmp_path / "dpo", [[0.7, 0.8, 0.6, 0.75], [0.7, 0.65, 0.9, 0.8]])
+    curve = tmp_path / "curve.csv"
+    pd.DataFrame(
+        {"step": [0, 10, 20, 30], "reward": [0.5, 0.55, 0.6, 0.62], "lpips": [0.3, 0.28, 0.27, 0.27]}
+    ).to_csv(curve, index=False)
+    out = tmp_path / "out"
+    cfg = EvalConfig(
+        output=out, pools=[base, tmp_path / "dpo"], pool_names=["SD2", "DP²O"], reward_curve=curve
+    )
+    assert evaluate(cfg) == 0
+    table = pd.read_csv(out / "bestm.csv")
+    sd2 = table[table.model == "SD2"].set_index("m")
+    np.testing.assert_allclose(sd2.loc[[1, 2, 4], "best"], [0.4, 0.7, 0.85])
+    np.testing.assert_allclose(sd2.loc[[1, 2, 4], "worst"], [0.4, 0.3, 0.2])
+    assert table[table.model == "DP²O"].set_index("m").loc[4, "worst"] == pytest.approx((0.6 + 0.65) / 2)
+    spread = pd.read_csv(out / "pool_spread.csv")
+    assert len(spread) == 4 and {"std", "best_seed", "worst_seed"} <= set(spread.columns)
+    for png in ("bestm.png", "reward_curve.png"):
+        with Image.open(out / png) as im:
+            assert im.format == "PNG" and im.width > 200
+    assert "| DP²O | 4 |" in (out / "bestm.md").read_text()
+    uneven = _pool(tmp_path / "bad", [[0.1, 0.2, 0.3, 0.4]])
+    df = pd.read_parquet(uneven)
+    df.iloc[:3].to_parquet(uneven)  # one image, 3 seeds, plus a second image below with 4
+    pd.concat([df.iloc[:3], df.assign(image_id="im9")]).to_parquet(uneven)
+    with pytest.raises(ValueError, match="pool 'bad'.*different seed sets"):
+        evaluate(EvalConfig(output=out, pools=[uneven]))
+
+
+def test_cli_eval(tmp_path):
+    rng = np.random.default_rng(4)
+    img = _smooth_image(rng, 24, 24)
+    _save(tmp_path / "hr" / "a.png", img)
+    _save(tmp_path / "sr" / "a.png", img)
+    out = tmp_path / "out"
+    argv = ["eval", "--sr", str(tmp_path / "sr"), "--hr", str(tmp_path / "hr"), "--output", str(out)]
+    assert cli.main([*argv, "--metrics", "none", "--crop-border", "2"]) == 0
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert summary["protocol"]["crop_border"] == 2
+    assert summary["models"]["sr"]["metrics"]["ssim"]["mean"] == pytest.approx(1.0)
+    assert json.loads((out / "eval_config.json").read_text())["sr"] == [str(tmp_path / "sr")]
+    assert cli.main(["eval", "--output", str(out)]) == 2  # nothing to evaluate: a one-line error
