@@ -34,7 +34,7 @@ def _save(path, arr):
     REALSR is None, reason="RealSR data not found at ../shared/data/realsr or /work/shared/data/realsr"
 )
 def test_reproduces_osediff_published_realsr_psnr_ssim(tmp_path):
-    """OSEDiff (Wu et al. 2024, Table 1, RealSR): PSNR 25.15 dB, SSIM 0.7341 — Y of YCbCr, no border crop."""
+    """OSEDiff (Wu et al. 2024, Table 1, RealSR): PSNR 25.15 dB, SSIM 0.7341 — Y of YCbCr, no crop."""
     cfg = EvalConfig(
         output=tmp_path,
         sr=[REALSR / "results_osediff"],
@@ -63,7 +63,10 @@ def test_numpy_psnr_ssim_equal_pyiqa_ycbcr():
     rng = np.random.default_rng(0)
     hr = _smooth_image(rng, 72, 96)
     sr = np.clip(hr.astype(int) + rng.integers(-20, 21, hr.shape), 0, 255).astype(np.uint8)
-    t = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+
+    def t(a):
+        return torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float() / 255
+
     ref_psnr = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr", device="cpu")
     ref_ssim = pyiqa.create_metric("ssim", test_y_channel=True, color_space="ycbcr", device="cpu")
     a, b = sr / 255.0, hr / 255.0
@@ -139,7 +142,7 @@ def _pool(folder, rewards, seeds=(0, 1, 2, 3)):
 
 def test_pools_and_reward_curve(tmp_path):
     base = _pool(tmp_path / "base", [[0.2, 0.8, 0.5, 0.1], [0.6, 0.4, 0.9, 0.3]])
-    dpo = _pool(tmp_path / "dpo", [[0.7, 0.8, 0.6, 0.75], [0.7, 0.65, 0.9, 0.8]])
+    _pool(tmp_path / "dpo", [[0.7, 0.8, 0.6, 0.75], [0.7, 0.65, 0.9, 0.8]])
     curve = tmp_path / "curve.csv"
     pd.DataFrame(
         {"step": [0, 10, 20, 30], "reward": [0.5, 0.55, 0.6, 0.62], "lpips": [0.3, 0.28, 0.27, 0.27]}
@@ -162,8 +165,7 @@ def test_pools_and_reward_curve(tmp_path):
     assert "| DP²O | 4 |" in (out / "bestm.md").read_text()
     uneven = _pool(tmp_path / "bad", [[0.1, 0.2, 0.3, 0.4]])
     df = pd.read_parquet(uneven)
-    df.iloc[:3].to_parquet(uneven)  # one image, 3 seeds, plus a second image below with 4
-    pd.concat([df.iloc[:3], df.assign(image_id="im9")]).to_parquet(uneven)
+    pd.concat([df.iloc[:3], df.assign(image_id="im9")]).to_parquet(uneven)  # 3 seeds vs 4 seeds
     with pytest.raises(ValueError, match="pool 'bad'.*different seed sets"):
         evaluate(EvalConfig(output=out, pools=[uneven]))
 

@@ -133,7 +133,14 @@ def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON/YAML-friendly dict of a config dataclass (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def save_config(cfg: Any, path: Path) -> None:
@@ -152,7 +159,9 @@ def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def check_resume(cfg: Any, path: Path, run_only: set[str], what: str = "outputs") -> None:
+def check_resume(
+    cfg: Any, path: Path, run_only: set[str], what: str = "outputs", hint: str = "use --overwrite or another --output"
+) -> None:
     """Refuse to mix outputs made with different options in one folder.
 
     ``path`` is the config saved by an earlier run; options in ``run_only`` (device, paths, ...) may change
@@ -165,6 +174,5 @@ def check_resume(cfg: Any, path: Path, run_only: set[str], what: str = "outputs"
     changed = sorted(k for k in new if k not in run_only and old.get(k) != new[k])
     if changed:
         raise ValueError(
-            f"{Path(path).parent} holds {what} made with other options ({', '.join(changed)}); "
-            "use --overwrite or another --output"
+            f"{Path(path).parent} holds {what} made with other options ({', '.join(changed)}); {hint}"
         )

@@ -57,12 +57,12 @@ class EvalConfig:
 
     output: Path = field(help="output folder for tables (CSV/JSON/Markdown) and plots (PNG)")
     sr: list[Path] = field([], help="SR result folder(s) to evaluate (mode A)")
-    names: list[str] = field([], help="labels for the --sr folders (default: folder names)")
+    names: list[str] = field([], help="labels for the --sr folders; empty = the folder names")
     hr: Path | None = field(None, help="HR (ground-truth) folder; without it only no-reference metrics run")
     metrics: list[str] = field(
         DEFAULT_METRICS,
-        help="pyiqa metric names besides PSNR/SSIM (which always run when --hr is given; 'none' = no others); "
-        "metrics needing weights must find them in --weights-dir or pyiqa's cache",
+        help="pyiqa metric names besides PSNR/SSIM (which always run when --hr is given; "
+        "'none' = no others); metrics needing weights must find them in --weights-dir or pyiqa's cache",
     )
     crop_border: int = field(0, help="pixels cropped from each border of SR and HR before every metric")
     name_pattern: str | None = field(None, help="regex applied to SR file stems to get the HR stem")
@@ -70,16 +70,16 @@ class EvalConfig:
     device: str = field("auto", help="device for pyiqa metrics: auto, cpu, cuda, cuda:1, ...")
     weights_dir: Path | None = field(None, help="folder of IQA weight files (else pyiqa's torch-hub cache)")
     pools: list[Path] = field([], help="rewards.parquet file(s) (or folders holding one) of candidate pools")
-    pool_names: list[str] = field([], help="labels for the --pools (default: parent folder names)")
+    pool_names: list[str] = field([], help="labels for the --pools; empty = their parent folder names")
     reward_column: str = field("reward", help="column of rewards.parquet used for Best/Mean/Worst@M")
-    ms: list[int] = field([], help="values of M (default 1, 2, 4, ... up to the pool size)")
+    ms: list[int] = field([], help="values of M; empty = 1, 2, 4, ... up to the pool size")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot (mode C)")
     curve_smooth: int = field(1, help="moving-average window for the reward curve plot (1 = raw)")
 
 
 # ----------------------------------------------------------------------------------------------- metrics
 def y_channel(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 luma ``16 + 65.481 R + 128.553 G + 24.966 B`` (HxW, float64, range [16, 235]) of HxWx3 RGB in [0, 1]."""
+    """BT.601 luma ``16 + 65.481 R + 128.553 G + 24.966 B`` (HxW float64 in [16, 235]) of RGB in [0, 1]."""
     return np.asarray(rgb, dtype=np.float64) @ _Y_WEIGHTS + 16.0
 
 
@@ -99,7 +99,7 @@ def _gauss_valid(x: np.ndarray, size: int = 11, sigma: float = 1.5) -> np.ndarra
 
 
 def ssim_y(sr: np.ndarray, hr: np.ndarray) -> float:
-    """SSIM on Y rounded to 0..255 (MATLAB convention; = pyiqa ssim, ycbcr Y) of HxWx3 RGB arrays in [0, 1]."""
+    """SSIM on Y rounded to 0..255 (MATLAB; = pyiqa ssim, ycbcr Y) of HxWx3 RGB arrays in [0, 1]."""
     x, y = np.round(y_channel(sr)), np.round(y_channel(hr))
     if min(x.shape) < 11:
         raise ValueError(f"image {x.shape[1]}x{x.shape[0]} is smaller than the 11x11 SSIM window")
@@ -115,7 +115,7 @@ def _crop(t, border: int):
 
 
 def _pyiqa_metrics(names: list[str], cfg: EvalConfig, have_hr: bool) -> tuple[dict, dict[str, str]]:
-    """Build the requested metrics from local files (``dp2osr.metrics``): ``({name: (spec, model)}, skipped)``.
+    """Build the metrics from local files (``dp2osr.metrics``): ``({name: (spec, model)}, skipped)``.
 
     An unknown metric or missing weights is a ValueError naming it; nothing is skipped silently (a
     full-reference metric without ``--hr`` is listed in ``skipped`` with the reason).
@@ -181,16 +181,8 @@ def unique_labels(paths: list[Path], names: list[str], what: str, default) -> li
     return labels
 
 
-def _score(model, images, ref=None):
-    """Scores of one metric (``dp2osr.metrics.score_batch``), imported lazily (it imports torch)."""
-    from dp2osr.metrics import score_batch
-
-    return score_batch(model, images, ref)
-
-
 def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
     """Mode A: ``(per-image table, summary dict, problems)``."""
-
     labels = unique_labels(cfg.sr, cfg.names, "SR folders", lambda p: Path(p).name)
     have_hr = cfg.hr is not None
     if have_hr and not Path(cfg.hr).is_dir():
@@ -200,6 +192,8 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
         skipped.update({m: "no --hr folder was given" for m in BUILTIN})
     for name, why in skipped.items():
         print(f"eval: skipping metric {name}: {why}", file=sys.stderr)
+    if iqa:
+        from dp2osr.metrics import score_batch
     rows, problems = [], []
     for label, folder in zip(labels, cfg.sr):
         folder = Path(folder)
@@ -232,7 +226,7 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
                     if min(sr_t.shape[-2:]) < spec.min_size:
                         raise ValueError(f"{mname} needs a short side >= {spec.min_size} px")
                     ref = hr_t if spec.family == "fr" else None
-                    row[mname] = float(_score(model, sr_t, ref)[0])
+                    row[mname] = float(score_batch(model, sr_t, ref)[0])
             except (ValueError, RuntimeError) as exc:
                 problems.append(f"[{label}] {name}: metric failed: {exc}")
                 continue

@@ -17,7 +17,7 @@ Presets (``PRESETS``):
 Where weights are found (``find_weights``): first in ``weights_dir`` (flat, or laid out like a copied torch-hub
 cache: ``pyiqa/``, ``checkpoints/``, ``clip/`` sub-folders), then in pyiqa's own caches
 (``~/.cache/torch/hub/pyiqa`` for pyiqa checkpoints, ``.../checkpoints`` for torchvision backbones, ``.../clip``
-for OpenAI CLIP). Files are read in place, never copied into a cache. Q-Align (``qalign``) is a Hugging Face
+and ``~/.cache/clip`` for OpenAI CLIP). Files are read in place, never copied into a cache. Q-Align (``qalign``) is a Hugging Face
 model (``q-future/one-align``) that pyiqa loads by repository id: it must be in the Hugging Face cache
 (``HF_HOME``); ``weights_dir`` cannot redirect it.
 
@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class MetricSpec:
 
 
 def _pyiqa_file(name: str) -> WeightFile:
-    return WeightFile(name, _PYIQA_HUB + name, "pyiqa")
+    return WeightFile(name, _PYIQA_HUB + quote(name), "pyiqa")
 
 
 def _clip(name: str) -> WeightFile:
@@ -127,7 +128,8 @@ _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
         "topiq",
         {"random_kwargs": _RANDOM_TOPIQ},
     ),
-    "afine_fr": ((_pyiqa_file("afine.pth"), _clip("ViT-B-32.pt")), "afine", {}),
+    # A-FINE: pyiqa's forward squeezes/unsqueezes dim 0, so a batch of B > 1 becomes 5-D and fails
+    "afine_fr": ((_pyiqa_file("afine.pth"), _clip("ViT-B-32.pt")), "afine", {"max_batch": 1}),
     # --- the paper's NR set
     "maniqa": ((_pyiqa_file("ckpt_koniq10k.pt"),), "maniqa", {}),
     "musiq": (
@@ -141,7 +143,7 @@ _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
         "topiq",
         {"random_kwargs": _RANDOM_TOPIQ},
     ),
-    "afine_nr": ((_pyiqa_file("afine.pth"), _clip("ViT-B-32.pt")), "afine", {}),
+    "afine_nr": ((_pyiqa_file("afine.pth"), _clip("ViT-B-32.pt")), "afine", {"max_batch": 1}),
     "qalign": (
         (WeightFile("q-future/one-align", "https://huggingface.co/q-future/one-align", "hf", role="model"),),
         "hf",
@@ -241,8 +243,12 @@ def resolve_names(preset: str, metrics: list[str] | None = None) -> list[str]:
 # ----------------------------------------------------------------------------------------------- weights
 
 
-def _cache_dir(cache: str) -> Path:
-    return Path(torch.hub.get_dir()) / _CACHE_SUBDIRS[cache]
+def _cache_dirs(cache: str) -> list[Path]:
+    """Where pyiqa's own loaders look for a file of kind ``cache``."""
+    dirs = [Path(torch.hub.get_dir()) / _CACHE_SUBDIRS[cache]]
+    if cache == "clip":  # A-FINE's CLIP loader uses the OpenAI default instead of torch hub
+        dirs.append(Path("~/.cache/clip").expanduser())
+    return dirs
 
 
 def _hf_cached(repo_id: str) -> Path | None:
@@ -276,14 +282,16 @@ def find_weights(spec: MetricSpec, weights_dir: Path | None = None) -> dict[str,
                 continue
             found[wf.filename] = path
             continue
-        places = []
+        # pyiqa caches a file under its URL-quoted name ("CLIP-IQA%2B_..."): accept both spellings.
+        names = list(dict.fromkeys([wf.filename, quote(wf.filename)]))
+        dirs = []
         if weights_dir is not None:
-            wd = Path(weights_dir)
-            places += [wd / wf.filename, wd / _CACHE_SUBDIRS[wf.cache] / wf.filename]
-        places.append(_cache_dir(wf.cache) / wf.filename)
+            dirs += [Path(weights_dir), Path(weights_dir) / _CACHE_SUBDIRS[wf.cache]]
+        dirs += _cache_dirs(wf.cache)
+        places = [d / n for d in dirs for n in names]
         hit = next((p for p in places if p.is_file()), None)
         if hit is None:
-            where = ", ".join(str(p.parent) for p in places)
+            where = ", ".join(str(d) for d in dirs)
             missing.append(f"{wf.filename} ({wf.role}; from {wf.url}), looked in {where}")
         else:
             found[wf.filename] = hit

@@ -4,7 +4,8 @@ Everything is embedded: images and plots as base64 ``data:`` URIs, CSS and a few
 holds the ``eval`` tables (from ``--eval-dirs``), the Best/Mean/Worst@M plot (computed from ``--pools``, or
 taken from an eval folder), the reward curve, and per-image comparisons: LR, then each pool's best and worst
 seed, then HR, with a before/after slider to compare any two of them. Every file name, model name and prompt
-is HTML-escaped. Images are downscaled to ``--max-side`` and re-encoded (JPEG by default) to keep the page small.
+is HTML-escaped. Images are downscaled to ``--max-side`` and re-encoded (JPEG by default) to keep the page
+small.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ReportConfig:
     pools: list[Path] = field(
         [], help="rewards.parquet file(s) (or folders holding one), e.g. base then DP²O"
     )
-    names: list[str] = field([], help="labels for the --pools (default: parent folder names)")
+    names: list[str] = field([], help="labels for the --pools; empty = their parent folder names")
     reward_column: str = field("reward", help="rewards.parquet column that ranks seeds (best/worst)")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot")
     lr_dir: Path | None = field(
@@ -182,9 +183,10 @@ def _comparison_rows(pools: list[dict], labels: list[str], cfg: ReportConfig) ->
                 print(f"report: skipping unreadable image: {exc}", file=sys.stderr)
                 continue
             cls = ' class="lr"' if caption == "LR" else ""
+            two_lines = _esc(caption).replace(" · ", "<br>", 1)
             figs.append(
                 f'<figure class="cell"><img{cls} data-k="{k}" src="{uri}" alt="{_esc(caption)}" '
-                f'title="{_esc(Path(path).name)}"><figcaption>{_esc(caption)}</figcaption></figure>'
+                f'title="{_esc(Path(path).name)}"><figcaption>{two_lines}</figcaption></figure>'
             )
             options.append((k, caption))
         # Default comparison: the first pool's worst seed against the last pool's worst (the quality floor).
@@ -194,7 +196,8 @@ def _comparison_rows(pools: list[dict], labels: list[str], cfg: ReportConfig) ->
         opts = "".join(f'<option value="{k}">{_esc(c)}</option>' for k, c in options)
         compare = (
             f'<div class="cmp" data-left="{left}" data-right="{right}">'
-            '<div class="cmp-box"><img class="cmp-after" alt="right image"><img class="cmp-before" alt="left image">'
+            '<div class="cmp-box"><img class="cmp-after" alt="right image">'
+            '<img class="cmp-before" alt="left image">'
             '<div class="cmp-line"></div></div>'
             f'<input type="range" class="cmp-range" min="0" max="100" value="50" aria-label="slider {n}">'
             f'<div class="cmp-sel">left <select class="cmp-left">{opts}</select> right '
@@ -204,8 +207,8 @@ def _comparison_rows(pools: list[dict], labels: list[str], cfg: ReportConfig) ->
         )
         prompt_html = f'<p class="prompt">prompt: {_esc(prompt)}</p>' if prompt else ""
         blocks.append(
-            f'<section class="row"><h3>{_esc(image_id)}</h3>{prompt_html}<div class="strip">{"".join(figs)}'
-            f"</div>{compare}</section>"
+            f'<section class="row"><h3>{_esc(image_id)}</h3>{prompt_html}<div class="row-body">'
+            f'<div class="strip">{"".join(figs)}</div>{compare}</div></section>'
         )
     return "\n".join(blocks)
 
@@ -240,7 +243,8 @@ def _summary_html(summary: dict, folder: Path) -> str:
     if problems:
         items = "".join(f"<li>{_esc(p)}</li>" for p in problems)
         parts.append(
-            f'<details class="problems" open><summary>{len(problems)} problem(s)</summary><ul>{items}</ul></details>'
+            f'<details class="problems" open><summary>{len(problems)} problem(s)</summary>'
+            f"<ul>{items}</ul></details>"
         )
     return "\n".join(parts)
 
@@ -262,10 +266,12 @@ body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1400px;padding
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}.note{color:#555;font-size:.85em}
 .plot{max-width:100%;border:1px solid #ddd}.row{border-top:1px solid #ddd;padding:.5em 0}
-.strip{display:flex;flex-wrap:wrap;gap:6px}.cell{margin:0;width:200px}.cell img{width:200px;display:block}
-.cell img.lr{image-rendering:pixelated}.cell figcaption{font-size:.75em;color:#444;word-break:break-all}
+.row-body{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.strip{display:flex;flex-wrap:wrap;gap:6px;flex:1 1 620px}
+.cell{margin:0;width:200px}.cell img{width:200px;display:block}
+.cell img.lr{image-rendering:pixelated}.cell figcaption{font-size:.75em;color:#444;overflow-wrap:anywhere}
 .missing div{width:200px;height:200px;background:#eee;display:flex;align-items:center;justify-content:center}
-.cmp{margin-top:.5em;width:min(512px,100%)}.cmp-box{position:relative;line-height:0}
+.cmp{flex:0 0 min(448px,100%)}.cmp-box{position:relative;line-height:0}
 .cmp-box img{width:100%;display:block}.cmp-before{position:absolute;top:0;left:0;clip-path:inset(0 50% 0 0)}
 .cmp-line{position:absolute;top:0;bottom:0;left:50%;width:2px;background:#fff;box-shadow:0 0 2px #000}
 .cmp-range{width:100%}.cmp-sel{font-size:.85em}.prompt{font-size:.85em;color:#555}.problems{color:#a00}

@@ -100,7 +100,9 @@ def hybrid_reward(
         raise ValueError(f"metric(s) {unknown} are not in the catalogue {list(catalogue)}")
     for m in present:
         if catalogue[m].family not in FAMILIES:
-            raise ValueError(f"metric {m!r}: family must be one of {list(FAMILIES)}, got {catalogue[m].family!r}")
+            raise ValueError(
+                f"metric {m!r}: family must be one of {list(FAMILIES)}, got {catalogue[m].family!r}"
+            )
     if scores_long.duplicated(["image_id", "seed", "metric"]).any():
         dup = scores_long[scores_long.duplicated(["image_id", "seed", "metric"], keep=False)].head(3)
         raise ValueError(f"scores table has duplicate (image_id, seed, metric) rows, e.g.\n{dup}")
@@ -117,7 +119,9 @@ def hybrid_reward(
         if scope == "pool":
             norm[m] = minmax(s.to_numpy())
         else:
-            norm[m] = s.groupby(image_ids, sort=False).transform(lambda g: pd.Series(minmax(g), index=g.index))
+            norm[m] = s.groupby(image_ids, sort=False).transform(
+                lambda g: pd.Series(minmax(g), index=g.index)
+            )
 
     fr = _family_mean(norm, [m for m in metrics if catalogue[m].family == "fr"])
     nr = _family_mean(norm, [m for m in metrics if catalogue[m].family == "nr"])

@@ -154,8 +154,7 @@ class Backbone(ABC):
         """Move everything; the ControlNet keeps float32 master weights only when it trains (see train)."""
         self.device, self.dtype = torch.device(device), dtype
         for m in [*self.frozen_modules().values(), self.controlnet]:
-            same = all(p.dtype == dtype for p in m.parameters())
-            m.to(self.device) if same else m.to(self.device, dtype)
+            cast(m, self.device, dtype)
         for m in self.frozen_modules().values():
             m.requires_grad_(False)
             m.eval()
@@ -178,6 +177,13 @@ class Backbone(ABC):
 
     def tokenizers(self) -> dict[str, Any]:
         return {}
+
+
+def cast(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Move/cast a module, skipping the dtype cast (and diffusers' warning about it) when already there."""
+    if dtype is not None and any(p.dtype != dtype for p in module.parameters()):
+        return module.to(device=device, dtype=dtype)
+    return module.to(device) if device is not None else module
 
 
 def save_release(controlnet: torch.nn.Module, path: Path) -> None:

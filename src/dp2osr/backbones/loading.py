@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dp2osr.backbones.base import Backbone, load_release_state
+from dp2osr.backbones.base import Backbone, cast, load_release_state
 
 FAMILIES = ("sd2", "flux")
 TINY = ("sd2-tiny", "flux-tiny")
@@ -92,7 +92,7 @@ def load_controlnet(
         net = flux_controlnet_from(denoiser, load_weights=False)
         what = "FluxControlNetModel.from_transformer(<this transformer>, num_layers=4, num_single_layers=0)"
     load_release_state(net, path, what)
-    return net.to(dtype)
+    return cast(net, dtype=dtype)
 
 
 def load_backbone(
@@ -128,7 +128,7 @@ def load_backbone(
     def make_controlnet(denoiser: torch.nn.Module) -> torch.nn.Module:
         if controlnet is not None:
             return load_controlnet(family, controlnet, denoiser, torch_dtype)
-        return new_controlnet(family, denoiser).to(torch_dtype)
+        return cast(new_controlnet(family, denoiser), dtype=torch_dtype)
 
     if family == "sd2":
         from dp2osr.backbones.sd2 import load_sd2

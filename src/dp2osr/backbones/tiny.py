@@ -119,13 +119,13 @@ def build_sd2_tiny(seed: int = 0) -> SD2Backbone:
 
 
 def build_flux_tiny(seed: int = 0) -> FluxBackbone:
-    """FLUX-style backbone: 2 double + 1 single blocks, guidance embedding, CLIP + T5, flow-matching Euler."""
+    """FLUX-style backbone: 4 double + 1 single blocks, guidance embedding, CLIP + T5, flow-matching Euler."""
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels x 2x2 packing
-        num_layers=2,
+        num_layers=4,  # >= the ControlNet's 4 double blocks, so every ControlNet block output is used
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,

@@ -1,0 +1,291 @@
+"""`dp2osr train`: supervised ControlNet training (sft) and DP²O preference training (dpo), one loop.
+
+Only the ControlNet trains. DPO's reference is the frozen initial ControlNet (or, with LoRA, the same
+ControlNet with its adapter disabled) sharing the one frozen UNet/transformer in memory. Latents, control
+images and prompt embeddings are cached (train_data.FrozenCache). Runs unchanged under `accelerate launch`.
+Read `step()` below for the objective: METHOD.md §3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dp2osr.backbones import cast, load_backbone, save_release
+from dp2osr.config import check_choice, check_resume, field, save_config
+from dp2osr.loss import dpo_loss, mse_per_sample
+from dp2osr.pair import HPO_MODES
+from dp2osr.sampling import ModelOptions
+from dp2osr.train_data import FrozenCache, batch_indices, read_examples
+
+CONFIG_NAME = "train_config.yaml"
+_RUN_ONLY = {"output", "device", "resume", "steps", "checkpoint_every", "keep_checkpoints", "log_every"}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; no checkpoint is written from that state."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig(ModelOptions):
+    """Train the ControlNet: --mode sft (supervised, on LR/HR pairs) or --mode dpo (DP²O, on preference pairs).
+
+    DPO data is the pref_pairs.parquet of `dp2osr pair`; SFT data is a `dp2osr degrade` folder. --controlnet
+    is the starting point (and DPO's frozen reference). Writes OUTPUT/checkpoint-NNNNNN/ (model.safetensors in
+    the release format, controlnet/ in diffusers format, state/ for --resume), OUTPUT/final/, metrics.jsonl
+    and TensorBoard logs (OUTPUT/tb). Effective batch = batch_size x grad_accum x processes (paper: 1024 pairs).
+    """
+
+    mode: str = field(help="sft | dpo", choices=["sft", "dpo"])
+    data: Path = field(help="dpo: pref_pairs.parquet (or its folder); sft: a `dp2osr degrade` folder")
+    output: Path = field(help="output folder (checkpoints, logs, final model)")
+    steps: int = field(1000, help="optimizer steps (paper: 1000; most of the gain by 500)")
+    lr: float = field(2e-5, help="AdamW learning rate (paper: 2e-5)")
+    weight_decay: float = field(1e-2, help="AdamW weight decay")
+    warmup_steps: int = field(0, help="linear learning-rate warm-up steps")
+    batch_size: int = field(4, help="pairs (dpo) or images (sft) per micro-batch per process")
+    grad_accum: int = field(1, help="micro-batches per optimizer step (paper: effective batch 1024 pairs)")
+    beta: float = field(5000.0, help="DPO β in ℓ = −log σ(−β/2 · Δ), Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)); "
+                        "the 1/2 is inside, as METHOD.md writes it (paper: 5000)")
+    hpo: str = field("both", help="pair weights: both = w_intra·w_inter (HPO), intra, inter, none = plain "
+                     "Diffusion-DPO", choices=list(HPO_MODES))
+    prompt_dropout: float = field(0.1, help="sft: probability of training a sample with the empty prompt")
+    upscale: int = field(4, help="LR -> training image scale factor")
+    mixed_precision: str = field("no", help="autocast dtype for the forward passes; master weights stay fp32",
+                                 choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory, slower)")
+    use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)")
+    lora_rank: int = field(0, help="train a LoRA of this rank on the ControlNet instead of all its weights; the "
+                           "DPO reference is then the ControlNet with the adapter disabled (needs peft)")
+    max_grad_norm: float = field(1.0, help="gradient clipping norm")
+    cache: bool = field(True, help="cache VAE latents, control images and prompt embeddings (off: re-encode "
+                        "every step, for benchmarks)")
+    seed: int = field(0, help="seed of data order, noise and timesteps")
+    checkpoint_every: int = field(100, help="save a checkpoint every K steps (and at the end)")
+    keep_checkpoints: int = field(2, help="keep only the newest K checkpoints (0 = all)")
+    log_every: int = field(1, help="log metrics every K steps")
+    resume: bool = field(False, help="continue from the newest checkpoint in OUTPUT")
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, ["sft", "dpo"])
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.beta <= 0 or self.lr <= 0:
+            raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
+        if not 0 <= self.prompt_dropout <= 1:
+            raise ValueError(f"--prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(p for p in Path(out).glob("checkpoint-*") if (p / "train_state.json").is_file())
+    return found[-1] if found else None
+
+
+def plain_controlnet(net: torch.nn.Module, lora: bool) -> torch.nn.Module:
+    """The ControlNet to save: with LoRA, a copy with the adapter fused in (loadable without peft)."""
+    if not lora:
+        return net
+    merged = copy.deepcopy(net)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return merged
+
+
+def save_checkpoint(accelerator, net, cfg: TrainConfig, step: int, folder: Path) -> None:
+    """Release-format model.safetensors + diffusers controlnet/ (both loadable by upscale) + resumable state."""
+    accelerator.save_state(str(folder / "state"))
+    if accelerator.is_main_process:
+        model = plain_controlnet(accelerator.unwrap_model(net), cfg.lora_rank > 0)
+        save_release(model, folder / "model.safetensors")
+        model.save_pretrained(folder / "controlnet")
+        (folder / "train_state.json").write_text(json.dumps({"step": step}))
+
+
+def _make_optimizer(params, cfg: TrainConfig):
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ValueError("--use-8bit-adam needs the bitsandbytes package") from exc
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run training; returns 0 on success, 3 when the loss diverged (no broken checkpoint is written)."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    out = Path(cfg.output)
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise ValueError(f"--resume: no checkpoint in {out}")
+    if not resume_from and latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose another --output")
+    if resume_from:
+        check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "a training run", "resume with the same options")
+    examples = read_examples(cfg.data, cfg.mode, cfg.hpo)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    bb = load_backbone(cfg.backbone, cfg.base, cfg.controlnet, dtype="fp32").to(accelerator.device, weight_dtype)
+    net = cast(bb.controlnet, dtype=torch.float32)  # fp32 master weights; autocast handles mixed precision
+    reference = None
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig
+
+        net.requires_grad_(False)
+        net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    elif cfg.mode == "dpo":
+        reference = cast(copy.deepcopy(net).requires_grad_(False).eval(), dtype=weight_dtype)
+    net.train()
+    if cfg.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+        for m in bb.frozen_modules().values():
+            if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
+                m.enable_gradient_checkpointing()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(params, cfg)
+    scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
+    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    start = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from / "state"))
+        start = json.loads((resume_from / "train_state.json").read_text())["step"]
+    if accelerator.is_main_process:
+        save_config(cfg, out / CONFIG_NAME)
+    cache = FrozenCache(bb, cfg.upscale, enabled=cfg.cache)
+    writer = _tensorboard(out / "tb") if accelerator.is_main_process else None
+
+    @contextlib.contextmanager
+    def reference_mode():
+        """Forward passes under this block use the frozen reference ControlNet."""
+        if reference is not None:
+            yield reference
+            return
+        inner = accelerator.unwrap_model(net)
+        inner.disable_adapters()
+        try:
+            yield net
+        finally:
+            inner.enable_adapters()
+
+    def step(idx: list[int], g: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """One micro-batch: the loss and its diagnostics."""
+        b = len(idx)
+        drop = (torch.rand(b, generator=g) < cfg.prompt_dropout).tolist() if cfg.mode == "sft" else None
+        targets, control, cond, w = cache.batch(examples, idx, drop)
+        hw = tuple(targets.shape[-2:])
+        noise = torch.randn(targets.shape[1:], generator=g).to(bb.device, targets.dtype)
+        t = bb.sample_timesteps(b, hw, g)
+        k = targets.shape[0]  # DPO: winner and loser share the noise and the timestep
+        x0, noise, t = targets.flatten(0, 1), noise.repeat(k, 1, 1, 1), t.repeat(k)
+        control = control.repeat(k, *([1] * (control.dim() - 1)))
+        cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
+        noisy, target = bb.noisy_and_target(x0, noise, t)
+        with accelerator.autocast():
+            pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=net)
+        err = mse_per_sample(pred.float(), target.float())
+        if cfg.mode == "sft":
+            return err.mean(), {"loss": err.mean().item()}
+        with torch.no_grad(), reference_mode() as ref, accelerator.autocast():
+            ref_err = mse_per_sample(
+                bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=ref).float(), target.float()
+            )
+        o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.beta, w)
+        stats = {
+            "loss": o.loss.item(), "accuracy": o.accuracy.item(), "reward_margin": o.reward_margin.item(),
+            "policy_err_w": o.policy_err_w.item(), "policy_err_l": o.policy_err_l.item(),
+            "ref_err_w": o.ref_err_w.item(), "ref_err_l": o.ref_err_l.item(),
+        }
+        return o.loss, stats
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.mode}",
+               disable=not accelerator.is_local_main_process, file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        for s in bar:
+            sums: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(len(examples), s, micro, rank, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s * 10_007 + micro * 101 + rank)
+                with accelerator.accumulate(net):
+                    loss, stats = step(idx, g)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"non-finite loss at step {s} (micro-batch {micro})")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        gn = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        if not torch.isfinite(gn):
+                            raise TrainingDiverged(f"non-finite gradient norm at step {s}")
+                        stats["grad_norm"] = float(gn)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                for key, v in stats.items():
+                    sums[key] = sums.get(key, 0.0) + v / (1 if key == "grad_norm" else cfg.grad_accum)
+            done = s + 1
+            if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
+                record = {"step": done, "lr": scheduler.get_last_lr()[0], **sums,
+                          "seconds": time.perf_counter() - t0}
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                for key, v in record.items():
+                    if key != "step" and writer is not None:
+                        writer.add_scalar(f"train/{key}", v, done)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "accuracy", "grad_norm")})
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                save_checkpoint(accelerator, net, cfg, done, out / f"checkpoint-{done:06d}")
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    _prune(out, cfg.keep_checkpoints)
+    except TrainingDiverged as exc:
+        last = latest_checkpoint(out)
+        print(f"dp2osr train: stopped: {exc}; no checkpoint was written from this state "
+              f"(last good: {last or 'none'}). Lower --lr or --beta, or use --mixed-precision bf16/no.",
+              file=sys.stderr)
+        return 3
+    finally:
+        if writer is not None:
+            writer.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = out / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        src = latest_checkpoint(out)
+        final.mkdir(parents=True)
+        shutil.copy2(src / "model.safetensors", final / "model.safetensors")
+        shutil.copytree(src / "controlnet", final / "controlnet")
+        print(f"train: {cfg.steps} steps done -> {final} (load with --controlnet {final / 'model.safetensors'})",
+              file=sys.stderr)
+    return 0
+
+
+def _prune(out: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    found = sorted(p for p in out.glob("checkpoint-*") if (p / "train_state.json").is_file())
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; degrade gracefully if removed
+        print("note: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        return None
+    return SummaryWriter(str(path))
+

@@ -1,0 +1,147 @@
+"""Training data for `dp2osr train`: examples from the pair tables, and a cache of everything frozen.
+
+Only the ControlNet trains, so the VAE latents of every training image, the prepared control images and the
+prompt embeddings never change: each is computed once, on first use, and kept (not re-encoded every step).
+The order of examples is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dp2osr.backbones import Backbone, Cond
+from dp2osr.images import load_image
+from dp2osr.sampling import resize
+
+
+@dataclass
+class Examples:
+    """Training examples. DPO: ``images = [win, lose]``; SFT: ``images = [hr]``. Paths are absolute."""
+
+    images: list[list[str]]  # per example, the target image paths
+    lr: list[str]
+    prompts: list[str]
+    weights: torch.Tensor  # (N,) HPO weight of each pair (1 for SFT)
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+
+def _abs(folder: Path, p: str) -> str:
+    return str(p) if Path(p).is_absolute() else str((folder / p).resolve())
+
+
+def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
+    """DPO: a ``pref_pairs.parquet`` (or a folder with one); SFT: a `dp2osr degrade` folder (pairs.parquet)."""
+    data = Path(data)
+    name = "pref_pairs.parquet" if mode == "dpo" else "pairs.parquet"
+    table = data / name if data.is_dir() else data
+    if not table.is_file():
+        raise FileNotFoundError(f"training data not found: {table} (--mode {mode} reads {name})")
+    df = pd.read_parquet(table)
+    folder = table.parent
+    need = {"win_path", "lose_path", "lr_path"} if mode == "dpo" else {"hr_path", "lr_path"}
+    missing = need - set(df.columns)
+    if missing:
+        raise ValueError(f"{table} lacks column(s) {sorted(missing)} needed for --mode {mode}")
+    if df.empty:
+        raise ValueError(f"{table} holds no rows")
+    prompts = list(df["prompt"].fillna("")) if "prompt" in df.columns else [""] * len(df)
+    lr = [_abs(folder, p) for p in df.lr_path]
+    if mode == "sft":
+        return Examples([[_abs(folder, p)] for p in df.hr_path], lr, prompts, torch.ones(len(df)))
+    if hpo == "none":
+        w = torch.ones(len(df))
+    else:
+        col = {"both": ["w_intra", "w_inter"], "intra": ["w_intra"], "inter": ["w_inter"]}[hpo]
+        for c in col:
+            if c not in df.columns:
+                raise ValueError(f"{table} lacks column {c!r} needed for --hpo {hpo}")
+        w = torch.tensor(df[col].prod(axis=1).to_numpy(), dtype=torch.float32)
+    images = [[_abs(folder, a), _abs(folder, b)] for a, b in zip(df.win_path, df.lose_path)]
+    return Examples(images, lr, prompts, w)
+
+
+def batch_indices(n: int, step: int, micro: int, rank: int, batch: int, accum: int, world: int, seed: int) -> list[int]:
+    """Example indices for (optimizer step, micro-batch, process): a slice of concatenated epoch permutations.
+
+    Every (step, micro, rank) gets a disjoint slice of one stream, so processes never see the same example in
+    a step and the order does not depend on where a run was resumed.
+    """
+    per_step = batch * accum * world
+    start = step * per_step + (micro * world + rank) * batch
+    out = []
+    for pos in range(start, start + batch):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+class FrozenCache:
+    """Latents, control and prompt embeddings computed once by the frozen parts (kept on ``device``)."""
+
+    def __init__(self, bb: Backbone, upscale: int, enabled: bool = True) -> None:
+        self.bb, self.upscale, self.enabled = bb, upscale, enabled
+        self._lr: dict[str, torch.Tensor] = {}
+        self._lat: dict[str, torch.Tensor] = {}
+        self._ctrl: dict[str, torch.Tensor] = {}
+        self._cond: dict[str, Cond] = {}
+
+    def lr_up(self, path: str) -> torch.Tensor:
+        if path in self._lr:
+            return self._lr[path]
+        lr = load_image(Path(path))
+        up = resize(lr, (lr.shape[-2] * self.upscale, lr.shape[-1] * self.upscale))
+        if self.enabled:
+            self._lr[path] = up
+        return up
+
+    @torch.no_grad()
+    def latents(self, path: str, lr_path: str) -> torch.Tensor:
+        if path in self._lat:
+            return self._lat[path]
+        img, up = load_image(Path(path)), self.lr_up(lr_path)
+        if img.shape[-2:] != up.shape[-2:]:
+            raise ValueError(
+                f"{path} is {tuple(img.shape[-2:])} but its LR {lr_path} x{self.upscale} is {tuple(up.shape[-2:])}"
+            )
+        z = self.bb.encode_images(img, up.to(self.bb.device))[0]
+        if self.enabled:
+            self._lat[path] = z
+        return z
+
+    @torch.no_grad()
+    def control(self, lr_path: str) -> torch.Tensor:
+        if lr_path in self._ctrl:
+            return self._ctrl[lr_path]
+        c = self.bb.prepare_control(self.lr_up(lr_path).to(self.bb.device))[0]
+        if self.enabled:
+            self._ctrl[lr_path] = c
+        return c
+
+    @torch.no_grad()
+    def cond(self, prompt: str) -> Cond:
+        if prompt not in self._cond:
+            c = self.bb.encode_prompts([prompt])
+            if not self.enabled:
+                return c
+            self._cond[prompt] = c
+        return self._cond[prompt]
+
+    def batch(self, ex: Examples, idx: list[int], drop_prompt: list[bool] | None = None):
+        """(targets ``(K, B, C, h, w)``, control ``(B, ...)``, cond, weights ``(B,)``) for examples ``idx``."""
+        k = len(ex.images[idx[0]])
+        targets = torch.stack(
+            [torch.stack([self.latents(ex.images[i][j], ex.lr[i]) for i in idx]) for j in range(k)]
+        )
+        control = torch.stack([self.control(ex.lr[i]) for i in idx])
+        prompts = [("" if drop_prompt and drop_prompt[n] else ex.prompts[i]) for n, i in enumerate(idx)]
+        conds = [self.cond(p) for p in prompts]
+        cond = {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+        return targets, control, cond, ex.weights[idx].to(self.bb.device)

@@ -1,0 +1,167 @@
+"""`dp2osr train` on the tiny backbones: what trains, what stays frozen, checkpoints, resume, divergence."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import dp2osr.train as train_mod
+from dp2osr.backbones import load_backbone, save_release
+from dp2osr.cli import main
+
+
+def _png(path, h, w, seed):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A degrade-style folder (2 LR/HR pairs, 16 -> 64 px) and a preference-pair table over 4 candidates each."""
+    root = tmp_path_factory.mktemp("data")
+    rows, pairs = [], []
+    for i, name in enumerate(["a", "b"]):
+        _png(root / "lr" / f"{name}.png", 16, 16, i)
+        _png(root / "hr" / f"{name}.png", 64, 64, 10 + i)
+        rows.append((name, f"hr/{name}.png", f"lr/{name}.png", "", i))
+        for s in range(4):
+            _png(root / "pool" / name / f"seed_{s:04d}.png", 64, 64, 100 + 10 * i + s)
+        for w, l, wi in ((0, 3, 1.2), (1, 2, 0.8), (0, 2, 1.1), (1, 3, 0.9)):
+            pairs.append((name, w, l, f"{name}/seed_{w:04d}.png", f"{name}/seed_{l:04d}.png",
+                          str(root / "lr" / f"{name}.png"), 0.9, 0.1, wi, 1.0 + (0.1 if i else -0.1)))
+    pd.DataFrame(rows, columns=["image_id", "hr_path", "lr_path", "source", "seed"]).to_parquet(root / "pairs.parquet")
+    cols = ["image_id", "win_seed", "lose_seed", "win_path", "lose_path", "lr_path", "win_reward", "lose_reward",
+            "w_intra", "w_inter"]
+    df = pd.DataFrame(pairs, columns=cols)
+    df["weight"] = df.w_intra * df.w_inter
+    df.to_parquet(root / "pool" / "pref_pairs.parquet")
+    return root
+
+
+def _args(backbone, data, out, mode="dpo", steps=3, *extra):
+    src = data / "pool" if mode == "dpo" else data
+    return ["train", "--mode", mode, "--data", str(src), "--output", str(out), "--backbone", backbone,
+            "--steps", str(steps), "--batch-size", "2", "--lr", "1e-3", "--beta", "500", *extra]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backbone", ["sd2-tiny", "flux-tiny"])
+def test_dpo_trains_controlnet_only_and_checkpoint_upscales(backbone, data, tmp_path, monkeypatch):
+    captured = {}
+    real_load = train_mod.load_backbone
+
+    def spy(*a, **k):
+        captured["bb"] = bb = real_load(*a, **k)
+        captured["frozen"] = {n: {k: v.clone() for k, v in m.state_dict().items()}
+                              for n, m in bb.frozen_modules().items()}
+        captured["init"] = {k: v.clone() for k, v in bb.controlnet.state_dict().items()}
+        return bb
+
+    monkeypatch.setattr(train_mod, "load_backbone", spy)
+    out = tmp_path / "run"
+    assert main(_args(backbone, data, out, "dpo", 3, "--checkpoint-every", "2")) == 0
+    m = _metrics(out)
+    # Step 1: policy == reference, so every pair's loss is ln 2 and the batch loss is mean(w)·ln 2.
+    assert m[0]["reward_margin"] == 0 and m[0]["accuracy"] == 0
+    assert all(np.isfinite(r["loss"]) for r in m) and len(m) == 3
+    bb = captured["bb"]
+    for name, module in bb.frozen_modules().items():
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, captured["frozen"][name][k]), f"frozen {name}.{k} changed"
+    trained = load_backbone(backbone, controlnet=out / "final" / "model.safetensors").controlnet.state_dict()
+    unchanged = {k for k, v in captured["init"].items() if torch.equal(v, trained[k])}
+    # The only exception is architectural: in the FLUX ControlNet the last double block's text-stream output
+    # (its text queries, output projection and feed-forward) feeds nothing, so it gets no gradient (as in C-FLUX).
+    dead = re.compile(r"transformer_blocks\.3\.(attn\.(norm_added_q|add_q_proj|to_add_out)|ff_context)\.")
+    expected = {k for k in captured["init"] if backbone == "flux-tiny" and dead.match(k)}
+    assert unchanged <= expected, f"trainable tensors that did not change: {sorted(unchanged - expected)[:5]}"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
+    sr = tmp_path / "sr"
+    assert main(["upscale", "--input", str(data / "lr" / "a.png"), "--output", str(sr), "--backbone", backbone,
+                 "--controlnet", str(out / "checkpoint-000002" / "controlnet"), "--steps", "1"]) == 0
+    assert (sr / "a" / "seed_0000.png").is_file()
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_args("sd2-tiny", data, full, "dpo", 4, "--checkpoint-every", "2")) == 0
+    assert main(_args("sd2-tiny", data, part, "dpo", 2, "--checkpoint-every", "2")) == 0
+    assert main(_args("sd2-tiny", data, part, "dpo", 4, "--checkpoint-every", "2", "--resume")) == 0
+    a, b = _metrics(full), _metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "accuracy", "policy_err_w", "policy_err_l", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    wa = load_backbone("sd2-tiny", controlnet=full / "final" / "model.safetensors").controlnet.state_dict()
+    wb = load_backbone("sd2-tiny", controlnet=part / "final" / "model.safetensors").controlnet.state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sft_mode_and_existing_output_guard(data, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert main(_args("sd2-tiny", data, out, "sft", 2, "--prompt-dropout", "0.5")) == 0
+    m = _metrics(out)
+    assert len(m) == 2 and all(np.isfinite(r["loss"]) for r in m) and "accuracy" not in m[0]
+    assert main(_args("sd2-tiny", data, out, "sft", 2)) == 2  # refuses to mix runs without --resume
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_lora_reference_is_adapter_disabled(data, tmp_path):
+    pytest.importorskip("peft")
+    # A "pretrained" ControlNet: a fresh one's zero convolutions would block every gradient to a LoRA.
+    bb = load_backbone("sd2-tiny")
+    g = torch.Generator().manual_seed(0)
+    for p in bb.controlnet.parameters():
+        if not p.any():
+            p.data = torch.randn(p.shape, generator=g) * 0.02
+    start = tmp_path / "start.safetensors"
+    save_release(bb.controlnet, start)
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    assert main(_args("sd2-tiny", data, lora, "dpo", 2, "--lora-rank", "4", "--controlnet", str(start))) == 0
+    assert main(_args("sd2-tiny", data, full, "dpo", 2, "--controlnet", str(start))) == 0
+    m, f = _metrics(lora), _metrics(full)
+    # LoRA's B matrix starts at zero: policy == reference at step 1, as in full fine-tuning.
+    assert m[0]["policy_err_w"] == pytest.approx(m[0]["ref_err_w"], abs=1e-7)
+    # The adapter-disabled reference is the initial ControlNet: the same reference errors as the frozen copy
+    # of the full run (same data, noise and timesteps), at every step, while the LoRA policy has moved.
+    for a, b in zip(m, f):
+        assert a["ref_err_w"] == pytest.approx(b["ref_err_w"], rel=1e-5)
+        assert a["ref_err_l"] == pytest.approx(b["ref_err_l"], rel=1e-5)
+    assert m[1]["policy_err_w"] != pytest.approx(m[1]["ref_err_w"], rel=1e-7, abs=0)
+    base = load_backbone("sd2-tiny", controlnet=start).controlnet.state_dict()
+    fused = load_backbone("sd2-tiny", controlnet=lora / "final" / "model.safetensors").controlnet.state_dict()
+    assert set(base) == set(fused)  # the saved ControlNet is plain (adapter fused in), loadable without peft
+    assert any(not torch.equal(base[k], fused[k]) for k in base)
+
+
+def test_non_finite_loss_stops_without_checkpoint(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_mod, "mse_per_sample", lambda p, t: torch.full((p.shape[0],), float("nan")))
+    out = tmp_path / "nan"
+    assert main(_args("sd2-tiny", data, out, "dpo", 2, "--checkpoint-every", "1")) == 3
+    assert "non-finite loss" in capsys.readouterr().err
+    assert not list(out.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(data, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "dp2osr",
+                          *_args("sd2-tiny", data, out, "dpo", 2)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(_metrics(out)) == 2 and (out / "final" / "model.safetensors").is_file()
