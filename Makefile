@@ -1,0 +1,26 @@
+# Quick start: `make demo` runs the main job on the embedded default, `make test` runs the test suite.
+# Both create the virtual environment (.venv) first when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dp2osr-installed
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test,lora]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/dp2osr upscale --backbone sd2-tiny --input src/dp2osr/assets/astronaut_lr.png --output out/demo --samples 2
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py
+
+clean-venv:
+	rm -rf $(VENV)
