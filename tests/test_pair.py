@@ -174,8 +174,18 @@ def test_pair_config_validation():
         PairConfig(rewards="r.parquet", n=0)
     with pytest.raises(ValueError, match="hpo"):
         PairConfig(rewards="r.parquet", hpo="all")
-    with pytest.raises(ValueError, match="--n or --ratio"):
-        PairConfig(rewards="r.parquet", ratio=None)
+    assert PairConfig(rewards="r.parquet").ratio is None  # default: by the model family of the pool
+
+
+def test_default_ratio_follows_the_pool_model(tmp_path):
+    """No --n/--ratio: 1/4 for an SD2-sampled pool, 1/16 for a FLUX-sampled one (METHOD.md §2.5)."""
+    from dp2osr.pair import _pool_family
+
+    rewards = tmp_path / "rewards.parquet"
+    assert _pool_family(rewards) == "sd2"  # no candidates table: SD2-like
+    for model, family in (("flux|/m/flux|c.safetensors", "flux"), ("sd2-tiny|controlnet:default", "sd2")):
+        pd.DataFrame({"image_id": ["a"], "model": [model]}).to_parquet(tmp_path / "candidates.parquet")
+        assert _pool_family(rewards) == family
 
 
 @pytest.fixture
@@ -200,7 +210,7 @@ def test_cli_writes_schema_with_lr_from_candidates(tmp_path, argv_restored, caps
     assert out.win_path.tolist() == ["a/seed_0000.png", "b/seed_0010.png"]
     assert str(out.win_seed.dtype) == "int64" and str(out.weight.dtype) == "float64"
     saved = yaml.safe_load((tmp_path / "pref_pairs.config.yaml").read_text())
-    assert saved["ratio"] == 0.25 and saved["hpo"] == "both"
+    assert saved["ratio"] is None and saved["hpo"] == "both"  # ratio taken from the pool's model: 0.25
     assert "2 pairs" in capsys.readouterr().out
 
 

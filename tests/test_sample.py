@@ -108,3 +108,16 @@ def test_pairs_manifest_input_and_option_change_refused(tmp_path, capsys):
     assert list(df.path) == ["x/seed_0000.png", "x/seed_0001.png"]
     assert main([*base[:-2], "--samples", "2", "--guidance", "7"]) == 2
     assert "guidance" in capsys.readouterr().err
+
+
+def test_unreadable_lr_is_reported_and_skipped(tmp_path, capsys):
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"not an image")
+    out = tmp_path / "pool"
+    rc = main(["sample", "--input", str(folder), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "1",
+               "--samples", "2"])
+    assert rc == 1
+    assert "bad.png" in capsys.readouterr().err
+    assert list(pd.read_parquet(out / "candidates.parquet").image_id.unique()) == ["good"]

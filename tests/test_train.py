@@ -96,10 +96,12 @@ def test_dpo_trains_controlnet_only_and_checkpoint_upscales(backbone, data, tmp_
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
+    """With EMA on, so the averaged weights (what is saved) must resume exactly too."""
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(_args("sd2-tiny", data, full, "dpo", 4, "--checkpoint-every", "2")) == 0
-    assert main(_args("sd2-tiny", data, part, "dpo", 2, "--checkpoint-every", "2")) == 0
-    assert main(_args("sd2-tiny", data, part, "dpo", 4, "--checkpoint-every", "2", "--resume")) == 0
+    ema = ("--ema-decay", "0.5")
+    assert main(_args("sd2-tiny", data, full, "dpo", 4, "--checkpoint-every", "2", *ema)) == 0
+    assert main(_args("sd2-tiny", data, part, "dpo", 2, "--checkpoint-every", "2", *ema)) == 0
+    assert main(_args("sd2-tiny", data, part, "dpo", 4, "--checkpoint-every", "2", "--resume", *ema)) == 0
     a, b = _metrics(full), _metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):

@@ -228,9 +228,9 @@ class PairConfig:
         None, help="winners and losers per image, N (N=1: best vs worst); overrides --ratio"
     )
     ratio: float | None = field(
-        0.25,
-        help="N = max(1, round(ratio*M)) when --n is not given; paper: 0.25 for SD2 (N=8 of M=32), "
-        "0.0625 for FLUX (N=4 of M=64)",
+        None,
+        help="N = max(1, round(ratio*M)) when --n is not given; default by the model that sampled the pool "
+        "(candidates.parquet): 0.25 for SD2-like (paper: N=8 of M=32), 0.0625 for FLUX (N=4 of M=64)",
     )
     hpo: str = field(
         "both",
@@ -244,8 +244,6 @@ class PairConfig:
             self.output = Path(self.output)
         if self.n is not None and self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.n is None and self.ratio is None:
-            raise ValueError("give --n or --ratio")
         if self.ratio is not None and not 0 < self.ratio <= 0.5:
             raise ValueError(f"ratio must be in (0, 0.5], got {self.ratio}")
         check_choice("hpo", self.hpo, HPO_MODES)
@@ -276,13 +274,39 @@ def _with_lr_paths(rewards_df: pd.DataFrame, rewards_path: Path) -> pd.DataFrame
     return out
 
 
+def _pool_family(rewards_path: Path) -> str:
+    """'flux' when the pool's candidates.parquet says a FLUX model sampled it, else 'sd2'."""
+    path = rewards_path.parent / "candidates.parquet"
+    if path.is_file():
+        models = pd.read_parquet(path, columns=["model"])["model"].astype(str)
+        if len(models) and models.iloc[0].startswith("flux"):
+            return "flux"
+    return "sd2"
+
+
+def _prompts(rewards_path: Path) -> pd.DataFrame | None:
+    path = rewards_path.parent / "candidates.parquet"
+    if not path.is_file():
+        return None
+    df = pd.read_parquet(path)
+    if "prompt" not in df.columns:
+        return None
+    return df[["image_id", "prompt"]].astype({"image_id": str}).drop_duplicates("image_id")
+
+
 def pair(cfg: PairConfig) -> int:
     """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config."""
     if not cfg.rewards.is_file():
         raise FileNotFoundError(f"rewards table not found: {cfg.rewards}")
     output = cfg.output if cfg.output is not None else cfg.rewards.parent / "pref_pairs.parquet"
     rewards_df = _with_lr_paths(pd.read_parquet(cfg.rewards), cfg.rewards)
-    pairs = build_pairs(rewards_df, n=cfg.n, ratio=cfg.ratio, hpo=cfg.hpo)
+    ratio = cfg.ratio
+    if cfg.n is None and ratio is None:
+        ratio = DEFAULT_RATIOS[_pool_family(cfg.rewards)]
+    pairs = build_pairs(rewards_df, n=cfg.n, ratio=ratio, hpo=cfg.hpo)
+    prompts = _prompts(cfg.rewards)
+    if prompts is not None:  # the prompt each image was sampled with, for training
+        pairs = pairs.merge(prompts, on="image_id", how="left")
     # Table paths are relative to the table's folder; the output may live elsewhere than the rewards.
     src_dir, dst_dir = cfg.rewards.parent.resolve(), output.parent.resolve()
     if src_dir != dst_dir:

@@ -78,8 +78,13 @@ def hybrid_reward(
     w_fr: float = 0.5,
     w_nr: float = 0.5,
     scope: str = "pool",
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """The hybrid reward of every candidate (METHOD.md §2.4; see the module docstring for the rules).
+
+    ``bounds`` (from :func:`fit_bounds`) fixes each metric's oriented (lo, hi) instead of fitting them on this
+    table, so rewards of different pools (base vs DP²O, or checkpoints along a run) share one scale; values
+    outside the bounds then fall outside [0, 1].
 
     ``scores_long`` has columns ``image_id, seed, metric, value`` (raw pyiqa values, one row per candidate and
     metric; a missing row means "not scored", e.g. FR without HR). ``catalogue`` maps each metric to its
@@ -116,7 +121,11 @@ def hybrid_reward(
     norm = pd.DataFrame(index=wide.index)
     for m in metrics:
         s = pd.Series(orient(wide[m].to_numpy(), catalogue[m].lower_better), index=wide.index)
-        if scope == "pool":
+        if bounds is not None:
+            if m not in bounds:
+                raise ValueError(f"no normalisation bounds for metric {m!r}; have {sorted(bounds)}")
+            norm[m] = minmax(s.to_numpy(), *bounds[m])
+        elif scope == "pool":
             norm[m] = minmax(s.to_numpy())
         else:
             norm[m] = s.groupby(image_ids, sort=False).transform(
@@ -133,4 +142,13 @@ def hybrid_reward(
     out["reward"] = reward.to_numpy(dtype=np.float64)
     for m in metrics:
         out[f"norm_{m}"] = norm[m].to_numpy(dtype=np.float64)
+    return out
+
+
+def fit_bounds(scores_long: pd.DataFrame, catalogue: Mapping[str, MetricMeta]) -> dict[str, tuple[float, float]]:
+    """Each metric's oriented (min, max) over ``scores_long``: fit on the union of pools to compare them."""
+    out = {}
+    for m, group in scores_long.groupby("metric", sort=False):
+        v = orient(group["value"].to_numpy(dtype=np.float64), catalogue[m].lower_better)
+        out[str(m)] = (float(np.nanmin(v)), float(np.nanmax(v)))
     return out

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dp2osr.backbones import Backbone
 from dp2osr.config import check_resume, field, save_config
-from dp2osr.images import list_images, load_image, save_image, write_parquet
+from dp2osr.images import ImageReadError, list_images, load_image, save_image, write_parquet
 from dp2osr.prompts import make_prompt_fn
 from dp2osr.sampling import SamplingOptions, load_model, resize, resolve_device, sampling_settings, super_resolve
 
@@ -96,8 +96,11 @@ def sample_candidates(
     rank: int = 0,
     world: int = 1,
     show_progress: bool = True,
-) -> int:
-    """Sample this process's share of the pool into ``out``; returns the number of candidates written."""
+) -> tuple[int, set[str]]:
+    """Sample this process's share of the pool into ``out``.
+
+    Returns (candidates written, IDs of images that could not be read — reported on stderr and skipped).
+    """
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
     items = work_items(images, seeds, opts.batch_size)[rank::world]
@@ -110,11 +113,18 @@ def sample_candidates(
     ]
     total = sum(len(c) for _, c in todo)
     bar = tqdm(total=total, desc="sample", unit="cand", disable=not show_progress, file=sys.stderr)
-    written, start, cache = 0, time.perf_counter(), {}
+    written, start, cache, failed = 0, time.perf_counter(), {}, set()
     for i, chunk in todo:
         row = images.iloc[i]
+        if row.image_id in failed:
+            continue
         if cache.get("id") != row.image_id:  # consecutive chunks of one image share its LR and prompt
-            lr = load_image(Path(row.lr_path))
+            try:
+                lr = load_image(Path(row.lr_path))
+            except ImageReadError as exc:
+                failed.add(row.image_id)
+                tqdm.write(f"dp2osr sample: {exc}; skipped", file=sys.stderr)
+                continue
             lr_up = resize(lr, (lr.shape[-2] * upscale, lr.shape[-1] * upscale))
             prompt = prompt_fn(Path(row.lr_path), lr)
             cache = {"id": row.image_id, "lr_up": lr_up, "prompt": prompt,
@@ -132,7 +142,7 @@ def sample_candidates(
         bar.update(len(chunk))
         bar.set_postfix(cand_per_s=f"{written / (time.perf_counter() - start):.2f}")
     bar.close()
-    return written
+    return written, failed
 
 
 def write_manifest(images: pd.DataFrame, out: Path, seeds: list[int], model: str) -> pd.DataFrame:
@@ -178,12 +188,26 @@ def sample(cfg: SampleConfig) -> int:
             stale.unlink()
     state.wait_for_everyone()
     seeds = [cfg.seed + k for k in range(cfg.samples)]
-    n = sample_candidates(
+    n, failed = sample_candidates(
         bb, images, out, seeds, cfg, upscale=cfg.upscale, overwrite=cfg.overwrite,
         rank=state.process_index, world=state.num_processes, show_progress=state.is_local_main_process,
     )
-    state.wait_for_everyone()
+    failed = set().union(*state_gather(state, failed))
     if state.is_main_process:
-        write_manifest(images, out, seeds, model_identity(cfg))
-        print(f"sample: {len(images)} images x {len(seeds)} seeds in {out} ({n} new on process 0)", file=sys.stderr)
-    return 0
+        kept = images[~images.image_id.isin(failed)].reset_index(drop=True)
+        write_manifest(kept, out, seeds, model_identity(cfg))
+        print(f"sample: {len(kept)} images x {len(seeds)} seeds in {out} ({n} new on process 0); "
+              f"{len(failed)} unreadable images skipped", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def state_gather(state, items: set[str]) -> list[set[str]]:
+    """Every process's set (after a barrier); one process: just ``[items]``."""
+    state.wait_for_everyone()
+    if state.num_processes == 1:
+        return [items]
+    import torch.distributed as dist
+
+    gathered: list = [None] * state.num_processes
+    dist.all_gather_object(gathered, items)
+    return gathered

@@ -67,6 +67,8 @@ class TrainConfig(ModelOptions):
     lora_rank: int = field(0, help="train a LoRA of this rank on the ControlNet instead of all its weights; the "
                            "DPO reference is then the ControlNet with the adapter disabled (needs peft)")
     max_grad_norm: float = field(1.0, help="gradient clipping norm")
+    ema_decay: float = field(0.0, help="keep an exponential moving average of the trained weights with this decay "
+                             "(e.g. 0.999) and save it as the model; 0 = off")
     cache: bool = field(True, help="cache VAE latents, control images and prompt embeddings (off: re-encode "
                         "every step, for benchmarks)")
     seed: int = field(0, help="seed of data order, noise and timesteps")
@@ -82,6 +84,8 @@ class TrainConfig(ModelOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.beta <= 0 or self.lr <= 0:
             raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"--prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
 
@@ -101,13 +105,24 @@ def plain_controlnet(net: torch.nn.Module, lora: bool) -> torch.nn.Module:
     return merged
 
 
-def save_checkpoint(accelerator, net, cfg: TrainConfig, step: int, folder: Path) -> None:
-    """Release-format model.safetensors + diffusers controlnet/ (both loadable by upscale) + resumable state."""
+def save_checkpoint(accelerator, net, cfg: TrainConfig, step: int, folder: Path, ema=None, params=None) -> None:
+    """Release-format model.safetensors + diffusers controlnet/ (both loadable by upscale) + resumable state.
+
+    With EMA, the saved model is the averaged weights and ``ema.pt`` keeps the average for ``--resume``.
+    """
     accelerator.save_state(str(folder / "state"))
     if accelerator.is_main_process:
-        model = plain_controlnet(accelerator.unwrap_model(net), cfg.lora_rank > 0)
-        save_release(model, folder / "model.safetensors")
-        model.save_pretrained(folder / "controlnet")
+        if ema is not None:
+            torch.save(ema.state_dict(), folder / "ema.pt")
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            model = plain_controlnet(accelerator.unwrap_model(net), cfg.lora_rank > 0)
+            save_release(model, folder / "model.safetensors")
+            model.save_pretrained(folder / "controlnet")
+        finally:
+            if ema is not None:
+                ema.restore(params)
         (folder / "train_state.json").write_text(json.dumps({"step": step}))
 
 
@@ -159,10 +174,18 @@ def train(cfg: TrainConfig) -> int:
     optimizer = _make_optimizer(params, cfg)
     scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.warmup_steps)
     net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=False)
     start = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from / "state"))
         start = json.loads((resume_from / "train_state.json").read_text())["step"]
+        if ema is not None:
+            ema.load_state_dict(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
+            ema.to(accelerator.device)
     if accelerator.is_main_process:
         save_config(cfg, out / CONFIG_NAME)
     cache = FrozenCache(bb, cfg.upscale, enabled=cfg.cache)
@@ -234,6 +257,8 @@ def train(cfg: TrainConfig) -> int:
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
+                    if ema is not None and accelerator.sync_gradients:
+                        ema.step(params)
                 for key, v in stats.items():
                     sums[key] = sums.get(key, 0.0) + v / (1 if key == "grad_norm" else cfg.grad_accum)
             done = s + 1
@@ -247,7 +272,7 @@ def train(cfg: TrainConfig) -> int:
                         writer.add_scalar(f"train/{key}", v, done)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "accuracy", "grad_norm")})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                save_checkpoint(accelerator, net, cfg, done, out / f"checkpoint-{done:06d}")
+                save_checkpoint(accelerator, net, cfg, done, out / f"checkpoint-{done:06d}", ema, params)
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     _prune(out, cfg.keep_checkpoints)

@@ -16,7 +16,8 @@ from dp2osr.backbones.base import Backbone, cast, load_release_state
 
 FAMILIES = ("sd2", "flux")
 TINY = ("sd2-tiny", "flux-tiny")
-NAMES = FAMILIES + TINY
+EMBEDDED = "embedded"  # the small SR model shipped in the package (backbones/embedded.py)
+NAMES = FAMILIES + TINY + (EMBEDDED,)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,6 +25,7 @@ WHERE = {
     "sd2": "a Stable Diffusion 2 base model (stabilityai/stable-diffusion-2-base, downloaded on a machine with "
     "network access)",
     "flux": "a FLUX.1-dev model (black-forest-labs/FLUX.1-dev)",
+    "embedded": "an embedded dp2osr model (as written by scripts/train_embedded.py)",
 }
 
 
@@ -62,6 +64,10 @@ def new_controlnet(family: str, denoiser: torch.nn.Module) -> torch.nn.Module:
 
     from dp2osr.backbones.flux import flux_controlnet_from
 
+    if family == EMBEDDED:
+        from dp2osr.backbones.embedded import embedded_controlnet
+
+        return embedded_controlnet(denoiser)
     return ControlNetModel.from_unet(denoiser) if family == "sd2" else flux_controlnet_from(denoiser)
 
 
@@ -74,7 +80,7 @@ def load_controlnet(
     from dp2osr.backbones.flux import flux_controlnet_from
 
     path = Path(path)
-    cls = ControlNetModel if family == "sd2" else FluxControlNetModel
+    cls = FluxControlNetModel if family == "flux" else ControlNetModel
     if path.is_dir():
         if path.joinpath("config.json").is_file():
             return cls.from_pretrained(path, torch_dtype=dtype)
@@ -88,6 +94,11 @@ def load_controlnet(
     if family == "sd2":
         net = ControlNetModel.from_unet(denoiser, load_weights_from_unet=False)
         what = "ControlNetModel.from_unet(<this UNet>) (an SD2 ControlNet for this base model)"
+    elif family == EMBEDDED:
+        from dp2osr.backbones.embedded import embedded_controlnet
+
+        net = embedded_controlnet(denoiser, load_weights_from_unet=False)
+        what = "the embedded model's ControlNet (from_unet with a x4 conditioning embedder)"
     else:
         net = flux_controlnet_from(denoiser, load_weights=False)
         what = "FluxControlNetModel.from_transformer(<this transformer>, num_layers=4, num_single_layers=0)"
@@ -101,7 +112,8 @@ def load_backbone(
     controlnet: Path | None = None,
     dtype: str | torch.dtype = "fp32",
 ) -> Backbone:
-    """Build or load a backbone by name: ``sd2`` | ``flux`` (need ``base``) or ``sd2-tiny`` | ``flux-tiny``.
+    """Build or load a backbone by name: ``sd2`` | ``flux`` (need ``base``), ``sd2-tiny`` | ``flux-tiny`` or
+    ``embedded`` (without ``base``: the model shipped in the package, ``assets/embedded/``).
 
     A tiny name with ``base`` loads a saved tiny folder through the real loader. Without ``controlnet``, a
     ``controlnet/`` subfolder of ``base`` is used when present, else a new ControlNet initialised from the
@@ -111,6 +123,10 @@ def load_backbone(
         raise ValueError(f"unknown backbone {name!r}; choose one of {list(NAMES)}")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     family = name.removesuffix("-tiny")
+    if name == EMBEDDED and base is None:
+        from dp2osr.backbones.embedded import shipped_folder
+
+        base = shipped_folder()
     if name in TINY and base is None:
         from dp2osr.backbones.tiny import build_flux_tiny, build_sd2_tiny
 
@@ -134,6 +150,10 @@ def load_backbone(
         from dp2osr.backbones.sd2 import load_sd2
 
         bb = load_sd2(require_parts(base, ["unet"], WHERE["sd2"]), torch_dtype, make_controlnet, name)
+    elif family == EMBEDDED:
+        from dp2osr.backbones.embedded import load_embedded
+
+        bb = load_embedded(require_parts(base, ["unet"], WHERE[EMBEDDED]), torch_dtype, make_controlnet, name)
     else:
         from dp2osr.backbones.flux import load_flux
 

@@ -1,0 +1,357 @@
+"""Reproduce the embedded default SR model (``src/dp2osr/assets/embedded/``) end to end.
+
+1. Photos (run once, on a machine with scikit-image and Debian's opencv-doc unpacked)::
+
+       apt-get download opencv-doc && dpkg-deb -x opencv-doc_*.deb /tmp/opencv-doc
+       python scripts/train_embedded.py --export-photos PHOTOS --opencv-doc /tmp/opencv-doc
+
+   writes the 6 photos bundled with scikit-image as PNG and copies 32 hand-picked colour photos (>= 256 px)
+   from opencv-doc's examples (see ``OPENCV_PHOTOS``) byte for byte: 38 files, about 8 MB.
+
+2. Training (needs no scikit-image, pyiqa or network: torch, diffusers, numpy, pillow, pandas/pyarrow)::
+
+       python scripts/train_embedded.py --photos PHOTOS --work WORK --out MODEL --minutes 5 --device cuda
+
+   - the photos in ``HOLDOUT`` are never trained on (``scripts/eval_embedded.py`` evaluates on them);
+   - ``--crops`` random HR crops (``--crop-size``, random scale in [0.5, 1], flips and 90° turns) of the others,
+     each degraded to ×4 LR by ``dp2osr.degrade.degrade_image`` with ``MILD`` parameters (a milder version of
+     Real-ESRGAN's second-order pipeline, the range of inputs `dp2osr upscale` meets in everyday photos),
+     in parallel on all CPU cores -> ``WORK/data`` (a `dp2osr degrade`-style folder: hr/, lr/, pairs.parquet);
+   - an untrained model from ``build_embedded(--seed)`` -> ``WORK/init``;
+   - ``dp2osr train --mode sft`` (``dp2osr.train.train``) on it: a short calibration run measures the speed,
+     then the same run resumes up to the number of steps that fits ``--minutes`` (or exactly ``--steps``);
+   - the base plus the trained ControlNet (EMA weights) -> ``--out`` in fp16 (each file < 16 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+if SRC.is_dir() and str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+from dp2osr.degrade import PAIRS_COLUMNS, DegradationParams, degrade_image, image_seed  # noqa: E402
+from dp2osr.images import list_images, load_image, save_image, write_parquet  # noqa: E402
+from dp2osr.sampling import resize  # noqa: E402
+
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+# name -> path under usr/share/doc/opencv-doc/examples/ (Debian opencv-doc 4.6.0): colour photos >= 256 px;
+# left out: logos, charts, masks, renderings, drawings and the second image of stereo/flow pairs.
+OPENCV_PHOTOS = {
+    "plant": "alphamat/input_images/plant.jpg",
+    "aero1": "data/aero1.jpg",
+    "aero3": "data/aero3.jpg",
+    "aloeL": "data/aloeL.jpg",
+    "apple": "data/apple.jpg",
+    "baboon": "data/baboon.jpg",
+    "board": "data/board.jpg",
+    "building": "data/building.jpg",
+    "butterfly": "data/butterfly.jpg",
+    "chicky_512": "data/chicky_512.png",
+    "ela_original": "data/ela_original.jpg",
+    "fruits": "data/fruits.jpg",
+    "graf1": "data/graf1.png",
+    "home": "data/home.jpg",
+    "left": "data/left.jpg",
+    "leuvenA": "data/leuvenA.jpg",
+    "licenseplate_motion": "data/licenseplate_motion.jpg",
+    "messi5": "data/messi5.jpg",
+    "orange": "data/orange.jpg",
+    "rubberwhale1": "data/rubberwhale1.png",
+    "squirrel_cls": "data/squirrel_cls.jpg",
+    "starry_night": "data/starry_night.jpg",
+    "stuff": "data/stuff.jpg",
+    "monarch": "dnn_superres/butterfly.png",
+    "house": "reg/home.png",
+    "scenetext01": "text/scenetext01.jpg",
+    "scenetext03": "text/scenetext03.jpg",
+    "scenetext04": "text/scenetext04.jpg",
+    "scenetext05": "text/scenetext05.jpg",
+    "scenetext06": "text/scenetext06.jpg",
+    "hotel": "text/scenetext_segmented_word01.jpg",
+    "stationery": "text/scenetext_segmented_word02.jpg",
+}
+# Never trained on: the quickstart's four bundled photos (src/dp2osr/assets/photos) and six more.
+HOLDOUT = (
+    "astronaut", "coffee", "chelsea", "rocket",
+    "baboon", "building", "fruits", "leuvenA", "scenetext04", "squirrel_cls",
+)  # fmt: skip
+
+# Milder than Real-ESRGAN x4plus (dp2osr.degrade defaults): lighter blur, noise and JPEG, smaller resize
+# swings — what the everyday photos `dp2osr upscale` meets look like; a 10M-parameter model learns it quickly.
+MILD = DegradationParams(
+    kernel_range=[7, 15],
+    sinc_prob=0.05,
+    blur_sigma=[0.2, 1.5],
+    resize_prob=[0.2, 0.5, 0.3],
+    resize_range=[0.5, 1.5],
+    noise_range=[1.0, 8.0],
+    poisson_scale_range=[0.05, 1.0],
+    jpeg_range=[60, 95],
+    second_blur_prob=0.5,
+    sinc_prob2=0.05,
+    blur_sigma2=[0.2, 1.0],
+    resize_range2=[0.5, 1.2],
+    noise_range2=[1.0, 5.0],
+    poisson_scale_range2=[0.05, 0.5],
+    jpeg_range2=[70, 95],
+    final_sinc_prob=0.3,
+)
+SCALE = 4
+EVAL_HR = 256  # held-out HR crops: 256 px (ms_ssim needs >= 176), from the photo resized to short side 384
+EVAL_SHORT_SIDE = 384
+
+
+# --------------------------------------------------------------------------------------------- photos
+def export_photos(out: Path, opencv_doc: Path | None) -> list[Path]:
+    """Write the scikit-image photos (PNG) and copy the opencv-doc ones (unchanged bytes) into ``out``."""
+    import skimage.data  # only here: the training machine has no scikit-image
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SKIMAGE_PHOTOS:
+        arr = getattr(skimage.data, name)()
+        Image.fromarray(arr).convert("RGB").save(out / f"{name}.png", optimize=True)
+        written.append(out / f"{name}.png")
+    if opencv_doc is not None:
+        root = Path(opencv_doc)
+        for sub in ("usr/share/doc/opencv-doc/examples", "examples", "."):
+            if (root / sub / "data" / "baboon.jpg").is_file():
+                root = root / sub
+                break
+        else:
+            raise FileNotFoundError(f"{opencv_doc}: no opencv-doc examples folder (dpkg-deb -x the .deb there)")
+        for name, rel in OPENCV_PHOTOS.items():
+            dst = out / f"{name}{Path(rel).suffix}"
+            shutil.copyfile(root / rel, dst)
+            written.append(dst)
+    total = sum(p.stat().st_size for p in written)
+    print(f"{len(written)} photos, {total / 1e6:.1f} MB -> {out}")
+    return written
+
+
+def split_photos(photos: Path) -> tuple[list[Path], list[Path]]:
+    """(training photos, held-out photos) of a folder; held-out = the stems in ``HOLDOUT``."""
+    files = list_images(photos)
+    train = [p for p in files if p.stem not in HOLDOUT]
+    held = [p for p in files if p.stem in HOLDOUT]
+    if not train:
+        raise ValueError(f"{photos}: no training photos (all {len(files)} are held out)")
+    return train, held
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def _random_crop(photo: torch.Tensor, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """A ``size``² crop of a region ``size / s`` wide (s ~ U(0.5, 1), shrunk with antialiasing), flipped/turned."""
+    h, w = photo.shape[-2:]
+    s = float(rng.uniform(max(0.5, size / min(h, w)), 1.0))
+    side = min(int(round(size / s)), h, w)
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    hr = resize(photo[..., top : top + side, left : left + side], (size, size))
+    if rng.random() < 0.5:
+        hr = hr.flip(-1)
+    hr = torch.rot90(hr, int(rng.integers(4)), dims=(-2, -1))
+    return (hr * 255).round() / 255  # an 8-bit image, as saved
+
+
+def _make_crops(job: tuple[str, list[str], int, str]) -> list[tuple]:
+    """Worker: all crops of one photo -> hr/ID.png, lr/ID.png; returns the pairs.parquet rows."""
+    path, ids, size, out = job
+    torch.set_num_threads(1)
+    photo, out = load_image(Path(path)), Path(out)
+    rows = []
+    for image_id in ids:
+        seed = image_seed(0, image_id)
+        hr = _random_crop(photo, size, np.random.default_rng(seed))
+        lr = degrade_image(hr, SCALE, MILD, torch.Generator().manual_seed(seed))
+        save_image(hr, out / "hr" / f"{image_id}.png")
+        save_image(lr, out / "lr" / f"{image_id}.png")
+        rows.append((image_id, f"hr/{image_id}.png", f"lr/{image_id}.png", str(Path(path).resolve()), seed))
+    return rows
+
+
+def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: int = 0) -> Path:
+    """``n`` HR crops spread over ``photos`` (in proportion to the square root of their areas) + their LR."""
+    import pandas as pd
+    from PIL import Image
+
+    if size % SCALE:
+        raise ValueError(f"--crop-size must be a multiple of {SCALE}, got {size}")
+    if (out / "pairs.parquet").is_file() and len(pd.read_parquet(out / "pairs.parquet")) == n:
+        print(f"training pairs: reusing {out}")
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    areas = []
+    for p in photos:
+        with Image.open(p) as im:
+            areas.append(math.sqrt(im.size[0] * im.size[1]))
+    counts = np.random.default_rng(seed).multinomial(n, np.asarray(areas) / sum(areas))
+    jobs, k = [], 0
+    for p, c in zip(photos, counts):
+        jobs.append((str(p), [f"{p.stem}_{seed}_{k + i:06d}" for i in range(c)], size, str(out)))
+        k += c
+    t0 = time.time()
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with mp.get_context("spawn").Pool(workers) as pool:
+        rows = [r for part in pool.imap_unordered(_make_crops, jobs) for r in part]
+    rows.sort()
+    table = pd.DataFrame(rows, columns=PAIRS_COLUMNS).astype({"seed": "int64"})
+    write_parquet(table, out / "pairs.parquet")
+    print(f"training pairs: {len(rows)} crops of {size} px from {len(photos)} photos in {time.time() - t0:.0f} s")
+    return out
+
+
+def eval_pairs(photos: list[Path]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(id, HR, LR) of every held-out photo: the centre ``EVAL_HR``² of the photo at short side 384, degraded."""
+    out = []
+    for p in photos:
+        img = load_image(p)
+        h, w = img.shape[-2:]
+        k = EVAL_SHORT_SIDE / min(h, w)
+        img = resize(img, (round(h * k), round(w * k)))
+        h, w = img.shape[-2:]
+        top, left = (h - EVAL_HR) // 2, (w - EVAL_HR) // 2
+        hr = (img[..., top : top + EVAL_HR, left : left + EVAL_HR] * 255).round() / 255
+        lr = degrade_image(hr, SCALE, MILD, torch.Generator().manual_seed(image_seed(1, p.stem)))
+        out.append((p.stem, hr, lr))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- training
+def _steps_done(run: Path) -> tuple[int, float]:
+    """(last logged step, seconds per step over the second half of the log) of a training run."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    half = lines[len(lines) // 2 :]
+    per_step = (half[-1]["seconds"] - half[0]["seconds"]) / max(1, half[-1]["step"] - half[0]["step"])
+    return lines[-1]["step"], per_step
+
+
+def export_model(init: Path, controlnet: Path, out: Path, dtype: str = "fp16") -> None:
+    """The base in ``init`` plus a trained ControlNet folder -> a complete model folder in ``dtype``."""
+    from dp2osr.backbones import load_backbone
+
+    bb = load_backbone("embedded", base=init, controlnet=controlnet, dtype=dtype)
+    shutil.rmtree(out, ignore_errors=True)
+    bb.save_pretrained(out)
+    for f in out.rglob("*"):
+        if f.is_file() and f.stat().st_size > 16e6:
+            print(f"warning: {f} is {f.stat().st_size / 1e6:.1f} MB (> 16 MB)", file=sys.stderr)
+    print(f"model -> {out} ({sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+
+
+def train_model(args: argparse.Namespace) -> Path:
+    from dp2osr.backbones.embedded import build_embedded
+    from dp2osr.train import TrainConfig, train
+
+    work = Path(args.work)
+    train_photos, held = split_photos(Path(args.photos))
+    print(f"photos: {len(train_photos)} for training, {len(held)} held out ({', '.join(p.stem for p in held)})")
+    data = make_training_pairs(train_photos, work / "data", args.crops, args.crop_size, args.seed)
+    init = work / "init"
+    if args.init is not None:
+        init = Path(args.init)
+    elif not (init / "dp2osr.json").is_file():
+        build_embedded(args.seed, tuple(args.widths)).save_pretrained(init)
+    run = work / "run"
+    if run.exists() and not args.resume:
+        shutil.rmtree(run)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+
+    def config(steps: int, resume: bool) -> TrainConfig:
+        return TrainConfig(
+            mode="sft",
+            backbone="embedded",
+            base=init,
+            data=data,
+            output=run,
+            device=device,
+            steps=steps,
+            lr=args.lr,
+            warmup_steps=min(args.warmup, steps),
+            batch_size=args.batch_size,
+            prompt_dropout=0.0,  # the prompt is a constant: nothing to drop
+            ema_decay=args.ema_decay,
+            mixed_precision="bf16" if cuda else "no",
+            seed=args.seed,
+            checkpoint_every=10**9,  # only at the end of each call
+            keep_checkpoints=1,
+            log_every=10,
+            resume=resume,
+        )
+
+    t0 = time.time()
+    if args.steps is not None:
+        if train(config(args.steps, args.resume)) != 0:
+            raise RuntimeError("training diverged")
+    else:
+        budget = args.minutes * 60
+        calib = args.calibration_steps
+        if train(config(calib, args.resume)) != 0:
+            raise RuntimeError("training diverged")
+        done, per_step = _steps_done(run)
+        left = budget - (time.time() - t0)
+        total = done + max(0, int(left / per_step * 0.97) - 2)  # margin for loading and saving
+        print(f"calibration: {per_step:.3f} s/step; {left:.0f} s left -> {total} steps in all", flush=True)
+        if total > done and train(config(total, True)) != 0:
+            raise RuntimeError("training diverged")
+    done, per_step = _steps_done(run)
+    print(f"trained {done} steps in {time.time() - t0:.0f} s ({per_step:.3f} s/step)")
+    export_model(init, run / "final" / "controlnet", Path(args.out), args.save_dtype)
+    shutil.copy2(run / "metrics.jsonl", Path(args.out) / "train_metrics.jsonl")
+    recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    recipe.update(steps_done=done, seconds=round(time.time() - t0, 1), degradation="MILD (scripts/train_embedded.py)")
+    (Path(args.out) / "train_recipe.json").write_text(json.dumps(recipe, indent=2))
+    return Path(args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export-photos", type=Path, help="write the photo folder (needs scikit-image) and exit")
+    p.add_argument("--opencv-doc", type=Path, help="with --export-photos: the unpacked opencv-doc package")
+    p.add_argument("--photos", type=Path, help="photo folder (from --export-photos)")
+    p.add_argument("--work", type=Path, help="working folder (training pairs, untrained model, run)")
+    p.add_argument("--out", type=Path, help="output model folder")
+    p.add_argument("--init", type=Path, help="start from this embedded model folder instead of a new one")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    p.add_argument("--steps", type=int, help="train exactly this many steps instead of --minutes")
+    p.add_argument("--calibration-steps", type=int, default=60, help="steps of the speed measurement")
+    p.add_argument("--resume", action="store_true", help="continue the run in WORK/run")
+    p.add_argument("--crops", type=int, default=4000, help="number of training crops")
+    p.add_argument("--crop-size", type=int, default=64, help="HR crop side (pixels, multiple of 4)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 96, 128], help="UNet block widths of a new model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--save-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved weights")
+    args = p.parse_args(argv)
+    if args.export_photos is not None:
+        export_photos(args.export_photos, args.opencv_doc)
+        return 0
+    for name in ("photos", "work", "out"):
+        if getattr(args, name) is None:
+            p.error(f"--{name} is required for training")
+    train_model(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

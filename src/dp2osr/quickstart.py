@@ -1,0 +1,612 @@
+"""`dp2osr quickstart`: the whole DP²O loop, small enough for a laptop CPU, ending in one HTML report.
+
+degrade -> sample (M candidates) -> score -> pair -> train (DPO) -> eval -> report, each stage called as a
+function (the same code the sub-commands run) and each writing its artefacts in a numbered subfolder of the
+output, so a user can open every table and image along the way:
+
+    OUT/1_degrade/{train,heldout}/   LR/HR crops (pairs.parquet); the crops are tiles of the photos
+    OUT/2_sample/                    M candidates per training crop from the base model (candidates.parquet)
+    OUT/3_score/                     IQA scores and hybrid reward of every candidate
+    OUT/4_pair/                      top-N x bottom-N preference pairs with HPO weights
+    OUT/5_train/                     DPO checkpoints every --eval-every steps, metrics.jsonl
+    OUT/6_eval/step_NNNNNN/          held-out candidates of the ControlNet at that step, scored
+    OUT/6_eval/                      reward_curve.csv, Best/Mean/Worst@M (joint/base, joint/dp2o), summary.md
+    OUT/report.html
+
+Honesty rules: the held-out crops never enter the preference pairs (photos are cut into tiles and the tiles
+are split in a checkerboard, so no pixel is shared); base and DP²O sample the same held-out crops with the
+same seeds; before/after rewards are normalised jointly over both pools (``reward.fit_bounds``) and the
+reward curve uses the bounds of the step-0 pool, so numbers at different steps share one scale.
+
+The functions below are reused by ``scripts/ablations.py``; a rerun with the same options resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dp2osr import bestm
+from dp2osr import metrics as metric_lib
+from dp2osr.backbones import Backbone, load_release_state
+from dp2osr.config import check_choice, check_resume, field, save_config
+from dp2osr.images import list_images, load_image, save_image, write_parquet
+from dp2osr.reward import fit_bounds, hybrid_reward
+
+CONFIG_NAME = "quickstart_config.yaml"
+PHOTOS = Path(__file__).parent / "assets" / "photos"
+CURVE_CSV = "reward_curve.csv"
+PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
+_RUN_ONLY = {"output", "device", "overwrite"}
+_BASE_LABEL, _DPO_LABEL = "base ControlNet", "DP²O ControlNet"
+
+
+@dataclass
+class QuickstartConfig:
+    """Run the whole DP²O-SR loop on the embedded model and bundled photos, then write an HTML report.
+
+    degrade -> sample M candidates per training crop -> score (hybrid reward) -> pair (top-N x bottom-N,
+    HPO) -> DPO training of the ControlNet -> every --eval-every steps sample and score held-out crops that
+    never enter the pairs -> report: Best/Mean/Worst@M before vs after (same held-out crops, same seeds,
+    rewards normalised jointly), the reward curve, PSNR/SSIM (not in the reward). With the defaults it takes
+    a few minutes on 2 CPU cores; raise --images/--samples/--steps to make it bigger. Each stage's outputs
+    are in numbered subfolders of --output; rerun the same command to resume an interrupted run.
+
+    Defaults differ from the paper's recipe on purpose, for this scale (see docs/QUICKSTART.md): beta 500
+    instead of 5000 and lr 1e-4 instead of 2e-5, 120 steps of 4 pairs instead of 1000 steps of 1024.
+    """
+
+    output: Path = field(Path("quickstart_out"), help="output folder (stage subfolders and report.html)")
+    backbone: str = field(
+        "embedded",
+        help="model: embedded (the small SR model shipped in the package) or any --backbone of `dp2osr "
+        "sample` (sd2-tiny: random weights, for tests)",
+    )
+    photos: Path | None = field(None, help="folder of HR photos to cut into crops (default: the 4 bundled)")
+    hr_size: int = field(128, help="HR crop side (the LR is hr_size/4); photos are cut into tiles this big")
+    images: int = field(10, help="training crops: the DPO pairs come from these only")
+    heldout: int = field(8, help="held-out crops for evaluation: never in the DPO pairs")
+    samples: int = field(8, help="M: candidates per training crop (paper: 32 for SD2, 64 for FLUX)")
+    eval_samples: int | None = field(
+        None, help="candidates (seeds) per held-out crop at each evaluation (default: --samples)"
+    )
+    pairs_n: int | None = field(
+        None, help="N winners x N losers per crop (N=1: best vs worst); overrides --ratio"
+    )
+    ratio: float = field(0.25, help="N = round(ratio*M) when --pairs-n is not given (paper: 1/4 for SD2)")
+    hpo: str = field(
+        "both", help="HPO pair weights: both, intra, inter, none", choices=["both", "intra", "inter", "none"]
+    )
+    pair_reward: str = field(
+        "hybrid",
+        help="reward that ranks candidates into pairs: hybrid (0.5 FR + 0.5 NR, paper), fr or nr only "
+        "(an ablation; evaluation always uses the hybrid reward)",
+        choices=list(PAIR_WEIGHTS),
+    )
+    metrics: list[str] = field(
+        ["fsim", "gmsd", "piqe"],
+        help="IQA metrics of the reward (pyiqa names). Default: offline metrics that need no weights and work "
+        "at 128 px (ms_ssim needs 176 px). With weights: lpips topiq_fr musiq ... (see --weights-dir)",
+    )
+    weights_dir: Path | None = field(
+        None, help="folder with IQA metric weights (only for weight-backed metrics)"
+    )
+    steps: int = field(120, help="DPO optimizer steps (paper: 1000)")
+    batch_size: int = field(4, help="preference pairs per step (paper: 1024 with gradient accumulation)")
+    beta: float = field(
+        500.0,
+        help="DPO beta (paper: 5000). At this scale 5000 gave half the held-out gain of 500: the logit "
+        "-beta/2*delta saturates the sigmoid after a few steps and the gradient vanishes",
+    )
+    lr: float = field(1e-4, help="AdamW learning rate (paper: 2e-5; 120 steps need a larger one)")
+    ema_decay: float = field(
+        0.0, help="EMA of the trained weights, if `dp2osr train` supports --ema-decay (0: off)"
+    )
+    eval_every: int = field(20, help="evaluate the held-out reward every K steps (the reward curve)")
+    sample_steps: int | None = field(None, help="denoising steps per sample (default: the backbone's)")
+    sample_batch: int = field(8, help="seeds sampled together in one batched call")
+    seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
+    device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
+    overwrite: bool = field(False, help="delete an earlier quickstart in --output first (default: resume it)")
+
+    def __post_init__(self) -> None:
+        self.output = Path(self.output)
+        check_choice("hpo", self.hpo, ["both", "intra", "inter", "none"])
+        check_choice("pair_reward", self.pair_reward, list(PAIR_WEIGHTS))
+        check_choice("device", self.device, ["auto", "cpu", "cuda"])
+        for name in ("images", "heldout", "samples", "steps", "batch_size", "eval_every", "sample_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.samples < 2 or (self.eval_samples is not None and self.eval_samples < 1):
+            raise ValueError(f"--samples must be >= 2 (a winner and a loser), got {self.samples}")
+        if self.hr_size < 16 or self.hr_size % 16:
+            raise ValueError(f"--hr-size must be a multiple of 16 (>= 16), got {self.hr_size}")
+        if self.beta <= 0 or self.lr <= 0:
+            raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def m_eval(self) -> int:
+        return self.eval_samples or self.samples
+
+
+@dataclass
+class Layout:
+    """Where each stage writes. The ablation script points the shared stages of its variants at one run."""
+
+    root: Path
+    degrade: Path
+    sample: Path
+    score: Path
+    pair: Path
+    train: Path
+    eval: Path
+    base_pool: Path  # held-out candidates of the base model (evaluation at step 0)
+
+    @classmethod
+    def of(cls, root: Path) -> Layout:
+        root = Path(root)
+        ev = root / "6_eval"
+        return cls(
+            root,
+            root / "1_degrade",
+            root / "2_sample",
+            root / "3_score",
+            root / "4_pair",
+            root / "5_train",
+            ev,
+            ev / "step_000000",
+        )
+
+
+# --------------------------------------------------------------------------------------------- data
+def tiles(
+    photos: list[Path], size: int
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """Cut each photo into non-overlapping ``size`` tiles (grid centred); split them in a checkerboard.
+
+    Returns ``(training tiles, held-out tiles)`` as (id, ``(1, 3, size, size)``) lists: a tile at grid
+    (row, col) is held out when row + col is odd, so both sets cover every photo and share no pixel.
+    """
+    train, held = [], []
+    for path in photos:
+        img = load_image(path)
+        h, w = img.shape[-2:]
+        rows, cols = h // size, w // size
+        top, left = (h - rows * size) // 2, (w - cols * size) // 2
+        for r in range(rows):
+            for c in range(cols):
+                y, x = top + r * size, left + c * size
+                tile = img[..., y : y + size, x : x + size]
+                (held if (r + c) % 2 else train).append((f"{path.stem}_r{r}c{c}", tile))
+    return train, held
+
+
+def prepare_data(cfg: QuickstartConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stage 1: tiles of the photos -> `dp2osr degrade` -> (training, held-out) tables of LR/HR paths."""
+    from dp2osr.degrade import DegradeConfig, degrade
+    from dp2osr.sample import read_inputs
+
+    photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
+    train, held = tiles(photos, cfg.hr_size)
+    rng = np.random.default_rng(cfg.seed)
+    tables = []
+    for name, pool, n in (("train", train, cfg.images), ("heldout", held, cfg.heldout)):
+        if len(pool) < n:
+            raise ValueError(
+                f"--{'images' if name == 'train' else 'heldout'} {n}: the photos give only {len(pool)} {name} "
+                f"tiles of {cfg.hr_size} px; lower it, lower --hr-size or add photos (--photos)"
+            )
+        chosen = [pool[i] for i in sorted(rng.permutation(len(pool))[:n])]
+        tile_dir = folder / f"tiles_{name}"
+        for tile_id, tile in chosen:
+            if not (tile_dir / f"{tile_id}.png").is_file():
+                save_image(tile, tile_dir / f"{tile_id}.png")
+        status = degrade(
+            DegradeConfig(
+                input=tile_dir,
+                output=folder / name,
+                hr_size=cfg.hr_size,
+                scale=4,
+                crop="center",
+                seed=cfg.seed,
+            )
+        )
+        if status != 0:
+            raise RuntimeError(f"degrade failed on {tile_dir}")
+        tables.append(read_inputs(folder / name))
+    return tables[0], tables[1]
+
+
+# ---------------------------------------------------------------------------------- sample and score
+def sampling_options(cfg: QuickstartConfig):
+    from dp2osr.sampling import SamplingOptions
+
+    # Crops are sampled whole, at their own size (a larger process size would upsize them first).
+    return SamplingOptions(
+        backbone=cfg.backbone,
+        device=cfg.device,
+        steps=cfg.sample_steps,
+        batch_size=cfg.sample_batch,
+        process_size=cfg.hr_size,
+    )
+
+
+def load_base(cfg: QuickstartConfig) -> Backbone:
+    """The backbone with its reference ControlNet, loaded once for all sampling."""
+    from dp2osr.sampling import load_model
+
+    return load_model(sampling_options(cfg))
+
+
+def sample_pool(
+    bb: Backbone,
+    images: pd.DataFrame,
+    folder: Path,
+    seeds: list[int],
+    cfg: QuickstartConfig,
+    controlnet: torch.nn.Module | None = None,
+    model: str = "base",
+) -> None:
+    """`dp2osr sample` into ``folder`` with ``controlnet`` (default: the backbone's own), then score it."""
+    from dp2osr.sample import sample_candidates, write_manifest
+
+    old = bb.controlnet
+    bb.controlnet = controlnet if controlnet is not None else old
+    try:
+        sample_candidates(bb, images, folder, seeds, sampling_options(cfg), upscale=4)
+    finally:
+        bb.controlnet = old
+    write_manifest(images, folder, seeds, f"{cfg.backbone}|{model}")
+
+
+def score_pool(cands: Path, out: Path, cfg: QuickstartConfig) -> pd.DataFrame:
+    """`dp2osr score` (hybrid reward, pool scope) of the pool in ``cands``; returns its scores table."""
+    from dp2osr.score import ScoreConfig, score
+
+    status = score(
+        ScoreConfig(
+            candidates=cands,
+            output=out,
+            metrics=list(cfg.metrics),
+            weights_dir=cfg.weights_dir,
+            device=cfg.device,
+        )
+    )
+    if status != 0:
+        raise RuntimeError(f"scoring {cands} failed (see the messages above)")
+    return pd.read_parquet(out / "scores.parquet")
+
+
+def make_pairs(cfg: QuickstartConfig, scores: pd.DataFrame, cands: Path, out: Path) -> pd.DataFrame:
+    """Stage 4: rank each crop's candidates by the ``--pair-reward`` and write ``out/pref_pairs.parquet``."""
+    from dp2osr.pair import build_pairs
+    from dp2osr.score import read_candidates
+
+    specs = metric_lib.catalogue(list(cfg.metrics))
+    w_fr, w_nr = PAIR_WEIGHTS[cfg.pair_reward]
+    family = {"fr": "fr", "nr": "nr"}.get(cfg.pair_reward)
+    if family and not any(s.family == family for s in specs.values()):
+        raise ValueError(f"--pair-reward {family} needs at least one {family.upper()} metric in --metrics")
+    rewards = hybrid_reward(scores, specs, w_fr=w_fr, w_nr=w_nr)
+    table = read_candidates(cands)[["image_id", "seed", "abs_path", "lr_path"]]
+    rewards = rewards.merge(table, on=["image_id", "seed"]).rename(columns={"abs_path": "path"})
+    pairs = build_pairs(rewards, n=cfg.pairs_n, ratio=None if cfg.pairs_n else cfg.ratio, hpo=cfg.hpo)
+    for col in ("win_path", "lose_path", "lr_path"):  # table paths are relative to the table's folder
+        pairs[col] = [os.path.relpath(p, out) for p in pairs[col]]
+    write_parquet(pairs, out / "pref_pairs.parquet")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------- train
+def train_dpo(cfg: QuickstartConfig, pairs: Path, out: Path) -> None:
+    """Stage 5: `dp2osr train --mode dpo`, a checkpoint every --eval-every steps (all kept)."""
+    from dp2osr.train import TrainConfig, latest_checkpoint, train
+
+    kwargs = {
+        "mode": "dpo",
+        "data": pairs,
+        "output": out,
+        "backbone": cfg.backbone,
+        "device": cfg.device,
+        "steps": cfg.steps,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "beta": cfg.beta,
+        "hpo": cfg.hpo,
+        "seed": cfg.seed,
+        "checkpoint_every": cfg.eval_every,
+        "keep_checkpoints": 0,
+        "log_every": 1,
+    }
+    if cfg.ema_decay:
+        if "ema_decay" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            raise ValueError("--ema-decay: this version of `dp2osr train` has no EMA option")
+        kwargs["ema_decay"] = cfg.ema_decay
+    last = latest_checkpoint(out)
+    if last is not None and json.loads((last / "train_state.json").read_text())["step"] >= cfg.steps:
+        return  # finished earlier (a resumed quickstart)
+    if train(TrainConfig(**kwargs, resume=last is not None)) != 0:
+        raise RuntimeError(f"DPO training stopped early (see {out}); lower --lr or --beta")
+
+
+def controlnet_at(bb: Backbone, train_dir: Path, step: int) -> torch.nn.Module | None:
+    """The ControlNet of checkpoint ``step`` (None at step 0: the base model's own)."""
+    if step == 0:
+        return None
+    net = copy.deepcopy(bb.controlnet)
+    load_release_state(net, train_dir / f"checkpoint-{step:06d}" / "model.safetensors", "the base ControlNet")
+    return net.to(bb.device, bb.dtype).eval()
+
+
+def eval_steps(cfg: QuickstartConfig) -> list[int]:
+    return sorted({*range(0, cfg.steps + 1, cfg.eval_every), cfg.steps})
+
+
+def eval_seeds(cfg: QuickstartConfig) -> list[int]:
+    return [cfg.seed * 100_000 + 50_000 + k for k in range(cfg.m_eval)]
+
+
+# -------------------------------------------------------------------------------------------- eval
+def quality(cands: Path) -> pd.DataFrame:
+    """PSNR and SSIM (Y channel, Real-ISR convention; not in the reward) of every candidate in a pool."""
+    from dp2osr.evaluate import psnr_y, ssim_y
+    from dp2osr.score import read_candidates
+
+    rows = []
+    for r in read_candidates(cands).itertuples():
+        sr = load_image(Path(r.abs_path))[0].permute(1, 2, 0).double().numpy()
+        hr = load_image(Path(r.hr_path))[0].permute(1, 2, 0).double().numpy()
+        rows.append((r.image_id, int(r.seed), psnr_y(sr, hr), ssim_y(sr, hr)))
+    return pd.DataFrame(rows, columns=["image_id", "seed", "psnr", "ssim"])
+
+
+def pool_rewards(scores: pd.DataFrame, cands: Path, bounds: dict, cfg: QuickstartConfig) -> pd.DataFrame:
+    """Hybrid reward (0.5/0.5) under fixed ``bounds``, with PSNR/SSIM, LR/HR and candidate paths."""
+    from dp2osr.score import read_candidates
+
+    specs = metric_lib.catalogue(list(cfg.metrics))
+    table = hybrid_reward(scores, specs, bounds=bounds)
+    info = read_candidates(cands)[["image_id", "seed", "abs_path", "lr_path", "hr_path"]]
+    return table.merge(info, on=["image_id", "seed"]).merge(quality(cands), on=["image_id", "seed"])
+
+
+def pool_stats(df: pd.DataFrame) -> dict[str, float]:
+    """Best/Mean/Worst@M at M = the whole pool, and the mean PSNR/SSIM of every candidate."""
+    _, _, mat = bestm.rewards_matrix(df, "reward")
+    s = bestm.best_mean_worst(mat, [mat.shape[1]])
+    return {
+        "best": float(s["best"][0]),
+        "mean": float(s["mean"][0]),
+        "worst": float(s["worst"][0]),
+        "psnr": float(df["psnr"].mean()),
+        "ssim": float(df["ssim"].mean()),
+    }
+
+
+def reward_curve(cfg: QuickstartConfig, lay: Layout) -> pd.DataFrame:
+    """Held-out reward at every evaluated step, normalised with the step-0 pool's bounds."""
+    scores = {s: pd.read_parquet(pool_dir(lay, s) / "scores.parquet") for s in eval_steps(cfg)}
+    bounds = fit_bounds(scores[0], metric_lib.catalogue(list(cfg.metrics)))
+    rows = [
+        {"step": s, **pool_stats(pool_rewards(sc, pool_dir(lay, s), bounds, cfg))} for s, sc in scores.items()
+    ]
+    curve = pd.DataFrame(rows).rename(columns={"mean": "reward"})
+    return curve[["step", "reward", "best", "worst", "psnr", "ssim"]]
+
+
+def pool_dir(lay: Layout, step: int) -> Path:
+    return lay.base_pool if step == 0 else lay.eval / f"step_{step:06d}"
+
+
+def compare(cfg: QuickstartConfig, lay: Layout) -> dict:
+    """Base (step 0) vs final held-out pool, rewards normalised jointly; writes joint/{base,dp2o}."""
+    final = eval_steps(cfg)[-1]
+    dirs = {"base": pool_dir(lay, 0), "dp2o": pool_dir(lay, final)}
+    scores = {k: pd.read_parquet(d / "scores.parquet") for k, d in dirs.items()}
+    specs = metric_lib.catalogue(list(cfg.metrics))
+    bounds = fit_bounds(pd.concat(scores.values(), ignore_index=True), specs)
+    out: dict = {"final_step": final, "images": 0, "seeds": cfg.m_eval}
+    means = {}
+    for key, d in dirs.items():
+        df = pool_rewards(scores[key], d, bounds, cfg)
+        folder = lay.eval / "joint" / key
+        df["path"] = [os.path.relpath(p, folder) for p in df.pop("abs_path")]
+        write_parquet(df, folder / "rewards.parquet")
+        out[key] = pool_stats(df)
+        raw = scores[key].groupby("metric")["value"].mean()
+        out[key].update({f"raw_{m}": float(raw[m]) for m in cfg.metrics if m in raw})
+        means[key] = df.groupby("image_id")["reward"].mean()
+        out["images"] = len(means[key])
+    gain = (means["dp2o"] - means["base"]).dropna()
+    out["improved_images"] = int((gain > 0).sum())
+    out["delta"] = {k: out["dp2o"][k] - out["base"][k] for k in out["base"]}
+    return out
+
+
+def summary_rows(cfg: QuickstartConfig, s: dict) -> list[tuple[str, float, float, float]]:
+    """(label, base, DP²O, Δ) rows of the before/after table (M = the whole held-out pool)."""
+    m = s["seeds"]
+    keys = [
+        ("best", f"Best@{m}"),
+        ("mean", f"Mean@{m}"),
+        ("worst", f"Worst@{m}"),
+        ("psnr", "PSNR-Y (dB)"),
+        ("ssim", "SSIM-Y"),
+        *[(f"raw_{x}", f"{x} (raw value)") for x in cfg.metrics],
+    ]
+    return [(label, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label in keys if k in s["base"]]
+
+
+def summary_markdown(cfg: QuickstartConfig, s: dict) -> str:
+    lines = [
+        (
+            f"Held-out crops: {s['images']} (never in the DPO pairs) x {s['seeds']} seeds, the same for both "
+            f"models. DP²O = step {s['final_step']}. Reward: hybrid, normalised jointly over both pools; "
+            "PSNR/SSIM and the raw metric values are not normalised."
+        ),
+        "",
+        f"| held-out | {_BASE_LABEL} | {_DPO_LABEL} | Δ |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {label} | {b:.4f} | {d:.4f} | {x:+.4f} |" for label, b, d, x in summary_rows(cfg, s)]
+    lines += ["", f"Held-out crops whose mean reward rose: {s['improved_images']} of {s['images']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
+    import html
+
+    rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{b:.4f}</td><td>{d:.4f}</td><td>{x:+.4f}</td></tr>"
+        for label, b, d, x in summary_rows(cfg, s)
+    )
+    t = s.get("timings", {})
+    return (
+        "<h2>What DP²O did on held-out crops</h2>"
+        f"<p>{s['images']} held-out crops, never in the DPO pairs, {s['seeds']} seeds each (the same seeds for "
+        f"both models). {_DPO_LABEL} = step {s['final_step']} of DPO on {s['pairs']} pairs from "
+        f"{cfg.images} training crops (β {cfg.beta:g}, lr {cfg.lr:g}, batch {cfg.batch_size}, HPO "
+        f"{html.escape(cfg.hpo)}, pair reward {html.escape(cfg.pair_reward)}). Hybrid reward of "
+        f"{html.escape(', '.join(cfg.metrics))}, min-max normalised jointly over both pools; PSNR/SSIM (Y "
+        "channel) are not in the reward. Held-out crops whose mean reward rose: "
+        f"<b>{s['improved_images']} of {s['images']}</b>.</p>"
+        f"<table><thead><tr><th>held-out</th><th>{_BASE_LABEL}</th><th>{_DPO_LABEL}</th><th>Δ</th></tr>"
+        f"</thead><tbody>{rows}</tbody></table>"
+        f'<p class="note">Run time {t.get("total", 0):.0f} s ('
+        + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
+        + "). The reward curve below normalises with the step-0 pool's bounds, so its values are not those of "
+        "this table.</p>"
+    )
+
+
+def write_report(cfg: QuickstartConfig, lay: Layout, s: dict) -> Path:
+    """Stage 7: `dp2osr eval` (Best/Mean/Worst@M, curve plot) and `dp2osr report`, plus the summary."""
+    from dp2osr.evaluate import EvalConfig, evaluate
+    from dp2osr.report import ReportConfig, build_html
+
+    pools = [lay.eval / "joint" / "base", lay.eval / "joint" / "dp2o"]
+    curve = lay.eval / CURVE_CSV
+    evaluate(
+        EvalConfig(output=lay.eval, pools=pools, pool_names=[_BASE_LABEL, _DPO_LABEL], reward_curve=curve)
+    )
+    page = build_html(
+        ReportConfig(
+            output=lay.root / "report.html",
+            pools=pools,
+            names=[_BASE_LABEL, _DPO_LABEL],
+            reward_curve=curve,
+            max_images=6,
+            select="first",
+            title="dp2osr quickstart: DP²O on held-out crops",
+        )
+    )
+    page = page.replace("</h1>", "</h1>" + _summary_html(cfg, s), 1)
+    path = lay.root / "report.html"
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- main
+def _stage(n: int, text: str) -> None:
+    print(f"[quickstart {n}/7] {text}", file=sys.stderr, flush=True)
+
+
+def run(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: bool = True) -> dict:
+    """Every stage in order (each resumes from what ``lay`` already holds); returns the summary dict."""
+    t0, timings = time.perf_counter(), {}
+
+    def lap(name: str, start: float) -> None:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+    t = time.perf_counter()
+    _stage(
+        1,
+        f"degrade: cut photos into {cfg.hr_size}px crops, degrade to LR ({cfg.images} train, {cfg.heldout} held-out)",
+    )
+    train_images, held_images = prepare_data(cfg, lay.degrade)
+    lap("degrade", t)
+    t = time.perf_counter()
+    bb = bb or load_base(cfg)
+    lap("load", t)
+    t = time.perf_counter()
+    _stage(2, f"sample: {cfg.samples} candidates per training crop with the base model")
+    sample_pool(bb, train_images, lay.sample, [cfg.seed * 100_000 + k for k in range(cfg.samples)], cfg)
+    lap("sample", t)
+    t = time.perf_counter()
+    _stage(3, f"score: {', '.join(cfg.metrics)} -> hybrid reward")
+    scores = score_pool(lay.sample, lay.score, cfg)
+    lap("score", t)
+    _stage(4, f"pair: top-N x bottom-N by the {cfg.pair_reward} reward, HPO {cfg.hpo}")
+    pairs = make_pairs(cfg, scores, lay.sample, lay.pair)
+    print(f"pair: {len(pairs)} pairs from {pairs.image_id.nunique()} crops -> {lay.pair}", file=sys.stderr)
+    t = time.perf_counter()
+    _stage(5, f"eval step 0: held-out crops x {cfg.m_eval} seeds with the base ControlNet")
+    sample_pool(bb, held_images, lay.base_pool, eval_seeds(cfg), cfg)
+    score_pool(lay.base_pool, lay.base_pool, cfg)
+    lap("eval", t)
+    t = time.perf_counter()
+    _stage(5, f"train: {cfg.steps} DPO steps of {cfg.batch_size} pairs (beta {cfg.beta:g}, lr {cfg.lr:g})")
+    train_dpo(cfg, lay.pair / "pref_pairs.parquet", lay.train)
+    lap("train", t)
+    t = time.perf_counter()
+    for step in eval_steps(cfg)[1:]:
+        _stage(6, f"eval step {step}: held-out crops x {cfg.m_eval} seeds with the DPO ControlNet")
+        sample_pool(
+            bb,
+            held_images,
+            pool_dir(lay, step),
+            eval_seeds(cfg),
+            cfg,
+            controlnet_at(bb, lay.train, step),
+            model=f"dpo step {step}",
+        )
+        score_pool(pool_dir(lay, step), pool_dir(lay, step), cfg)
+    curve = reward_curve(cfg, lay)
+    curve.to_csv(lay.eval / CURVE_CSV, index=False, float_format="%.6f")
+    summary = compare(cfg, lay)
+    lap("eval", t)
+    summary["pairs"] = len(pairs)
+    summary["curve"] = curve.to_dict(orient="list")
+    timings["total"] = time.perf_counter() - t0
+    summary["timings"] = timings
+    (lay.eval / "summary.json").write_text(json.dumps(summary, indent=2))
+    (lay.eval / "summary.md").write_text(summary_markdown(cfg, summary))
+    if report:
+        _stage(7, "report")
+        summary["report"] = str(write_report(cfg, lay, summary))
+    return summary
+
+
+def quickstart(cfg: QuickstartConfig) -> int:
+    """Run ``dp2osr quickstart``: the whole loop, then print the summary and the report's path."""
+    out = Path(cfg.output)
+    if out.exists() and any(out.iterdir()):
+        if not (out / CONFIG_NAME).is_file():
+            raise ValueError(f"{out} is not empty and holds no {CONFIG_NAME}; choose another --output")
+        if cfg.overwrite:
+            shutil.rmtree(out)
+        else:
+            check_resume(
+                cfg, out / CONFIG_NAME, _RUN_ONLY, "a quickstart", "use --overwrite or another --output"
+            )
+    save_config(cfg, out / CONFIG_NAME)
+    summary = run(cfg, Layout.of(out))
+    print(summary_markdown(cfg, summary))
+    print(f"total {summary['timings']['total']:.0f} s; report:")
+    print(Path(summary["report"]).resolve())
+    return 0

@@ -1,0 +1,116 @@
+"""`dp2osr quickstart` in miniature: the whole loop end to end, and the honesty rules it promises."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from dp2osr.cli import main
+from dp2osr.quickstart import PHOTOS, QuickstartConfig, tiles
+
+TINY = ["--hr-size", "64", "--images", "2", "--heldout", "2", "--samples", "4", "--steps", "2",
+        "--eval-every", "1", "--batch-size", "2", "--sample-batch", "4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One miniature quickstart on the tiny SD2 backbone (random weights): 2+2 crops, M=4, 2 DPO steps."""
+    out = tmp_path_factory.mktemp("qs") / "run"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY])
+    return out, rc, buf.getvalue()
+
+
+def test_report_has_bestm_table_and_reward_curve(run):
+    out, rc, stdout = run
+    assert rc == 0
+    report = out / "report.html"
+    assert report.is_file()
+    assert stdout.strip().splitlines()[-1] == str(report.resolve())  # ends by printing the report's path
+    page = report.read_text()
+    for text in ("Best / Mean / Worst@M", "<th>Best@M</th>", "<th>Mean@M</th>", "<th>Worst@M</th>",
+                 "Reward curve", "What DP²O did on held-out crops", "PSNR-Y", "SSIM-Y"):
+        assert text in page, text
+    assert "base ControlNet" in page and "DP²O ControlNet" in page
+
+
+def test_reward_curve_csv_has_every_evaluated_step(run):
+    out = run[0]
+    curve = pd.read_csv(out / "6_eval" / "reward_curve.csv")
+    assert list(curve.columns[:2]) == ["step", "reward"]
+    assert curve["step"].tolist() == [0, 1, 2]
+    assert curve.notna().all().all()
+    for step in (0, 1, 2):  # each evaluated step has its own scored held-out pool
+        assert (out / "6_eval" / f"step_{step:06d}" / "scores.parquet").is_file()
+    assert (out / "6_eval" / "reward_curve.png").is_file() and (out / "6_eval" / "bestm.csv").is_file()
+
+
+def test_heldout_crops_never_in_pairs_and_pools_paired_by_seed(run):
+    out = run[0]
+    pairs = pd.read_parquet(out / "4_pair" / "pref_pairs.parquet")
+    held = set(pd.read_parquet(out / "1_degrade" / "heldout" / "pairs.parquet").image_id)
+    train = set(pd.read_parquet(out / "1_degrade" / "train" / "pairs.parquet").image_id)
+    assert len(held) == 2 and len(train) == 2 and not held & train
+    assert set(pairs.image_id) <= train
+    base = pd.read_parquet(out / "6_eval" / "joint" / "base" / "rewards.parquet")
+    dpo = pd.read_parquet(out / "6_eval" / "joint" / "dp2o" / "rewards.parquet")
+    key = ["image_id", "seed"]
+    assert set(base.image_id) == held
+    assert base[key].sort_values(key).values.tolist() == dpo[key].sort_values(key).values.tolist()
+    # joint normalisation: both pools together span [0, 1] for every metric
+    both = pd.concat([base, dpo])
+    for col in [c for c in both.columns if c.startswith("norm_")]:
+        assert both[col].min() == pytest.approx(0.0) and both[col].max() == pytest.approx(1.0)
+    summary = json.loads((out / "6_eval" / "summary.json").read_text())
+    assert summary["final_step"] == 2 and summary["images"] == 2
+    assert summary["base"]["mean"] == pytest.approx(base.groupby("image_id").reward.mean().mean())
+
+
+def test_rerun_resumes_and_changed_options_are_refused(run, capsys):
+    out = run[0]
+    before = (out / "6_eval" / "step_000002" / "candidates.parquet").stat().st_mtime_ns
+    assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY]) == 0
+    assert (out / "6_eval" / "step_000002" / "candidates.parquet").stat().st_mtime_ns >= before
+    assert "report" in capsys.readouterr().out
+    assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY, "--beta", "7"]) == 2
+    assert "other options (beta)" in capsys.readouterr().err
+
+
+def test_tiles_split_in_a_checkerboard_without_shared_pixels(tmp_path):
+    train, held = tiles(sorted(PHOTOS.glob("*.png")), 128)
+    assert len(train) == 11 and len(held) == 11  # 4 photos with a short side of 256 px
+    ids = [i for i, _ in train + held]
+    assert len(set(ids)) == len(ids)
+    assert all(t.shape == (1, 3, 128, 128) for _, t in train + held)
+    assert {i.split("_r")[0] for i, _ in held} == {p.stem for p in PHOTOS.glob("*.png")}
+
+
+def test_bundled_photos_are_small_and_licensed():
+    files = sorted(PHOTOS.glob("*.png"))
+    assert [f.stem for f in files] == ["astronaut", "chelsea", "coffee", "rocket"]
+    assert sum(f.stat().st_size for f in files) < 1_000_000
+    readme = (PHOTOS / "README.md").read_text()
+    assert all(f.name in readme for f in files) and "public domain" in readme and "CC0" in readme
+
+
+def test_bad_options_are_value_errors():
+    with pytest.raises(ValueError, match="--samples"):
+        QuickstartConfig(samples=1)
+    with pytest.raises(ValueError, match="hr-size"):
+        QuickstartConfig(hr_size=100)
+    with pytest.raises(ValueError, match="pair_reward"):
+        QuickstartConfig(pair_reward="both")
+
+
+def test_too_many_crops_asked_is_a_clear_error(tmp_path, capsys):
+    rc = main(["quickstart", "--backbone", "sd2-tiny", "--output", str(tmp_path / "o"), "--images", "500"])
+    assert rc == 2
+    assert "--images 500" in capsys.readouterr().err
+
+
+def test_default_backbone_is_the_embedded_model():
+    assert QuickstartConfig().backbone == "embedded"
