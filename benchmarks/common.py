@@ -16,9 +16,12 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
@@ -199,23 +202,85 @@ class _Tok:
         self.model_max_length = max_length
 
 
-def build_flux(tiny: bool = False):
-    """A FluxBackbone with FLUX.1-dev's transformer and VAE (or tiny versions) and its 4-double-block
-    ControlNet; no text encoders (placeholders: prompts are given as embeddings)."""
+def flux_transformer_config(div: int = 1) -> dict:
+    """FLUX.1-dev's transformer at 1/div width (head dim 16 and RoPE axes (4, 6, 6) below full size)."""
+    if div == 1:
+        return dict(FLUX_TRANSFORMER)
+    hidden = FLUX_TRANSFORMER["attention_head_dim"] * FLUX_TRANSFORMER["num_attention_heads"] // div
+    return dict(
+        FLUX_TRANSFORMER,
+        attention_head_dim=16,
+        num_attention_heads=hidden // 16,
+        joint_attention_dim=FLUX_TRANSFORMER["joint_attention_dim"] // div,
+        pooled_projection_dim=FLUX_TRANSFORMER["pooled_projection_dim"] // div,
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def _flux_text_encoders(div: int):
+    """CLIP-L and T5-XXL (v1.1, gated GELU) text encoders at 1/div width, with small character tokenizers.
+    T5 sequences are 32 tokens (FLUX: 512 at 512 px), keeping text:image tokens at FLUX's 1:2 at 128 px."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from dp2osr.backbones.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_t5_tokenizer(32)
+    clip_w, t5_w = 768 // div, 4096 // div
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=clip_w,
+            intermediate_size=4 * clip_w,
+            num_hidden_layers=12,
+            num_attention_heads=max(1, clip_w // 8),
+            max_position_embeddings=77,
+            projection_dim=clip_w,
+            hidden_act="quick_gelu",
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tok2),
+            d_model=t5_w,
+            d_ff=10240 // div,
+            d_kv=16,
+            num_heads=t5_w // 16,
+            num_layers=24,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+        )
+    )
+    return clip, t5, tok, tok2
+
+
+def build_flux(div: int = 1, *, text_encoders: bool = False, tiny: bool = False):
+    """A FluxBackbone with FLUX.1-dev's transformer and VAE at 1/div width (``tiny``: 4+2 blocks, for tests)
+    and its 4-double-block ControlNet. Without ``text_encoders`` the text encoders are placeholders: prompts
+    are then given as embeddings."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     from dp2osr.backbones.flux import FluxBackbone
 
-    transformer = FluxTransformer2DModel(**(FLUX_TINY_TRANSFORMER if tiny else FLUX_TRANSFORMER))
+    transformer = FluxTransformer2DModel(**(FLUX_TINY_TRANSFORMER if tiny else flux_transformer_config(div)))
+    if text_encoders:
+        clip, t5, tok, tok2 = _flux_text_encoders(div)
+        length = tok2.model_max_length
+    else:
+        clip, t5, tok, tok2 = torch.nn.Module(), torch.nn.Module(), None, _Tok(FLUX_T5_LEN)
+        length = FLUX_T5_LEN
     return FluxBackbone(
-        name="flux-tiny-bench" if tiny else "flux",
+        name="flux" if div == 1 and not tiny else ("flux-tiny-bench" if tiny else f"flux-w{div}"),
         transformer=transformer,
-        vae=AutoencoderKL(**vae_config(FLUX_VAE, 16 if tiny else 1)),
-        text_encoder=torch.nn.Module(),
-        text_encoder_2=torch.nn.Module(),
-        tokenizer=None,
-        tokenizer_2=_Tok(FLUX_T5_LEN),
+        vae=AutoencoderKL(**vae_config(FLUX_VAE, 16 if tiny else div)),
+        text_encoder=clip,
+        text_encoder_2=t5,
+        tokenizer=tok,
+        tokenizer_2=tok2,
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        max_sequence_length=length,
     )
 
 
@@ -299,3 +364,64 @@ def machine_info() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
+
+
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of live CPU tensor storage while active: the CPU analogue of ``torch.cuda.max_memory_allocated``.
+
+    Every tensor an operator returns is counted once per storage until that storage is freed (a weak reference
+    on it). Tensors that exist before (weights, optimizer state, caches) are counted by passing them to
+    ``track``. Unlike the process's resident memory this excludes the interpreter, libraries and allocator
+    slack, so on small models it measures the models and activations, not the process. Kernel-internal
+    workspaces are not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: dict[int, weakref.ref] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        if self._live.pop(key, None) is not None:
+            self.current -= nbytes
+
+    def _add(self, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.is_meta:
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        nbytes, key = st.nbytes(), st.data_ptr()
+        if nbytes == 0 or key in self._live:
+            return
+        self._live[key] = weakref.ref(st, lambda _, k=key, n=nbytes: self._free(k, n))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def track(self, *objects) -> None:
+        """Count the tensors in modules (parameters, gradients, buffers), optimizers (state) and containers."""
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):
+                for p in obj.parameters():
+                    self._add(p)
+                    if p.grad is not None:
+                        self._add(p.grad)
+                for b in obj.buffers():
+                    self._add(b)
+            elif isinstance(obj, torch.optim.Optimizer):
+                for state in obj.state.values():
+                    self.track(*state.values())
+            elif isinstance(obj, dict):
+                self.track(*obj.values())
+            elif isinstance(obj, (list, tuple)):
+                self.track(*obj)
+            elif isinstance(obj, torch.Tensor):
+                self._add(obj)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._add(t)
+        return out

@@ -27,10 +27,12 @@ naive memory (< 1: ours uses less).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
+import gc
 import json
-import subprocess
+import os
 import sys
 import tempfile
 import time
@@ -41,11 +43,9 @@ sys.path.insert(0, str(HERE))
 
 import common
 import torch
-from common import median, peak_rss_mb, reset_peak_rss, rss_mb
+from common import median
 
 SECTIONS = ("sampling", "scoring", "training", "degradation")
-TRAIN_WIDTH_DIV = 16
-TRAIN_SIZE = 128
 
 
 def row(
@@ -85,66 +85,63 @@ def bench_sampling(args) -> list[dict]:
     from diffusers import StableDiffusionControlNetPipeline
 
     from dp2osr.backbones.tiny import build_sd2_tiny
-    from dp2osr.sampling import generate, super_resolve
+    from dp2osr.sampling import generate, super_resolve, tile_starts
 
     bb = build_sd2_tiny()
-    steps, guidance = args.steps, bb.default_guidance
-    size = bb.default_process_size
+    steps, guidance, size = args.steps, bb.default_guidance, bb.default_process_size
     g = torch.Generator().manual_seed(0)
     control = torch.rand(1, 3, size, size, generator=g)
     cond = bb.encode_prompts([""], bb.default_negative_prompt)
     kw = {"steps": steps, "guidance": guidance}
-    rounds = 2 if args.quick else 3
-    out = []
+    # M -> interleaved rounds; image side -> rounds (sides above the process size are tiled)
+    ms = {1: 2, 4: 2, 16: 2} if args.quick else {1: 3, 4: 3, 16: 3, 64: 1}
+    sides = {128: 1} if args.quick else {128: 2, 256: 1}
     print(
-        f"  tiny SD2 ({common.n_params(bb.unet) / 1e6:.2f} M UNet), {steps} steps, CFG {guidance} with the "
-        f"negative prompt, {rounds} rounds",
+        f"  tiny SD2 ({common.n_params(bb.unet) / 1e6:.2f} M UNet), {size} px process size, {steps} steps, "
+        f"CFG {guidance} with the negative prompt; rounds per M {ms}",
         flush=True,
     )
+    pipe = StableDiffusionControlNetPipeline(
+        vae=bb.vae,
+        text_encoder=bb.text_encoder,
+        tokenizer=bb.tokenizer,
+        unet=bb.unet,
+        controlnet=bb.controlnet,
+        scheduler=copy.deepcopy(bb.scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
 
-    def ours(seeds, **k):
-        return lambda: generate(bb, control, cond, seeds, **kw, **k)
-
-    def loop(seeds, **k):
-        return lambda: [generate(bb, control, cond, [s], **kw, **k) for s in seeds]
-
-    ours([0])()  # warm-up
-    ms = (1, 4, 16) if args.quick else (1, 4, 16, 64)
-    for m in ms:
-        seeds = list(range(m))
-        fns = {"ours": ours(seeds), "loop": loop(seeds)}
-        if m == 16:
-            pipe = StableDiffusionControlNetPipeline(
-                vae=bb.vae,
-                text_encoder=bb.text_encoder,
-                tokenizer=bb.tokenizer,
-                unet=bb.unet,
-                controlnet=bb.controlnet,
-                scheduler=copy.deepcopy(bb.scheduler),
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
+    def pipeline_loop(
+        seeds,
+    ):  # how the published scripts sample: one pipeline call (prompt encoding too) per seed
+        for s in seeds:
+            pipe(
+                "",
+                image=control,
+                negative_prompt=bb.default_negative_prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(s),
+                output_type="pt",
             )
-            pipe.set_progress_bar_config(disable=True)
 
-            def pipeline_loop(seeds=seeds, pipe=pipe):
-                for s in seeds:
-                    pipe(
-                        "",
-                        image=control,
-                        negative_prompt=bb.default_negative_prompt,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        height=size,
-                        width=size,
-                        generator=torch.Generator().manual_seed(s),
-                        output_type="pt",
-                    )
-
-            pipeline_loop(seeds[:1])  # warm-up
-            fns["pipeline"] = pipeline_loop
-        t = alternate(fns, rounds)
-        rate = {k: m / median(v) for k, v in t.items()}
+    generate(bb, control, cond, [0], **kw)  # warm-up
+    pipeline_loop([0])
+    out = []
+    for m, rounds in ms.items():
+        seeds = list(range(m))
+        fns = {
+            "ours": lambda seeds=seeds: generate(bb, control, cond, seeds, **kw),
+            "loop": lambda seeds=seeds: [generate(bb, control, cond, [s], **kw) for s in seeds],
+        }
+        if m == 16:
+            fns["pipeline"] = lambda seeds=seeds: pipeline_loop(seeds)
+        rate = {k: m / median(v) for k, v in alternate(fns, rounds).items()}
         out.append(
             row(
                 "sampling",
@@ -155,6 +152,7 @@ def bench_sampling(args) -> list[dict]:
                 naive_name="generate() per seed",
             )
         )
+        print_row(out[-1])
         if "pipeline" in rate:
             out.append(
                 row(
@@ -166,30 +164,20 @@ def bench_sampling(args) -> list[dict]:
                     naive_name="diffusers pipeline per seed",
                 )
             )
-        print_row(out[-1] if "pipeline" not in rate else out[-2])
-        if "pipeline" in rate:
             print_row(out[-1])
-
-    # Image size: above the process size the sampler tiles the latents (super_resolve, as `sample` does).
-    m = 4
-    seeds = list(range(m))
-    sizes = (128, 256) if args.quick else (128, 256, 384)
-    for side in sizes:
+    m, seeds = 4, list(range(4))
+    for side, rounds in sides.items():
         lr_up = torch.rand(1, 3, side, side, generator=g)
-        kw_sr = {"steps": steps, "guidance": guidance, "process_size": size}
+        kw_sr = {**kw, "process_size": size}
         fns = {
             "ours": lambda lr_up=lr_up, kw_sr=kw_sr: super_resolve(bb, lr_up, cond, seeds, **kw_sr),
             "loop": lambda lr_up=lr_up, kw_sr=kw_sr: [
                 super_resolve(bb, lr_up, cond, [s], **kw_sr) for s in seeds
             ],
         }
-        t = alternate(fns, 1 if side >= 256 else rounds)
-        rate = {k: m / median(v) for k, v in t.items()}
-        lat = side // bb.latent_factor
+        rate = {k: m / median(v) for k, v in alternate(fns, rounds).items()}
         tile = size // bb.latent_factor
-        from dp2osr.sampling import tile_starts
-
-        n_tiles = len(tile_starts(lat, tile, tile - tile // 4, 1)) ** 2
+        n_tiles = len(tile_starts(side // bb.latent_factor, tile, tile - round(tile * 0.25))) ** 2
         out.append(
             row(
                 "sampling",
@@ -210,13 +198,13 @@ def bench_scoring(args) -> list[dict]:
 
     from dp2osr import metrics
 
-    size, n = 256, 8 if args.quick else 16
+    size, n, batch = 256, (8 if args.quick else 16), 8  # batch: `dp2osr score --batch-size` default
     cands, hr, source = bench_score.make_inputs(n, size)
     rounds = 2 if args.quick else 3
-    print(f"  {n} candidates of {size}x{size} ({source}), batch {n}, {rounds} rounds", flush=True)
+    print(f"  {n} candidates of {size}x{size} ({source}), batch {batch}, {rounds} rounds", flush=True)
     out = []
     for name in metrics.PRESETS["offline"]:
-        r = bench_score.bench(name, cands, hr, n, rounds, torch.device("cpu"))
+        r = bench_score.bench(name, cands, hr, batch, rounds, torch.device("cpu"))
         out.append(
             row(
                 "scoring",
@@ -233,24 +221,31 @@ def bench_scoring(args) -> list[dict]:
 
 
 # ---- training ----------------------------------------------------------------------------------------------
-def make_training_data(root: Path, n_pairs: int, size: int) -> tuple[Path, Path]:
-    """A saved SD2-base-at-1/16-width model folder and a pref_pairs.parquet with ``n_pairs`` pairs."""
+# (family, width divisor, image px, pairs per step, gradient checkpointing): at these widths and sizes the
+# parameters and the activations are both ~1/256 (SD2) or ~1/1024 and ~1/512 (FLUX) of the real models'
+# at 512 px, so the memory proportions are close to the real ones.
+TRAIN_CASES = {"sd2": ("sd2", 16, 128, 2, False), "flux": ("flux", 32, 128, 1, True)}
+
+
+def make_training_data(root: Path, family: str, div: int, n_pairs: int, size: int) -> tuple[Path, Path]:
+    """A saved model folder (the real architecture at 1/div width) and a pref_pairs.parquet of ``n_pairs``."""
     import pandas as pd
 
     from dp2osr.images import save_image, write_parquet
 
     torch.manual_seed(0)
-    bb = common.build_sd2(TRAIN_WIDTH_DIV)
-    base = root / "model"
-    bb.save_pretrained(base)
-    data = root / "data"
+    bb = common.build_sd2(div) if family == "sd2" else common.build_flux(div, text_encoders=True)
+    base = root / f"model-{family}"
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        bb.save_pretrained(base)
+    data = root / f"data-{family}"
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(n_pairs):
         lr = torch.rand(1, 3, size // 4, size // 4, generator=g)
         save_image(lr, data / f"lr/{i}.png")
+        up = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
         for tag in ("win", "lose"):
-            up = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic").clamp(0, 1)
             save_image((up + 0.05 * torch.randn(up.shape, generator=g)).clamp(0, 1), data / f"{tag}/{i}.png")
         rows.append(
             {
@@ -272,221 +267,256 @@ def make_training_data(root: Path, n_pairs: int, size: int) -> tuple[Path, Path]
     return base, data
 
 
-def _import_training_modules() -> None:
-    """Everything either variant imports, loaded before the baseline is read so that it is not counted."""
-    import accelerate  # noqa: F401
-    import diffusers.optimization  # noqa: F401
-    import torch.utils.tensorboard  # noqa: F401
-
-    import dp2osr.train  # noqa: F401
+def denoiser_name(bb) -> str:
+    return "unet" if bb.kind == "sd2" else "transformer"
 
 
-def train_worker(
-    variant: str, base: Path, data: Path, out: Path, warmup: int, steps: int, batch: int
-) -> dict:
-    """One variant's steps in this (fresh) process; returns step times and memory (MiB above the baseline)."""
-    _import_training_modules()
-    torch.manual_seed(0)
-    baseline = rss_mb()
-    marks: dict[str, float] = {}
-    if variant == "ours":
-        import dp2osr.train as T
+class OursTrainer:
+    """The DPO step of ``dp2osr.train`` (its ``step()`` closure plus the optimizer update, line for line):
+    one frozen UNet/transformer shared by policy and reference, a frozen copy of only the ControlNet, and
+    latents, control and prompt embeddings cached by ``train_data.FrozenCache`` (encoded once, on first use)."""
 
-        class MarkedCache(T.FrozenCache):
-            """Constructed by train() right after the models and optimizer exist: reset the peak there."""
+    def __init__(self, family: str, base: Path, data: Path, batch: int, checkpointing: bool) -> None:
+        from dp2osr.backbones import load_backbone
+        from dp2osr.train_data import FrozenCache, read_examples
 
-            def __init__(self, *a, **k):
-                marks["loaded"] = rss_mb()
-                marks["reset"] = reset_peak_rss()
-                super().__init__(*a, **k)
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            self.bb = bb = load_backbone(family, base, dtype="fp32").to("cpu", torch.float32)
+        self.net = bb.controlnet.train()
+        if checkpointing:  # as dp2osr.train --gradient-checkpointing does
+            self.net.enable_gradient_checkpointing()
+            for m in bb.frozen_modules().values():
+                if getattr(m, "_supports_gradient_checkpointing", False):
+                    m.enable_gradient_checkpointing()
+        self.ref = copy.deepcopy(self.net).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=2e-5, weight_decay=1e-2)
+        self.ex = read_examples(data, "dpo", "both")
+        self.cache = FrozenCache(bb, 4)
+        self.batch, self.s = batch, 0
 
-        save = T.save_checkpoint
+    def tensors(self) -> list:
+        c = self.cache
+        return [
+            *self.bb.frozen_modules().values(),
+            self.net,
+            self.ref,
+            self.opt,
+            c._lr,
+            c._lat,
+            c._ctrl,
+            c._cond,
+        ]
 
-        def marked_save(*a, **k):  # first called after the last step
-            marks.setdefault("peak", peak_rss_mb())
-            return save(*a, **k)
+    def inputs(self, idx: list[int]):
+        return self.cache.batch(self.ex, idx, None)
 
-        T.FrozenCache, T.save_checkpoint = MarkedCache, marked_save
-        cfg = T.TrainConfig(
-            mode="dpo",
-            data=data,
-            output=out,
-            backbone="sd2",
-            base=base,
-            device="cpu",
-            steps=warmup + steps,
-            batch_size=batch,
-            checkpoint_every=10**9,
-            keep_checkpoints=1,
-            hpo="both",
-            seed=0,
-        )
-        rc = T.train(cfg)
-        if rc != 0:
-            raise RuntimeError(f"dp2osr train returned {rc}")
-        secs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-        times = [b - a for a, b in zip([0.0] + secs[:-1], secs)]
-    else:
-        times = naive_steps(base, data, warmup + steps, batch, marks)
-    return {
-        "variant": variant,
-        "step_s": times[warmup:],
-        "warmup_s": times[:warmup],
-        "loaded_mb": marks["loaded"] - baseline,
-        "peak_mb": marks["peak"] - baseline,
-        "peak_reset": marks["reset"],
-    }
+    def reference(self, noisy, t, cond, control):
+        return self.bb.predict(noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref)
+
+    def step(self) -> float:
+        from dp2osr.loss import dpo_loss, mse_per_sample
+        from dp2osr.train_data import batch_indices
+
+        bb, b = self.bb, self.batch
+        idx = batch_indices(len(self.ex), self.s, 0, 0, b, 1, 1, 0)
+        g = torch.Generator().manual_seed(self.s * 10_007)
+        self.s += 1
+        targets, control, cond, w = self.inputs(idx)
+        hw = tuple(targets.shape[-2:])
+        noise = torch.randn(targets.shape[1:], generator=g).to(bb.device, targets.dtype)
+        t = bb.sample_timesteps(b, hw, g)
+        k = targets.shape[0]
+        x0, noise, t = targets.flatten(0, 1), noise.repeat(k, 1, 1, 1), t.repeat(k)
+        control = control.repeat(k, *([1] * (control.dim() - 1)))
+        cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
+        noisy, target = bb.noisy_and_target(x0, noise, t)
+        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=self.net)
+        err = mse_per_sample(pred.float(), target.float())
+        with torch.no_grad():
+            ref_err = mse_per_sample(self.reference(noisy, t, cond, control).float(), target.float())
+        o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], 5000.0, w)
+        o.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad()
+        return o.loss.item()
 
 
-def naive_steps(base: Path, data: Path, n_steps: int, batch: int, marks: dict) -> list[float]:
-    """The naive DPO step: two full UNet+ControlNet copies; images read, VAE-encoded and the prompts
-    text-encoded every step. Same loss, optimizer, clipping, noise and timestep sampling as dp2osr.train."""
-    from dp2osr.backbones import load_backbone
-    from dp2osr.images import load_image
-    from dp2osr.loss import dpo_loss, mse_per_sample
-    from dp2osr.sampling import resize
-    from dp2osr.train_data import batch_indices, read_examples
+class NaiveTrainer(OursTrainer):
+    """The same step done naively: the reference is a deep copy of the UNet/transformer *and* the ControlNet
+    (two full model copies), and every step the images are read from disk and VAE-encoded (FLUX: the control
+    image too) and the prompts text-encoded -- nothing cached."""
 
-    bb = load_backbone("sd2", base, dtype="fp32")
-    unet, net = bb.unet, bb.controlnet
-    ref_unet = copy.deepcopy(unet).requires_grad_(False).eval()
-    ref_net = copy.deepcopy(net).requires_grad_(False).eval()
-    net.train().requires_grad_(True)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-5, weight_decay=1e-2)
-    ex = read_examples(data, "dpo", "both")
-    marks["loaded"] = rss_mb()
-    marks["reset"] = reset_peak_rss()
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.cache = None
+        self.ref_bb = copy.copy(self.bb)  # shares VAE and text encoders, but has its own denoiser copy
+        name = denoiser_name(self.bb)
+        setattr(self.ref_bb, name, copy.deepcopy(getattr(self.bb, name)))
 
-    def forward(u, c, latents, t, emb, control):
-        down, mid = c(latents, t, encoder_hidden_states=emb, controlnet_cond=control, return_dict=False)
-        return u(
-            latents,
-            t,
-            encoder_hidden_states=emb,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
+    def tensors(self) -> list:
+        return [
+            *self.bb.frozen_modules().values(),
+            getattr(self.ref_bb, denoiser_name(self.bb)),
+            self.net,
+            self.ref,
+            self.opt,
+        ]
 
-    times = []
-    for s in range(n_steps):
-        t0 = time.perf_counter()
-        idx = batch_indices(len(ex), s, 0, 0, batch, 1, 1, 0)
-        g = torch.Generator().manual_seed(s * 10_007)
+    def inputs(self, idx: list[int]):
+        from dp2osr.images import load_image
+        from dp2osr.sampling import resize
+
+        bb, ex = self.bb, self.ex
         with torch.no_grad():
             lr = [load_image(Path(ex.lr[i])) for i in idx]
-            control = torch.cat([resize(x, (x.shape[-2] * 4, x.shape[-1] * 4)) for x in lr])
-            win = torch.cat([load_image(Path(ex.images[i][0])) for i in idx])
-            lose = torch.cat([load_image(Path(ex.images[i][1])) for i in idx])
-            x0 = torch.cat([bb.encode_images(win), bb.encode_images(lose)])
-            emb = bb.encode_prompts([ex.prompts[i] for i in idx])["prompt_embeds"]
-        noise = torch.randn((batch, *x0.shape[1:]), generator=g).repeat(2, 1, 1, 1)
-        t = bb.sample_timesteps(batch, tuple(x0.shape[-2:]), g).repeat(2)
-        control, emb = control.repeat(2, 1, 1, 1), emb.repeat(2, 1, 1)
-        noisy, target = bb.noisy_and_target(x0, noise, t)
-        err = mse_per_sample(forward(unet, net, noisy, t, emb, control), target)
-        with torch.no_grad():
-            ref_err = mse_per_sample(forward(ref_unet, ref_net, noisy, t, emb, control), target)
-        o = dpo_loss(err[:batch], err[batch:], ref_err[:batch], ref_err[batch:], 5000.0, ex.weights[idx])
-        o.loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-    marks["peak"] = peak_rss_mb()
-    return times
+            lr_up = torch.cat([resize(x, (x.shape[-2] * 4, x.shape[-1] * 4)) for x in lr])
+            targets = torch.stack(
+                [
+                    bb.encode_images(torch.cat([load_image(Path(ex.images[i][j])) for i in idx]), lr_up)
+                    for j in (0, 1)
+                ]
+            )
+            control = bb.prepare_control(lr_up)
+            cond = bb.encode_prompts([ex.prompts[i] for i in idx])
+        return targets, control, cond, ex.weights[idx]
+
+    def reference(self, noisy, t, cond, control):
+        return self.ref_bb.predict(
+            noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref
+        )
+
+
+def peak_tensor_memory(trainer) -> tuple[float, float]:
+    """(MiB of live tensors before a step, peak MiB during it): weights, optimizer state, caches, activations."""
+    gc.collect()
+    tm = common.TensorMemory()
+    tm.track(*trainer.tensors())
+    before = tm.current
+    with tm:
+        trainer.step()
+    return before / 2**20, tm.peak / 2**20
+
+
+def train_cli_step_times(family, base, data, out, batch, checkpointing, warmup, steps) -> list[float]:
+    """Per-step seconds of the real ``dp2osr.train.train()`` loop on the same model and data (a check that
+    ``OursTrainer`` times what the command does)."""
+    from dp2osr.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        mode="dpo",
+        data=data,
+        output=out,
+        backbone=family,
+        base=base,
+        device="cpu",
+        steps=warmup + steps,
+        batch_size=batch,
+        checkpoint_every=10**9,
+        keep_checkpoints=1,
+        hpo="both",
+        seed=0,
+        gradient_checkpointing=checkpointing,
+    )
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null):
+        if train(cfg) != 0:
+            raise RuntimeError("dp2osr train failed in the benchmark")
+    secs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [b - a for a, b in zip([0.0, *secs[:-1]], secs)][warmup:]
 
 
 def bench_training(args) -> list[dict]:
-    rounds = 1 if args.quick else 2
-    warmup, steps, batch, n_pairs = 2, (3 if args.quick else 4), 2, 2
-    results: dict[str, list[dict]] = {"ours": [], "naive": []}
+    warmup, steps = 1, (3 if args.quick else 5)
+    out = []
     with tempfile.TemporaryDirectory(prefix="dp2osr-bench-") as tmp:
         root = Path(tmp)
-        base, data = make_training_data(root, n_pairs, TRAIN_SIZE)
-        bb = common.build_sd2(TRAIN_WIDTH_DIV)
-        sizes = {
-            k: common.n_params(m) / 1e6
-            for k, m in (
-                ("unet", bb.unet),
-                ("controlnet", bb.controlnet),
-                ("vae", bb.vae),
-                ("text", bb.text_encoder),
-            )
-        }
-        del bb
-        print(
-            f"  SD2-base architecture at 1/{TRAIN_WIDTH_DIV} width ("
-            + ", ".join(f"{k} {v:.2f} M" for k, v in sizes.items())
-            + f"), {TRAIN_SIZE} px, batch {batch} pairs, fp32, {warmup} warm-up + {steps} timed steps per "
-            f"process, {rounds} round(s) of one process per variant",
-            flush=True,
-        )
-        for r in range(rounds):
-            for variant in ("ours", "naive") if r % 2 == 0 else ("naive", "ours"):
-                cmd = [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    "--_train-worker",
-                    variant,
-                    "--_base",
-                    str(base),
-                    "--_data",
-                    str(data),
-                    "--_out",
-                    str(root / f"out-{variant}-{r}"),
-                    "--_steps",
-                    str(steps),
-                    "--_warmup",
-                    str(warmup),
-                    "--_batch",
-                    str(batch),
+        for family, div, size, batch, ckpt in TRAIN_CASES.values():
+            base, data = make_training_data(root, family, div, batch, size)
+            torch.manual_seed(0)
+            trainers = {
+                k: cls(family, base, data, batch, ckpt)
+                for k, cls in (("ours", OursTrainer), ("naive", NaiveTrainer))
+            }
+            bb = trainers["ours"].bb
+            parts = {
+                k: round(common.n_params(m) / 1e6, 3)
+                for k, m in [
+                    (denoiser_name(bb), getattr(bb, denoiser_name(bb))),
+                    ("controlnet", bb.controlnet),
+                    *bb.frozen_modules().items(),
                 ]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"training worker {variant} failed:\n{proc.stderr[-4000:]}")
-                results[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    step = {v: median([t for r in rs for t in r["step_s"]]) for v, rs in results.items()}
-    peak = {v: median([r["peak_mb"] for r in rs]) for v, rs in results.items()}
-    loaded = {v: median([r["loaded_mb"] for r in rs]) for v, rs in results.items()}
-    extra = {
-        "model": f"sd2-w{TRAIN_WIDTH_DIV}",
-        "image_px": TRAIN_SIZE,
-        "batch_pairs": batch,
-        "params_m": sizes,
-        "raw": results,
-    }
-    out = [
-        row(
-            "training",
-            "DPO step time",
-            step["ours"],
-            step["naive"],
-            "s/step",
-            naive_name="2 full copies + encode every step",
-            **extra,
-        ),
-        row(
-            "training",
-            "peak memory",
-            peak["ours"],
-            peak["naive"],
-            "MiB",
-            naive_name="2 full copies + encode every step",
-        ),
-        row(
-            "training",
-            "memory after load",
-            loaded["ours"],
-            loaded["naive"],
-            "MiB",
-            naive_name="2 full copies + encode every step",
-        ),
-    ]
-    for r in out:
-        print_row(r)
+                if k not in ("unet", "transformer") or k == denoiser_name(bb)
+            }
+            print(
+                f"  {family.upper()} architecture at 1/{div} width ("
+                + ", ".join(f"{k} {v:.2f} M" for k, v in parts.items())
+                + f" params), {size} px, {batch} pair(s)/step, fp32"
+                + (", gradient checkpointing" if ckpt else "")
+                + f"; {warmup} warm-up + {steps} interleaved timed steps each",
+                flush=True,
+            )
+            for tr in trainers.values():
+                for _ in range(warmup):  # ours: fills the cache; both: first-call allocations
+                    tr.step()
+            times = alternate({k: tr.step for k, tr in trainers.items()}, steps)
+            step = {k: median(v) for k, v in times.items()}
+            mem = {k: peak_tensor_memory(tr) for k, tr in trainers.items()}
+            name = "2 full copies + encode every step"
+            extra = {
+                "model": f"{family}-w{div}",
+                "image_px": size,
+                "batch_pairs": batch,
+                "gradient_checkpointing": ckpt,
+                "params_m": parts,
+                "step_s": times,
+            }
+            out += [
+                row(
+                    "training",
+                    f"{family} DPO step time",
+                    step["ours"],
+                    step["naive"],
+                    "s/step",
+                    naive_name=name,
+                    **extra,
+                ),
+                row(
+                    "training",
+                    f"{family} peak tensor memory",
+                    mem["ours"][1],
+                    mem["naive"][1],
+                    "MiB",
+                    naive_name=name,
+                ),
+                row(
+                    "training",
+                    f"{family}  weights+optimizer+cache",
+                    mem["ours"][0],
+                    mem["naive"][0],
+                    "MiB",
+                    naive_name=name,
+                ),
+            ]
+            for r in out[-3:]:
+                print_row(r)
+            del trainers, bb
+            gc.collect()
+            if not args.quick and family == "sd2":
+                cli = train_cli_step_times(
+                    family, base, data, root / f"train-{family}", batch, ckpt, warmup + 1, steps
+                )
+                out.append(
+                    row(
+                        "training",
+                        f"{family} `dp2osr train` loop*",
+                        median(cli),
+                        step["naive"],
+                        "s/step",
+                        naive_name=name + " (*not interleaved)",
+                        step_s=cli,
+                    )
+                )
+                print_row(out[-1])
     return out
 
 
@@ -546,27 +576,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=8, help="denoising steps per sample in the sampling section"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    for name in ("train-worker", "base", "data", "out"):
-        parser.add_argument(f"--_{name}", help=argparse.SUPPRESS)
-    for name in ("steps", "warmup", "batch"):
-        parser.add_argument(f"--_{name}", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared machine several threads stall each other, and "
+        "ours/naive ratios are the point; 0: torch's default)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args._train_worker:
-        res = train_worker(
-            args._train_worker,
-            Path(args._base),
-            Path(args._data),
-            Path(args._out),
-            args._warmup,
-            args._steps,
-            args._batch,
-        )
-        print(json.dumps(res))
-        return 0
-
     info = common.machine_info()
     start = time.perf_counter()
     print(

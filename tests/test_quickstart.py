@@ -1,12 +1,14 @@
 """`dp2osr quickstart` in miniature: the whole loop end to end, and the honesty rules it promises."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from dp2osr.cli import main
-from dp2osr.quickstart import PHOTOS, QuickstartConfig, tiles
+from dp2osr.degrade import DegradationParams
+from dp2osr.quickstart import MILD, PHOTOS, QuickstartConfig, tiles
 
 TINY = ["--hr-size", "64", "--images", "2", "--heldout", "2", "--samples", "4", "--steps", "2",
         "--eval-every", "1", "--batch-size", "2", "--sample-batch", "4"]
@@ -114,3 +116,20 @@ def test_too_many_crops_asked_is_a_clear_error(tmp_path, capsys):
 
 def test_default_backbone_is_the_embedded_model():
     assert QuickstartConfig().backbone == "embedded"
+
+
+def test_mild_degradation_is_the_embedded_models_training_range():
+    """The quickstart's copy of MILD must match the one the embedded model was trained with."""
+    import dataclasses
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "train_embedded.py"
+    if not path.is_file():
+        pytest.skip("scripts/train_embedded.py not in this checkout")
+    spec = importlib.util.spec_from_file_location("_train_embedded", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trained = dataclasses.asdict(module.MILD)
+    assert {k: trained[k] for k in MILD} == MILD
+    defaults = dataclasses.asdict(DegradationParams())
+    assert {k: v for k, v in trained.items() if k not in MILD} == {k: defaults[k] for k in trained if k not in MILD}

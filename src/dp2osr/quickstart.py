@@ -39,7 +39,7 @@ import torch
 
 from dp2osr import bestm
 from dp2osr import metrics as metric_lib
-from dp2osr.backbones import Backbone, load_release_state
+from dp2osr.backbones import Backbone, cast, load_release_state
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.images import list_images, load_image, save_image, write_parquet
 from dp2osr.reward import fit_bounds, hybrid_reward
@@ -49,6 +49,15 @@ PHOTOS = Path(__file__).parent / "assets" / "photos"
 CURVE_CSV = "reward_curve.csv"
 PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
 _RUN_ONLY = {"output", "device", "overwrite"}
+# The embedded model's training degradation (a copy of scripts/train_embedded.py's MILD): lighter blur, noise,
+# JPEG and resize swings than Real-ESRGAN's defaults (`dp2osr degrade`), so the crops are in its range.
+MILD = {
+    "kernel_range": [7, 15], "sinc_prob": 0.05, "blur_sigma": [0.2, 1.5], "resize_prob": [0.2, 0.5, 0.3],
+    "resize_range": [0.5, 1.5], "noise_range": [1.0, 8.0], "poisson_scale_range": [0.05, 1.0],
+    "jpeg_range": [60, 95], "second_blur_prob": 0.5, "sinc_prob2": 0.05, "blur_sigma2": [0.2, 1.0],
+    "resize_range2": [0.5, 1.2], "noise_range2": [1.0, 5.0], "poisson_scale_range2": [0.05, 0.5],
+    "jpeg_range2": [70, 95], "final_sinc_prob": 0.3,
+}  # fmt: skip
 _BASE_LABEL, _DPO_LABEL = "base ControlNet", "DP²O ControlNet"
 
 
@@ -73,7 +82,19 @@ class QuickstartConfig:
         help="model: embedded (the small SR model shipped in the package) or any --backbone of `dp2osr "
         "sample` (sd2-tiny: random weights, for tests)",
     )
+    base: Path | None = field(
+        None, help="base model folder (default: the backbone's own; embedded: the shipped one)"
+    )
+    controlnet: Path | None = field(
+        None, help="ControlNet to start from, the DPO reference (default: the base's)"
+    )
     photos: Path | None = field(None, help="folder of HR photos to cut into crops (default: the 4 bundled)")
+    degradation: str = field(
+        "mild",
+        help="LR degradation: mild (the embedded model's training range) or realesrgan (`dp2osr degrade`'s "
+        "defaults, Real-ESRGAN x4plus: much harsher than the embedded model has seen)",
+        choices=["mild", "realesrgan"],
+    )
     hr_size: int = field(128, help="HR crop side (the LR is hr_size/4); photos are cut into tiles this big")
     images: int = field(10, help="training crops: the DPO pairs come from these only")
     heldout: int = field(8, help="held-out crops for evaluation: never in the DPO pairs")
@@ -125,6 +146,7 @@ class QuickstartConfig:
         check_choice("hpo", self.hpo, ["both", "intra", "inter", "none"])
         check_choice("pair_reward", self.pair_reward, list(PAIR_WEIGHTS))
         check_choice("device", self.device, ["auto", "cpu", "cuda"])
+        check_choice("degradation", self.degradation, ["mild", "realesrgan"])
         for name in ("images", "heldout", "samples", "steps", "batch_size", "eval_every", "sample_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -222,6 +244,7 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> tuple[pd.DataFrame, pd.
                 scale=4,
                 crop="center",
                 seed=cfg.seed,
+                **(MILD if cfg.degradation == "mild" else {}),
             )
         )
         if status != 0:
@@ -237,6 +260,8 @@ def sampling_options(cfg: QuickstartConfig):
     # Crops are sampled whole, at their own size (a larger process size would upsize them first).
     return SamplingOptions(
         backbone=cfg.backbone,
+        base=cfg.base,
+        controlnet=cfg.controlnet,
         device=cfg.device,
         steps=cfg.sample_steps,
         batch_size=cfg.sample_batch,
@@ -320,6 +345,8 @@ def train_dpo(cfg: QuickstartConfig, pairs: Path, out: Path) -> None:
         "data": pairs,
         "output": out,
         "backbone": cfg.backbone,
+        "base": cfg.base,
+        "controlnet": cfg.controlnet,
         "device": cfg.device,
         "steps": cfg.steps,
         "lr": cfg.lr,
@@ -348,7 +375,7 @@ def controlnet_at(bb: Backbone, train_dir: Path, step: int) -> torch.nn.Module |
         return None
     net = copy.deepcopy(bb.controlnet)
     load_release_state(net, train_dir / f"checkpoint-{step:06d}" / "model.safetensors", "the base ControlNet")
-    return net.to(bb.device, bb.dtype).eval()
+    return cast(net, bb.device, bb.dtype).eval()
 
 
 def eval_steps(cfg: QuickstartConfig) -> list[int]:

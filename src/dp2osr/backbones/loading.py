@@ -1,5 +1,8 @@
 """Loading a backbone: a base model folder (diffusers layout) plus a ControlNet.
 
+``embedded`` without a base folder loads the small model shipped in the package (``assets/embedded/``, see
+``backbones/embedded.py``); its ControlNet has a x4 conditioning embedder (``embedded_controlnet``).
+
 The ControlNet is either the published release format (one ``model.safetensors`` state dict, loaded strictly
 into ``ControlNetModel.from_unet`` / ``FluxControlNetModel.from_transformer(num_layers=4,
 num_single_layers=0)``) or a diffusers ControlNet folder (``config.json`` + weights).
