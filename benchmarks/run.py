@@ -1,27 +1,32 @@
 """DP²O-SR benchmarks on CPU: each of our paths against the naive way, side by side in one run.
 
-    .venv/bin/python benchmarks/run.py                    # full run (~5 min on 2 CPU cores)
-    .venv/bin/python benchmarks/run.py --quick            # fewer repetitions and cases (~2-3 min)
+    .venv/bin/python benchmarks/run.py                    # full run (~2.5 min on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py --quick            # fewer repetitions and cases (~1 min)
     .venv/bin/python benchmarks/run.py --json bench.json  # also write the results as JSON
     .venv/bin/python benchmarks/run.py --only sampling training
 
-Sections (see docs/PERFORMANCE.md for what each measures and why):
+Sections (docs/PERFORMANCE.md has the results and what they mean):
 
 - sampling: candidates/s of ``dp2osr.sampling.generate`` with all M seeds in one batched call, against one call
   per seed (and, at M = 16, a stock diffusers ``StableDiffusionControlNetPipeline`` call per seed, how the
-  published scripts sampled), on the tiny SD2 model; scaling with M and with image size (sizes above the
-  process size are tiled by ``dp2osr.sampling.super_resolve``).
-- scoring: scores/s of batched against per-image metric calls, per offline metric (``bench_score.py``).
-- training: DPO step time and peak memory of ``dp2osr.train`` (shared frozen UNet, frozen copy of only the
-  ControlNet, cached latents and prompt embeddings) against a naive step (policy UNet+ControlNet plus a
-  deep-copied reference UNet+ControlNet, VAE and text encoder run every step), each variant in its own
-  subprocess so its peak resident memory is its own. Model: the SD2-base architecture at 1/16 width, 128 px,
-  whose parameters *and* activations are both 1/256 of real SD2 at 512 px, so memory proportions are real.
-- degradation: images/s of ``dp2osr.degrade.degrade_image``.
+  published scripts sampled), on the tiny SD2 model; scaling with M and with image size (sides above the
+  process size are tiled by ``dp2osr.sampling.super_resolve``, as ``dp2osr sample`` does).
+- scoring: scores/s of batched against per-image metric calls, per offline metric (``bench_score.py``), at
+  ``dp2osr score``'s default batch of 8.
+- training: DPO step time and peak tensor memory of the ``dp2osr.train`` step (one frozen UNet/transformer
+  shared by policy and reference, a frozen copy of only the ControlNet, latents / control / prompt embeddings
+  cached) against a naive step (a deep-copied reference UNet/transformer *and* ControlNet; images read,
+  VAE-encoded and prompts text-encoded every step). Models: the real SD2-base and FLUX.1-dev architectures
+  at 1/16 and 1/32 width (same depth and blocks, ``benchmarks/common.py``), 128 px, where parameters and
+  activations shrink alike, so memory proportions stay close to the real ones at 512 px. Memory is the peak
+  of live tensor bytes (``common.TensorMemory``, the CPU analogue of ``torch.cuda.max_memory_allocated``).
+  The full run also times the real ``dp2osr.train.train()`` loop on the same model as a check.
+- degradation: images/s of ``dp2osr.degrade.degrade_image`` at 256² and 512².
 
 Repetitions of ours and the naive way alternate (ABAB..., order flipped every round) so machine noise hits
-both alike; medians are reported. Ratios are naive time / our time (> 1: ours is faster) and our memory /
-naive memory (< 1: ours uses less).
+both alike; medians are reported. Ratios: for rates and times the speed-up of ours (> 1: ours is faster);
+for memory ours / naive (< 1: ours uses less). One torch thread by default (--threads): on a shared 2-core
+machine two threads stalled each other (steps up to 20x slower, erratically).
 """
 
 from __future__ import annotations
@@ -114,9 +119,8 @@ def bench_sampling(args) -> list[dict]:
     )
     pipe.set_progress_bar_config(disable=True)
 
-    def pipeline_loop(
-        seeds,
-    ):  # how the published scripts sample: one pipeline call (prompt encoding too) per seed
+    def pipeline_loop(seeds):
+        """How the published scripts sample: one pipeline call (prompt encoding included) per seed."""
         for s in seeds:
             pipe(
                 "",
@@ -566,6 +570,37 @@ def print_row(r: dict) -> None:
     )
 
 
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets against the rows measured in this run."""
+    out = []
+    for r in rows:
+        if r["section"] == "sampling" and r["case"].startswith("M=16,"):
+            out.append(
+                {
+                    "target": f"batched sampling >= 1.5x {r['naive_name']} at M = 16",
+                    "measured": f"{r['ratio']:.2f}x",
+                    "met": r["ratio"] >= 1.5,
+                }
+            )
+        elif r["section"] == "training" and r["case"].endswith("DPO step time"):
+            out.append(
+                {
+                    "target": f"{r['case']} >= 1.5x faster than naive",
+                    "measured": f"{r['ratio']:.2f}x",
+                    "met": r["ratio"] >= 1.5,
+                }
+            )
+        elif r["section"] == "training" and r["case"].endswith("peak tensor memory"):
+            out.append(
+                {
+                    "target": f"{r['case']} <= 0.7x naive",
+                    "measured": f"{r['ratio']:.2f}x",
+                    "met": r["ratio"] <= 0.7,
+                }
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -609,6 +644,10 @@ def main(argv: list[str] | None = None) -> int:
             rows += fns[name](args)
             seconds[name] = round(time.perf_counter() - t, 1)
     total = time.perf_counter() - start
+    checks = targets(rows)
+    print("\ntargets (issue 7):")
+    for c in checks:
+        print(f"  {'met    ' if c['met'] else 'NOT met'}  {c['target']}: {c['measured']}")
     print(f"\ntotal {total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
     if args.json:
         doc = {
@@ -619,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             "sampling_steps": args.steps,
             "seconds": seconds,
             "total_seconds": round(total, 1),
+            "targets": checks,
             "results": rows,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -189,6 +189,10 @@ def train(cfg: TrainConfig) -> int:
     if accelerator.is_main_process:
         save_config(cfg, out / CONFIG_NAME)
     cache = FrozenCache(bb, cfg.upscale, enabled=cfg.cache)
+    if cfg.cache:  # every prompt's embedding now; then the text encoders leave the GPU (FLUX's T5: ~9 GiB)
+        for prompt in sorted(set(examples.prompts) | {""}):
+            cache.cond(prompt)
+        bb.offload_text_encoders()
     writer = _tensorboard(out / "tb") if accelerator.is_main_process else None
 
     @contextlib.contextmanager

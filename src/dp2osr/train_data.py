@@ -84,7 +84,11 @@ def batch_indices(n: int, step: int, micro: int, rank: int, batch: int, accum: i
 
 
 class FrozenCache:
-    """Latents, control and prompt embeddings computed once by the frozen parts (kept on ``device``)."""
+    """Latents, control and prompt embeddings computed once by the frozen parts.
+
+    Entries are kept in CPU memory (the training device's memory is for the models; at the paper's pool size
+    the latents alone are tens of GB) and a batch is moved to the device when it is used.
+    """
 
     def __init__(self, bb: Backbone, upscale: int, enabled: bool = True) -> None:
         self.bb, self.upscale, self.enabled = bb, upscale, enabled
@@ -111,7 +115,7 @@ class FrozenCache:
             raise ValueError(
                 f"{path} is {tuple(img.shape[-2:])} but its LR {lr_path} x{self.upscale} is {tuple(up.shape[-2:])}"
             )
-        z = self.bb.encode_images(img, up.to(self.bb.device))[0]
+        z = self.bb.encode_images(img, up.to(self.bb.device))[0].cpu()
         if self.enabled:
             self._lat[path] = z
         return z
@@ -120,7 +124,7 @@ class FrozenCache:
     def control(self, lr_path: str) -> torch.Tensor:
         if lr_path in self._ctrl:
             return self._ctrl[lr_path]
-        c = self.bb.prepare_control(self.lr_up(lr_path).to(self.bb.device))[0]
+        c = self.bb.prepare_control(self.lr_up(lr_path).to(self.bb.device))[0].cpu()
         if self.enabled:
             self._ctrl[lr_path] = c
         return c
@@ -128,7 +132,7 @@ class FrozenCache:
     @torch.no_grad()
     def cond(self, prompt: str) -> Cond:
         if prompt not in self._cond:
-            c = self.bb.encode_prompts([prompt])
+            c = {k: v.cpu() for k, v in self.bb.encode_prompts([prompt]).items()}
             if not self.enabled:
                 return c
             self._cond[prompt] = c
@@ -143,5 +147,6 @@ class FrozenCache:
         control = torch.stack([self.control(ex.lr[i]) for i in idx])
         prompts = [("" if drop_prompt and drop_prompt[n] else ex.prompts[i]) for n, i in enumerate(idx)]
         conds = [self.cond(p) for p in prompts]
-        cond = {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
-        return targets, control, cond, ex.weights[idx].to(self.bb.device)
+        cond = {key: torch.cat([c[key] for c in conds]).to(self.bb.device) for key in conds[0]}
+        dev = self.bb.device
+        return targets.to(dev), control.to(dev), cond, ex.weights[idx].to(dev)

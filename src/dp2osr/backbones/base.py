@@ -160,6 +160,13 @@ class Backbone(ABC):
             m.eval()
         return self
 
+    def offload_text_encoders(self) -> None:
+        """Move the text encoders to the CPU (once every prompt embedding needed is cached)."""
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(self, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.to("cpu")
+
     def save_pretrained(self, path: Path) -> None:
         """Write a diffusers-layout folder (one subfolder per part, ``controlnet/`` included)."""
         path = Path(path)

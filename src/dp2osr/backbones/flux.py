@@ -93,7 +93,7 @@ class FluxBackbone(Backbone):
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids.to(self.text_encoder.device)  # the encoders may have been offloaded to the CPU
         pooled = self.text_encoder(clip_ids, output_hidden_states=False).pooler_output
         t5_ids = self.tokenizer_2(
             prompts,
@@ -101,9 +101,12 @@ class FluxBackbone(Backbone):
             max_length=self.max_sequence_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
+        ).input_ids.to(self.text_encoder_2.device)
         embeds = self.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-        return {"prompt_embeds": embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
+        return {
+            "prompt_embeds": embeds.to(self.device, self.dtype),
+            "pooled_prompt_embeds": pooled.to(self.device, self.dtype),
+        }
 
     def encode_images(self, images: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
         x = images.to(self.device, self.vae.dtype) * 2 - 1

@@ -58,8 +58,8 @@ class SD2Backbone(Backbone):
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+        ).input_ids.to(self.text_encoder.device)  # the encoder may have been offloaded to the CPU
+        return self.text_encoder(ids)[0].to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
