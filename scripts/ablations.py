@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dp2osr.config import add_arguments, build_config, save_config
-from dp2osr.quickstart import Layout, QuickstartConfig, load_base, run
+from dp2osr.config import add_arguments, build_config
+from dp2osr.quickstart import Layout, QuickstartConfig, load_base, prepare_output, run
 
 # name -> (description, options changed from the quickstart's)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         if args.mode == "seeds":
             c = dataclasses.replace(cfg, seed=seed, output=root / f"seed_{seed}")
-            save_config(c, c.output / "quickstart_config.yaml")
-            rows.append({"seed": seed, "summary": run(c, Layout.of(c.output), bb)})
+            rows.append({"seed": seed, "summary": run(c, Layout.of(prepare_output(c)), bb)})
             print(seeds_table(rows))
             continue
         shared = Layout.of(root / f"seed_{seed}" / args.variants[0])
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 score=shared.score,
                 base_pool=shared.base_pool,
             )
-            save_config(c, c.output / "quickstart_config.yaml")
+            prepare_output(c)
             s = run(c, lay, bb)
             first, last = s["curve"]["step"].index(0), len(s["curve"]["step"]) - 1
             row = {

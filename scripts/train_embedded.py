@@ -396,7 +396,7 @@ def train_model(args: argparse.Namespace) -> Path:
     t0 = time.time()
     init = Path(args.init) if args.init is not None else work / "init"
     if args.init is None:
-        build_embedded(args.seed, tuple(args.widths)).save_pretrained(init)
+        build_embedded(args.seed, tuple(args.widths), args.residual_scale).save_pretrained(init)
     stage1 = None
     if args.base_steps or (args.base_steps is None and args.base_fraction > 0):
         budget = None if args.base_steps is not None else args.minutes * 60 * args.base_fraction
@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--widths", type=int, nargs="+", default=[64, 96, 128], help="UNet block widths of a new model")
+    p.add_argument("--residual-scale", type=float, default=10.0, help="latent = scale x (HR - bicubic LR), new model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--save-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved weights")

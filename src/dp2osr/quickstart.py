@@ -101,7 +101,7 @@ class QuickstartConfig:
         "defaults, Real-ESRGAN x4plus: much harsher than the embedded model has seen)",
         choices=["mild", "realesrgan"],
     )
-    hr_size: int = field(128, help="HR crop side (the LR is hr_size/4); photos are cut into tiles this big")
+    hr_size: int = field(64, help="HR crop side (the LR is hr_size/4); photos are cut into tiles this big")
     images: int = field(10, help="training crops: the DPO pairs come from these only")
     heldout: int = field(8, help="held-out crops for evaluation: never in the DPO pairs")
     samples: int = field(8, help="M: candidates per training crop (paper: 32 for SD2, 64 for FLUX)")
@@ -624,8 +624,9 @@ def run(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: 
     return summary
 
 
-def quickstart(cfg: QuickstartConfig) -> int:
-    """Run ``dp2osr quickstart``: the whole loop, then print the summary and the report's path."""
+def prepare_output(cfg: QuickstartConfig) -> Path:
+    """Make ``cfg.output`` ready: new, or an earlier quickstart with the same options (resumed) or
+    ``--overwrite`` (deleted first); anything else is refused. Saves the resolved config there."""
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()):
         if not (out / CONFIG_NAME).is_file():
@@ -637,7 +638,12 @@ def quickstart(cfg: QuickstartConfig) -> int:
                 cfg, out / CONFIG_NAME, _RUN_ONLY, "a quickstart", "use --overwrite or another --output"
             )
     save_config(cfg, out / CONFIG_NAME)
-    summary = run(cfg, Layout.of(out))
+    return out
+
+
+def quickstart(cfg: QuickstartConfig) -> int:
+    """Run ``dp2osr quickstart``: the whole loop, then print the summary and the report's path."""
+    summary = run(cfg, Layout.of(prepare_output(cfg)))
     print(summary_markdown(cfg, summary))
     print(f"total {summary['timings']['total']:.0f} s; report:")
     print(Path(summary["report"]).resolve())

@@ -142,6 +142,10 @@ def train(cfg: TrainConfig) -> int:
     from diffusers.optimization import get_scheduler
 
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if not cpu:
+        # The cuDNN attention backend hit "illegal memory access" in the FLUX DPO backward (torch 2.11, H200);
+        # the flash / memory-efficient backends ran the same step fine.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
     out = Path(cfg.output)
     resume_from = latest_checkpoint(out) if cfg.resume else None
