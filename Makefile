@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/dp2osr upscale --backbone sd2-tiny --input src/dp2osr/assets/astronaut_lr.png --output out/demo --samples 2
+	HF_HUB_OFFLINE=1 $(BIN)/dp2osr quickstart --output out/quickstart
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

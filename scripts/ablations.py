@@ -7,7 +7,8 @@ Two modes:
   DP²O ControlNet (joint normalisation, as the quickstart's report) and PSNR/SSIM, and counts the seeds in
   which both Mean@M and Worst@M rose (the target: at least 4 of 5).
 - ``--mode ablations``: the paper's ablations at small scale, per seed: pair reward hybrid vs FR-only vs
-  NR-only; top-N x bottom-N vs N=1 (best vs worst); HPO on vs off. All variants of a seed share the crops,
+  NR-only; top-N x bottom-N vs N=1 (best vs worst); HPO on vs off; and beta 5000 (the paper's) vs the
+  quickstart's 500. All variants of a seed share the crops,
   the training pool and its scores, and the base model's held-out pool; each has its own pairs, training
   and final held-out pool. Outcomes are read under one fixed normalisation: the min-max bounds of the base
   model's held-out pool (so values can leave [0, 1] and are comparable across variants).
@@ -42,6 +43,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "nr_only": ("NR-only reward for pairing", {"pair_reward": "nr"}),
     "n1": ("N = 1 (best vs worst)", {"pairs_n": 1}),
     "no_hpo": ("HPO off (uniform pair weights)", {"hpo": "none"}),
+    "beta5000": ("beta = 5000 (the paper's; quickstart: 500)", {"beta": 5000.0}),
 }
 
 

@@ -257,8 +257,11 @@ def _log(run: Path) -> list[dict]:
 
 def _seconds_per_step(run: Path) -> float:
     """Seconds per step over the second half of a run's log (after warm-up)."""
-    half = _log(run)[len(_log(run)) // 2 :]
-    return (half[-1]["seconds"] - half[0]["seconds"]) / max(1, half[-1]["step"] - half[0]["step"])
+    lines = _log(run)
+    if len(lines) < 2:
+        return lines[-1]["seconds"] / max(1, lines[-1]["step"])
+    a, b = lines[max(0, len(lines) // 2 - 1)], lines[-1]
+    return (b["seconds"] - a["seconds"]) / max(1, b["step"] - a["step"])
 
 
 def _load_seconds(init: Path, data: Path, device: str, n: int = 128) -> float:

@@ -141,7 +141,7 @@ class QuickstartConfig:
         0.0,
         help="train with an EMA of the weights (`dp2osr train --ema-decay`); 0 = off: 120 steps are too few",
     )
-    eval_every: int = field(20, help="evaluate the held-out reward every K steps (the reward curve)")
+    eval_every: int = field(30, help="evaluate the held-out reward every K steps (the reward curve)")
     sample_steps: int | None = field(None, help="denoising steps per sample (default: the backbone's)")
     sample_batch: int = field(8, help="seeds sampled together in one batched call")
     seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
@@ -274,6 +274,18 @@ def sampling_options(cfg: QuickstartConfig):
         batch_size=cfg.sample_batch,
         process_size=cfg.hr_size,
     )
+
+
+def fingerprint(bb: Backbone) -> str:
+    """A short hash of the weights (denoiser and ControlNet): which model a result was measured with."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for module in [*bb.frozen_modules().values(), bb.controlnet]:
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def load_base(cfg: QuickstartConfig) -> Backbone:
@@ -517,7 +529,7 @@ def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
         f"<b>{s['improved_images']} of {s['images']}</b>.</p>"
         f"<table><thead><tr><th>held-out</th><th>{_BASE_LABEL}</th><th>{_DPO_LABEL}</th><th>Δ</th></tr>"
         f"</thead><tbody>{rows}</tbody></table>"
-        f'<p class="note">Run time {t.get("total", 0):.0f} s ('
+        f'<p class="note">Model {html.escape(s.get("model", "?"))} (weights hash). Run time {t.get("total", 0):.0f} s ('
         + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
         + "). The reward curve below normalises with the step-0 pool's bounds, so its values are not those of "
         "this table.</p>"
@@ -613,6 +625,7 @@ def run(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: 
     summary = compare(cfg, lay)
     lap("eval", t)
     summary["pairs"] = len(pairs)
+    summary["model"] = f"{cfg.backbone} {fingerprint(bb)}"
     summary["curve"] = curve.to_dict(orient="list")
     timings["total"] = time.perf_counter() - t0
     summary["timings"] = timings
