@@ -31,12 +31,12 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_embedded as T  # noqa: E402  (also puts src/ on the path)
+import train_embedded as T
 
-from dp2osr.backbones import load_backbone  # noqa: E402
-from dp2osr.evaluate import psnr_y, ssim_y, y_channel  # noqa: E402
-from dp2osr.images import save_image  # noqa: E402
-from dp2osr.sampling import resize, super_resolve  # noqa: E402
+from dp2osr.backbones import load_backbone
+from dp2osr.evaluate import psnr_y, ssim_y, y_channel
+from dp2osr.images import save_image
+from dp2osr.sampling import resize, super_resolve
 
 REWARD_METRICS = ("ms_ssim", "fsim", "gmsd", "piqe")  # dp2osr.metrics.PRESETS["offline"]
 EXTRA_METRICS = ("entropy",)  # NR, not in the reward

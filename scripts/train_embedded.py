@@ -17,11 +17,21 @@
      each degraded to ×4 LR by ``dp2osr.degrade.degrade_image`` with ``MILD`` parameters (a milder version of
      Real-ESRGAN's second-order pipeline, the range of inputs `dp2osr upscale` meets in everyday photos),
      in parallel on all CPU cores -> ``WORK/data`` (a `dp2osr degrade`-style folder: hr/, lr/, pairs.parquet);
-   - an untrained model from ``build_embedded(--seed)`` -> ``WORK/init``;
-   - ``dp2osr train --mode sft`` (``dp2osr.train.train``) on it: a short calibration run on a small subset
-     measures the speed, then one run of as many steps as fit ``--minutes`` (or exactly ``--steps``);
-   - the base plus the trained ControlNet (EMA weights) -> ``--out`` in fp16 (each file < 16 MB), with
-     ``train_log.json`` (the recipe and the loss curve).
+   - an untrained model from ``build_embedded(--seed)`` -> ``WORK/init`` (or ``--init FOLDER`` to go on
+     training an existing model, e.g. the shipped one);
+   - stage 1, the base model's pretraining (``pretrain_base``; ``--base-fraction`` of the time, or
+     ``--base-steps``): the UNet and the ControlNet trained together, because the method's trainer only
+     trains the ControlNet and this model has no pretrained base (see ``pretrain_base`` for the measurement);
+   - stage 2, ``dp2osr train --mode sft`` (``dp2osr.train.train``, ControlNet only, EMA): a short calibration
+     run on a small subset measures the speed, then one run of as many steps as fit the rest of ``--minutes``
+     (or exactly ``--steps``) on ``--sft-crops`` of the crops;
+   - the base plus the trained ControlNet (EMA weights) -> ``--out`` in fp16 (each file < 16 MB; 8 files),
+     with ``train_log.json`` (the recipe and both loss curves).
+
+GPU example (one H100/H200, ~5 minutes of training, ~7 minutes in all)::
+
+    python scripts/train_embedded.py --photos PHOTOS --work /tmp/emb --out OUT --minutes 5 --crops 30000 \\
+        --batch-size 128 --lr 4e-4 --sft-lr 1e-4 --warmup 200 --base-fraction 0.7 --device cuda
 """
 
 from __future__ import annotations
@@ -43,9 +53,9 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from dp2osr.degrade import PAIRS_COLUMNS, DegradationParams, degrade_image, image_seed  # noqa: E402
-from dp2osr.images import list_images, load_image, save_image, write_parquet  # noqa: E402
-from dp2osr.sampling import resize  # noqa: E402
+from dp2osr.degrade import PAIRS_COLUMNS, DegradationParams, degrade_image, image_seed
+from dp2osr.images import list_images, load_image, save_image, write_parquet
+from dp2osr.sampling import resize
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 # name -> path under usr/share/doc/opencv-doc/examples/ (Debian opencv-doc 4.6.0): colour photos >= 256 px;
@@ -159,7 +169,7 @@ def _random_crop(photo: torch.Tensor, size: int, rng: np.random.Generator) -> to
     """A ``size``² crop of a region ``size / s`` wide (s ~ U(0.5, 1), shrunk with antialiasing), flipped/turned."""
     h, w = photo.shape[-2:]
     s = float(rng.uniform(max(0.5, size / min(h, w)), 1.0))
-    side = min(int(round(size / s)), h, w)
+    side = min(round(size / s), h, w)
     top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
     hr = resize(photo[..., top : top + side, left : left + side], (size, size))
     if rng.random() < 0.5:
@@ -202,7 +212,8 @@ def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: 
     counts = np.random.default_rng(seed).multinomial(n, np.asarray(areas) / sum(areas))
     jobs, k = [], 0
     for p, c in zip(photos, counts):
-        jobs.append((str(p), [f"{p.stem}_{seed}_{k + i:06d}" for i in range(c)], size, str(out)))
+        ids = [f"{p.stem}_{seed}_{k + i:06d}" for i in range(c)]
+        jobs += [(str(p), ids[i : i + 200], size, str(out)) for i in range(0, c, 200)]  # balanced workers
         k += c
     t0 = time.time()
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
@@ -285,8 +296,9 @@ def _load_seconds(init: Path, data: Path, device: str, n: int = 128) -> float:
 
 def load_pairs(bb, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, control images) of every pair of a training folder, on the backbone's device."""
-    import pandas as pd
     from concurrent.futures import ThreadPoolExecutor
+
+    import pandas as pd
 
     rows = pd.read_parquet(data / "pairs.parquet")
 
@@ -428,24 +440,30 @@ def train_model(args: argparse.Namespace) -> Path:
             log_every=10,
         )
 
-    steps = args.steps
-    if steps is None:  # measure the speed on a small subset, then size the real run to the budget
-        pairs = pd.read_parquet(data / "pairs.parquet").head(2 * args.batch_size)
-        calib = work / "calibration"
+    def subset(n: int, folder: Path) -> Path:
+        """``n`` pairs drawn at random (seeded; every photo) as a table of their own, with absolute paths."""
+        pairs = pd.read_parquet(data / "pairs.parquet")
+        pairs = pairs.sample(n=min(n, len(pairs)), random_state=args.seed).sort_values("image_id")
         for col in ("hr_path", "lr_path"):
             pairs[col] = [str((data / p).resolve()) for p in pairs[col]]
-        write_parquet(pairs, calib / "data" / "pairs.parquet")
-        if train(config(args.calibration_steps, calib / "data", calib / "run")) != 0:
+        write_parquet(pairs, folder / "pairs.parquet")
+        return folder
+
+    sft_data = subset(args.sft_crops, work / "sft_data") if args.sft_crops else data
+    steps = args.steps
+    if steps is None:  # measure the speed on a small subset, then size the real run to the budget
+        calib = work / "calibration"
+        if train(config(args.calibration_steps, subset(2 * args.batch_size, calib / "data"), calib / "run")) != 0:
             raise RuntimeError("training diverged in the calibration run")
         per_step = _seconds_per_step(calib / "run")
         per_example = _load_seconds(init, data, device)
-        n_examples = len(pd.read_parquet(data / "pairs.parquet"))
+        n_examples = len(pd.read_parquet(sft_data / "pairs.parquet"))
         left = args.minutes * 60 - (time.time() - t0) - n_examples * per_example - 20  # 20 s: start, save
         steps = max(args.calibration_steps, int(left / per_step))
         print(f"calibration: {per_step * 1000:.1f} ms/step, {per_example * 1000:.2f} ms to load an example "
               f"({n_examples} examples) -> {steps} steps", flush=True)
     run = work / "run"
-    if train(config(steps, data, run)) != 0:
+    if train(config(steps, sft_data, run)) != 0:
         raise RuntimeError("training diverged")
     log = _log(run)
     print(f"trained {steps} steps in {time.time() - t0:.0f} s ({_seconds_per_step(run) * 1000:.1f} ms/step)")
@@ -480,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-steps", type=int, default=40, help="steps of the speed measurement")
     p.add_argument("--crops", type=int, default=4000, help="number of training crops")
     p.add_argument("--crop-size", type=int, default=64, help="HR crop side (pixels, multiple of 4)")
+    p.add_argument("--sft-crops", type=int, default=8000,
+                   help="stage 2 trains on N of the crops, drawn at random (`dp2osr train` encodes each one on "
+                   "first use, which costs time at GPU speed); 0 = all")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4, help="stage 1 learning rate")
     p.add_argument("--sft-lr", type=float, default=1e-4, help="stage 2 (`dp2osr train`) learning rate")

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from dp2osr.backbones import load_backbone, save_release
 from dp2osr.backbones import embedded as emb
+from dp2osr.backbones import load_backbone, save_release
 from dp2osr.backbones.embedded import EmbeddedBackbone, ResidualSpaceToDepth, build_embedded
 from dp2osr.images import load_image, save_image
 
@@ -72,7 +72,7 @@ def test_saves_and_loads_through_load_backbone(saved):
 
 
 def test_release_format_controlnet(saved, tmp_path):
-    bb, path = saved
+    _, path = saved
     trained = build_embedded(seed=7, widths=SMALL).controlnet  # different weights, same shapes
     save_release(trained, tmp_path / "model.safetensors")
     loaded = load_backbone("embedded", base=path, controlnet=tmp_path / "model.safetensors")

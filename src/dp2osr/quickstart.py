@@ -144,6 +144,11 @@ class QuickstartConfig:
     eval_every: int = field(30, help="evaluate the held-out reward every K steps (the reward curve)")
     sample_steps: int | None = field(None, help="denoising steps per sample (default: the backbone's)")
     sample_batch: int = field(8, help="seeds sampled together in one batched call")
+    color_fix: str = field(
+        "adain",
+        help="colour correction of every sample against the upsampled LR",
+        choices=["adain", "wavelet", "none"],
+    )
     seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
     device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
     overwrite: bool = field(False, help="delete an earlier quickstart in --output first (default: resume it)")
@@ -273,6 +278,7 @@ def sampling_options(cfg: QuickstartConfig):
         steps=cfg.sample_steps,
         batch_size=cfg.sample_batch,
         process_size=cfg.hr_size,
+        color_fix=cfg.color_fix,
     )
 
 
