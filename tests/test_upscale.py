@@ -199,3 +199,13 @@ def test_prompt_sources(tmp_path, monkeypatch):
     torch.save({"model": {}}, ckpt)
     tag = make_prompt_fn("ram", ram_path=ckpt, dape_path=ckpt)
     assert tag(img, torch.rand(1, 3, 8, 8)) == "building, sky, tree"
+
+
+def test_bare_input_and_embedded_default(tmp_path, monkeypatch, capsys):
+    """`dp2osr upscale photo.png` uses the shipped embedded model and writes upscaled/NAME/seed_0000.png."""
+    monkeypatch.chdir(tmp_path)
+    _png(tmp_path / "photo.png", 12, 12)
+    assert main(["upscale", "photo.png", "--steps", "2"]) == 0
+    assert "embedded default model" in capsys.readouterr().err
+    im = Image.open(tmp_path / "upscaled" / "photo" / "seed_0000.png")
+    assert im.size == (48, 48)

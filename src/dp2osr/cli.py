@@ -87,6 +87,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, s
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = ["dp2osr", *argv]
+    # `dp2osr upscale photo.png`: a bare first argument of upscale is its --input.
+    if len(sys.argv) > 2 and sys.argv[1] == "upscale" and not sys.argv[2].startswith("-"):
+        sys.argv.insert(2, "--input")
     parser, commands = build_parser()
     args = parser.parse_args(sys.argv[1:])
     if args.command is None:

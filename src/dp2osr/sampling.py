@@ -178,8 +178,9 @@ class ModelOptions:
     """Which model to run: shared by upscale, sample, train and eval."""
 
     backbone: str = field(
-        "sd2",
-        help="model family: sd2 | flux (real, need --base) or sd2-tiny | flux-tiny "
+        "embedded",
+        help="model family: embedded (the small SR model shipped in the package; needs nothing else), "
+        "sd2 | flux (the published models; need --base and --controlnet), or sd2-tiny | flux-tiny "
         "(small random test models, built in code)",
         choices=list(NAMES),
     )

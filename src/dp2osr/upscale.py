@@ -33,6 +33,7 @@ MIN_LR_SIDE = 8
 class UpscaleConfig(SamplingOptions):
     """Super-resolve an image or a folder of images.
 
+    Quick use (the embedded default model): dp2osr upscale photo.png   -> upscaled/photo/seed_0000.png
     Example (the published DP²O-SD2 model):
       dp2osr upscale --input photos/ --output sr/ --backbone sd2 --base models/stable-diffusion-2-base \\
           --controlnet models/dp2o-sd2/model.safetensors --samples 4
@@ -40,7 +41,7 @@ class UpscaleConfig(SamplingOptions):
     """
 
     input: Path = field(help="an image file or a folder of images (png, jpg, bmp, tif, webp)")
-    output: Path = field(help="output folder")
+    output: Path = field(Path("upscaled"), help="output folder")
     upscale: int = field(
         4, help="scale factor: 4 for a raw x4 LR, 1 for an LR already upsampled to the output size"
     )
@@ -73,6 +74,12 @@ def upscale(cfg: UpscaleConfig) -> int:
     device = state.device if cfg.device == "auto" and state.num_processes > 1 else resolve_device(cfg.device)
     bb = load_model(cfg, device)
     settings = sampling_settings(bb, cfg)
+    if cfg.backbone == "embedded" and cfg.base is None:
+        print(
+            "note: using the embedded default model (a small CPU model shipped with dp2osr; see docs/EMBEDDED.md). "
+            "For the published models pass --backbone sd2|flux --base ... --controlnet ...",
+            file=sys.stderr,
+        )
     if cfg.base is None and bb.name.endswith("tiny"):
         print(
             f"note: using the built-in {bb.name} test model (random weights): outputs are not real SR",
