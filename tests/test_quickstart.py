@@ -153,8 +153,39 @@ def test_too_many_crops_asked_is_a_clear_error(tmp_path, capsys):
     assert "--images 500" in capsys.readouterr().err
 
 
-def test_default_backbone_is_the_embedded_model():
+def test_default_backbone_is_the_embedded_model(tmp_path):
+    """The default model (the one shipped in the package) runs the loop too: 1+1 crops, 2 seeds, 1 step."""
     assert QuickstartConfig().backbone == "embedded"
+    from dp2osr.backbones.embedded import SHIPPED
+
+    if not (SHIPPED / "dp2osr.json").is_file():
+        pytest.skip("the embedded model's weights are not in this checkout")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dp2osr",
+        "quickstart",
+        "--output",
+        str(out),
+        "--images",
+        "1",
+        "--heldout",
+        "1",
+        "--samples",
+        "2",
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--sample-steps",
+        "2",
+    ]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str((out / "report.html").resolve())
+    assert pd.read_csv(out / "6_eval" / "reward_curve.csv")["step"].tolist() == [0, 1]
 
 
 def test_mild_degradation_is_the_embedded_models_training_range():
