@@ -167,3 +167,47 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
                           *_args("sd2-tiny", data, out, "dpo", 2)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert len(_metrics(out)) == 2 and (out / "final" / "model.safetensors").is_file()
+
+
+def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
+    """--eval-data: the held-out reward at step 0, every --eval-every steps and at the end, without changing
+    the training itself; `dp2osr curve` over the saved checkpoints (reloaded from disk) gives the same curve as
+    the evaluation of the live weights (same seeds, same step-0 bounds)."""
+    plain, run, out = tmp_path / "plain", tmp_path / "run", tmp_path / "curve"
+    sampling = ["--eval-samples", "2", "--eval-sample-steps", "4", "--eval-metrics", "fsim", "gmsd", "piqe"]
+    assert main(_args("sd2-tiny", data, plain, "dpo", 3, "--checkpoint-every", "2")) == 0
+    assert main(_args("sd2-tiny", data, run, "dpo", 3, "--checkpoint-every", "2", "--keep-checkpoints", "0",
+                      "--eval-data", str(data), "--eval-every", "2", *sampling)) == 0
+    rows = _metrics(run)
+    evals = [r for r in rows if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in _metrics(plain)]  # evaluation did not touch training
+    curve = pd.read_csv(run / "eval" / "reward_curve.csv")
+    assert curve.step.tolist() == [0, 2, 3] and (run / "eval" / "reward_curve.png").stat().st_size > 1000
+    assert curve.reward.tolist() == pytest.approx([r["eval_reward"] for r in evals], abs=1e-6)
+    assert 0 <= curve.reward[0] <= 1 and curve.reward.nunique() == 3  # the weights changed what is sampled
+    assert (curve.best >= curve.reward).all() and (curve.reward >= curve.worst).all()
+    for step in (0, 2, 3):
+        assert len(list((run / "eval" / f"step_{step:06d}").glob("*/seed_*.png"))) == 4  # 2 images x 2 seeds
+
+    assert main(["curve", "--run", str(run), "--heldout", str(data), "--output", str(out), "--samples", "2",
+                 "--steps", "4", "--metrics", "fsim", "gmsd", "piqe"]) == 0
+    again = pd.read_csv(out / "reward_curve.csv")
+    pd.testing.assert_frame_equal(again, curve, rtol=1e-4, atol=1e-5)
+    assert (out / "reward_curve.png").is_file()
+
+
+def test_heldout_eval_bad_input(data, tmp_path, capsys):
+    lr_only = tmp_path / "lr_only"
+    shutil.copytree(data / "lr", lr_only)
+    out = tmp_path / "run"
+    args = _args("sd2-tiny", data, out, "dpo", 1, "--eval-data", str(lr_only), "--eval-metrics", "fsim", "piqe")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert str(lr_only) in err and "without HR" in err
+    assert not list(out.glob("checkpoint-*"))  # refused before training
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert main(["curve", "--run", str(empty), "--heldout", str(data)]) == 2
+    assert "train_config.yaml" in capsys.readouterr().err

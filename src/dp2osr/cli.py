@@ -38,6 +38,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "evaluate",
         "IQA tables for SR folders; Best/Mean/Worst@M of pools",
     ),
+    "curve": (
+        "dp2osr.curve",
+        "CurveConfig",
+        "curve",
+        "held-out reward over a training run's checkpoints",
+    ),
     "report": ("dp2osr.report", "ReportConfig", "report", "one self-contained HTML page of results"),
     "quickstart": (
         "dp2osr.quickstart",
@@ -50,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 DESCRIPTION = """\
 dp2osr — DP²O-SR (Direct Perceptual Preference Optimization for Real-World Image Super-Resolution).
 
-Stages, in pipeline order: degrade -> sample -> score -> pair -> train -> eval -> report.
+Stages, in pipeline order: degrade -> sample -> score -> pair -> train -> curve / eval -> report.
 `upscale` runs a trained model on your images. Every command takes --config FILE.yaml (flags override it)
 and saves its resolved config beside its output. `dp2osr COMMAND --help` lists every option.
 """

@@ -31,7 +31,6 @@ import os
 # On free cores the two should be close (not measured: this project's machines were never idle).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import copy
 import json
 import shutil
 import sys
@@ -43,16 +42,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dp2osr import bestm
+from dp2osr import curve as curve_lib
 from dp2osr import metrics as metric_lib
-from dp2osr.backbones import Backbone, cast, load_release_state
+from dp2osr.backbones import Backbone
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.images import list_images, load_image, save_image, write_parquet
 from dp2osr.reward import fit_bounds, hybrid_reward
 
 CONFIG_NAME = "quickstart_config.yaml"
 PHOTOS = Path(__file__).parent / "assets" / "photos"
-CURVE_CSV = "reward_curve.csv"
+CURVE_CSV = curve_lib.CURVE_CSV
 PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
 _RUN_ONLY = {"output", "device", "overwrite"}
 # The embedded model's training degradation (a copy of scripts/train_embedded.py's MILD): lighter blur, noise,
@@ -315,34 +314,13 @@ def sample_pool(
     controlnet: torch.nn.Module | None = None,
     model: str = "base",
 ) -> None:
-    """`dp2osr sample` into ``folder`` with ``controlnet`` (default: the backbone's own), then score it."""
-    from dp2osr.sample import sample_candidates, write_manifest
-
-    old = bb.controlnet
-    bb.controlnet = controlnet if controlnet is not None else old
-    try:
-        sample_candidates(bb, images, folder, seeds, sampling_options(cfg), upscale=4)
-    finally:
-        bb.controlnet = old
-    write_manifest(images, folder, seeds, f"{cfg.backbone}|{model}")
+    """`dp2osr sample` into ``folder`` with ``controlnet`` (default: the backbone's own)."""
+    curve_lib.sample_pool(bb, images, folder, seeds, sampling_options(cfg), controlnet, model)
 
 
 def score_pool(cands: Path, out: Path, cfg: QuickstartConfig) -> pd.DataFrame:
     """`dp2osr score` (hybrid reward, pool scope) of the pool in ``cands``; returns its scores table."""
-    from dp2osr.score import ScoreConfig, score
-
-    status = score(
-        ScoreConfig(
-            candidates=cands,
-            output=out,
-            metrics=list(cfg.metrics),
-            weights_dir=cfg.weights_dir,
-            device=cfg.device,
-        )
-    )
-    if status != 0:
-        raise RuntimeError(f"scoring {cands} failed (see the messages above)")
-    return pd.read_parquet(out / "scores.parquet")
+    return curve_lib.score_pool(cands, out, list(cfg.metrics), cfg.weights_dir, cfg.device)
 
 
 def make_pairs(cfg: QuickstartConfig, scores: pd.DataFrame, cands: Path, out: Path) -> pd.DataFrame:
@@ -401,9 +379,7 @@ def controlnet_at(bb: Backbone, train_dir: Path, step: int) -> torch.nn.Module |
     """The ControlNet of checkpoint ``step`` (None at step 0: the base model's own)."""
     if step == 0:
         return None
-    net = copy.deepcopy(bb.controlnet)
-    load_release_state(net, train_dir / f"checkpoint-{step:06d}" / "model.safetensors", "the base ControlNet")
-    return cast(net, bb.device, bb.dtype).eval()
+    return curve_lib.controlnet_from(bb, train_dir / f"checkpoint-{step:06d}" / "model.safetensors")
 
 
 def eval_steps(cfg: QuickstartConfig) -> list[int]:
@@ -415,51 +391,9 @@ def eval_seeds(cfg: QuickstartConfig) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------- eval
-def quality(cands: Path) -> pd.DataFrame:
-    """PSNR and SSIM (Y channel, Real-ISR convention; not in the reward) of every candidate in a pool."""
-    from dp2osr.evaluate import psnr_y, ssim_y
-    from dp2osr.score import read_candidates
-
-    rows = []
-    for r in read_candidates(cands).itertuples():
-        sr = load_image(Path(r.abs_path))[0].permute(1, 2, 0).double().numpy()
-        hr = load_image(Path(r.hr_path))[0].permute(1, 2, 0).double().numpy()
-        rows.append((r.image_id, int(r.seed), psnr_y(sr, hr), ssim_y(sr, hr)))
-    return pd.DataFrame(rows, columns=["image_id", "seed", "psnr", "ssim"])
-
-
-def pool_rewards(scores: pd.DataFrame, cands: Path, bounds: dict, cfg: QuickstartConfig) -> pd.DataFrame:
-    """Hybrid reward (0.5/0.5) under fixed ``bounds``, with PSNR/SSIM, LR/HR and candidate paths."""
-    from dp2osr.score import read_candidates
-
-    specs = metric_lib.catalogue(list(cfg.metrics))
-    table = hybrid_reward(scores, specs, bounds=bounds)
-    info = read_candidates(cands)[["image_id", "seed", "abs_path", "lr_path", "hr_path"]]
-    return table.merge(info, on=["image_id", "seed"]).merge(quality(cands), on=["image_id", "seed"])
-
-
-def pool_stats(df: pd.DataFrame) -> dict[str, float]:
-    """Best/Mean/Worst@M at M = the whole pool, and the mean PSNR/SSIM of every candidate."""
-    _, _, mat = bestm.rewards_matrix(df, "reward")
-    s = bestm.best_mean_worst(mat, [mat.shape[1]])
-    return {
-        "best": float(s["best"][0]),
-        "mean": float(s["mean"][0]),
-        "worst": float(s["worst"][0]),
-        "psnr": float(df["psnr"].mean()),
-        "ssim": float(df["ssim"].mean()),
-    }
-
-
 def reward_curve(cfg: QuickstartConfig, lay: Layout) -> pd.DataFrame:
     """Held-out reward at every evaluated step, normalised with the step-0 pool's bounds."""
-    scores = {s: pd.read_parquet(pool_dir(lay, s) / "scores.parquet") for s in eval_steps(cfg)}
-    bounds = fit_bounds(scores[0], metric_lib.catalogue(list(cfg.metrics)))
-    rows = [
-        {"step": s, **pool_stats(pool_rewards(sc, pool_dir(lay, s), bounds, cfg))} for s, sc in scores.items()
-    ]
-    curve = pd.DataFrame(rows).rename(columns={"mean": "reward"})
-    return curve[["step", "reward", "best", "worst", "psnr", "ssim"]]
+    return curve_lib.curve_from_pools({s: pool_dir(lay, s) for s in eval_steps(cfg)}, list(cfg.metrics))
 
 
 def pool_dir(lay: Layout, step: int) -> Path:
@@ -476,11 +410,11 @@ def compare(cfg: QuickstartConfig, lay: Layout) -> dict:
     out: dict = {"final_step": final, "images": 0, "seeds": cfg.m_eval}
     means = {}
     for key, d in dirs.items():
-        df = pool_rewards(scores[key], d, bounds, cfg)
+        df = curve_lib.pool_rewards(scores[key], d, bounds, list(cfg.metrics))
         folder = lay.eval / "joint" / key
         df["path"] = [os.path.relpath(p, folder) for p in df.pop("abs_path")]
         write_parquet(df, folder / "rewards.parquet")
-        out[key] = pool_stats(df)
+        out[key] = curve_lib.pool_stats(df)
         raw = scores[key].groupby("metric")["value"].mean()
         out[key].update({f"raw_{m}": float(raw[m]) for m in cfg.metrics if m in raw})
         means[key] = df.groupby("image_id")["reward"].mean()

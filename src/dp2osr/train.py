@@ -76,10 +76,21 @@ class TrainConfig(ModelOptions):
     keep_checkpoints: int = field(2, help="keep only the newest K checkpoints (0 = all)")
     log_every: int = field(1, help="log metrics every K steps")
     resume: bool = field(False, help="continue from the newest checkpoint in OUTPUT")
+    eval_data: Path | None = field(None, help="held-out images (a `dp2osr degrade` folder, never in the training "
+                                   "data): their hybrid reward is evaluated at step 0 and every --eval-every steps "
+                                   "-> OUTPUT/eval/reward_curve.{csv,png}, TensorBoard eval/* (the reward curve)")
+    eval_every: int = field(0, help="evaluate every K steps (0 = at every checkpoint)")
+    eval_samples: int = field(4, help="seeds per held-out image (the same seeds at every evaluation)")
+    eval_metrics: list[str] | None = field(None, help="IQA metrics of the held-out reward (default: the offline "
+                                           "preset, ms_ssim fsim gmsd piqe)")
+    eval_sample_steps: int | None = field(None, help="denoising steps of the held-out samples (default: the "
+                                          "backbone's)")
+    eval_process_size: int | None = field(None, help="process size of the held-out samples (default: the "
+                                          "backbone's)")
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ["sft", "dpo"])
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.beta <= 0 or self.lr <= 0:
@@ -88,6 +99,8 @@ class TrainConfig(ModelOptions):
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"--prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -198,6 +211,34 @@ def train(cfg: TrainConfig) -> int:
             cache.cond(prompt)
         bb.offload_text_encoders()
     writer = _tensorboard(out / "tb") if accelerator.is_main_process else None
+    heldout = _heldout_eval(cfg, bb, out) if cfg.eval_data is not None and accelerator.is_main_process else None
+    eval_every = cfg.eval_every or cfg.checkpoint_every
+
+    def evaluate(done: int) -> None:
+        """The held-out reward of the current weights (EMA weights when kept: the model that is saved)."""
+        if heldout is not None:
+            model = accelerator.unwrap_model(net)
+            if ema is not None:
+                ema.store(params)
+                ema.copy_to(params)
+            model.eval()
+            try:
+                with accelerator.autocast():
+                    table = heldout(done, model)
+            finally:
+                model.train()
+                if ema is not None:
+                    ema.restore(params)
+            row = table[table.step == done].iloc[0]
+            record = {"step": done, **{f"eval_{k}": float(row[k]) for k in ("reward", "best", "worst", "psnr", "ssim")}}
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key, v in record.items():
+                if key != "step" and writer is not None:
+                    writer.add_scalar(key.replace("eval_", "eval/"), v, done)
+            tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
+                       f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {out / 'eval'}", file=sys.stderr)
+        accelerator.wait_for_everyone()
 
     @contextlib.contextmanager
     def reference_mode():
@@ -246,6 +287,8 @@ def train(cfg: TrainConfig) -> int:
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.mode}",
                disable=not accelerator.is_local_main_process, file=sys.stderr)
     t0 = time.perf_counter()
+    if start == 0:
+        evaluate(0)
     try:
         for s in bar:
             sums: dict[str, float] = {}
@@ -284,6 +327,8 @@ def train(cfg: TrainConfig) -> int:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     _prune(out, cfg.keep_checkpoints)
+            if cfg.eval_data is not None and (done % eval_every == 0 or done == cfg.steps):
+                evaluate(done)
     except TrainingDiverged as exc:
         last = latest_checkpoint(out)
         print(f"dp2osr train: stopped: {exc}; no checkpoint was written from this state "
@@ -304,6 +349,21 @@ def train(cfg: TrainConfig) -> int:
         print(f"train: {cfg.steps} steps done -> {final} (load with --controlnet {final / 'model.safetensors'})",
               file=sys.stderr)
     return 0
+
+
+def _heldout_eval(cfg: TrainConfig, bb, out: Path):
+    """The held-out evaluator of --eval-data (curve.HeldoutEval), sampling with the backbone's defaults."""
+    from dp2osr.curve import HeldoutEval
+    from dp2osr.sampling import SamplingOptions
+
+    opts = SamplingOptions(
+        backbone=cfg.backbone, base=cfg.base, controlnet=cfg.controlnet, device=cfg.device,
+        steps=cfg.eval_sample_steps, process_size=cfg.eval_process_size,
+    )  # fmt: skip
+    return HeldoutEval(
+        bb, cfg.eval_data, out / "eval", opts, samples=cfg.eval_samples, seed=50_000 + cfg.seed,
+        metrics=cfg.eval_metrics, upscale=cfg.upscale,
+    )  # fmt: skip
 
 
 def _prune(out: Path, keep: int) -> None:
