@@ -238,6 +238,8 @@ class CurveConfig(SamplingOptions):
     heldout: Path = field(help="held-out images: a `dp2osr degrade` folder (LR with HR) or a folder of LR images")
     output: Path | None = field(None, help="output folder (default: RUN/reward_curve)")
     backbone: str | None = field(None, help="model family (default: the run's)", choices=list(NAMES))
+    base: Path | None = field(None, help="base model folder (default: the run's --base)")
+    controlnet: Path | None = field(None, help="the step-0 ControlNet (default: the run's --controlnet)")
     samples: int = field(4, help="M: seeds per held-out image (the same at every step)")
     seed: int = field(50_000, help="seed of the first sample (seeds SEED .. SEED+M-1)")
     preset: str = field(
