@@ -197,6 +197,14 @@ def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
     pd.testing.assert_frame_equal(again, curve, rtol=1e-4, atol=1e-5)
     assert (out / "reward_curve.png").is_file()
 
+    # Interrupted after step 2 and resumed: the same curve, and no step evaluated twice.
+    part = tmp_path / "part"
+    args = ["--checkpoint-every", "2", "--eval-data", str(data), "--eval-every", "2", *sampling]
+    assert main(_args("sd2-tiny", data, part, "dpo", 2, *args)) == 0
+    assert main(_args("sd2-tiny", data, part, "dpo", 3, *args, "--resume")) == 0
+    assert [r["step"] for r in _metrics(part) if "eval_reward" in r] == [0, 2, 3]
+    pd.testing.assert_frame_equal(pd.read_csv(part / "eval" / "reward_curve.csv"), curve, rtol=1e-4, atol=1e-5)
+
 
 def test_heldout_eval_bad_input(data, tmp_path, capsys):
     lr_only = tmp_path / "lr_only"

@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> int:
 
     def evaluate(done: int) -> None:
         """The held-out reward of the current weights (EMA weights when kept: the model that is saved)."""
-        if heldout is not None:
+        if heldout is not None and done not in heldout.steps():  # a resumed run keeps its earlier evaluations
             model = accelerator.unwrap_model(net)
             if ema is not None:
                 ema.store(params)
@@ -230,7 +230,8 @@ def train(cfg: TrainConfig) -> int:
                 if ema is not None:
                     ema.restore(params)
             row = table[table.step == done].iloc[0]
-            record = {"step": done, **{f"eval_{k}": float(row[k]) for k in ("reward", "best", "worst", "psnr", "ssim")}}
+            keys = ("reward", "best", "worst", "psnr", "ssim")
+            record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys}}
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             for key, v in record.items():
@@ -286,9 +287,9 @@ def train(cfg: TrainConfig) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.mode}",
                disable=not accelerator.is_local_main_process, file=sys.stderr)
+    if cfg.eval_data is not None and start % eval_every == 0:
+        evaluate(start)
     t0 = time.perf_counter()
-    if start == 0:
-        evaluate(0)
     try:
         for s in bar:
             sums: dict[str, float] = {}
