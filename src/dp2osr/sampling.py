@@ -8,6 +8,7 @@ blended with smooth weights (memory bound by the tile, not the image), and decod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def generate(
     tile: int | None = None,
     overlap: int | None = None,
     controlnet: torch.nn.Module | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Sample one SR output per seed for one control image.
 
@@ -69,6 +71,7 @@ def generate(
         cond: text condition for batch 1 (or ``len(seeds)``), from ``backbone.encode_prompts``.
         seeds: one seed per output.
         tile: latent tile side (default: the whole image, no tiling); ``overlap`` in latents (default tile/4).
+        progress: called after every denoising step (e.g. to advance a progress bar).
     Returns:
         ``(len(seeds), 3, H, W)`` in [0, 1], float32 on the CPU.
     """
@@ -110,6 +113,8 @@ def generate(
                     total[y : y + th, x : x + tw] += weight
             out = out / total
         latents = backbone.step(out, t, latents, generators)
+        if progress is not None:
+            progress()
     images = []
     with backbone.vae_tiling(tiled):
         for k in range(b):  # one at a time: decoder activations dominate memory at real size
@@ -138,6 +143,7 @@ def super_resolve(
     tile_overlap: float = 0.25,
     color_fix_method: str = "adain",
     controlnet: torch.nn.Module | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """SR outputs ``(len(seeds), 3, H, W)`` for the upsampled LR ``lr_up`` ``(1, 3, H, W)`` at any size/aspect.
 
@@ -166,6 +172,7 @@ def super_resolve(
         tile=tile,
         overlap=overlap,
         controlnet=controlnet,
+        progress=progress,
     )
     out = out[..., :hw, :ww]
     if scale > 1:

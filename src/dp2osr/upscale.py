@@ -114,6 +114,8 @@ def upscale(cfg: UpscaleConfig) -> int:
             lr_up = resize(lr, (h * cfg.upscale, w * cfg.upscale))
             prompt = prompt_fn(path, lr)
             cond = bb.encode_prompts([prompt], settings["negative_prompt"])
+            steps = tqdm(total=settings["steps"] * len(todo), desc=f"  {path.name}", unit="step", leave=False,
+                         disable=not state.is_local_main_process, file=sys.stderr)  # fmt: skip
             for chunk in todo:
                 sr = super_resolve(
                     bb,
@@ -125,9 +127,11 @@ def upscale(cfg: UpscaleConfig) -> int:
                     process_size=settings["process_size"],
                     tile_overlap=cfg.tile_overlap,
                     color_fix_method=cfg.color_fix,
+                    progress=steps.update,
                 )
                 for seed, image in zip(chunk, sr):
                     save_image(image, output_path(cfg.output, path.stem, seed))
+            steps.close()
             if prompt:
                 (Path(cfg.output) / path.stem / "prompt.txt").write_text(prompt + "\n")
         except (ImageReadError, torch.OutOfMemoryError) as exc:
