@@ -160,13 +160,30 @@ def test_non_finite_loss_stops_without_checkpoint(data, tmp_path, monkeypatch, c
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(data, tmp_path):
+    """DDP training with the held-out evaluation shared by the two processes: every held-out sample is made
+    once, and the curve equals the one `dp2osr curve` computes in one process from the saved checkpoints."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    out = tmp_path / "ddp"
+    out, curve = tmp_path / "ddp", tmp_path / "curve"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    sampling = ["--eval-samples", "3", "--eval-sample-steps", "3", "--eval-metrics", "fsim", "gmsd", "piqe"]
     res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "dp2osr",
-                          *_args("sd2-tiny", data, out, "dpo", 2)], env=env, capture_output=True, text=True)
+                          *_args("sd2-tiny", data, out, "dpo", 2, "--checkpoint-every", "1", "--keep-checkpoints",
+                                 "0", "--eval-data", str(data), "--eval-every", "1", *sampling)],
+                         env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len(_metrics(out)) == 2 and (out / "final" / "model.safetensors").is_file()
+    assert len([r for r in _metrics(out) if "loss" in r]) == 2 and (out / "final" / "model.safetensors").is_file()
+    assert [r["step"] for r in _metrics(out) if "eval_reward" in r] == [0, 1, 2]
+    for step in (0, 1, 2):
+        pool = pd.read_parquet(out / "eval" / f"step_{step:06d}" / "candidates.parquet")
+        assert len(pool) == 6 and not pool.duplicated(["image_id", "seed"]).any()
+    expected = pd.read_csv(out / "eval" / "reward_curve.csv")
+    args = ["-m", "dp2osr", "curve", "--run-dir", str(out), "--heldout", str(data), "--samples", "3", "--steps", "3",
+            "--metrics", "fsim", "gmsd", "piqe"]
+    for launcher, folder in (([sys.executable], curve), ([torchrun, "--nproc_per_node", "2", "--master_port",
+                                                          "29572"], tmp_path / "curve2")):
+        res = subprocess.run([*launcher, *args, "--output", str(folder)], env=env, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        pd.testing.assert_frame_equal(pd.read_csv(folder / "reward_curve.csv"), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
@@ -191,7 +208,7 @@ def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
     for step in (0, 2, 3):
         assert len(list((run / "eval" / f"step_{step:06d}").glob("*/seed_*.png"))) == 4  # 2 images x 2 seeds
 
-    assert main(["curve", "--run", str(run), "--heldout", str(data), "--output", str(out), "--samples", "2",
+    assert main(["curve", "--run-dir", str(run), "--heldout", str(data), "--output", str(out), "--samples", "2",
                  "--steps", "4", "--metrics", "fsim", "gmsd", "piqe"]) == 0
     again = pd.read_csv(out / "reward_curve.csv")
     pd.testing.assert_frame_equal(again, curve, rtol=1e-4, atol=1e-5)
@@ -217,5 +234,5 @@ def test_heldout_eval_bad_input(data, tmp_path, capsys):
     assert not list(out.glob("checkpoint-*"))  # refused before training
     empty = tmp_path / "empty_run"
     empty.mkdir()
-    assert main(["curve", "--run", str(empty), "--heldout", str(data)]) == 2
+    assert main(["curve", "--run-dir", str(empty), "--heldout", str(data)]) == 2
     assert "train_config.yaml" in capsys.readouterr().err

@@ -32,7 +32,7 @@ CURVE_CSV = "reward_curve.csv"
 CURVE_PNG = "reward_curve.png"
 CONFIG_NAME = "curve_config.yaml"
 CURVE_COLUMNS = ["step", "reward", "best", "worst", "psnr", "ssim"]
-_RUN_ONLY = {"output", "device", "batch_size", "run"}
+_RUN_ONLY = {"output", "device", "batch_size", "run_dir"}
 
 
 # ---------------------------------------------------------------------------------------------- pools
@@ -45,17 +45,28 @@ def sample_pool(
     controlnet: torch.nn.Module | None = None,
     model: str = "base",
     upscale: int = 4,
+    state=None,
 ) -> None:
-    """`dp2osr sample` of ``images`` into ``folder`` with ``controlnet`` (default: the backbone's own)."""
+    """`dp2osr sample` of ``images`` into ``folder`` with ``controlnet`` (default: the backbone's own).
+
+    ``state`` (accelerate's ``PartialState`` or ``Accelerator``; None: one process): each process samples its
+    share of the (image, seed) work and the main process writes the manifest once all are done.
+    """
     from dp2osr.sample import sample_candidates, write_manifest
 
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     old = bb.controlnet
     bb.controlnet = controlnet if controlnet is not None else old
     try:
-        sample_candidates(bb, images, folder, seeds, opts, upscale=upscale)
+        sample_candidates(
+            bb, images, folder, seeds, opts, upscale=upscale, rank=rank, world=world, show_progress=rank == 0
+        )
     finally:
         bb.controlnet = old
-    write_manifest(images, folder, seeds, f"{opts.backbone}|{model}")
+    if state is not None:
+        state.wait_for_everyone()
+    if rank == 0:
+        write_manifest(images, folder, seeds, f"{opts.backbone}|{model}")
 
 
 def score_pool(
@@ -168,11 +179,11 @@ def read_heldout(heldout: Path, metrics: list[str], limit: int | None = None) ->
 
 
 class HeldoutEval:
-    """The held-out reward of a live model, step after step: what `dp2osr train --eval-data` runs.
+    """The held-out reward of a model, step after step: what `dp2osr curve` and `train --eval-data` run.
 
-    Each call samples the held-out images with the same seeds into FOLDER/step_NNNNNN (with the ControlNet
-    given), scores them, and rewrites FOLDER/reward_curve.{csv,png} from every step evaluated so far (bounds of
-    the first step's pool). Pools already on disk are kept, so a resumed run does not redo them.
+    ``pool(step, controlnet)`` samples the held-out images with the same seeds into FOLDER/step_NNNNNN and
+    scores them; ``curve()`` rewrites FOLDER/reward_curve.{csv,png} from every step on disk (bounds of the
+    first step's pool). Pools already on disk are kept, so a resumed run does not redo them.
     """
 
     def __init__(
@@ -201,14 +212,20 @@ class HeldoutEval:
             int(p.name.removeprefix("step_")) for p in self.folder.glob("step_*") if (p / "scores.parquet").is_file()
         )
 
-    def pool(self, step: int, controlnet: torch.nn.Module | None = None) -> None:
-        """Sample (with ``controlnet``; None: the backbone's own) and score the pool of ``step``."""
+    def pool(self, step: int, controlnet: torch.nn.Module | None = None, state=None) -> None:
+        """Sample (with ``controlnet``; None: the backbone's own) and score the pool of ``step``.
+
+        With ``state`` (see `sample_pool`) every process samples its share; the main process scores.
+        """
         folder = step_dir(self.folder, step)
         with torch.no_grad():
             sample_pool(
-                self.bb, self.images, folder, self.seeds, self.opts, controlnet, f"step {step}", self.upscale
+                self.bb, self.images, folder, self.seeds, self.opts, controlnet, f"step {step}", self.upscale, state
             )
-        score_pool(folder, folder, self.metrics, self.weights_dir, self.opts.device)
+        if state is None or state.is_main_process:
+            score_pool(folder, folder, self.metrics, self.weights_dir, self.opts.device)
+        if state is not None:
+            state.wait_for_everyone()
 
     def curve(self) -> pd.DataFrame:
         """The curve of every step evaluated so far, written to FOLDER/reward_curve.{csv,png}."""
@@ -216,10 +233,6 @@ class HeldoutEval:
         write_curve(table, self.folder, f"Held-out reward, {len(self.images)} images x {len(self.seeds)} seeds")
         return table
 
-    def __call__(self, step: int, controlnet: torch.nn.Module | None = None) -> pd.DataFrame:
-        """Evaluate ``controlnet`` as the model at ``step``; returns the whole curve so far."""
-        self.pool(step, controlnet)
-        return self.curve()
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -227,16 +240,17 @@ class HeldoutEval:
 class CurveConfig(SamplingOptions):
     """The held-out hybrid reward of a training run's starting model and of every checkpoint it saved.
 
-    RUN is a `dp2osr train` output folder (checkpoint-NNNNNN/model.safetensors; train with
+    RUN_DIR is a `dp2osr train` output folder (checkpoint-NNNNNN/model.safetensors; train with
     --keep-checkpoints 0 to keep them all). HELDOUT is a `dp2osr degrade` folder of images that were not in the
     training pairs (or a folder of LR images: then only no-reference metrics can score). The model options
     default to the run's own (its train_config.yaml); step 0 is its starting ControlNet. Writes
     OUTPUT/step_NNNNNN/ (candidates and scores), OUTPUT/reward_curve.csv and OUTPUT/reward_curve.png.
     """
 
-    run: Path = field(help="a `dp2osr train` output folder")
+    # Not "--run": torchrun would take it for an abbreviation of its own --run-path and stop.
+    run_dir: Path = field(help="a `dp2osr train` output folder")
     heldout: Path = field(help="held-out images: a `dp2osr degrade` folder (LR with HR) or a folder of LR images")
-    output: Path | None = field(None, help="output folder (default: RUN/reward_curve)")
+    output: Path | None = field(None, help="output folder (default: RUN_DIR/reward_curve)")
     backbone: str | None = field(None, help="model family (default: the run's)", choices=list(NAMES))
     base: Path | None = field(None, help="base model folder (default: the run's --base)")
     controlnet: Path | None = field(None, help="the step-0 ControlNet (default: the run's --controlnet)")
@@ -263,9 +277,9 @@ def with_run_model(cfg: CurveConfig) -> CurveConfig:
     from dp2osr.train import CONFIG_NAME as TRAIN_CONFIG
     from dp2osr.train import TrainConfig
 
-    path = Path(cfg.run) / TRAIN_CONFIG
+    path = Path(cfg.run_dir) / TRAIN_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --run must be a `dp2osr train` output folder")
+        raise FileNotFoundError(f"{path} not found: --run-dir must be a `dp2osr train` output folder")
     saved = load_yaml(TrainConfig, path)
     for name in ("backbone", "base", "controlnet"):
         value = saved.get(name)
@@ -276,26 +290,38 @@ def with_run_model(cfg: CurveConfig) -> CurveConfig:
 
 
 def curve(cfg: CurveConfig) -> int:
-    """Run ``dp2osr curve``: sample and score the held-out images at step 0 and every checkpoint."""
-    from dp2osr.sampling import load_model
+    """Run ``dp2osr curve``: sample and score the held-out images at step 0 and every checkpoint.
+
+    Under ``accelerate launch`` / ``torchrun`` the sampling of every step is shared by the processes.
+    """
+    from accelerate import PartialState
+
+    from dp2osr.sampling import load_model, resolve_device
 
     cfg = with_run_model(cfg)
-    out = Path(cfg.output or Path(cfg.run) / "reward_curve")
-    checkpoints = run_checkpoints(cfg.run)
+    out = Path(cfg.output or Path(cfg.run_dir) / "reward_curve")
+    checkpoints = run_checkpoints(cfg.run_dir)
     if not checkpoints:
-        raise ValueError(f"{cfg.run} holds no finished checkpoint-NNNNNN/ (with model.safetensors)")
+        raise ValueError(f"{cfg.run_dir} holds no finished checkpoint-NNNNNN/ (with model.safetensors)")
     names = metric_lib.resolve_names(cfg.preset, cfg.metrics)
     read_heldout(cfg.heldout, names, cfg.limit)  # bad input fails before the model loads
     check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "a reward curve", "use the same options or another --output")
-    save_config(cfg, out / CONFIG_NAME)
-    bb = load_model(cfg)
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    device = state.device if cfg.device == "auto" and state.num_processes > 1 else resolve_device(cfg.device)
+    bb = load_model(cfg, device)
+    state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    if state.is_main_process:
+        save_config(cfg, out / CONFIG_NAME)
     ev = HeldoutEval(
         bb, cfg.heldout, out, cfg, samples=cfg.samples, seed=cfg.seed, metrics=names,
         weights_dir=cfg.weights_dir, limit=cfg.limit, upscale=cfg.upscale,
     )  # fmt: skip
     for step in [0, *sorted(checkpoints)]:
-        print(f"curve: step {step} -> {step_dir(out, step)}", file=sys.stderr)
-        ev.pool(step, None if step == 0 else controlnet_from(bb, checkpoints[step]))
+        if state.is_main_process:
+            print(f"curve: step {step} -> {step_dir(out, step)}", file=sys.stderr)
+        ev.pool(step, None if step == 0 else controlnet_from(bb, checkpoints[step]), state)
+    if not state.is_main_process:
+        return 0
     table = ev.curve()
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"curve: {out / CURVE_CSV} and {out / CURVE_PNG}", file=sys.stderr)

@@ -211,24 +211,28 @@ def train(cfg: TrainConfig) -> int:
             cache.cond(prompt)
         bb.offload_text_encoders()
     writer = _tensorboard(out / "tb") if accelerator.is_main_process else None
-    heldout = _heldout_eval(cfg, bb, out) if cfg.eval_data is not None and accelerator.is_main_process else None
+    heldout = _heldout_eval(cfg, bb, out) if cfg.eval_data is not None else None
     eval_every = cfg.eval_every or cfg.checkpoint_every
 
     def evaluate(done: int) -> None:
-        """The held-out reward of the current weights (EMA weights when kept: the model that is saved)."""
-        if heldout is not None and done not in heldout.steps():  # a resumed run keeps its earlier evaluations
-            model = accelerator.unwrap_model(net)
+        """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
+        process samples its share; the main process scores and logs."""
+        if heldout is None or done in heldout.steps():  # a resumed run keeps its earlier evaluations
+            return
+        model = accelerator.unwrap_model(net)
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        model.eval()
+        try:
+            with accelerator.autocast():
+                heldout.pool(done, model, accelerator)
+        finally:
+            model.train()
             if ema is not None:
-                ema.store(params)
-                ema.copy_to(params)
-            model.eval()
-            try:
-                with accelerator.autocast():
-                    table = heldout(done, model)
-            finally:
-                model.train()
-                if ema is not None:
-                    ema.restore(params)
+                ema.restore(params)
+        if accelerator.is_main_process:
+            table = heldout.curve()
             row = table[table.step == done].iloc[0]
             keys = ("reward", "best", "worst", "psnr", "ssim")
             record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys}}
@@ -287,7 +291,7 @@ def train(cfg: TrainConfig) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.mode}",
                disable=not accelerator.is_local_main_process, file=sys.stderr)
-    if cfg.eval_data is not None and start % eval_every == 0:
+    if start % eval_every == 0:
         evaluate(start)
     t0 = time.perf_counter()
     try:
@@ -328,7 +332,7 @@ def train(cfg: TrainConfig) -> int:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     _prune(out, cfg.keep_checkpoints)
-            if cfg.eval_data is not None and (done % eval_every == 0 or done == cfg.steps):
+            if done % eval_every == 0 or done == cfg.steps:
                 evaluate(done)
     except TrainingDiverged as exc:
         last = latest_checkpoint(out)
