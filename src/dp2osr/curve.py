@@ -32,7 +32,7 @@ CURVE_CSV = "reward_curve.csv"
 CURVE_PNG = "reward_curve.png"
 CONFIG_NAME = "curve_config.yaml"
 CURVE_COLUMNS = ["step", "reward", "best", "worst", "psnr", "ssim"]
-_RUN_ONLY = {"output", "device", "batch_size", "run_dir"}
+_RUN_ONLY = {"output", "device", "batch_size", "tile_batch", "run_dir"}
 
 
 # ---------------------------------------------------------------------------------------------- pools

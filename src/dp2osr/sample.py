@@ -25,7 +25,7 @@ from dp2osr.sampling import SamplingOptions, load_model, resize, resolve_device,
 
 CONFIG_NAME = "sample_config.yaml"
 CANDIDATE_COLUMNS = ["image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt"]
-_RUN_ONLY = {"input", "output", "device", "batch_size", "overwrite", "limit"}
+_RUN_ONLY = {"input", "output", "device", "batch_size", "tile_batch", "overwrite", "limit"}
 
 
 @dataclass(kw_only=True)
@@ -132,7 +132,7 @@ def sample_candidates(
         sr = super_resolve(
             bb, cache["lr_up"], cache["cond"], chunk,
             steps=settings["steps"], guidance=settings["guidance"], process_size=settings["process_size"],
-            tile_overlap=opts.tile_overlap, color_fix_method=opts.color_fix,
+            tile_overlap=opts.tile_overlap, color_fix_method=opts.color_fix, tile_batch=opts.tile_batch,
         )
         for seed, image in zip(chunk, sr):
             save_image(image, out / candidate_path(row.image_id, seed))

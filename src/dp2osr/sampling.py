@@ -30,6 +30,11 @@ def tile_starts(size: int, tile: int, stride: int, align: int = 1) -> list[int]:
     return sorted(set(starts))
 
 
+def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``x`` with batch ``b`` (a batch of 1 is expanded)."""
+    return x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
+
+
 def ramp(length: int, overlap: int, device, dtype) -> torch.Tensor:
     """1-D blending weight: linear ramps of ``overlap`` at both ends, 1 in the middle, never 0."""
     i = torch.arange(length, device=device, dtype=dtype)
@@ -63,6 +68,7 @@ def generate(
     overlap: int | None = None,
     controlnet: torch.nn.Module | None = None,
     progress: Callable[[], None] | None = None,
+    tile_batch: int = 1,
 ) -> torch.Tensor:
     """Sample one SR output per seed for one control image.
 
@@ -71,6 +77,7 @@ def generate(
         cond: text condition for batch 1 (or ``len(seeds)``), from ``backbone.encode_prompts``.
         seeds: one seed per output.
         tile: latent tile side (default: the whole image, no tiling); ``overlap`` in latents (default tile/4).
+        tile_batch: tiles denoised together in one call (each with every seed: batch tile_batch x seeds).
         progress: called after every denoising step (e.g. to advance a progress bar).
     Returns:
         ``(len(seeds), 3, H, W)`` in [0, 1], float32 on the CPU.
@@ -90,6 +97,8 @@ def generate(
     xs = tile_starts(w, tw, tw - ov, align)
     dev, dt = latents.device, latents.dtype
     weight = ramp(th, ov, dev, dt)[:, None] * ramp(tw, ov, dev, dt)[None, :]
+    coords = [(y, x) for y in ys for x in xs]
+    groups = [coords[i : i + tile_batch] for i in range(0, len(coords), tile_batch)]
     timesteps = backbone.set_timesteps(steps, (th, tw))
     for t in timesteps:
         t_batch = t.expand(b).to(dev)
@@ -98,18 +107,18 @@ def generate(
         else:
             out = torch.zeros_like(latents)
             total = torch.zeros((h, w), device=dev, dtype=dt)
-            for y in ys:
-                for x in xs:
-                    c_tile = backbone.control_tile(control, y, y + th, x, x + tw)
-                    o = backbone.predict(
-                        latents[..., y : y + th, x : x + tw],
-                        t_batch,
-                        cond,
-                        c_tile,
-                        guidance=guidance,
-                        controlnet=controlnet,
-                    )
-                    out[..., y : y + th, x : x + tw] += o * weight
+            for group in groups:  # several tiles (x every seed) in one batched call
+                n = len(group)
+                tiles = torch.cat([latents[..., y : y + th, x : x + tw] for y, x in group])
+                c_tiles = torch.cat(
+                    [_rows(backbone.control_tile(control, y, y + th, x, x + tw), b) for y, x in group]
+                )
+                cond_n = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in cond.items()}
+                o = backbone.predict(
+                    tiles, t.expand(n * b).to(dev), cond_n, c_tiles, guidance=guidance, controlnet=controlnet
+                )
+                for (y, x), o_tile in zip(group, o.split(b)):
+                    out[..., y : y + th, x : x + tw] += o_tile * weight
                     total[y : y + th, x : x + tw] += weight
             out = out / total
         latents = backbone.step(out, t, latents, generators)
@@ -144,6 +153,7 @@ def super_resolve(
     color_fix_method: str = "adain",
     controlnet: torch.nn.Module | None = None,
     progress: Callable[[], None] | None = None,
+    tile_batch: int = 1,
 ) -> torch.Tensor:
     """SR outputs ``(len(seeds), 3, H, W)`` for the upsampled LR ``lr_up`` ``(1, 3, H, W)`` at any size/aspect.
 
@@ -173,6 +183,7 @@ def super_resolve(
         overlap=overlap,
         controlnet=controlnet,
         progress=progress,
+        tile_batch=tile_batch,
     )
     out = out[..., :hw, :ww]
     if scale > 1:
@@ -224,6 +235,11 @@ class SamplingOptions(ModelOptions):
         "models); larger images are tiled, smaller ones upsized then resized back",
     )
     tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
+    tile_batch: int = field(
+        4,
+        help="latent tiles denoised together in one call when an image is tiled (with every seed of the "
+        "batch: tile_batch x batch_size samples per call; memory grows with it; 1 = one tile at a time)",
+    )
     color_fix: str = field(
         "adain", help="colour correction against the upsampled LR", choices=list(COLOR_FIXES)
     )
@@ -241,6 +257,8 @@ class SamplingOptions(ModelOptions):
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.tile_batch < 1:
+            raise ValueError(f"--tile-batch must be >= 1, got {self.tile_batch}")
         if not 0 <= self.tile_overlap < 1:
             raise ValueError(f"--tile-overlap must be in [0, 1), got {self.tile_overlap}")
         if self.process_size is not None and self.process_size < 16:
@@ -280,5 +298,6 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
         else None,
         "process_size": opts.process_size or bb.default_process_size,
         "tile_overlap": opts.tile_overlap,
+        "tile_batch": opts.tile_batch,
         "color_fix": opts.color_fix,
     }

@@ -126,6 +126,7 @@ def upscale(cfg: UpscaleConfig) -> int:
                     guidance=settings["guidance"],
                     process_size=settings["process_size"],
                     tile_overlap=cfg.tile_overlap,
+                    tile_batch=cfg.tile_batch,
                     color_fix_method=cfg.color_fix,
                     progress=steps.update,
                 )
