@@ -208,9 +208,8 @@ class HeldoutEval:
 
     def steps(self) -> list[int]:
         """Steps whose pool is complete on disk."""
-        return sorted(
-            int(p.name.removeprefix("step_")) for p in self.folder.glob("step_*") if (p / "scores.parquet").is_file()
-        )
+        done = [p for p in self.folder.glob("step_*") if (p / "scores.parquet").is_file()]
+        return sorted(int(p.name.removeprefix("step_")) for p in done)
 
     def pool(self, step: int, controlnet: torch.nn.Module | None = None, state=None) -> None:
         """Sample (with ``controlnet``; None: the backbone's own) and score the pool of ``step``.
@@ -220,8 +219,9 @@ class HeldoutEval:
         folder = step_dir(self.folder, step)
         with torch.no_grad():
             sample_pool(
-                self.bb, self.images, folder, self.seeds, self.opts, controlnet, f"step {step}", self.upscale, state
-            )
+                self.bb, self.images, folder, self.seeds, self.opts, controlnet, f"step {step}", self.upscale,
+                state,
+            )  # fmt: skip
         if state is None or state.is_main_process:
             score_pool(folder, folder, self.metrics, self.weights_dir, self.opts.device)
         if state is not None:
@@ -232,7 +232,6 @@ class HeldoutEval:
         table = curve_from_pools({s: step_dir(self.folder, s) for s in self.steps()}, self.metrics)
         write_curve(table, self.folder, f"Held-out reward, {len(self.images)} images x {len(self.seeds)} seeds")
         return table
-
 
 
 # ------------------------------------------------------------------------------------------ command

@@ -116,23 +116,23 @@ def upscale(cfg: UpscaleConfig) -> int:
             cond = bb.encode_prompts([prompt], settings["negative_prompt"])
             steps = tqdm(total=settings["steps"] * len(todo), desc=f"  {path.name}", unit="step", leave=False,
                          disable=not state.is_local_main_process, file=sys.stderr)  # fmt: skip
-            for chunk in todo:
-                sr = super_resolve(
-                    bb,
-                    lr_up,
-                    cond,
-                    chunk,
-                    steps=settings["steps"],
-                    guidance=settings["guidance"],
-                    process_size=settings["process_size"],
-                    tile_overlap=cfg.tile_overlap,
-                    tile_batch=cfg.tile_batch,
-                    color_fix_method=cfg.color_fix,
-                    progress=steps.update,
-                )
-                for seed, image in zip(chunk, sr):
-                    save_image(image, output_path(cfg.output, path.stem, seed))
-            steps.close()
+            with steps:  # closed on an error too
+                for chunk in todo:
+                    sr = super_resolve(
+                        bb,
+                        lr_up,
+                        cond,
+                        chunk,
+                        steps=settings["steps"],
+                        guidance=settings["guidance"],
+                        process_size=settings["process_size"],
+                        tile_overlap=cfg.tile_overlap,
+                        tile_batch=cfg.tile_batch,
+                        color_fix_method=cfg.color_fix,
+                        progress=steps.update,
+                    )
+                    for seed, image in zip(chunk, sr):
+                        save_image(image, output_path(cfg.output, path.stem, seed))
             if prompt:
                 (Path(cfg.output) / path.stem / "prompt.txt").write_text(prompt + "\n")
         except (ImageReadError, torch.OutOfMemoryError) as exc:
