@@ -120,6 +120,12 @@ class QuickstartConfig:
         "(an ablation; evaluation always uses the hybrid reward)",
         choices=list(PAIR_WEIGHTS),
     )
+    reward_scope: str = field(
+        "pool",
+        help="min-max normalisation scope of the pairing reward: pool (over all candidates, METHOD.md's default) "
+        "or image (over one crop's M candidates, so FR and NR weigh equally within each group)",
+        choices=["pool", "image"],
+    )
     metrics: list[str] = field(
         ["fsim", "gmsd", "piqe"],
         help="IQA metrics of the reward (pyiqa names). Default: offline metrics that need no weights and work "
@@ -161,6 +167,7 @@ class QuickstartConfig:
         self.output = Path(self.output)
         check_choice("hpo", self.hpo, ["both", "intra", "inter", "none"])
         check_choice("pair_reward", self.pair_reward, list(PAIR_WEIGHTS))
+        check_choice("reward_scope", self.reward_scope, ["pool", "image"])
         check_choice("device", self.device, ["auto", "cpu", "cuda"])
         check_choice("degradation", self.degradation, ["mild", "realesrgan"])
         for name in ("images", "heldout", "samples", "steps", "batch_size", "eval_every", "sample_batch"):
@@ -333,7 +340,7 @@ def make_pairs(cfg: QuickstartConfig, scores: pd.DataFrame, cands: Path, out: Pa
     family = {"fr": "fr", "nr": "nr"}.get(cfg.pair_reward)
     if family and not any(s.family == family for s in specs.values()):
         raise ValueError(f"--pair-reward {family} needs at least one {family.upper()} metric in --metrics")
-    rewards = hybrid_reward(scores, specs, w_fr=w_fr, w_nr=w_nr)
+    rewards = hybrid_reward(scores, specs, w_fr=w_fr, w_nr=w_nr, scope=cfg.reward_scope)
     table = read_candidates(cands)[["image_id", "seed", "abs_path", "lr_path"]]
     rewards = rewards.merge(table, on=["image_id", "seed"]).rename(columns={"abs_path": "path"})
     pairs = build_pairs(rewards, n=cfg.pairs_n, ratio=None if cfg.pairs_n else cfg.ratio, hpo=cfg.hpo)
