@@ -21,7 +21,14 @@ from dp2osr.backbones import Backbone
 from dp2osr.config import check_resume, field, save_config
 from dp2osr.images import ImageReadError, list_images, load_image, save_image, write_parquet
 from dp2osr.prompts import make_prompt_fn
-from dp2osr.sampling import SamplingOptions, load_model, resize, resolve_device, sampling_settings, super_resolve
+from dp2osr.sampling import (
+    SamplingOptions,
+    load_model,
+    resize,
+    resolve_device,
+    sampling_settings,
+    super_resolve,
+)
 
 CONFIG_NAME = "sample_config.yaml"
 CANDIDATE_COLUMNS = ["image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt"]
