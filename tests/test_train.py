@@ -201,6 +201,7 @@ def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
     assert [r["step"] for r in evals] == [0, 2, 3]
     steps = [r for r in rows if "loss" in r]
     assert [r["loss"] for r in steps] == [r["loss"] for r in _metrics(plain)]  # evaluation did not touch training
+    assert all(r["eval_seconds"] > 0 for r in evals)  # timed apart from the training clock ("seconds")
     curve = pd.read_csv(run / "eval" / "reward_curve.csv")
     assert curve.step.tolist() == [0, 2, 3] and (run / "eval" / "reward_curve.png").stat().st_size > 1000
     assert curve.reward.tolist() == pytest.approx([r["eval_reward"] for r in evals], abs=1e-6)

@@ -213,12 +213,14 @@ def train(cfg: TrainConfig) -> int:
     writer = _tensorboard(out / "tb") if accelerator.is_main_process else None
     heldout = _heldout_eval(cfg, bb, out) if cfg.eval_data is not None else None
     eval_every = cfg.eval_every or cfg.checkpoint_every
+    eval_seconds = [0.0]  # held-out evaluation time, kept out of the training clock ("seconds" in the log)
 
     def evaluate(done: int) -> None:
         """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
         process samples its share; the main process scores and logs."""
         if heldout is None or done in heldout.steps():  # a resumed run keeps its earlier evaluations
             return
+        start_eval = time.perf_counter()
         model = accelerator.unwrap_model(net)
         if ema is not None:
             ema.store(params)
@@ -235,7 +237,8 @@ def train(cfg: TrainConfig) -> int:
             table = heldout.curve()
             row = table[table.step == done].iloc[0]
             keys = ("reward", "best", "worst", "psnr", "ssim")
-            record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys}}
+            record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys},
+                      "eval_seconds": time.perf_counter() - start_eval}
             with (out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             for key, v in record.items():
@@ -244,6 +247,7 @@ def train(cfg: TrainConfig) -> int:
             tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
                        f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {out / 'eval'}", file=sys.stderr)
         accelerator.wait_for_everyone()
+        eval_seconds[0] += time.perf_counter() - start_eval
 
     @contextlib.contextmanager
     def reference_mode():
@@ -291,9 +295,9 @@ def train(cfg: TrainConfig) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {cfg.mode}",
                disable=not accelerator.is_local_main_process, file=sys.stderr)
+    t0 = time.perf_counter()
     if start % eval_every == 0:
         evaluate(start)
-    t0 = time.perf_counter()
     try:
         for s in bar:
             sums: dict[str, float] = {}
@@ -320,7 +324,7 @@ def train(cfg: TrainConfig) -> int:
             done = s + 1
             if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 record = {"step": done, "lr": scheduler.get_last_lr()[0], **sums,
-                          "seconds": time.perf_counter() - t0}
+                          "seconds": time.perf_counter() - t0 - eval_seconds[0]}
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 for key, v in record.items():
