@@ -238,3 +238,19 @@ def test_heldout_eval_bad_input(data, tmp_path, capsys):
     empty.mkdir()
     assert main(["curve", "--run-dir", str(empty), "--heldout", str(data)]) == 2
     assert "train_config.yaml" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_saved_before_an_option_existed(data, tmp_path, capsys):
+    """A config saved without the eval_* options (an older dp2osr) resumes when they are at their defaults,
+    and is refused when one of them is given a different value."""
+    import yaml
+
+    out = tmp_path / "old"
+    assert main(_args("sd2-tiny", data, out, "dpo", 1)) == 0
+    path = out / train_mod.CONFIG_NAME
+    saved = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({k: v for k, v in saved.items() if not k.startswith("eval_")}, sort_keys=False))
+    assert main(_args("sd2-tiny", data, out, "dpo", 2, "--resume", "--eval-samples", "5")) == 2
+    assert "eval_samples" in capsys.readouterr().err
+    assert main(_args("sd2-tiny", data, out, "dpo", 2, "--resume")) == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2]

@@ -131,16 +131,28 @@ def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _plain(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON/YAML-friendly dict of a config dataclass (paths as strings)."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
+    return {k: _plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Each field's default, as `to_dict` writes it (fields without a default are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = _plain(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = _plain(f.default_factory())  # type: ignore[misc]
+    return out
 
 
 def save_config(cfg: Any, path: Path) -> None:
@@ -171,6 +183,8 @@ def check_resume(
         return
     old = yaml.safe_load(Path(path).read_text()) or {}
     new = to_dict(cfg)
+    # An option the saved config lacks came with a newer dp2osr: the earlier run used its default.
+    old = {**{k: v for k, v in _defaults(type(cfg)).items() if k not in old}, **old}
     changed = sorted(k for k in new if k not in run_only and old.get(k) != new[k])
     if changed:
         raise ValueError(
