@@ -213,11 +213,12 @@ def train(cfg: TrainConfig) -> int:
     writer = _tensorboard(out / "tb") if accelerator.is_main_process else None
     heldout = _heldout_eval(cfg, bb, out) if cfg.eval_data is not None else None
     eval_every = cfg.eval_every or cfg.checkpoint_every
-    eval_seconds = [0.0]  # held-out evaluation time, kept out of the training clock ("seconds" in the log)
+    eval_seconds = 0.0  # held-out evaluation time, kept out of the training clock ("seconds" in the log)
 
     def evaluate(done: int) -> None:
         """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
         process samples its share; the main process scores and logs."""
+        nonlocal eval_seconds
         if heldout is None or done in heldout.steps():  # a resumed run keeps its earlier evaluations
             return
         start_eval = time.perf_counter()
@@ -247,7 +248,7 @@ def train(cfg: TrainConfig) -> int:
             tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
                        f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {out / 'eval'}", file=sys.stderr)
         accelerator.wait_for_everyone()
-        eval_seconds[0] += time.perf_counter() - start_eval
+        eval_seconds += time.perf_counter() - start_eval
 
     @contextlib.contextmanager
     def reference_mode():
@@ -324,7 +325,7 @@ def train(cfg: TrainConfig) -> int:
             done = s + 1
             if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 record = {"step": done, "lr": scheduler.get_last_lr()[0], **sums,
-                          "seconds": time.perf_counter() - t0 - eval_seconds[0]}
+                          "seconds": time.perf_counter() - t0 - eval_seconds}
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 for key, v in record.items():
