@@ -304,8 +304,12 @@ def denoiser_name(bb) -> str:
 
 class OursTrainer:
     """The DPO step of ``dp2osr.train`` (its ``step()`` closure plus the optimizer update, line for line):
-    one frozen UNet/transformer shared by policy and reference, a frozen copy of only the ControlNet, and
-    latents, control and prompt embeddings cached by ``train_data.FrozenCache`` (encoded once, on first use)."""
+    one frozen UNet/transformer shared by policy and reference (SD2: its down and mid blocks run once for both,
+    ``Backbone.trunk``), a frozen copy of only the ControlNet, and latents, control and prompt embeddings cached
+    by ``train_data.FrozenCache`` (encoded once, on first use). The reference pass runs before the policy's, so
+    its activations are gone before the policy's graph is built."""
+
+    reference_first = True
 
     def __init__(self, family: str, base: Path, data: Path, batch: int, checkpointing: bool) -> None:
         from dp2osr.backbones import load_backbone
@@ -341,8 +345,14 @@ class OursTrainer:
     def inputs(self, idx: list[int]):
         return self.cache.batch(self.ex, idx, None)
 
-    def reference(self, noisy, t, cond, control):
-        return self.bb.predict(noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref)
+    def trunk(self, noisy, t, cond):
+        with torch.no_grad():
+            return self.bb.trunk(noisy, t, cond)
+
+    def reference(self, noisy, t, cond, control, trunk):
+        return self.bb.predict(
+            noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref, trunk=trunk
+        )
 
     def step(self) -> float:
         from dp2osr.loss import dpo_loss, mse_per_sample
@@ -361,10 +371,16 @@ class OursTrainer:
         control = control.repeat(k, *([1] * (control.dim() - 1)))
         cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
         noisy, target = bb.noisy_and_target(x0, noise, t)
-        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=self.net)
+        trunk = self.trunk(noisy, t, cond)
+        if self.reference_first:
+            with torch.no_grad():
+                ref_err = mse_per_sample(self.reference(noisy, t, cond, control, trunk).float(), target.float())
+        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=self.net, trunk=trunk)
+        del trunk
         err = mse_per_sample(pred.float(), target.float())
-        with torch.no_grad():
-            ref_err = mse_per_sample(self.reference(noisy, t, cond, control).float(), target.float())
+        if not self.reference_first:
+            with torch.no_grad():
+                ref_err = mse_per_sample(self.reference(noisy, t, cond, control, trunk=None).float(), target.float())
         o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], 5000.0, w)
         o.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
@@ -376,7 +392,10 @@ class OursTrainer:
 class NaiveTrainer(OursTrainer):
     """The same step done naively: the reference is a deep copy of the UNet/transformer *and* the ControlNet
     (two full model copies), and every step the images are read from disk and VAE-encoded (FLUX: the control
-    image too) and the prompts text-encoded -- nothing cached."""
+    image too) and the prompts text-encoded -- nothing cached. The reference pass follows the policy's, as in
+    the Diffusion-DPO authors' training script."""
+
+    reference_first = False
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -412,7 +431,10 @@ class NaiveTrainer(OursTrainer):
             cond = bb.encode_prompts([ex.prompts[i] for i in idx])
         return targets, control, cond, ex.weights[idx]
 
-    def reference(self, noisy, t, cond, control):
+    def trunk(self, noisy, t, cond):
+        return None  # each model copy runs its whole forward
+
+    def reference(self, noisy, t, cond, control, trunk):
         return self.ref_bb.predict(
             noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref
         )

@@ -100,6 +100,45 @@ def test_training_targets():
     torch.testing.assert_close(noisy[1], 0.25 * x0[1] + 0.75 * eps[1])
 
 
+@pytest.mark.parametrize("latent_hw", [(8, 8), (12, 20), (9, 7)])
+def test_sd2_shared_trunk_equals_the_whole_unet_forward(latent_hw):
+    """DPO computes the UNet's down and mid blocks once for the policy and the reference pass
+    (``Backbone.trunk``) and finishes each pass with its own ControlNet's residuals; the result must be the
+    plain ``unet(...)`` output, bit for bit, for two different ControlNets, and for latent sizes that are not
+    a multiple of the UNet's upsampling factor (9×7). The ControlNets' zero-initialised output convolutions
+    are randomised first, so that the residuals are not all zero. FLUX has no such trunk."""
+    bb = load_backbone("sd2-tiny")
+    other = bb.new_controlnet()
+    g = torch.Generator().manual_seed(3)
+    for net in (bb.controlnet, other):
+        for name, p in net.named_parameters():
+            if "controlnet_" in name and "cond_embedding" not in name:
+                p.data = torch.randn(p.shape, generator=g) * 0.5
+    z = torch.randn(3, bb.latent_channels, *latent_hw, generator=g)
+    t = torch.tensor([5, 400, 950])
+    cond = bb.encode_prompts(["a", "b", "c"])
+    f = bb.latent_factor
+    control = bb.prepare_control(torch.rand(3, 3, latent_hw[0] * f, latent_hw[1] * f, generator=g))
+    trunk = bb.trunk(z, t, cond)
+    assert trunk is not None and not trunk["mid"].requires_grad
+    outputs = []
+    for net in (bb.controlnet, other):
+        whole = bb.predict(z, t, cond, control, controlnet=net)
+        split = bb.predict(z, t, cond, control, controlnet=net, trunk=trunk)
+        assert torch.equal(split, whole)
+        outputs.append(whole)
+    assert not torch.allclose(outputs[0], outputs[1])  # the residuals matter: a test that can fail
+    grads = []
+    for shared in (None, trunk):  # the ControlNet's gradient is the same through either path
+        bb.controlnet.zero_grad()
+        bb.predict(z, t, cond, control, trunk=shared).square().mean().backward()
+        grads.append([p.grad.clone() for p in bb.controlnet.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    fx = load_backbone("flux-tiny")
+    assert fx.trunk(z, t, cond) is None
+
+
 @pytest.mark.slow
 def test_real_size_sd2_controlnet_release_roundtrip(tmp_path):
     """The SD2-base UNet architecture (866M, random weights) -> ControlNet -> model.safetensors -> loader."""

@@ -107,6 +107,35 @@ def test_gradient_matches_hand_derivative():
     assert pl.grad.item() == pytest.approx(-1405.4412522144953, rel=1e-9)
 
 
+def test_winner_sft_term_hand_values():
+    """winner_sft = λ adds λ·(e_θ(w) − e_ref(w)) to each pair's ℓ before the weights. Hand example (β = 5000,
+    e_θ(w) = 0.1001, e_ref(w) = 0.1000, loser errors equal), λ = 100, w = 0.5, B = 1:
+        L = 0.5 · (0.8259394198788436 + 100 · 1e-4) = 0.5 · 0.8359394198788436 = 0.4179697099394218
+        dL/de_θ(w) = 0.5 · (1405.4412522144953 + 100) = 752.7206261072477;  dL/de_θ(l) = −0.5 · 1405.44… (unchanged)
+    At initialisation (policy = reference) the term is 0, so L = ln 2 still; λ = 0 is plain Diffusion-DPO.
+    ``losses``, logits and accuracy stay those of the DPO part."""
+    pw = torch.tensor([0.1001], dtype=torch.float64, requires_grad=True)
+    pl = torch.tensor([0.2000], dtype=torch.float64, requires_grad=True)
+    rw, rl = torch.tensor([0.1000], dtype=torch.float64), torch.tensor([0.2000], dtype=torch.float64)
+    half = torch.tensor([0.5], dtype=torch.float64)
+    out = dpo_loss(pw, pl, rw, rl, beta=BETA, weights=half, winner_sft=100.0)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(0.4179697099394218, rel=1e-9)
+    assert out.losses.item() == pytest.approx(0.8259394198788436, rel=1e-9)
+    assert pw.grad.item() == pytest.approx(752.7206261072477, rel=1e-9)
+    assert pl.grad.item() == pytest.approx(-702.7206261072477, rel=1e-9)
+
+    _, _, ref_w, ref_l = _errs()
+    init = dpo_loss(ref_w.clone(), ref_l.clone(), ref_w, ref_l, beta=BETA, winner_sft=100.0)
+    assert init.loss.item() == pytest.approx(math.log(2), rel=1e-12)
+    pw2, pl2, rw2, rl2 = _errs(b=5, seed=3)
+    assert torch.equal(
+        dpo_loss(pw2, pl2, rw2, rl2, beta=BETA, winner_sft=0.0).loss, dpo_loss(pw2, pl2, rw2, rl2, beta=BETA).loss
+    )
+    with pytest.raises(ValueError, match="winner_sft"):
+        dpo_loss(pw2, pl2, rw2, rl2, beta=BETA, winner_sft=-1.0)
+
+
 def test_gradient_descent_prefers_winner():
     """Treating the policy errors as free parameters, a few SGD steps on L must lower e_θ(w) − e_θ(l)
     (winner fitted better, loser worse, relative to the reference): Δ falls and accuracy reaches 1."""

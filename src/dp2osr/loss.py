@@ -79,6 +79,7 @@ def dpo_loss(
     ref_err_l: Tensor,
     beta: float,
     weights: Tensor | None = None,
+    winner_sft: float = 0.0,
 ) -> DPOOutput:
     """Diffusion-DPO loss on per-pair errors (METHOD.md §3), optionally HPO-weighted.
 
@@ -98,12 +99,18 @@ def dpo_loss(
         weights: ``(B,)`` per-pair HPO weights w = w_intra · w_inter, or None for uniform weights 1
             (plain Diffusion-DPO). The mean divides by B, not by the sum of the weights: HPO weights already
             average to 1 over the data set, and a per-batch renormalisation would undo inter-group emphasis.
+        winner_sft: λ ≥ 0 of an optional supervised term on the winners (not in the paper; 0 = off):
+            L = mean_b(w_b · (ℓ_b + λ · (e_θ(x_w) − e_ref(x_w)))). Its gradient is λ·w_b on the policy's winner
+            error (the reference error is a constant), against β/4·w_b from ℓ at initialisation; it pulls the
+            policy towards its winners, where plain DPO may lower ℓ by moving away from winner and loser alike.
 
     Returns:
         :class:`DPOOutput` with the scalar loss and per-pair diagnostics.
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
+    if not winner_sft >= 0:
+        raise ValueError(f"winner_sft must be >= 0, got {winner_sft!r}")
     errs = {
         "policy_err_w": policy_err_w,
         "policy_err_l": policy_err_l,
@@ -122,7 +129,8 @@ def dpo_loss(
     delta = (policy_err_w - ref_err_w) - (policy_err_l - ref_err_l)
     logits = -0.5 * beta * delta
     losses = -F.logsigmoid(logits)
-    loss = (losses if weights is None else weights.to(losses.dtype) * losses).mean()
+    total = losses + winner_sft * (policy_err_w - ref_err_w) if winner_sft else losses
+    loss = (total if weights is None else weights.to(total.dtype) * total).mean()
 
     with torch.no_grad():
         return DPOOutput(

@@ -147,6 +147,10 @@ class QuickstartConfig:
         "held-out gain of 5000, whose logit -beta/2*delta saturates the sigmoid within a few steps",
     )
     lr: float = field(3e-5, help="AdamW learning rate (paper: 2e-5)")
+    winner_sft: float = field(
+        0.0, help="λ of `dp2osr train --winner-sft`: a supervised term on the winners added to the DPO loss (not "
+        "in the paper; 0 = off)"
+    )
     ema_decay: float = field(
         0.0,
         help="train with an EMA of the weights (`dp2osr train --ema-decay`); 0 = off: 60 steps are too few",
@@ -181,6 +185,8 @@ class QuickstartConfig:
             raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if self.winner_sft < 0:
+            raise ValueError(f"--winner-sft must be >= 0, got {self.winner_sft}")
 
     @property
     def m_eval(self) -> int:
@@ -367,6 +373,7 @@ def train_dpo(cfg: QuickstartConfig, pairs: Path, out: Path) -> None:
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "beta": cfg.beta,
+        "winner_sft": cfg.winner_sft,
         "hpo": cfg.hpo,
         "seed": cfg.seed,
         "checkpoint_every": cfg.eval_every,

@@ -56,6 +56,10 @@ class TrainConfig(ModelOptions):
     grad_accum: int = field(1, help="micro-batches per optimizer step (paper: effective batch 1024 pairs)")
     beta: float = field(5000.0, help="DPO β in ℓ = −log σ(−β/2 · Δ), Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)); "
                         "the 1/2 is inside, as METHOD.md writes it (paper: 5000)")
+    winner_sft: float = field(0.0, help="dpo: λ of an added supervised term on the winners, L = mean(w·(ℓ + λ·(e_θ(w) "
+                              "− e_ref(w)))); not in the paper, 0 = off. ℓ pulls on e_θ(w) with β/4 at the start, "
+                              "so λ = β/4 pulls as hard; it keeps DPO from lowering ℓ by moving away from winners "
+                              "and losers alike")
     hpo: str = field("both", help="pair weights: both = w_intra·w_inter (HPO), intra, inter, none = plain "
                      "Diffusion-DPO", choices=list(HPO_MODES))
     prompt_dropout: float = field(0.1, help="sft: probability of training a sample with the empty prompt")
@@ -95,6 +99,8 @@ class TrainConfig(ModelOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.beta <= 0 or self.lr <= 0:
             raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
+        if self.winner_sft < 0:
+            raise ValueError(f"--winner-sft must be >= 0, got {self.winner_sft}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.prompt_dropout <= 1:
@@ -276,16 +282,26 @@ def train(cfg: TrainConfig) -> int:
         control = control.repeat(k, *([1] * (control.dim() - 1)))
         cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
         noisy, target = bb.noisy_and_target(x0, noise, t)
+        trunk = None
+        if cfg.mode == "dpo":
+            # The frozen denoiser's part that the ControlNet does not reach (SD2: the UNet's down and mid blocks)
+            # runs once for both passes. The reference pass runs first, so that its activations are freed
+            # before the policy's graph is built (a lower peak than the other order; the same numbers).
+            with torch.no_grad(), accelerator.autocast():
+                trunk = bb.trunk(noisy, t, cond)
+                with reference_mode() as ref:
+                    ref_pred = bb.predict(
+                        noisy, t, cond, control, guidance=bb.train_guidance, controlnet=ref, trunk=trunk
+                    )
+                ref_err = mse_per_sample(ref_pred.float(), target.float())
+                del ref_pred
         with accelerator.autocast():
-            pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=net)
+            pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=net, trunk=trunk)
+        del trunk
         err = mse_per_sample(pred.float(), target.float())
         if cfg.mode == "sft":
             return err.mean(), {"loss": err.mean().item()}
-        with torch.no_grad(), reference_mode() as ref, accelerator.autocast():
-            ref_err = mse_per_sample(
-                bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=ref).float(), target.float()
-            )
-        o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.beta, w)
+        o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cfg.beta, w, cfg.winner_sft)
         stats = {
             "loss": o.loss.item(), "accuracy": o.accuracy.item(), "reward_margin": o.reward_margin.item(),
             "policy_err_w": o.policy_err_w.item(), "policy_err_l": o.policy_err_l.item(),

@@ -94,12 +94,24 @@ class Backbone(ABC):
         *,
         guidance: float | None = None,
         controlnet: torch.nn.Module | None = None,
+        trunk: Any | None = None,
     ) -> torch.Tensor:
         """Model output (epsilon, v or flow velocity) for ``latents`` at ``timesteps`` ``(B,)``.
 
         ``guidance`` is the CFG scale (SD2; needs negative embeddings in ``cond``) or the guidance-embedding
-        value (FLUX). ``controlnet`` overrides the backbone's own (the frozen reference in DPO).
+        value (FLUX). ``controlnet`` overrides the backbone's own (the frozen reference in DPO). ``trunk`` is
+        :meth:`trunk` of the same ``latents``, ``timesteps`` and ``cond``, to reuse instead of recomputing.
         """
+
+    def trunk(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> Any | None:
+        """The part of the frozen denoiser's forward that the ControlNet does not affect, or None.
+
+        DPO runs the policy and the reference ControlNet on the same noisy latents; what this returns is
+        computed once (under ``no_grad``: nothing in it depends on trained weights) and passed to both
+        :meth:`predict` calls. SD2: the UNet's down and mid blocks (the ControlNet's residuals are added only
+        after them). FLUX: None (its ControlNet feeds the first transformer block).
+        """
+        return None
 
     @abstractmethod
     def set_timesteps(self, steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:

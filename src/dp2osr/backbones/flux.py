@@ -130,7 +130,9 @@ class FluxBackbone(Backbone):
         b, c, h, w = z.shape
         return FluxPipeline._pack_latents(z, b, c, h, w)
 
-    def predict(self, latents, timesteps, cond, control, *, guidance=None, controlnet=None):
+    def predict(self, latents, timesteps, cond, control, *, guidance=None, controlnet=None, trunk=None):
+        if trunk is not None:
+            raise ValueError("FLUX has no denoiser trunk to share (its ControlNet feeds the first block)")
         net = controlnet if controlnet is not None else self.controlnet
         b, c, h, w = latents.shape
         if control.shape[0] != b:

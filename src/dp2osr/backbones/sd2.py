@@ -84,13 +84,15 @@ class SD2Backbone(Backbone):
         return control[..., y0 * f : y1 * f, x0 * f : x1 * f]
 
     # ---- denoiser ---------------------------------------------------------------------------------
-    def predict(self, latents, timesteps, cond, control, *, guidance=None, controlnet=None):
+    def predict(self, latents, timesteps, cond, control, *, guidance=None, controlnet=None, trunk=None):
         net = controlnet if controlnet is not None else self.controlnet
         emb = cond["prompt_embeds"]
         cfg = guidance is not None and guidance > 1 and "negative_prompt_embeds" in cond
         if control.shape[0] != latents.shape[0]:
             control = control.expand(latents.shape[0], -1, -1, -1)
         if cfg:  # one batched call for the unconditional and conditional branches
+            if trunk is not None:
+                raise ValueError("a shared trunk is for training passes, which use no CFG")
             latents = torch.cat([latents, latents])
             emb = torch.cat([cond["negative_prompt_embeds"], emb])
             control = torch.cat([control, control])
@@ -98,18 +100,83 @@ class SD2Backbone(Backbone):
         down, mid = net(
             latents, timesteps, encoder_hidden_states=emb, controlnet_cond=control, return_dict=False
         )
-        out = self.unet(
-            latents,
-            timesteps,
-            encoder_hidden_states=emb,
-            down_block_additional_residuals=[d.to(latents.dtype) for d in down],
-            mid_block_additional_residual=mid.to(latents.dtype),
-            return_dict=False,
-        )[0]
+        down, mid = [d.to(latents.dtype) for d in down], mid.to(latents.dtype)
+        if trunk is not None:
+            out = self._unet_head(trunk, down, mid)
+        else:
+            out = self.unet(
+                latents,
+                timesteps,
+                encoder_hidden_states=emb,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]
         if cfg:
             uncond, text = out.chunk(2)
             out = uncond + guidance * (text - uncond)
         return out
+
+    def _splittable(self) -> bool:
+        """Whether the UNet uses only the forward features :meth:`trunk` / :meth:`_unet_head` reproduce (SD2's,
+        the embedded model's and the tiny test models' do); any other UNet takes the plain ``unet()`` path."""
+        c = self.unet.config
+        return (
+            c.class_embed_type is None
+            and c.num_class_embeds is None
+            and c.addition_embed_type is None
+            and c.encoder_hid_dim is None
+            and c.time_cond_proj_dim is None
+            and not c.center_input_sample
+            and getattr(self.unet, "position_net", None) is None
+        )
+
+    @torch.no_grad()
+    def trunk(self, latents, timesteps, cond):
+        """The UNet's time embedding, ``conv_in``, down blocks and mid block, which the ControlNet's residuals
+        do not reach (they are added to the skip connections and to the mid block's output): the same steps as
+        ``UNet2DConditionModel.forward`` up to that point. :meth:`_unet_head` finishes the forward; together
+        they equal ``unet(...)`` (tests/test_backbones.py)."""
+        if not self._splittable():
+            return None
+        u, emb = self.unet, cond["prompt_embeds"]
+        temb = u.time_embedding(u.get_time_embed(sample=latents, timestep=timesteps), None)
+        if u.time_embed_act is not None:
+            temb = u.time_embed_act(temb)
+        h = u.conv_in(latents)
+        skips = (h,)
+        for block in u.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=temb, encoder_hidden_states=emb)
+            else:
+                h, res = block(hidden_states=h, temb=temb)
+            skips += res
+        if u.mid_block is not None:
+            if getattr(u.mid_block, "has_cross_attention", False):
+                h = u.mid_block(h, temb, encoder_hidden_states=emb)
+            else:
+                h = u.mid_block(h, temb)
+        odd = any(side % 2**u.num_upsamplers for side in latents.shape[-2:])
+        return {"mid": h, "skips": skips, "temb": temb, "emb": emb, "odd_size": odd}
+
+    def _unet_head(self, trunk: dict, down: list[torch.Tensor], mid: torch.Tensor) -> torch.Tensor:
+        """The rest of the UNet forward after :meth:`trunk`: ControlNet residuals added, up blocks, output."""
+        u = self.unet
+        skips = tuple(s + d for s, d in zip(trunk["skips"], down, strict=True))
+        h, temb, emb = trunk["mid"] + mid, trunk["temb"], trunk["emb"]
+        size = None
+        for i, block in enumerate(u.up_blocks):
+            res, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+            if i < len(u.up_blocks) - 1 and trunk["odd_size"]:
+                size = skips[-1].shape[2:]
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=emb,
+                          upsample_size=size)  # fmt: skip
+            else:
+                h = block(hidden_states=h, temb=temb, res_hidden_states_tuple=res, upsample_size=size)
+        if u.conv_norm_out is not None:
+            h = u.conv_act(u.conv_norm_out(h))
+        return u.conv_out(h)
 
     def set_timesteps(self, steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
         self.scheduler.set_timesteps(steps, device=self.device)
