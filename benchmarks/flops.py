@@ -113,17 +113,23 @@ def count(family: str, size: int) -> dict:
     z2, t2 = torch.empty(2, c, h, h, device=meta), torch.full((2,), 500.0, device=meta)
     ctrl2 = torch.empty(2, 3, size, size, device=meta) if family == "sd2" else z2
 
-    def policy():
-        out = bb.predict(z2, t2, cond(2), ctrl2, guidance=bb.train_guidance, controlnet=net)
+    def policy(trunk=None):
+        out = bb.predict(z2, t2, cond(2), ctrl2, guidance=bb.train_guidance, controlnet=net, trunk=trunk)
         out.float().pow(2).mean().backward()
 
-    def reference():
+    def reference(trunk=None):
         with torch.no_grad():
-            bb.predict(z2, t2, cond(2), ctrl2, guidance=bb.train_guidance, controlnet=net)
+            bb.predict(z2, t2, cond(2), ctrl2, guidance=bb.train_guidance, controlnet=net, trunk=trunk)
 
-    ours = tflop(policy) + tflop(reference)
+    # ours: the denoiser's trunk (SD2: UNet down + mid blocks; FLUX: none) once for both passes
+    trunk_flop = tflop(lambda: bb.trunk(z2, t2, cond(2)))
+    trunk = bb.trunk(z2, t2, cond(2))
+    ours = trunk_flop + tflop(lambda: policy(trunk)) + tflop(lambda: reference(trunk))
     encodes = 2 + (1 if family == "flux" else 0)  # winner, loser (+ FLUX's control, which enters as latents)
-    naive = ours + encodes * fw["vae encode"] + sum(v for k, v in fw.items() if k.startswith("text_encoder"))
+    naive = (
+        tflop(policy) + tflop(reference) + encodes * fw["vae encode"]
+        + sum(v for k, v in fw.items() if k.startswith("text_encoder"))
+    )
     steps = bb.default_steps
     cfg = 2 if family == "sd2" else 1
     sample = steps * cfg * fw["predict (denoiser + controlnet)"] + fw["vae decode"]
@@ -180,7 +186,7 @@ def main() -> int:
         )
         d = r["dpo_step_tflop_per_pair"]
         print(
-            f"  DPO step per pair: ours {d['ours']:.2f}, naive {d['naive']:.2f} TFLOP -> caching saves at most "
+            f"  DPO step per pair: ours {d['ours']:.2f}, naive {d['naive']:.2f} TFLOP -> ours saves at most "
             f"{d['flop_ratio_naive_over_ours']:.2f}x"
         )
         m = r["static_training_memory_gib"]

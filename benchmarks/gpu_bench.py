@@ -360,8 +360,10 @@ def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float) ->
         bb.predict, bb.decode_latents = predict, decode
 
 
-def dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast) -> float:
-    """One DP²O step exactly as dp2osr.train's ``step()`` + optimizer update (see benchmarks/run.py)."""
+def dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast, shared: bool) -> float:
+    """One DP²O step + optimizer update. ``shared`` (ours, as dp2osr.train's ``step()``): the denoiser's trunk
+    (SD2: UNet down + mid blocks) once for both passes, the reference pass first; otherwise (naive) the policy
+    pass, then the reference's own whole forward (see benchmarks/run.py)."""
     from dp2osr.loss import dpo_loss, mse_per_sample
 
     b = targets.shape[1]
@@ -373,11 +375,18 @@ def dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast) 
     control = control.repeat(k, *([1] * (control.dim() - 1)))
     cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
     noisy, target = bb.noisy_and_target(x0, noise, t)
+    trunk = None
+    if shared:
+        with torch.no_grad(), autocast():
+            trunk = bb.trunk(noisy, t, cond)
+            ref_err = mse_per_sample(ref_predict(noisy, t, cond, control, trunk).float(), target.float())
     with autocast():
-        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=net)
+        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=net, trunk=trunk)
+    del trunk
     err = mse_per_sample(pred.float(), target.float())
-    with torch.no_grad(), autocast():
-        ref_err = mse_per_sample(ref_predict(noisy, t, cond, control).float(), target.float())
+    if not shared:
+        with torch.no_grad(), autocast():
+            ref_err = mse_per_sample(ref_predict(noisy, t, cond, control, None).float(), target.float())
     o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], 5000.0, w)
     o.loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -418,8 +427,10 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
         setattr(ref_bb, name, copy.deepcopy(getattr(bb, name)))
         extra = [getattr(ref_bb, name)]
 
-    def ref_predict(noisy, t, cond_, control_):
-        return ref_bb.predict(noisy, t, cond_, control_, guidance=bb.train_guidance, controlnet=ref_net)
+    def ref_predict(noisy, t, cond_, control_, trunk):
+        return ref_bb.predict(
+            noisy, t, cond_, control_, guidance=bb.train_guidance, controlnet=ref_net, trunk=trunk
+        )
 
     def step():
         nonlocal targets, control
@@ -429,7 +440,7 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
                     [bb.encode_images(images[0], lr_up), bb.encode_images(images[1], lr_up)]
                 )
                 control = bb.prepare_control(lr_up)
-        return dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast)
+        return dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast, variant == "ours")
 
     if variant == "naive":
         targets = control = None
