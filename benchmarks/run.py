@@ -389,6 +389,16 @@ class OursTrainer:
         return o.loss.item()
 
 
+class UnsharedTrainer(OursTrainer):
+    """Our step with the whole UNet run in each pass (no shared trunk), reference after policy: what the
+    trunk sharing and the pass order add on top of caching."""
+
+    reference_first = False
+
+    def trunk(self, noisy, t, cond):
+        return None
+
+
 class NaiveTrainer(OursTrainer):
     """The same step done naively: the reference is a deep copy of the UNet/transformer *and* the ControlNet
     (two full model copies), and every step the images are read from disk and VAE-encoded (FLUX: the control
@@ -486,10 +496,10 @@ def bench_training(args) -> list[dict]:
         for family, div, size, batch, ckpt in TRAIN_CASES.values():
             base, data = make_training_data(root, family, div, batch, size)
             torch.manual_seed(0)
-            trainers = {
-                k: cls(family, base, data, batch, ckpt)
-                for k, cls in (("ours", OursTrainer), ("naive", NaiveTrainer))
-            }
+            kinds = [("ours", OursTrainer), ("naive", NaiveTrainer)]
+            if family == "sd2":  # FLUX has no trunk to share
+                kinds.append(("unshared", UnsharedTrainer))
+            trainers = {k: cls(family, base, data, batch, ckpt) for k, cls in kinds}
             bb = trainers["ours"].bb
             parts = {
                 k: round(common.n_params(m) / 1e6, 3)
@@ -550,7 +560,18 @@ def bench_training(args) -> list[dict]:
                     naive_name=name,
                 ),
             ]
-            for r in out[-3:]:
+            if "unshared" in trainers:
+                out.append(
+                    row(
+                        "training",
+                        f"{family} DPO step: UNet trunk shared",
+                        step["ours"],
+                        step["unshared"],
+                        "s/step",
+                        naive_name="our step, whole UNet in each pass",
+                    )
+                )
+            for r in out[-(4 if "unshared" in trainers else 3) :]:
                 print_row(r)
             del trainers, bb
             gc.collect()
