@@ -286,7 +286,7 @@ def train(cfg: TrainConfig) -> int:
         if cfg.mode == "dpo":
             # The frozen denoiser's part that the ControlNet does not reach (SD2: the UNet's down and mid blocks)
             # runs once for both passes. The reference pass runs first, so that its activations are freed
-            # before the policy's graph is built (a lower peak than the other order; the same numbers).
+            # before the policy's graph is built (the same numbers in either order).
             with torch.no_grad(), accelerator.autocast():
                 trunk = bb.trunk(noisy, t, cond)
                 with reference_mode() as ref:
