@@ -113,6 +113,18 @@ def test_resume_equals_uninterrupted(data, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
+def test_winner_sft_reaches_the_gradient_not_the_first_loss(data, tmp_path):
+    """--winner-sft λ adds λ·mean(w·(e_θ(w) − e_ref(w))): 0 at step 1 (policy = reference), so the first loss is
+    the plain DPO loss, but its gradient on the winners' error is larger, so the first gradient norm differs."""
+    plain, sft = tmp_path / "plain", tmp_path / "sft"
+    assert main(_args("sd2-tiny", data, plain, "dpo", 1)) == 0
+    assert main(_args("sd2-tiny", data, sft, "dpo", 1, "--winner-sft", "50")) == 0
+    a, b = _metrics(plain)[0], _metrics(sft)[0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert abs(a["grad_norm"] - b["grad_norm"]) > 1e-3 * a["grad_norm"]
+    assert main(_args("sd2-tiny", data, tmp_path / "bad", "dpo", 1, "--winner-sft", "-1")) == 2
+
+
 def test_sft_mode_and_existing_output_guard(data, tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(_args("sd2-tiny", data, out, "sft", 2, "--prompt-dropout", "0.5")) == 0
