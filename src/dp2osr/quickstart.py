@@ -482,7 +482,8 @@ def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
         f"<p>{s['images']} held-out crops, never in the DPO pairs, {s['seeds']} seeds each (the same seeds for "
         f"both models). {_DPO_LABEL} = step {s['final_step']} of DPO on {s['pairs']} pairs from "
         f"{cfg.images} training crops (β {cfg.beta:g}, lr {cfg.lr:g}, batch {cfg.batch_size}, HPO "
-        f"{html.escape(cfg.hpo)}, pair reward {html.escape(cfg.pair_reward)}). Hybrid reward of "
+        f"{html.escape(cfg.hpo)}, pair reward {html.escape(cfg.pair_reward)}"
+        f"{f', winner term λ {cfg.winner_sft:g}' if cfg.winner_sft else ''}). Hybrid reward of "
         f"{html.escape(', '.join(cfg.metrics))}, min-max normalised jointly over both pools; PSNR/SSIM (Y "
         "channel) are not in the reward. Held-out crops whose mean reward rose: "
         f"<b>{s['improved_images']} of {s['images']}</b>.</p>"
@@ -563,7 +564,8 @@ def run(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: 
     score_pool(lay.base_pool, lay.base_pool, cfg)
     lap("eval", t)
     t = time.perf_counter()
-    _stage(5, f"train: {cfg.steps} DPO steps of {cfg.batch_size} pairs (beta {cfg.beta:g}, lr {cfg.lr:g})")
+    sft = f", winner term {cfg.winner_sft:g}" if cfg.winner_sft else ""
+    _stage(5, f"train: {cfg.steps} DPO steps of {cfg.batch_size} pairs (beta {cfg.beta:g}, lr {cfg.lr:g}{sft})")
     train_dpo(cfg, lay.pair / "pref_pairs.parquet", lay.train)
     lap("train", t)
     t = time.perf_counter()
