@@ -125,6 +125,39 @@ def test_winner_sft_reaches_the_gradient_not_the_first_loss(data, tmp_path):
     assert main(_args("sd2-tiny", data, tmp_path / "bad", "dpo", 1, "--winner-sft", "-1")) == 2
 
 
+@pytest.mark.parametrize("backbone", ["sd2-tiny", "flux-tiny"])
+def test_gradient_checkpointing_and_bf16_autocast(backbone, data, tmp_path):
+    """--gradient-checkpointing recomputes activations in the backward pass: the same losses and gradient norms
+    as without it (float tolerance). --mixed-precision bf16 (CPU autocast) trains too, and at step 1 policy and
+    reference still agree exactly (reward margin 0, ℓ = ln 2 per pair), starting from a ControlNet whose weights
+    are not bf16-exact and whose norm weights are not 1, like a trained one. (A reference stored in bf16, or
+    FLUX residuals of another dtype than the reference's, broke this: outputs differed by up to 0.016.)"""
+    bb = load_backbone(backbone)
+    g = torch.Generator().manual_seed(5)
+    for p in bb.controlnet.parameters():
+        p.data += 0.01 * torch.randn(p.shape, generator=g)
+    start = tmp_path / "start.safetensors"
+    save_release(bb.controlnet, start)
+    runs = {}
+    for name, extra in {"plain": (), "ckpt": ("--gradient-checkpointing",)}.items():
+        assert main(_args(backbone, data, tmp_path / name, "dpo", 3, "--controlnet", str(start), *extra)) == 0
+        runs[name] = _metrics(tmp_path / name)
+    # accelerate fixes the precision once per process, so the bf16 run gets its own
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "dp2osr", *_args(backbone, data, tmp_path / "bf16", "dpo", 3),
+                          "--controlnet", str(start), "--mixed-precision", "bf16"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs["bf16"] = _metrics(tmp_path / "bf16")
+    for a, b in zip(runs["plain"], runs["ckpt"], strict=True):
+        for key in ("loss", "grad_norm", "policy_err_w", "policy_err_l"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    assert runs["bf16"][0]["reward_margin"] == 0 and runs["bf16"][0]["accuracy"] == 0
+    assert runs["bf16"][0]["loss"] == pytest.approx(runs["plain"][0]["loss"], rel=1e-6)
+    for a, b in zip(runs["plain"], runs["bf16"], strict=True):
+        assert np.isfinite(b["loss"]) and b["policy_err_w"] == pytest.approx(a["policy_err_w"], rel=0.05)
+
+
 def test_sft_mode_and_existing_output_guard(data, tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(_args("sd2-tiny", data, out, "sft", 2, "--prompt-dropout", "0.5")) == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dp2osr.backbones import cast, load_backbone, save_release
+from dp2osr.backbones import load_backbone, save_release
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.loss import dpo_loss, mse_per_sample
 from dp2osr.pair import HPO_MODES
@@ -64,7 +64,9 @@ class TrainConfig(ModelOptions):
                      "Diffusion-DPO", choices=list(HPO_MODES))
     prompt_dropout: float = field(0.1, help="sft: probability of training a sample with the empty prompt")
     upscale: int = field(4, help="LR -> training image scale factor")
-    mixed_precision: str = field("no", help="autocast dtype for the forward passes; master weights stay fp32",
+    mixed_precision: str = field("no", help="autocast dtype for the forward passes; the trained weights and DPO's "
+                                 "frozen reference ControlNet stay fp32, the frozen UNet/transformer, VAE and text "
+                                 "encoders take this dtype",
                                  choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory, slower)")
     use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)")
@@ -176,8 +178,11 @@ def train(cfg: TrainConfig) -> int:
         check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "a training run", "resume with the same options")
     examples = read_examples(cfg.data, cfg.mode, cfg.hpo)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-    bb = load_backbone(cfg.backbone, cfg.base, cfg.controlnet, dtype="fp32").to(accelerator.device, weight_dtype)
-    net = cast(bb.controlnet, dtype=torch.float32)  # fp32 master weights; autocast handles mixed precision
+    # fp32 master weights of the ControlNet as loaded (not rounded through weight_dtype); autocast does the rest
+    bb = load_backbone(cfg.backbone, cfg.base, cfg.controlnet, dtype="fp32").to(
+        accelerator.device, weight_dtype, controlnet_dtype=torch.float32
+    )
+    net = bb.controlnet
     reference = None
     if cfg.lora_rank > 0:
         from peft import LoraConfig
@@ -186,7 +191,12 @@ def train(cfg: TrainConfig) -> int:
         net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     elif cfg.mode == "dpo":
-        reference = cast(copy.deepcopy(net).requires_grad_(False).eval(), dtype=weight_dtype)
+        # In fp32 like the policy's master weights: a reference stored in bf16/fp16 holds rounded weights and runs
+        # the ops autocast leaves alone (norms, element-wise products with weights) in another precision, so
+        # policy and reference differ before any training. Measured at step 1 of a bf16 run from a ControlNet
+        # with trained-like weights: DPO logit 0.26 (tiny SD2) and −0.05 (tiny FLUX) at β 500, ten times that at
+        # the paper's β 5000, where METHOD.md's ℓ = ln 2 needs 0 (tests/test_train.py).
+        reference = copy.deepcopy(net).requires_grad_(False).eval()
     net.train()
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()

@@ -162,11 +162,15 @@ class Backbone(ABC):
             vae.disable_tiling()
             vae.tile_sample_min_size, vae.tile_latent_min_size = old
 
-    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> Backbone:
-        """Move everything; the ControlNet keeps float32 master weights only when it trains (see train)."""
+    def to(
+        self, device: str | torch.device, dtype: torch.dtype = torch.float32, controlnet_dtype: torch.dtype | None = None
+    ) -> Backbone:
+        """Move everything to ``dtype``, the ControlNet to ``controlnet_dtype`` if given (training keeps its
+        float32 master weights as loaded, not rounded through ``dtype``)."""
         self.device, self.dtype = torch.device(device), dtype
-        for m in [*self.frozen_modules().values(), self.controlnet]:
+        for m in self.frozen_modules().values():
             cast(m, self.device, dtype)
+        cast(self.controlnet, self.device, controlnet_dtype or dtype)
         for m in self.frozen_modules().values():
             m.requires_grad_(False)
             m.eval()
