@@ -136,7 +136,7 @@ def count(family: str, size: int) -> dict:
 
     b16, cn = 2, n["controlnet"]
     frozen = sum(v for k, v in n.items() if k != "controlnet")
-    static_ours = (frozen * b16 + cn * 16 + cn * b16) * 1e9 / 2**30
+    static_ours = (frozen * b16 + cn * 16 + cn * 4) * 1e9 / 2**30  # + the fp32 reference ControlNet
     static_naive = static_ours + n[den_name] * b16 * 1e9 / 2**30
     return {
         "family": family,

@@ -405,7 +405,7 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     net = cast(bb.controlnet, dtype=torch.float32).train().requires_grad_(True)  # fp32 master weights
-    ref_net = cast(copy.deepcopy(net).requires_grad_(False).eval(), dtype=dtype)
+    ref_net = copy.deepcopy(net).requires_grad_(False).eval()  # fp32, as dp2osr.train keeps it
     if checkpointing:
         net.enable_gradient_checkpointing()
         for m in bb.frozen_modules().values():
