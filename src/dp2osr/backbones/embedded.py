@@ -141,8 +141,10 @@ class EmbeddedBackbone(SD2Backbone):
     def new_controlnet(self) -> ControlNetModel:
         return embedded_controlnet(self.unet)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype = torch.float32) -> Backbone:
-        super().to(device, dtype)
+    def to(
+        self, device: str | torch.device, dtype: torch.dtype = torch.float32, controlnet_dtype: torch.dtype | None = None
+    ) -> Backbone:
+        super().to(device, dtype, controlnet_dtype)
         self.prompt_embeds = self.prompt_embeds.to(self.device, dtype)
         return self
 
