@@ -158,6 +158,21 @@ def test_gradient_checkpointing_and_bf16_autocast(backbone, data, tmp_path):
         assert np.isfinite(b["loss"]) and b["policy_err_w"] == pytest.approx(a["policy_err_w"], rel=0.05)
 
 
+def test_8bit_adam(data, tmp_path, monkeypatch):
+    """--use-8bit-adam: bitsandbytes' AdamW8bit (installed with pyiqa) trains on the CPU too; its state for the
+    large tensors is uint8 (what saves memory), and the losses stay finite."""
+    made = []
+    real = train_mod._make_optimizer
+    monkeypatch.setattr(train_mod, "_make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    out = tmp_path / "adam8"
+    assert main(_args("sd2-tiny", data, out, "dpo", 3, "--use-8bit-adam")) == 0
+    assert type(made[0]).__name__ == "AdamW8bit"
+    dtypes = {v.dtype for st in made[0].state.values() for v in st.values() if torch.is_tensor(v)}
+    assert torch.uint8 in dtypes
+    m = _metrics(out)
+    assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m) and m[0]["reward_margin"] == 0
+
+
 def test_sft_mode_and_existing_output_guard(data, tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(_args("sd2-tiny", data, out, "sft", 2, "--prompt-dropout", "0.5")) == 0

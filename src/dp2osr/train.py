@@ -69,7 +69,8 @@ class TrainConfig(ModelOptions):
                                  "encoders take this dtype",
                                  choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory, slower)")
-    use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)")
+    use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW: the optimizer state of large tensors in 8 bits "
+                                "(bitsandbytes is installed with pyiqa; tested on the CPU)")
     lora_rank: int = field(0, help="train a LoRA of this rank on the ControlNet instead of all its weights; the "
                            "DPO reference is then the ControlNet with the adapter disabled (needs peft)")
     max_grad_norm: float = field(1.0, help="gradient clipping norm")
