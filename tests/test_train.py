@@ -173,6 +173,34 @@ def test_8bit_adam(data, tmp_path, monkeypatch):
     assert len(m) == 3 and all(np.isfinite(r["loss"]) for r in m) and m[0]["reward_margin"] == 0
 
 
+def test_cache_accumulation_and_tensorboard(data, tmp_path, monkeypatch):
+    """The cache changes no number: --no-cache (VAE and text encoders every step) logs the same losses. With
+    --grad-accum 2 the optimizer updates once per step over 2 micro-batches with different pairs, and the logs
+    reach TensorBoard (OUTPUT/tb)."""
+    cached, fresh = tmp_path / "cached", tmp_path / "fresh"
+    assert main(_args("sd2-tiny", data, cached, "dpo", 2)) == 0
+    assert main(_args("sd2-tiny", data, fresh, "dpo", 2, "--no-cache")) == 0
+    for a, b in zip(_metrics(cached), _metrics(fresh), strict=True):
+        for key in ("loss", "policy_err_w", "policy_err_l", "ref_err_w", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
+    assert list((cached / "tb").glob("events.out.tfevents.*"))
+
+    updates, batches = [], []
+    real_opt, real_idx = train_mod._make_optimizer, train_mod.batch_indices
+
+    def counted_optimizer(params, cfg):
+        opt = real_opt(params, cfg)
+        opt.register_step_post_hook(lambda *_: updates.append(1))
+        return opt
+
+    monkeypatch.setattr(train_mod, "_make_optimizer", counted_optimizer)
+    monkeypatch.setattr(train_mod, "batch_indices", lambda *a: batches.append(real_idx(*a)) or batches[-1])
+    assert main(_args("sd2-tiny", data, tmp_path / "accum", "dpo", 3, "--grad-accum", "2", "--batch-size", "1")) == 0
+    assert len(updates) == 3 and len(batches) == 6
+    assert all(batches[2 * i] != batches[2 * i + 1] for i in range(3))
+    assert len(_metrics(tmp_path / "accum")) == 3
+
+
 def test_sft_mode_and_existing_output_guard(data, tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(_args("sd2-tiny", data, out, "sft", 2, "--prompt-dropout", "0.5")) == 0
