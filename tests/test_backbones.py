@@ -91,6 +91,14 @@ def test_training_targets():
     assert torch.equal(target, eps)
     a = sd.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(noisy, a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    # v-prediction (taken from the scheduler config, as the embedded model uses): v = √ᾱ·ε − √(1−ᾱ)·x0
+    sd.scheduler.register_to_config(prediction_type="v_prediction")
+    noisy_v, target_v = sd.noisy_and_target(x0, eps, t)
+    torch.testing.assert_close(noisy_v, noisy)
+    torch.testing.assert_close(target_v, a.sqrt() * eps - (1 - a).sqrt() * x0)
+    sd.scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type"):
+        sd.noisy_and_target(x0, eps, t)
     fx = load_backbone("flux-tiny")
     sig = fx.sample_timesteps(4, (8, 8), torch.Generator().manual_seed(0))
     assert ((sig > 0) & (sig < 1000)).all()
