@@ -158,7 +158,8 @@ class FluxBackbone(Backbone):
         # One dtype for the residuals whichever ControlNet made them: accelerate returns a prepared model's outputs
         # in fp32, and the transformer's bf16 hidden states plus fp32 residuals would round differently from the
         # reference's bf16 ones (DPO's policy and reference must agree exactly at the start)
-        blocks, single = ([r.to(latents.dtype) for r in res] if res is not None else None for res in (blocks, single))
+        blocks = None if blocks is None else [r.to(latents.dtype) for r in blocks]
+        single = None if single is None else [r.to(latents.dtype) for r in single]
         out = self.transformer(
             hidden_states=hidden,
             controlnet_block_samples=blocks,
