@@ -74,7 +74,7 @@ def test_two_processes_cover_every_candidate_once(lr_folder, tmp_path):
                    capture_output=True)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29561", "-m", "dp2osr", "sample",
+        [torchrun, "--nproc_per_node", "2", "--standalone", "-m", "dp2osr", "sample",
          "--input", str(lr_folder), "--output", str(two), *ARGS],
         env=ENV, capture_output=True, text=True,
     )

@@ -254,7 +254,7 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     out, curve = tmp_path / "ddp", tmp_path / "curve"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     sampling = ["--eval-samples", "3", "--eval-sample-steps", "3", "--eval-metrics", "fsim", "gmsd", "piqe"]
-    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571", "-m", "dp2osr",
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "dp2osr",
                           *_args("sd2-tiny", data, out, "dpo", 2, "--checkpoint-every", "1", "--keep-checkpoints",
                                  "0", "--eval-data", str(data), "--eval-every", "1", *sampling)],
                          env=env, capture_output=True, text=True, check=False)
@@ -267,8 +267,8 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     expected = pd.read_csv(out / "eval" / "reward_curve.csv")
     args = ["-m", "dp2osr", "curve", "--run-dir", str(out), "--heldout", str(data), "--samples", "3", "--steps", "3",
             "--metrics", "fsim", "gmsd", "piqe"]
-    for launcher, folder in (([sys.executable], curve), ([torchrun, "--nproc_per_node", "2", "--master_port",
-                                                          "29572"], tmp_path / "curve2")):
+    for launcher, folder in (([sys.executable], curve),
+                             ([torchrun, "--nproc_per_node", "2", "--standalone"], tmp_path / "curve2")):
         res = subprocess.run([*launcher, *args, "--output", str(folder)], env=env, capture_output=True, text=True,
                              check=False)
         assert res.returncode == 0, res.stderr[-3000:]
