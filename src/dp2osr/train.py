@@ -232,6 +232,14 @@ def train(cfg: TrainConfig) -> int:
     eval_every = cfg.eval_every or cfg.checkpoint_every
     eval_seconds = 0.0  # held-out evaluation time, kept out of the training clock ("seconds" in the log)
 
+    def log(record: dict, tag) -> None:
+        """One row of metrics.jsonl, and its values in TensorBoard under ``tag(key)`` (main process only)."""
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, v in record.items():
+            if key != "step" and writer is not None:
+                writer.add_scalar(tag(key), v, record["step"])
+
     def evaluate(done: int) -> None:
         """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
         process samples its share; the main process scores and logs."""
@@ -257,11 +265,7 @@ def train(cfg: TrainConfig) -> int:
             keys = ("reward", "best", "worst", "psnr", "ssim")
             record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys},
                       "eval_seconds": time.perf_counter() - start_eval}
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            for key, v in record.items():
-                if key != "step" and writer is not None:
-                    writer.add_scalar(key.replace("eval_", "eval/"), v, done)
+            log(record, lambda key: key.replace("eval_", "eval/"))
             tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
                        f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {out / 'eval'}", file=sys.stderr)
         accelerator.wait_for_everyone()
@@ -353,11 +357,7 @@ def train(cfg: TrainConfig) -> int:
             if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
                 record = {"step": done, "lr": scheduler.get_last_lr()[0], **sums,
                           "seconds": time.perf_counter() - t0 - eval_seconds}
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                for key, v in record.items():
-                    if key != "step" and writer is not None:
-                        writer.add_scalar(f"train/{key}", v, done)
+                log(record, lambda key: f"train/{key}")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "accuracy", "grad_norm")})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 save_checkpoint(accelerator, net, cfg, done, out / f"checkpoint-{done:06d}", ema, params)
