@@ -364,7 +364,7 @@ def dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast, 
     """One DP²O step + optimizer update. ``shared`` (ours, as dp2osr.train's ``step()``): the denoiser's trunk
     (SD2: UNet down + mid blocks) once for both passes, the reference pass first; otherwise (naive) the policy
     pass, then the reference's own whole forward (see benchmarks/run.py)."""
-    from dp2osr.loss import dpo_loss, mse_per_sample
+    from dp2osr.math.loss import dpo_loss, mse_per_sample
 
     b = targets.shape[1]
     hw = tuple(targets.shape[-2:])

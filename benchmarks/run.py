@@ -313,7 +313,7 @@ class OursTrainer:
 
     def __init__(self, family: str, base: Path, data: Path, batch: int, checkpointing: bool) -> None:
         from dp2osr.backbones import load_backbone
-        from dp2osr.train_data import FrozenCache, read_examples
+        from dp2osr.engine.train_data import FrozenCache, read_examples
 
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             self.bb = bb = load_backbone(family, base, dtype="fp32").to("cpu", torch.float32)
@@ -355,8 +355,8 @@ class OursTrainer:
         )
 
     def step(self) -> float:
-        from dp2osr.loss import dpo_loss, mse_per_sample
-        from dp2osr.train_data import batch_indices
+        from dp2osr.math.loss import dpo_loss, mse_per_sample
+        from dp2osr.engine.train_data import batch_indices
 
         bb, b = self.bb, self.batch
         idx = batch_indices(len(self.ex), self.s, 0, 0, b, 1, 1, 0)

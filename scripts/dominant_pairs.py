@@ -15,7 +15,7 @@ from pathlib import Path
 import dp2osr.quickstart as qs
 from dp2osr import metrics as metric_lib
 from dp2osr.images import write_parquet
-from dp2osr.reward import hybrid_reward
+from dp2osr.math.reward import hybrid_reward
 
 _make_pairs = qs.make_pairs
 

@@ -74,7 +74,7 @@ def run_model(args, pairs) -> dict[str, dict[str, torch.Tensor]]:
         sr = super_resolve(bb, up, cond, args.seeds, steps=steps, guidance=None, process_size=size,
                            color_fix_method="none")
         for fix in args.color_fix:
-            from dp2osr.colorfix import color_fix
+            from dp2osr.math.colorfix import color_fix
 
             out[f"model ({fix})"][image_id] = _q8(color_fix(sr, up, fix) if fix != "none" else sr)
     sec = (time.time() - t0) / max(1, len(pairs))
@@ -117,7 +117,7 @@ def score(outputs, pairs, use_pyiqa: bool, device: str) -> pd.DataFrame:
 def add_reward(table: pd.DataFrame) -> pd.DataFrame:
     """Append the hybrid reward, normalised with bounds fitted on all methods together."""
     from dp2osr.metrics import catalogue
-    from dp2osr.reward import fit_bounds, hybrid_reward
+    from dp2osr.math.reward import fit_bounds, hybrid_reward
 
     part = table[table.metric.isin(REWARD_METRICS)].copy()
     part["image_id"] = part.method + "|" + part.image_id  # one candidate = (method, image, seed)

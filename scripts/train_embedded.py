@@ -244,7 +244,7 @@ def eval_pairs(photos: list[Path]) -> list[tuple[str, torch.Tensor, torch.Tensor
 
 # ------------------------------------------------------------------------------------------- training
 def _fast_batch_indices():
-    """``dp2osr.train_data.batch_indices`` with each epoch's permutation computed once, same indices.
+    """``dp2osr.engine.train_data.batch_indices`` with each epoch's permutation computed once, same indices.
 
     The library draws ``randperm(n)`` once per *example* (``O(n)`` each, and ~100x slower from n = 2^15 on),
     which at GPU speed costs more than the model; this memoised copy returns exactly the same indices.
@@ -280,7 +280,7 @@ def _load_seconds(init: Path, data: Path, device: str, n: int = 128) -> float:
     import pandas as pd
 
     from dp2osr.backbones import load_backbone
-    from dp2osr.train_data import FrozenCache
+    from dp2osr.engine.train_data import FrozenCache
 
     bb = load_backbone("embedded", base=init).to(device)
     cache = FrozenCache(bb, SCALE)
@@ -328,7 +328,7 @@ def pretrain_base(init: Path, data: Path, out: Path, args: argparse.Namespace, d
     a complete model folder (the EMA weights) that stage 2 starts from.
     """
     from dp2osr.backbones import load_backbone
-    from dp2osr.loss import mse_per_sample
+    from dp2osr.math.loss import mse_per_sample
 
     t0 = time.time()
     bb = load_backbone("embedded", base=init).to(device)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dp2osr.bestm import best_mean_worst, default_ms, per_image_spread, rewards_matrix
+from dp2osr.math.bestm import best_mean_worst, default_ms, per_image_spread, rewards_matrix
 
 POOL = np.array([[0.2, 0.8, 0.5, 0.1], [0.6, 0.4, 0.9, 0.3]])
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dp2osr.colorfix import adain, color_fix, wavelet, wavelet_decompose
+from dp2osr.math.colorfix import adain, color_fix, wavelet, wavelet_decompose
 
 
 def test_adain_output_has_reference_mean_and_std(rng):

@@ -1,11 +1,11 @@
-"""Tests for dp2osr.loss: the Diffusion-DPO objective (METHOD.md §3) and the per-sample error."""
+"""Tests for dp2osr.math.loss: the Diffusion-DPO objective (METHOD.md §3) and the per-sample error."""
 
 import math
 
 import pytest
 import torch
 
-from dp2osr.loss import DPOOutput, dpo_loss, mse_per_sample
+from dp2osr.math.loss import DPOOutput, dpo_loss, mse_per_sample
 
 BETA = 5000.0
 

@@ -8,17 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from dp2osr.backbones import backbone_class
 from dp2osr.cli import main
-from dp2osr.pair import (
-    DEFAULT_RATIOS,
-    PAIR_COLUMNS,
-    PairConfig,
-    build_pairs,
-    inter_weights,
-    intra_weights,
-    n_from_ratio,
-    select_pairs,
-)
+from dp2osr.math.hpo import inter_weights, intra_weights, n_from_ratio, select_pairs
+from dp2osr.pair import PAIR_COLUMNS, PairConfig, build_pairs
 
 SIGMA_A = math.sqrt(0.0875)  # 0.2958039891549808
 
@@ -149,8 +142,8 @@ def test_build_pairs_errors():
 def test_n_from_ratio():
     """N = max(1, floor(ratio·M + 0.5)): paper settings 32·1/4 = 8 and 64·1/16 = 4; 2·1/4 = 0.5 -> 1;
     10·1/4 = 2.5 -> 3 (half up, where Python's round would give 2); 3·1/16 = 0.1875 -> 0 -> 1."""
-    assert n_from_ratio(32, DEFAULT_RATIOS["sd2"]) == 8
-    assert n_from_ratio(64, DEFAULT_RATIOS["flux"]) == 4
+    assert n_from_ratio(32, backbone_class("sd2").pair_ratio) == 8
+    assert n_from_ratio(64, backbone_class("flux").pair_ratio) == 4
     assert n_from_ratio(2, 0.25) == 1
     assert n_from_ratio(10, 0.25) == 3
     assert n_from_ratio(3, 1 / 16) == 1
@@ -178,14 +171,16 @@ def test_pair_config_validation():
 
 
 def test_default_ratio_follows_the_pool_model(tmp_path):
-    """No --n/--ratio: 1/4 for an SD2-sampled pool, 1/16 for a FLUX-sampled one (METHOD.md §2.5)."""
-    from dp2osr.pair import _pool_family
+    """No --n/--ratio: 1/4 for an SD2-sampled pool, 1/16 for a FLUX-sampled one (the paper's ratios)."""
+    from dp2osr.pair import pool_ratio
 
     rewards = tmp_path / "rewards.parquet"
-    assert _pool_family(rewards) == "sd2"  # no candidates table: SD2-like
-    for model, family in (("flux|/m/flux|c.safetensors", "flux"), ("sd2-tiny|controlnet:default", "sd2")):
+    assert pool_ratio(rewards) == 0.25  # no candidates table: SD2-like
+    cases = (("flux|/m/flux|c.safetensors", 1 / 16), ("flux-tiny|base", 1 / 16), ("sd2-tiny|controlnet:default", 0.25),
+             ("embedded|step 0", 0.25))  # fmt: skip
+    for model, ratio in cases:
         pd.DataFrame({"image_id": ["a"], "model": [model]}).to_parquet(tmp_path / "candidates.parquet")
-        assert _pool_family(rewards) == family
+        assert pool_ratio(rewards) == ratio
 
 
 @pytest.fixture

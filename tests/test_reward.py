@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dp2osr.reward import hybrid_reward, minmax, orient
+from dp2osr.math.reward import hybrid_reward, minmax, orient
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,24 @@ import yaml
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, choices: list | None = None, **kw: Any) -> Any:
-    """A dataclass field with a help string (and optional choices) for the CLI."""
-    meta = {"help": help}
+def field(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: list | None = None,
+    run_only: bool = False,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with a help string (and optional choices) for the CLI.
+
+    ``run_only`` marks an option that does not change what a run produces (paths, device, batch sizes that
+    give the same outputs, resume switches): a resumed run may change it (``check_resume``).
+    """
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = list(choices)
+    if run_only:
+        meta["run_only"] = True
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
@@ -171,14 +184,20 @@ def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def run_only_fields(cls: type) -> set[str]:
+    """Names of the fields marked ``run_only`` (options that may change when a run is resumed)."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("run_only")}
+
+
 def check_resume(
-    cfg: Any, path: Path, run_only: set[str], what: str = "outputs", hint: str = "use --overwrite or another --output"
+    cfg: Any, path: Path, what: str = "outputs", hint: str = "use --overwrite or another --output"
 ) -> None:
     """Refuse to mix outputs made with different options in one folder.
 
-    ``path`` is the config saved by an earlier run; options in ``run_only`` (device, paths, ...) may change
-    between runs, every other option must match. Does nothing when ``cfg.overwrite`` is set.
+    ``path`` is the config saved by an earlier run; the fields marked ``run_only`` (device, paths, ...) may
+    change between runs, every other option must match. Does nothing when ``cfg.overwrite`` is set.
     """
+    run_only = run_only_fields(type(cfg))
     if getattr(cfg, "overwrite", False) or not Path(path).is_file():
         return
     old = yaml.safe_load(Path(path).read_text()) or {}

@@ -20,19 +20,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dp2osr import bestm, plots
 from dp2osr import metrics as metric_lib
+from dp2osr import plots
 from dp2osr.backbones import NAMES, Backbone, cast, load_release_state
 from dp2osr.config import check_resume, field, load_yaml, save_config
 from dp2osr.images import load_image, write_parquet
-from dp2osr.reward import fit_bounds, hybrid_reward
+from dp2osr.math import bestm
+from dp2osr.math.reward import fit_bounds, hybrid_reward
 from dp2osr.sampling import SamplingOptions
 
 CURVE_CSV = "reward_curve.csv"
 CURVE_PNG = "reward_curve.png"
 CONFIG_NAME = "curve_config.yaml"
 CURVE_COLUMNS = ["step", "reward", "best", "worst", "psnr", "ssim"]
-_RUN_ONLY = {"output", "device", "batch_size", "tile_batch", "run_dir"}
 
 
 # ---------------------------------------------------------------------------------------------- pools
@@ -256,9 +256,9 @@ class CurveConfig(SamplingOptions):
     """
 
     # Not "--run": torchrun would take it for an abbreviation of its own --run-path and stop.
-    run_dir: Path = field(help="a `dp2osr train` output folder")
+    run_dir: Path = field(help="a `dp2osr train` output folder", run_only=True)
     heldout: Path = field(help="held-out images: a `dp2osr degrade` folder (LR with HR) or a folder of LR images")
-    output: Path | None = field(None, help="output folder (default: RUN_DIR/reward_curve)")
+    output: Path | None = field(None, help="output folder (default: RUN_DIR/reward_curve)", run_only=True)
     backbone: str | None = field(None, help="model family (default: the run's)", choices=list(NAMES))
     base: Path | None = field(None, help="base model folder (default: the run's --base)")
     controlnet: Path | None = field(None, help="the step-0 ControlNet (default: the run's --controlnet)")
@@ -313,7 +313,7 @@ def curve(cfg: CurveConfig) -> int:
         raise ValueError(f"{cfg.run_dir} holds no finished checkpoint-NNNNNN/ (with model.safetensors)")
     names = metric_lib.resolve_names(cfg.preset, cfg.metrics)
     read_heldout(cfg.heldout, names, cfg.limit)  # bad input fails before the model loads
-    check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "a reward curve", "use the same options or another --output")
+    check_resume(cfg, out / CONFIG_NAME, "a reward curve", "use the same options or another --output")
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" and state.num_processes > 1 else resolve_device(cfg.device)
     bb = load_model(cfg, device)

@@ -39,7 +39,6 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 PAIRS_COLUMNS = ["image_id", "hr_path", "lr_path", "source", "seed"]
 CONFIG_NAME = "degrade_config.yaml"
 # Options that do not change the pairs; all others must match when resuming into an existing output folder.
-_RUN_ONLY = {"input", "output", "device", "overwrite"}
 
 
 class ImageTooSmallError(ValueError):
@@ -121,8 +120,8 @@ class DegradationParams:
 
 @dataclass
 class _PairOptions:
-    input: Path = field(help="HR image folder (non-recursive) or one HR image")
-    output: Path = field(help="output folder: hr/ID.png, lr/ID.png, pairs.parquet, degrade_config.yaml")
+    input: Path = field(help="HR image folder (non-recursive) or one HR image", run_only=True)
+    output: Path = field(help="output folder: hr/ID.png, lr/ID.png, pairs.parquet, degrade_config.yaml", run_only=True)
     hr_size: int = field(512, help="HR crop size (square, pixels); a multiple of --scale")
     scale: int = field(4, help="downscaling factor: the LR is hr_size/scale pixels")
     crop: str = field(
@@ -131,8 +130,8 @@ class _PairOptions:
     seed: int = field(0, help="base seed; an image's seed is seed + CRC-32 of its ID (file stem)")
     device: str = field(
         "cpu", help="torch device (auto: cuda when available)", choices=["cpu", "cuda", "auto"]
-    )
-    overwrite: bool = field(False, help="recompute pairs that exist (default: keep them and resume)")
+, run_only=True)
+    overwrite: bool = field(False, help="recompute pairs that exist (default: keep them and resume)", run_only=True)
 
 
 # Base order puts _PairOptions' fields (input, output, ...) first in --help, then the degradation ranges.
@@ -411,7 +410,7 @@ def degrade(cfg: DegradeConfig) -> int:
             raise ValueError(f"two input images share the ID {path.stem!r}: {seen[path.stem]} and {path}")
         seen[path.stem] = path
     out = Path(cfg.output)
-    check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "pairs")
+    check_resume(cfg, out / CONFIG_NAME, "pairs")
     device = _resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)
 

@@ -47,13 +47,12 @@ from dp2osr import metrics as metric_lib
 from dp2osr.backbones import Backbone
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.images import list_images, load_image, save_image, write_parquet
-from dp2osr.reward import fit_bounds, hybrid_reward
+from dp2osr.math.reward import fit_bounds, hybrid_reward
 
 CONFIG_NAME = "quickstart_config.yaml"
 PHOTOS = Path(__file__).parent / "assets" / "photos"
 CURVE_CSV = curve_lib.CURVE_CSV
 PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
-_RUN_ONLY = {"output", "device", "overwrite"}
 # The embedded model's training degradation (a copy of scripts/train_embedded.py's MILD): lighter blur, noise,
 # JPEG and resize swings than Real-ESRGAN's defaults (`dp2osr degrade`), so the crops are in its range.
 MILD = {
@@ -81,7 +80,7 @@ class QuickstartConfig:
     instead of 1000 steps of 1024, beta 500 instead of 5000, lr 3e-5 instead of 2e-5.
     """
 
-    output: Path = field(Path("quickstart_out"), help="output folder (stage subfolders and report.html)")
+    output: Path = field(Path("quickstart_out"), help="output folder (stage subfolders and report.html)", run_only=True)
     backbone: str = field(
         "embedded",
         help="model: embedded (the small SR model shipped in the package) or any --backbone of `dp2osr "
@@ -164,8 +163,8 @@ class QuickstartConfig:
         choices=["adain", "wavelet", "none"],
     )
     seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
-    device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"])
-    overwrite: bool = field(False, help="delete an earlier quickstart in --output first (default: resume it)")
+    device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"], run_only=True)
+    overwrite: bool = field(False, help="delete an earlier quickstart in --output first (default: resume it)", run_only=True)
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -609,7 +608,7 @@ def prepare_output(cfg: QuickstartConfig) -> Path:
             shutil.rmtree(out)
         else:
             check_resume(
-                cfg, out / CONFIG_NAME, _RUN_ONLY, "a quickstart", "use --overwrite or another --output"
+                cfg, out / CONFIG_NAME, "a quickstart", "use --overwrite or another --output"
             )
     save_config(cfg, out / CONFIG_NAME)
     return out

@@ -23,9 +23,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dp2osr import bestm, evaluate, plots
+from dp2osr import evaluate, plots
 from dp2osr.config import field, to_dict
 from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, load_image, to_uint8
+from dp2osr.math import bestm
 
 
 @dataclass

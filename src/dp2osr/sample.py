@@ -32,7 +32,6 @@ from dp2osr.sampling import (
 
 CONFIG_NAME = "sample_config.yaml"
 CANDIDATE_COLUMNS = ["image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt"]
-_RUN_ONLY = {"input", "output", "device", "batch_size", "tile_batch", "overwrite", "limit"}
 
 
 @dataclass(kw_only=True)
@@ -44,13 +43,13 @@ class SampleConfig(SamplingOptions):
     OUTPUT/sample_config.yaml. Rerun the same command to resume.
     """
 
-    input: Path = field(help="a `dp2osr degrade` output folder (with pairs.parquet) or a folder of LR images")
-    output: Path = field(help="output folder of the candidate pool")
+    input: Path = field(help="a `dp2osr degrade` output folder (with pairs.parquet) or a folder of LR images", run_only=True)
+    output: Path = field(help="output folder of the candidate pool", run_only=True)
     samples: int = field(64, help="candidates per image (M; paper: 64); candidate k uses seed SEED+k")
     seed: int = field(0, help="seed of the first candidate")
     upscale: int = field(4, help="LR -> output scale factor (1 if the LR is already upsampled)")
-    limit: int | None = field(None, help="use only the first N images (sorted by ID)")
-    overwrite: bool = field(False, help="resample existing candidates (default: keep them, i.e. resume)")
+    limit: int | None = field(None, help="use only the first N images (sorted by ID)", run_only=True)
+    overwrite: bool = field(False, help="resample existing candidates (default: keep them, i.e. resume)", run_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,7 +185,7 @@ def sample(cfg: SampleConfig) -> int:
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     out = Path(cfg.output)
     images = read_inputs(cfg.input, cfg.limit)
-    check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "candidates")
+    check_resume(cfg, out / CONFIG_NAME, "candidates")
     device = state.device if cfg.device == "auto" and state.num_processes > 1 else resolve_device(cfg.device)
     bb = load_model(cfg, device)
     if state.is_main_process:

@@ -16,18 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, load_backbone
-from dp2osr.colorfix import COLOR_FIXES, color_fix
 from dp2osr.config import field
+from dp2osr.math.colorfix import COLOR_FIXES, color_fix
+from dp2osr.math.geometry import ramp, resize, tile_starts
 from dp2osr.prompts import PROMPT_SOURCES
-
-
-def tile_starts(size: int, tile: int, stride: int, align: int = 1) -> list[int]:
-    """Start offsets of tiles of length ``tile`` covering ``[0, size)`` with at most ``stride`` between starts."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, max(align, stride // align * align)))
-    starts.append(size - tile)
-    return sorted(set(starts))
 
 
 def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -35,12 +27,6 @@ def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
     return x.expand(b, *x.shape[1:]) if x.shape[0] == 1 and b > 1 else x
 
 
-def ramp(length: int, overlap: int, device, dtype) -> torch.Tensor:
-    """1-D blending weight: linear ramps of ``overlap`` at both ends, 1 in the middle, never 0."""
-    i = torch.arange(length, device=device, dtype=dtype)
-    if overlap <= 0:
-        return torch.ones(length, device=device, dtype=dtype)
-    return torch.minimum((i + 0.5) / overlap, (length - i - 0.5) / overlap).clamp(max=1.0)
 
 
 def expand_cond(cond: Cond, batch: int) -> Cond:
@@ -131,13 +117,6 @@ def generate(
     return torch.cat(images)
 
 
-def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize (antialiased when shrinking) of ``(B, 3, H, W)`` in [0, 1], clamped."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
-    out = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=shrink)
-    return out.clamp(0, 1)
 
 
 def super_resolve(
@@ -215,7 +194,7 @@ class ModelOptions:
     )
     device: str = field(
         "auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)"
-    )
+, run_only=True)
 
 
 @dataclass(kw_only=True)
@@ -239,7 +218,7 @@ class SamplingOptions(ModelOptions):
         4,
         help="latent tiles denoised together in one call when an image is tiled (with every seed of the "
         "batch: tile_batch x batch_size samples per call; memory grows with it; 1 = one tile at a time)",
-    )
+, run_only=True)
     color_fix: str = field(
         "adain", help="colour correction against the upsampled LR", choices=list(COLOR_FIXES)
     )
@@ -252,7 +231,7 @@ class SamplingOptions(ModelOptions):
     prompt: str = field("", help="the prompt for --prompt-source text")
     ram_path: Path | None = field(None, help="RAM swin-L checkpoint (.pth) for --prompt-source ram")
     dape_path: Path | None = field(None, help="DAPE checkpoint (.pth) for --prompt-source ram")
-    batch_size: int = field(8, help="seeds of one image sampled together in one batched call")
+    batch_size: int = field(8, help="seeds of one image sampled together in one batched call", run_only=True)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -30,7 +30,7 @@ import torch
 from dp2osr import metrics as metric_lib
 from dp2osr.config import check_choice, field, save_config
 from dp2osr.images import ImageReadError, load_image, write_parquet
-from dp2osr.reward import SCOPES, hybrid_reward
+from dp2osr.math.reward import SCOPES, hybrid_reward
 
 CANDIDATES_FILE = "candidates.parquet"
 SCORES_FILE = "scores.parquet"

@@ -22,13 +22,12 @@ from tqdm import tqdm
 
 from dp2osr.backbones import load_backbone, save_release
 from dp2osr.config import check_choice, check_resume, field, save_config
-from dp2osr.loss import dpo_loss, mse_per_sample
+from dp2osr.engine.train_data import FrozenCache, batch_indices, read_examples
+from dp2osr.math.loss import dpo_loss, mse_per_sample
 from dp2osr.pair import HPO_MODES
 from dp2osr.sampling import ModelOptions
-from dp2osr.train_data import FrozenCache, batch_indices, read_examples
 
 CONFIG_NAME = "train_config.yaml"
-_RUN_ONLY = {"output", "device", "resume", "steps", "checkpoint_every", "keep_checkpoints", "log_every"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,8 +46,8 @@ class TrainConfig(ModelOptions):
 
     mode: str = field(help="sft | dpo", choices=["sft", "dpo"])
     data: Path = field(help="dpo: pref_pairs.parquet (or its folder); sft: a `dp2osr degrade` folder")
-    output: Path = field(help="output folder (checkpoints, logs, final model)")
-    steps: int = field(1000, help="optimizer steps (paper: 1000; most of the gain by 500)")
+    output: Path = field(help="output folder (checkpoints, logs, final model)", run_only=True)
+    steps: int = field(1000, help="optimizer steps (paper: 1000; most of the gain by 500)", run_only=True)
     lr: float = field(2e-5, help="AdamW learning rate (paper: 2e-5)")
     weight_decay: float = field(1e-2, help="AdamW weight decay")
     warmup_steps: int = field(0, help="linear learning-rate warm-up steps")
@@ -79,10 +78,10 @@ class TrainConfig(ModelOptions):
     cache: bool = field(True, help="cache VAE latents, control images and prompt embeddings (off: re-encode "
                         "every step, for benchmarks)")
     seed: int = field(0, help="seed of data order, noise and timesteps")
-    checkpoint_every: int = field(100, help="save a checkpoint every K steps (and at the end)")
-    keep_checkpoints: int = field(2, help="keep only the newest K checkpoints (0 = all)")
-    log_every: int = field(1, help="log metrics every K steps")
-    resume: bool = field(False, help="continue from the newest checkpoint in OUTPUT")
+    checkpoint_every: int = field(100, help="save a checkpoint every K steps (and at the end)", run_only=True)
+    keep_checkpoints: int = field(2, help="keep only the newest K checkpoints (0 = all)", run_only=True)
+    log_every: int = field(1, help="log metrics every K steps", run_only=True)
+    resume: bool = field(False, help="continue from the newest checkpoint in OUTPUT", run_only=True)
     eval_data: Path | None = field(None, help="held-out images (a `dp2osr degrade` folder, never in the training "
                                    "data): their hybrid reward is evaluated at step 0 and every --eval-every steps "
                                    "-> OUTPUT/eval/reward_curve.{csv,png}, TensorBoard eval/* (the reward curve)")
@@ -176,7 +175,7 @@ def train(cfg: TrainConfig) -> int:
     if not resume_from and latest_checkpoint(out) is not None:
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose another --output")
     if resume_from:
-        check_resume(cfg, out / CONFIG_NAME, _RUN_ONLY, "a training run", "resume with the same options")
+        check_resume(cfg, out / CONFIG_NAME, "a training run", "resume with the same options")
     examples = read_examples(cfg.data, cfg.mode, cfg.hpo)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
     # fp32 master weights of the ControlNet as loaded (not rounded through weight_dtype); autocast does the rest

@@ -25,13 +25,20 @@ class Backbone(ABC):
     Subclasses set the class attributes below and implement the abstract methods.
     """
 
-    kind: str = ""  # "sd2" | "flux": the family (defaults, pair ratio) this backbone belongs to
+    # Traits: everything the stages need to know about a model family, read from the class (never from a name).
+    kind: str = ""  # the family recorded in a saved folder's dp2osr.json ("sd2" | "flux" | "embedded")
     default_steps: int = 50
     default_guidance: float = 3.5
     default_negative_prompt: str = ""
+    uses_negative_prompt: bool = False  # classifier-free guidance against a negative prompt (SD2)
     default_process_size: int = 512
-    pair_ratio: float = 0.25  # METHOD.md §2.5: N/M = 1/4 for SD2, 1/16 for FLUX
+    pair_ratio: float = 0.25  # N/M of the preference pairs (paper: 1/4 for SD2, 1/16 for FLUX)
+    preferred_dtype: str = "fp16"  # weights dtype on CUDA with --dtype auto (fp32 on the CPU)
     train_guidance: float | None = None  # guidance passed to `predict` while training (FLUX: 2.5)
+    denoiser_name: str = "unet"  # attribute (and diffusers subfolder) of the frozen denoiser
+    base_parts: tuple[str, ...] = ()  # subfolders a base model folder must hold
+    base_description: str = ""  # what a base folder holds, for error messages
+    controlnet_description: str = ""  # how the ControlNet is built, for error messages
 
     def __init__(self, *, name: str, controlnet: torch.nn.Module, scheduler: Any) -> None:
         self.name = name
@@ -141,9 +148,31 @@ class Backbone(ABC):
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         """The frozen parts (denoiser, VAE, text encoders) by diffusers subfolder name."""
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The frozen UNet or transformer."""
+        return getattr(self, self.denoiser_name)
+
+    @classmethod
     @abstractmethod
+    def controlnet_for(cls, denoiser: torch.nn.Module, load_weights: bool = True) -> torch.nn.Module:
+        """A ControlNet shaped for ``denoiser``, initialised from its weights (or left random)."""
+
+    @classmethod
+    def controlnet_from_folder(cls, path: Path, dtype: torch.dtype) -> torch.nn.Module:
+        """A diffusers ControlNet folder (``config.json`` + weights)."""
+        from diffusers import ControlNetModel
+
+        return ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+
+    @classmethod
+    @abstractmethod
+    def load(cls, base: Path, dtype: torch.dtype, make_controlnet: Any, name: str) -> Backbone:
+        """Load a base model folder (diffusers layout); ``make_controlnet(denoiser)`` gives the ControlNet."""
+
     def new_controlnet(self) -> torch.nn.Module:
-        """A ControlNet initialised from the denoiser (``from_unet`` / ``from_transformer``)."""
+        """A ControlNet initialised from the denoiser (the start of supervised training)."""
+        return self.controlnet_for(self.denoiser)
 
     @contextlib.contextmanager
     def vae_tiling(self, enabled: bool, tile_px: int | None = None):
@@ -200,6 +229,24 @@ class Backbone(ABC):
 
     def tokenizers(self) -> dict[str, Any]:
         return {}
+
+
+def require_parts(base: Path | None, parts: list[str] | tuple[str, ...], what: str) -> Path:
+    """Check that ``base`` is a folder with every subfolder in ``parts``; say where to put it if not."""
+    if base is None:
+        raise ValueError(f"no base model given: pass --base PATH to {what} in diffusers layout")
+    base = Path(base)
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"base model folder not found: {base}. Put {what} there in diffusers layout "
+            f"(subfolders {', '.join(parts)}, ...) or pass --base PATH; nothing is downloaded at run time"
+        )
+    missing = [p for p in parts if not (base / p).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{base} is not {what} in diffusers layout: missing subfolder(s) {', '.join(missing)}"
+        )
+    return base
 
 
 def cast(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from dp2osr.backbones.base import Backbone, Cond
+from dp2osr.backbones.base import Backbone, Cond, require_parts
 from dp2osr.backbones.sd2 import SD2Backbone
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "embedded"
@@ -79,8 +79,12 @@ class EmbeddedBackbone(SD2Backbone):
     default_steps = 20
     default_guidance = 1.0  # no CFG: there is no text to guide by
     default_negative_prompt = ""
+    uses_negative_prompt = False  # no text encoder: the prompt is a constant embedding
     default_process_size = 128
     pair_ratio = 0.25
+    base_parts = ("unet", "scheduler")
+    base_description = "an embedded dp2osr model (as written by scripts/train_embedded.py)"
+    controlnet_description = "the embedded model's ControlNet (from_unet with a x4 conditioning embedder)"
 
     def __init__(
         self,
@@ -138,8 +142,14 @@ class EmbeddedBackbone(SD2Backbone):
     def frozen_modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet}  # the autoencoder has no parameters; the prompt is a plain tensor
 
-    def new_controlnet(self) -> ControlNetModel:
-        return embedded_controlnet(self.unet)
+    @classmethod
+    def controlnet_for(cls, denoiser: UNet2DConditionModel, load_weights: bool = True) -> ControlNetModel:
+        return embedded_controlnet(denoiser, load_weights_from_unet=load_weights)
+
+    @classmethod
+    def load(cls, base: Path, dtype: torch.dtype, make_controlnet, name: str) -> EmbeddedBackbone:
+        """Load an embedded-model folder (see the module docstring); ``make_controlnet(unet)`` gives the ControlNet."""
+        return load_embedded(base, dtype, make_controlnet, name)
 
     def to(
         self, device: str | torch.device, dtype: torch.dtype = torch.float32, controlnet_dtype: torch.dtype | None = None
@@ -210,9 +220,7 @@ def shipped_folder() -> Path:
 
 
 def load_embedded(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> EmbeddedBackbone:
-    """Load an embedded-model folder (see the module docstring); ``make_controlnet(unet)`` gives the ControlNet."""
-    from dp2osr.backbones.loading import require_parts
-
+    """The parts of an embedded-model folder; ``make_controlnet(unet)`` gives the ControlNet."""
     base = require_parts(base, ["unet", "scheduler"], "an embedded dp2osr model")
     if not (base / PROMPT_FILE).is_file():
         raise ValueError(f"{base} is not an embedded dp2osr model: {PROMPT_FILE} is missing")

@@ -18,7 +18,7 @@ from diffusers import (
 )
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 
-from dp2osr.backbones.base import Backbone, Cond
+from dp2osr.backbones.base import Backbone, Cond, require_parts
 
 CONTROLNET_DOUBLE_LAYERS = 4  # the released C-FLUX / DP²O-FLUX ControlNets
 CONTROLNET_SINGLE_LAYERS = 0
@@ -47,7 +47,14 @@ class FluxBackbone(Backbone):
     default_negative_prompt = ""
     default_process_size = 512
     pair_ratio = 1 / 16
+    preferred_dtype = "bf16"
     train_guidance = 2.5
+    denoiser_name = "transformer"
+    base_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    base_description = "a FLUX.1-dev model (black-forest-labs/FLUX.1-dev)"
+    controlnet_description = (
+        "FluxControlNetModel.from_transformer(<this transformer>, num_layers=4, num_single_layers=0)"
+    )
 
     def __init__(
         self,
@@ -216,18 +223,24 @@ class FluxBackbone(Backbone):
     def tokenizers(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2}
 
-    def new_controlnet(self) -> FluxControlNetModel:
-        return flux_controlnet_from(self.transformer)
+    @classmethod
+    def controlnet_for(cls, denoiser: FluxTransformer2DModel, load_weights: bool = True) -> FluxControlNetModel:
+        return flux_controlnet_from(denoiser, load_weights)
+
+    @classmethod
+    def controlnet_from_folder(cls, path: Path, dtype: torch.dtype) -> FluxControlNetModel:
+        return FluxControlNetModel.from_pretrained(path, torch_dtype=dtype)
+
+    @classmethod
+    def load(cls, base: Path, dtype: torch.dtype, make_controlnet, name: str) -> FluxBackbone:
+        """Load a FLUX.1-dev folder in diffusers layout; ``make_controlnet(transformer)`` gives the ControlNet."""
+        return load_flux(require_parts(base, cls.base_parts, "FLUX.1-dev"), dtype, make_controlnet, name)
 
 
 def load_flux(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> FluxBackbone:
-    """Load a FLUX.1-dev folder in diffusers layout; ``make_controlnet(transformer)`` gives the ControlNet."""
+    """The parts of a FLUX.1-dev folder (checked by ``FluxBackbone.load``)."""
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    from dp2osr.backbones.loading import require_parts
-
-    parts = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
-    base = require_parts(base, parts, "FLUX.1-dev")
     transformer = FluxTransformer2DModel.from_pretrained(base / "transformer", torch_dtype=dtype)
     return FluxBackbone(
         name=name,

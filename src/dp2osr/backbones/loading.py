@@ -1,111 +1,119 @@
-"""Loading a backbone: a base model folder (diffusers layout) plus a ControlNet.
+"""The backbone registry: name -> class (whose attributes are the family's traits) and how to get one.
 
 ``embedded`` without a base folder loads the small model shipped in the package (``assets/embedded/``, see
-``backbones/embedded.py``); its ControlNet has a x4 conditioning embedder (``embedded_controlnet``).
+``backbones/embedded.py``); ``sd2-tiny`` / ``flux-tiny`` without one are built in code with random weights.
 
 The ControlNet is either the published release format (one ``model.safetensors`` state dict, loaded strictly
-into ``ControlNetModel.from_unet`` / ``FluxControlNetModel.from_transformer(num_layers=4,
-num_single_layers=0)``) or a diffusers ControlNet folder (``config.json`` + weights).
+into the class's ``controlnet_for(denoiser)``) or a diffusers ControlNet folder (``config.json`` + weights).
+Nothing outside this package tests a model name: stages ask the registry (``backbone_class``, ``auto_dtype``,
+``pair_ratio_for``, ``default_model_note``) or read a loaded backbone's traits.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dp2osr.backbones.base import Backbone, cast, load_release_state
-
-FAMILIES = ("sd2", "flux")
-TINY = ("sd2-tiny", "flux-tiny")
-EMBEDDED = "embedded"  # the small SR model shipped in the package (backbones/embedded.py)
-NAMES = FAMILIES + TINY + (EMBEDDED,)
+from dp2osr.backbones.base import Backbone, cast, load_release_state, require_parts
+from dp2osr.backbones.embedded import EmbeddedBackbone, shipped_folder
+from dp2osr.backbones.flux import FluxBackbone
+from dp2osr.backbones.sd2 import SD2Backbone
+from dp2osr.backbones.tiny import build_flux_tiny, build_sd2_tiny
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-WHERE = {
-    "sd2": "a Stable Diffusion 2 base model (stabilityai/stable-diffusion-2-base, downloaded on a machine with "
-    "network access)",
-    "flux": "a FLUX.1-dev model (black-forest-labs/FLUX.1-dev)",
-    "embedded": "an embedded dp2osr model (as written by scripts/train_embedded.py)",
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered backbone: its class, and where it comes from when no base folder is given."""
+
+    cls: type[Backbone]
+    build: Callable[[], Backbone] | None = None  # built in code (the tiny test models; always fp32)
+    shipped: Callable[[], Path] | None = None  # a folder inside the package (the embedded model)
+    note: str | None = None  # printed by `upscale` when this default stands in for a real model
+
+
+REGISTRY: dict[str, Entry] = {
+    "sd2": Entry(SD2Backbone),
+    "flux": Entry(FluxBackbone),
+    "sd2-tiny": Entry(
+        SD2Backbone, build=build_sd2_tiny, note="using the built-in sd2-tiny test model (random weights): outputs are not real SR"
+    ),
+    "flux-tiny": Entry(
+        FluxBackbone, build=build_flux_tiny, note="using the built-in flux-tiny test model (random weights): outputs are not real SR"
+    ),
+    "embedded": Entry(
+        EmbeddedBackbone,
+        shipped=shipped_folder,
+        note="using the embedded default model (a small CPU model shipped with dp2osr; see docs/EMBEDDED.md). "
+        "For the published models pass --backbone sd2|flux --base ... --controlnet ...",
+    ),
 }
+NAMES = tuple(REGISTRY)
 
 
-def require_parts(base: Path | None, parts: list[str], what: str) -> Path:
-    """Check that ``base`` is a folder with every subfolder in ``parts``; say where to put it if not."""
-    if base is None:
-        raise ValueError(f"no base model given: pass --base PATH to {what} in diffusers layout")
-    base = Path(base)
-    if not base.is_dir():
-        raise FileNotFoundError(
-            f"base model folder not found: {base}. Put {what} there in diffusers layout "
-            f"(subfolders {', '.join(parts)}, ...) or pass --base PATH; nothing is downloaded at run time"
-        )
-    missing = [p for p in parts if not (base / p).is_dir()]
-    if missing:
-        raise ValueError(
-            f"{base} is not {what} in diffusers layout: missing subfolder(s) {', '.join(missing)}"
-        )
-    return base
+def entry(name: str) -> Entry:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {list(NAMES)}")
+    return REGISTRY[name]
+
+
+def backbone_class(name: str) -> type[Backbone]:
+    """The class of backbone ``name``: its attributes are the family's traits (defaults, pair ratio, ...)."""
+    return entry(name).cls
+
+
+def auto_dtype(name: str, device: torch.device) -> str:
+    """``--dtype auto``: fp32 on the CPU, the family's preferred half precision on an accelerator."""
+    return "fp32" if device.type == "cpu" else backbone_class(name).preferred_dtype
+
+
+def pair_ratio_for(model: str) -> float:
+    """N/M for a pool whose candidates.parquet ``model`` is ``model`` (``NAME|...``); SD2's 1/4 if unknown."""
+    name = str(model).split("|", 1)[0]
+    return REGISTRY[name].cls.pair_ratio if name in REGISTRY else SD2Backbone.pair_ratio
+
+
+def default_model_note(name: str, base: Path | None, controlnet: Path | None) -> str | None:
+    """What to tell a user whose model options fall back to a built-in model, or None."""
+    if base is not None or (controlnet is not None and entry(name).shipped is not None):
+        return None
+    return entry(name).note
 
 
 def _family_of(base: Path) -> str | None:
     meta = Path(base) / "dp2osr.json"
     if meta.is_file():
         return json.loads(meta.read_text()).get("backbone")
-    if (Path(base) / "transformer").is_dir():
-        return "flux"
-    if (Path(base) / "unet").is_dir():
-        return "sd2"
+    for cls in (FluxBackbone, SD2Backbone):
+        if (Path(base) / cls.denoiser_name).is_dir():
+            return cls.kind
     return None
 
 
-def new_controlnet(family: str, denoiser: torch.nn.Module) -> torch.nn.Module:
+def new_controlnet(name: str, denoiser: torch.nn.Module) -> torch.nn.Module:
     """A ControlNet initialised from the denoiser's weights (the start of supervised training)."""
-    from diffusers import ControlNetModel
-
-    from dp2osr.backbones.flux import flux_controlnet_from
-
-    if family == EMBEDDED:
-        from dp2osr.backbones.embedded import embedded_controlnet
-
-        return embedded_controlnet(denoiser)
-    return ControlNetModel.from_unet(denoiser) if family == "sd2" else flux_controlnet_from(denoiser)
+    return backbone_class(name).controlnet_for(denoiser)
 
 
-def load_controlnet(
-    family: str, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype
-) -> torch.nn.Module:
+def load_controlnet(name: str, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A ControlNet from a release ``.safetensors`` file or a diffusers folder, checked against the denoiser."""
-    from diffusers import ControlNetModel, FluxControlNetModel
-
-    from dp2osr.backbones.flux import flux_controlnet_from
-
+    cls = backbone_class(name)
     path = Path(path)
-    cls = FluxControlNetModel if family == "flux" else ControlNetModel
     if path.is_dir():
         if path.joinpath("config.json").is_file():
-            return cls.from_pretrained(path, torch_dtype=dtype)
+            return cls.controlnet_from_folder(path, dtype)
         if not path.joinpath("model.safetensors").is_file():
-            raise ValueError(
-                f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors"
-            )
+            raise ValueError(f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors")
         path = path / "model.safetensors"  # a release folder holding only model.safetensors
     if not path.is_file():
         raise FileNotFoundError(f"ControlNet checkpoint not found: {path}")
-    if family == "sd2":
-        net = ControlNetModel.from_unet(denoiser, load_weights_from_unet=False)
-        what = "ControlNetModel.from_unet(<this UNet>) (an SD2 ControlNet for this base model)"
-    elif family == EMBEDDED:
-        from dp2osr.backbones.embedded import embedded_controlnet
-
-        net = embedded_controlnet(denoiser, load_weights_from_unet=False)
-        what = "the embedded model's ControlNet (from_unet with a x4 conditioning embedder)"
-    else:
-        net = flux_controlnet_from(denoiser, load_weights=False)
-        what = "FluxControlNetModel.from_transformer(<this transformer>, num_layers=4, num_single_layers=0)"
-    load_release_state(net, path, what)
+    net = cls.controlnet_for(denoiser, load_weights=False)
+    load_release_state(net, path, cls.controlnet_description)
     return cast(net, dtype=dtype)
 
 
@@ -118,51 +126,35 @@ def load_backbone(
     """Build or load a backbone by name: ``sd2`` | ``flux`` (need ``base``), ``sd2-tiny`` | ``flux-tiny`` or
     ``embedded`` (without ``base``: the model shipped in the package, ``assets/embedded/``).
 
-    A tiny name with ``base`` loads a saved tiny folder through the real loader. Without ``controlnet``, a
-    ``controlnet/`` subfolder of ``base`` is used when present, else a new ControlNet initialised from the
-    denoiser (the start of supervised training).
+    A tiny name with ``base`` loads a saved tiny folder through the real loader (in fp32). Without
+    ``controlnet``, a ``controlnet/`` subfolder of ``base`` is used when present, else a new ControlNet
+    initialised from the denoiser (the start of supervised training).
     """
-    if name not in NAMES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {list(NAMES)}")
+    spec = entry(name)
+    cls = spec.cls
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    family = name.removesuffix("-tiny")
-    if name == EMBEDDED and base is None:
-        from dp2osr.backbones.embedded import shipped_folder
-
-        base = shipped_folder()
-    if name in TINY and base is None:
-        from dp2osr.backbones.tiny import build_flux_tiny, build_sd2_tiny
-
-        bb = build_sd2_tiny() if name == "sd2-tiny" else build_flux_tiny()
+    if spec.build is not None:
+        torch_dtype = torch.float32  # the tiny test models are small: always loaded in fp32
+    if base is None and spec.shipped is not None:
+        base = spec.shipped()
+    if base is None and spec.build is not None:
+        bb = spec.build()
         if controlnet is not None:
-            denoiser = bb.unet if family == "sd2" else bb.transformer
-            bb.controlnet = load_controlnet(family, controlnet, denoiser, torch.float32)
+            bb.controlnet = load_controlnet(name, controlnet, bb.denoiser, torch.float32)
         return bb
     found = _family_of(base) if base is not None and Path(base).is_dir() else None
-    if found is not None and found != family:
+    if found is not None and found != cls.kind:
         raise ValueError(f"{base} holds a {found} model, but backbone {name!r} was asked for")
     if controlnet is None and base is not None and (Path(base) / "controlnet" / "config.json").is_file():
         controlnet = Path(base) / "controlnet"
 
     def make_controlnet(denoiser: torch.nn.Module) -> torch.nn.Module:
         if controlnet is not None:
-            return load_controlnet(family, controlnet, denoiser, torch_dtype)
-        return cast(new_controlnet(family, denoiser), dtype=torch_dtype)
+            return load_controlnet(name, controlnet, denoiser, torch_dtype)
+        return cast(cls.controlnet_for(denoiser), dtype=torch_dtype)
 
-    if family == "sd2":
-        from dp2osr.backbones.sd2 import load_sd2
-
-        bb = load_sd2(require_parts(base, ["unet"], WHERE["sd2"]), torch_dtype, make_controlnet, name)
-    elif family == EMBEDDED:
-        from dp2osr.backbones.embedded import load_embedded
-
-        bb = load_embedded(require_parts(base, ["unet"], WHERE[EMBEDDED]), torch_dtype, make_controlnet, name)
-    else:
-        from dp2osr.backbones.flux import load_flux
-
-        bb = load_flux(
-            require_parts(base, ["transformer"], WHERE["flux"]), torch_dtype, make_controlnet, name
-        )
+    base = require_parts(base, [cls.denoiser_name], cls.base_description)
+    bb = cls.load(base, torch_dtype, make_controlnet, name)
     meta = Path(base) / "dp2osr.json"
     if meta.is_file():  # defaults a saved small model carries (process size, steps)
         info = json.loads(meta.read_text())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-from dp2osr.backbones.base import Backbone, Cond
+from dp2osr.backbones.base import Backbone, Cond, require_parts
 
 
 class SD2Backbone(Backbone):
@@ -18,9 +18,14 @@ class SD2Backbone(Backbone):
     default_steps = 50
     default_guidance = 3.5
     default_negative_prompt = "dotted, noise, blur, lowres, smooth"
+    uses_negative_prompt = True
     default_process_size = 512
     pair_ratio = 0.25
+    preferred_dtype = "fp16"
     train_guidance = None  # no CFG while training
+    base_parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    base_description = "Stable Diffusion 2 base (stabilityai/stable-diffusion-2-base, downloaded on a machine with network access)"
+    controlnet_description = "ControlNetModel.from_unet(<this UNet>) (an SD2 ControlNet for this base model)"
 
     def __init__(
         self,
@@ -205,19 +210,20 @@ class SD2Backbone(Backbone):
     def tokenizers(self) -> dict[str, Any]:
         return {"tokenizer": self.tokenizer} if self.tokenizer is not None else {}
 
-    def new_controlnet(self) -> ControlNetModel:
-        return ControlNetModel.from_unet(self.unet)
+    @classmethod
+    def controlnet_for(cls, denoiser: UNet2DConditionModel, load_weights: bool = True) -> ControlNetModel:
+        return ControlNetModel.from_unet(denoiser, load_weights_from_unet=load_weights)
+
+    @classmethod
+    def load(cls, base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2Backbone:
+        """Load an SD2-base folder in diffusers layout; ``make_controlnet(unet)`` gives the ControlNet."""
+        return load_sd2(require_parts(base, cls.base_parts, "Stable Diffusion 2 base"), dtype, make_controlnet, name)
 
 
 def load_sd2(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2Backbone:
-    """Load an SD2-base folder in diffusers layout; ``make_controlnet(unet)`` gives the ControlNet."""
+    """The parts of an SD2-base folder (checked by ``SD2Backbone.load``)."""
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from dp2osr.backbones.loading import require_parts
-
-    base = require_parts(
-        base, ["unet", "vae", "text_encoder", "tokenizer", "scheduler"], "Stable Diffusion 2 base"
-    )
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype)
     return SD2Backbone(
         name=name,
