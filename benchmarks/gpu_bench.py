@@ -11,7 +11,7 @@ FLUX T5 (B, 512, 4096) + pooled (B, 768)), and measures with dp2osr's code paths
 
 - the GPU's bf16 matmul peak (a large ``torch.matmul``), and the fraction of it that one UNet / transformer
   forward reaches (FLOPs from ``torch.utils.flop_counter.FlopCounterMode``);
-- sampling at 512² with ``dp2osr.sampling.generate`` for M = 1, 8, 16 seeds in one batched call: time per
+- sampling at 512² with ``dp2osr.engine.sampler.generate`` for M = 1, 8, 16 seeds in one batched call: time per
   denoising step (SD2 with CFG, i.e. a batch of 2M), VAE decode per image, and the per-image time and
   images/s extrapolated to the default 50 (SD2) / 25 (FLUX) steps;
 - one DP²O training step as ``dp2osr train --mode dpo --mixed-precision bf16`` does it (fp32 ControlNet master
@@ -265,8 +265,8 @@ def efficiency(bb, batch: int, size: int, device, dtype, peak: float, reps: int)
 
 
 def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float) -> list[dict]:
-    """Per-step and decode times of dp2osr.sampling.generate with M seeds in one call (hooks on predict/decode)."""
-    from dp2osr.sampling import generate
+    """Per-step and decode times of dp2osr.engine.sampler.generate with M seeds in one call (hooks on predict/decode)."""
+    from dp2osr.engine.sampler import generate
 
     cfg = bb.kind == "sd2"
     guidance = bb.default_guidance

@@ -7,10 +7,10 @@
 
 Sections (docs/PERFORMANCE.md has the results and what they mean):
 
-- sampling: candidates/s of ``dp2osr.sampling.generate`` with all M seeds in one batched call, against one call
+- sampling: candidates/s of ``dp2osr.engine.sampler.generate`` with all M seeds in one batched call, against one call
   per seed (and, at M = 16, a stock diffusers ``StableDiffusionControlNetPipeline`` call per seed, how the
   published scripts sampled), on the tiny SD2 model; scaling with M and with image size (sides above the
-  process size are tiled by ``dp2osr.sampling.super_resolve``, as ``dp2osr sample`` does).
+  process size are tiled by ``dp2osr.engine.sampler.super_resolve``, as ``dp2osr sample`` does).
 - scoring: scores/s of batched against per-image metric calls, per offline metric (``bench_score.py``), at
   ``dp2osr score``'s default batch of 8.
 - training: DPO step time and peak tensor memory of the ``dp2osr.train`` step (one frozen UNet/transformer
@@ -90,7 +90,7 @@ def bench_sampling(args) -> list[dict]:
     from diffusers import StableDiffusionControlNetPipeline
 
     from dp2osr.backbones.tiny import build_sd2_tiny
-    from dp2osr.sampling import generate, super_resolve, tile_starts
+    from dp2osr.engine.sampler import generate, super_resolve, tile_starts
 
     bb = build_sd2_tiny()
     steps, guidance, size = args.steps, bb.default_guidance, bb.default_process_size
@@ -425,7 +425,7 @@ class NaiveTrainer(OursTrainer):
 
     def inputs(self, idx: list[int]):
         from dp2osr.images import load_image
-        from dp2osr.sampling import resize
+        from dp2osr.engine.sampler import resize
 
         bb, ex = self.bb, self.ex
         with torch.no_grad():

@@ -36,7 +36,7 @@ import train_embedded as T
 from dp2osr.backbones import load_backbone
 from dp2osr.evaluate import psnr_y, ssim_y, y_channel
 from dp2osr.images import save_image
-from dp2osr.sampling import resize, super_resolve
+from dp2osr.engine.sampler import resize, super_resolve
 
 REWARD_METRICS = ("ms_ssim", "fsim", "gmsd", "piqe")  # dp2osr.metrics.PRESETS["offline"]
 EXTRA_METRICS = ("entropy",)  # NR, not in the reward

@@ -12,7 +12,7 @@ from dp2osr.backbones import load_backbone
 from dp2osr.cli import main
 from dp2osr.images import load_image
 from dp2osr.prompts import make_prompt_fn
-from dp2osr.sampling import generate, super_resolve
+from dp2osr.engine.sampler import generate, super_resolve
 
 
 def _png(path, h, w, mode="RGB", seed=0):

@@ -27,7 +27,7 @@ from dp2osr.config import check_resume, field, load_yaml, save_config
 from dp2osr.images import load_image, write_parquet
 from dp2osr.math import bestm
 from dp2osr.math.reward import fit_bounds, hybrid_reward
-from dp2osr.sampling import SamplingOptions
+from dp2osr.engine.sampler import SamplingOptions
 
 CURVE_CSV = "reward_curve.csv"
 CURVE_PNG = "reward_curve.png"
@@ -304,7 +304,7 @@ def curve(cfg: CurveConfig) -> int:
     """
     from accelerate import PartialState
 
-    from dp2osr.sampling import load_model, resolve_device
+    from dp2osr.engine.sampler import load_model, resolve_device
 
     cfg = with_run_model(cfg)
     out = Path(cfg.output or Path(cfg.run_dir) / "reward_curve")

@@ -129,8 +129,9 @@ class _PairOptions:
     )
     seed: int = field(0, help="base seed; an image's seed is seed + CRC-32 of its ID (file stem)")
     device: str = field(
-        "cpu", help="torch device (auto: cuda when available)", choices=["cpu", "cuda", "auto"]
-, run_only=True)
+        "cpu", help="torch device (auto: cuda when available)", choices=["cpu", "cuda", "auto"],
+        run_only=True,
+    )
     overwrite: bool = field(False, help="recompute pairs that exist (default: keep them and resume)", run_only=True)
 
 

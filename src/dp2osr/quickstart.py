@@ -283,7 +283,7 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> tuple[pd.DataFrame, pd.
 
 # ---------------------------------------------------------------------------------- sample and score
 def sampling_options(cfg: QuickstartConfig):
-    from dp2osr.sampling import SamplingOptions
+    from dp2osr.engine.sampler import SamplingOptions
 
     # Crops are sampled whole, at their own size (a larger process size would upsize them first).
     return SamplingOptions(
@@ -312,7 +312,7 @@ def fingerprint(bb: Backbone) -> str:
 
 def load_base(cfg: QuickstartConfig) -> Backbone:
     """The backbone with its reference ControlNet, loaded once for all sampling."""
-    from dp2osr.sampling import load_model
+    from dp2osr.engine.sampler import load_model
 
     return load_model(sampling_options(cfg))
 

@@ -25,7 +25,7 @@ from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.engine.train_data import FrozenCache, batch_indices, read_examples
 from dp2osr.math.loss import dpo_loss, mse_per_sample
 from dp2osr.pair import HPO_MODES
-from dp2osr.sampling import ModelOptions
+from dp2osr.engine.sampler import ModelOptions
 
 CONFIG_NAME = "train_config.yaml"
 
@@ -390,7 +390,7 @@ def train(cfg: TrainConfig) -> int:
 def _heldout_eval(cfg: TrainConfig, bb, out: Path):
     """The held-out evaluator of --eval-data (curve.HeldoutEval), sampling with the backbone's defaults."""
     from dp2osr.curve import HeldoutEval
-    from dp2osr.sampling import SamplingOptions
+    from dp2osr.engine.sampler import SamplingOptions
 
     opts = SamplingOptions(
         backbone=cfg.backbone, base=cfg.base, controlnet=cfg.controlnet, device=cfg.device,

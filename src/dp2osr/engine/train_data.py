@@ -16,7 +16,7 @@ import torch
 
 from dp2osr.backbones import Backbone, Cond
 from dp2osr.images import load_image
-from dp2osr.sampling import resize
+from dp2osr.engine.sampler import resize
 
 
 @dataclass

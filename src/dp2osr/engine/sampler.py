@@ -8,18 +8,24 @@ blended with smooth weights (memory bound by the tile, not the image), and decod
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, load_backbone
+from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone
 from dp2osr.config import field
+from dp2osr.images import ImageReadError, load_image, save_image
 from dp2osr.math.colorfix import COLOR_FIXES, color_fix
 from dp2osr.math.geometry import ramp, resize, tile_starts
-from dp2osr.prompts import PROMPT_SOURCES
+from dp2osr.prompts import PROMPT_SOURCES, make_prompt_fn
+from dp2osr.runtime import resolve_device
 
 
 def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -193,13 +199,14 @@ class ModelOptions:
         choices=["auto", "fp32", "fp16", "bf16"],
     )
     device: str = field(
-        "auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)"
-, run_only=True)
+        "auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)",
+        run_only=True,
+    )
 
 
 @dataclass(kw_only=True)
 class SamplingOptions(ModelOptions):
-    """How to sample: shared by upscale and sample. Unset values take the backbone's defaults (METHOD.md §1)."""
+    """How to sample: shared by upscale, sample and curve. Unset values take the backbone's defaults."""
 
     steps: int | None = field(None, help="denoising steps (default: 50 for SD2 DDPM, 25 for FLUX Euler)")
     guidance: float | None = field(
@@ -218,7 +225,8 @@ class SamplingOptions(ModelOptions):
         4,
         help="latent tiles denoised together in one call when an image is tiled (with every seed of the "
         "batch: tile_batch x batch_size samples per call; memory grows with it; 1 = one tile at a time)",
-, run_only=True)
+        run_only=True,
+    )
     color_fix: str = field(
         "adain", help="colour correction against the upsampled LR", choices=list(COLOR_FIXES)
     )
@@ -244,25 +252,11 @@ class SamplingOptions(ModelOptions):
             raise ValueError(f"--process-size must be >= 16, got {self.process_size}")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here")
-    return dev
-
-
 def load_model(opts: ModelOptions, device: torch.device | None = None) -> Backbone:
     """Load the backbone + ControlNet that ``opts`` names, moved to its device and dtype."""
     device = device or resolve_device(opts.device)
-    dtype = opts.dtype
-    if dtype == "auto":
-        dtype = "fp32" if device.type == "cpu" else ("bf16" if opts.backbone.startswith("flux") else "fp16")
-    bb = load_backbone(
-        opts.backbone, opts.base, opts.controlnet, dtype="fp32" if opts.backbone.endswith("tiny") else dtype
-    )
-    return bb.to(device, DTYPES[dtype])
+    dtype = auto_dtype(opts.backbone, device) if opts.dtype == "auto" else opts.dtype
+    return load_backbone(opts.backbone, opts.base, opts.controlnet, dtype=dtype).to(device, DTYPES[dtype])
 
 
 def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
@@ -273,10 +267,119 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
         "negative_prompt": (
             bb.default_negative_prompt if opts.negative_prompt is None else opts.negative_prompt
         )
-        if bb.kind == "sd2"
+        if bb.uses_negative_prompt
         else None,
         "process_size": opts.process_size or bb.default_process_size,
         "tile_overlap": opts.tile_overlap,
         "tile_batch": opts.tile_batch,
         "color_fix": opts.color_fix,
     }
+
+
+# ------------------------------------------------------------------------------------- the sampling loop
+MIN_LR_SIDE = 8  # smaller inputs are refused (a latent of one or two pixels is not an image)
+
+
+@dataclass
+class Job:
+    """One unit of sampling work: an LR image and a chunk of seeds sampled together in one batched call."""
+
+    image_id: str
+    lr_path: Path
+    seeds: list[int]
+
+
+@dataclass
+class JobsResult:
+    """What `run_jobs` did: samples written, images finished / already finished, failures by image ID."""
+
+    written: int = 0
+    images_done: int = 0
+    images_skipped: int = 0
+    failed: dict[str, str] = dataclass_field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def chunk_jobs(images: list[tuple[str, Path]], seeds: list[int], batch: int) -> list[Job]:
+    """(image, seed chunk) jobs in a fixed order that every process computes identically."""
+    return [Job(i, Path(p), seeds[k : k + batch]) for i, p in images for k in range(0, len(seeds), batch)]
+
+
+def output_path(out_dir: Path, image_id: str, seed: int) -> Path:
+    """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png``."""
+    return Path(out_dir) / image_id / f"seed_{seed:04d}.png"
+
+
+def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
+    """The job's image read, checked, upsampled, with its prompt and text condition (raises ImageReadError)."""
+    lr = load_image(job.lr_path)
+    h, w = lr.shape[-2:]
+    if min(h, w) < MIN_LR_SIDE:
+        raise ImageReadError(f"{job.lr_path}: image is {w}x{h}; the smallest supported side is {MIN_LR_SIDE} px")
+    prompt = prompt_fn(job.lr_path, lr)
+    return {
+        "id": job.image_id,
+        "lr_up": resize(lr, (h * upscale, w * upscale)),
+        "prompt": prompt,
+        "cond": bb.encode_prompts([prompt], negative_prompt),
+    }
+
+
+def run_jobs(
+    bb: Backbone,
+    jobs: list[Job],
+    out_dir: Path,
+    opts: SamplingOptions,
+    *,
+    upscale: int = 4,
+    overwrite: bool = False,
+    desc: str = "sample",
+    show_progress: bool = True,
+) -> JobsResult:
+    """Sample every job into ``out_dir/ID/seed_XXXX.png``: the one loop behind upscale, sample, curve and the
+    quickstart.
+
+    A job is redone whole when any of its files is missing (or ``overwrite``): the same batch composition as an
+    uninterrupted run gives bit-identical files (batched float maths can differ in the last bits). Consecutive
+    jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
+    out of memory) is reported on stderr by name and skipped; the others go on.
+    """
+    settings = sampling_settings(bb, opts)
+    prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
+    todo = [j for j in jobs if overwrite or not all(output_path(out_dir, j.image_id, s).is_file() for s in j.seeds)]
+    result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
+    bar = tqdm(total=sum(len(j.seeds) for j in todo), desc=desc, unit="sample", disable=not show_progress,
+               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    cache: dict = {}
+    for job in todo:
+        if job.image_id in result.failed:
+            continue
+        start = time.perf_counter()
+        try:
+            if cache.get("id") != job.image_id:
+                cache = _prepared(bb, job, upscale, prompt_fn, settings["negative_prompt"])
+            steps = tqdm(total=settings["steps"], desc=f"  {job.image_id}", unit="step", leave=False,
+                         disable=not show_progress, file=sys.stderr)  # fmt: skip
+            with steps:  # closed on an error too
+                sr = super_resolve(
+                    bb, cache["lr_up"], cache["cond"], job.seeds,
+                    steps=settings["steps"], guidance=settings["guidance"], process_size=settings["process_size"],
+                    tile_overlap=opts.tile_overlap, color_fix_method=opts.color_fix, tile_batch=opts.tile_batch,
+                    progress=steps.update,
+                )  # fmt: skip
+        except (ImageReadError, torch.OutOfMemoryError) as exc:
+            result.failed[job.image_id] = str(exc)
+            tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
+            continue
+        for seed, image in zip(job.seeds, sr):
+            save_image(image, output_path(out_dir, job.image_id, seed))
+        if cache["prompt"]:
+            (Path(out_dir) / job.image_id / "prompt.txt").write_text(cache["prompt"] + "\n")
+        result.written += len(job.seeds)
+        result.seconds += time.perf_counter() - start
+        bar.update(len(job.seeds))
+        bar.set_postfix(s_per_sample=f"{result.seconds / result.written:.2f}")
+    bar.close()
+    finished = {j.image_id for j in todo} - set(result.failed)
+    result.images_done = len(finished)
+    return result

@@ -1,0 +1,166 @@
+"""Candidate pools on disk: the inputs of `sample`, its ``candidates.parquet`` manifest, and reading it back.
+
+A pool is a folder of ``ID/seed_XXXX.png`` candidates plus ``candidates.parquet`` (schema in
+docs/ARCHITECTURE.md); ``sample``, ``score``, ``curve`` and the quickstart read and write pools through these
+functions only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dp2osr.backbones import Backbone
+from dp2osr.engine.sampler import JobsResult, SamplingOptions, chunk_jobs, run_jobs
+from dp2osr.images import list_images, write_parquet
+
+
+CANDIDATES_FILE = "candidates.parquet"
+
+
+def read_candidates(folder: Path) -> pd.DataFrame:
+    """``candidates.parquet`` with ``path`` made absolute (``abs_path``) and ``hr_path`` empty where missing."""
+    table = pd.read_parquet(folder / CANDIDATES_FILE)
+    need = {"image_id", "seed", "path", "hr_path"}
+    if not need <= set(table.columns):
+        raise ValueError(
+            f"{folder / CANDIDATES_FILE}: needs columns {sorted(need)}, has {list(table.columns)}"
+        )
+    if table.empty:
+        raise ValueError(f"{folder / CANDIDATES_FILE} has no candidates")
+    table = table.reset_index(drop=True)
+    table["image_id"] = table["image_id"].astype(str)
+    table["seed"] = table["seed"].astype("int64")
+    table["path"] = table["path"].astype(str)
+    table["hr_path"] = table["hr_path"].fillna("").astype(str)
+    dup = table.duplicated(["image_id", "seed"])
+    if dup.any():
+        raise ValueError(
+            f"{folder / CANDIDATES_FILE}: duplicate (image_id, seed) rows, e.g. {table[dup].head(3)}"
+        )
+    table["abs_path"] = [str(folder / p) for p in table["path"]]
+    return table
+
+
+
+def candidates_dir(path: Path) -> Path:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".parquet":
+        return path.parent
+    if not (path / CANDIDATES_FILE).is_file():
+        raise FileNotFoundError(f"no {CANDIDATES_FILE} in {path} (give the output folder of `sample`)")
+    return path
+
+
+
+CANDIDATE_COLUMNS = ["image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt"]
+
+
+def read_inputs(folder: Path, limit: int | None = None) -> pd.DataFrame:
+    """(image_id, lr_path, hr_path) with absolute paths, from pairs.parquet or a plain folder of LR images."""
+    folder = Path(folder)
+    manifest = folder / "pairs.parquet"
+    if manifest.is_file():
+        df = pd.read_parquet(manifest)
+        missing = {"image_id", "lr_path", "hr_path"} - set(df.columns)
+        if missing:
+            raise ValueError(f"{manifest} lacks column(s) {sorted(missing)}")
+        df = df.assign(
+            lr_path=[str((folder / p).resolve()) for p in df.lr_path],
+            hr_path=[str((folder / p).resolve()) if p else "" for p in df.hr_path],
+        )[["image_id", "lr_path", "hr_path"]]
+    else:
+        files = list_images(folder)
+        df = pd.DataFrame(
+            {"image_id": [p.stem for p in files], "lr_path": [str(p.resolve()) for p in files], "hr_path": ""}
+        )
+    if df.image_id.duplicated().any():
+        raise ValueError(f"{folder}: duplicate image IDs {sorted(df.image_id[df.image_id.duplicated()])}")
+    df = df.sort_values("image_id").reset_index(drop=True)
+    return df.head(limit) if limit else df
+
+
+def candidate_path(image_id: str, seed: int) -> str:
+    return f"{image_id}/seed_{seed:04d}.png"
+
+
+def write_manifest(images: pd.DataFrame, out: Path, seeds: list[int], model: str) -> pd.DataFrame:
+    """candidates.parquet listing every (image, seed) whose file exists; errors if any is missing."""
+    rows, missing = [], []
+    for row in images.itertuples():
+        prompt_file = out / row.image_id / "prompt.txt"
+        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+        for s in seeds:
+            rel = candidate_path(row.image_id, s)
+            if not (out / rel).is_file():
+                missing.append(rel)
+            rows.append((row.image_id, s, rel, row.lr_path, row.hr_path, model, prompt))
+    if missing:
+        raise RuntimeError(f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish")
+    df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
+    write_parquet(df, out / "candidates.parquet")
+    return df
+
+
+def model_identity(opts: SamplingOptions) -> str:
+    """A readable identity of the model: backbone, base folder and ControlNet checkpoint."""
+    parts = [opts.backbone]
+    if opts.base:
+        parts.append(str(Path(opts.base).resolve()))
+    parts.append(str(Path(opts.controlnet).resolve()) if opts.controlnet else "controlnet:default")
+    return "|".join(parts)
+
+
+def state_gather(state, items: set[str]) -> list[set[str]]:
+    """Every process's set (after a barrier); one process: just ``[items]``."""
+    state.wait_for_everyone()
+    if state.num_processes == 1:
+        return [items]
+    import torch.distributed as dist
+
+    gathered: list = [None] * state.num_processes
+    dist.all_gather_object(gathered, items)
+    return gathered
+
+
+
+def sample_pool(
+    bb: Backbone,
+    images: pd.DataFrame,
+    out: Path,
+    seeds: list[int],
+    opts: SamplingOptions,
+    *,
+    model: str,
+    upscale: int = 4,
+    overwrite: bool = False,
+    controlnet: torch.nn.Module | None = None,
+    state=None,
+    desc: str = "sample",
+) -> tuple[JobsResult, set[str]]:
+    """Sample ``seeds`` for every image of ``images`` (`read_inputs`) into the pool ``out`` and write its manifest.
+
+    ``controlnet`` replaces the backbone's own for this pool (a checkpoint being evaluated). With ``state``
+    (accelerate's ``PartialState`` or ``Accelerator``) the (image, seed chunk) jobs are dealt round-robin to the
+    processes and the main process writes ``candidates.parquet`` once all are done; images that could not be
+    read are left out of it. Returns (this process's `JobsResult`, the failed image IDs of every process).
+    """
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    jobs = chunk_jobs(list(zip(images.image_id, images.lr_path)), seeds, opts.batch_size)[rank::world]
+    old = bb.controlnet
+    bb.controlnet = controlnet if controlnet is not None else old
+    try:
+        with torch.no_grad():
+            result = run_jobs(bb, jobs, out, opts, upscale=upscale, overwrite=overwrite, desc=desc, show_progress=rank == 0)
+    finally:
+        bb.controlnet = old
+    failed = set(result.failed)
+    if state is not None:
+        failed = set().union(*state_gather(state, failed))
+    if rank == 0:
+        write_manifest(images[~images.image_id.isin(failed)].reset_index(drop=True), out, seeds, model)
+    if state is not None:
+        state.wait_for_everyone()
+    return result, failed

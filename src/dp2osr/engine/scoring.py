@@ -1,0 +1,331 @@
+"""The resumable scorer: IQA scores and the hybrid reward of every candidate of a pool.
+
+Reads ``candidates.parquet`` (written by ``sample``), scores every candidate with every metric — FR metrics
+against the candidate's HR, NR metrics alone — and writes ``scores.parquet`` (long: one row per candidate and
+metric, raw pyiqa values) and ``rewards.parquet`` (one row per candidate: the hybrid reward and each metric
+oriented and normalised), both described in docs/ARCHITECTURE.md. Used by `dp2osr score`, the held-out
+evaluation (`curve`, `train --eval-data`) and the quickstart.
+
+Resumable: the scores of each finished image go to their own part file under ``scores_parts/`` (written
+atomically), and a rerun skips every (image, metric) whose candidates are all scored; at the end the parts are
+merged into ``scores_parts/_merged.parquet`` (every score ever computed in this folder, kept so that adding a
+metric later does not recompute the others) and the two tables are written from it. Scores are keyed by
+(image_id, seed, metric, candidate path): delete ``scores_parts/`` to force a full rescore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dp2osr import metrics as metric_lib
+from dp2osr.engine.pools import read_candidates
+from dp2osr.images import ImageReadError, load_image, write_parquet
+from dp2osr.math.reward import hybrid_reward
+
+SCORES_FILE = "scores.parquet"
+REWARDS_FILE = "rewards.parquet"
+PARTS_DIR = "scores_parts"
+MERGED_PART = "_merged.parquet"
+_PART_COLUMNS = ["image_id", "seed", "metric", "value", "path"]
+
+
+
+
+
+
+
+
+def _part_name(image_id: str, metrics: list[str]) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)[:60]
+    digest = hashlib.sha1("\0".join([image_id, *sorted(metrics)]).encode()).hexdigest()[:12]
+    return f"{safe}-{digest}.parquet"
+
+
+def _read_parts(parts_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Every stored score (merged file, then per-image parts, oldest first; later rows win) and the parts."""
+    frames = []
+    merged = parts_dir / MERGED_PART
+    if merged.is_file():
+        frames.append(pd.read_parquet(merged))
+    parts = sorted(
+        (p for p in parts_dir.glob("*.parquet") if p != merged and not p.name.startswith(".tmp_")),
+        key=lambda p: (p.stat().st_mtime_ns, p.name),
+    )
+    frames += [pd.read_parquet(p) for p in parts]
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(_PART_COLUMNS, _dtypes())}), parts
+    table = pd.concat(frames, ignore_index=True)[_PART_COLUMNS]
+    table = table.drop_duplicates(["image_id", "seed", "metric", "path"], keep="last").reset_index(drop=True)
+    return table, parts
+
+
+def _dtypes() -> list[str]:
+    return ["object", "int64", "object", "float64", "object"]
+
+
+def _needed(cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec]) -> pd.DataFrame:
+    """Every (candidate, metric) to score, in candidate order then metric order; FR only where there is an HR."""
+    rows = []
+    has_hr = cands["hr_path"] != ""
+    for order, (name, spec) in enumerate(specs.items()):
+        sub = cands[has_hr] if spec.family == "fr" else cands
+        rows.append(
+            pd.DataFrame(
+                {
+                    "row": sub.index.to_numpy(),
+                    "image_id": sub["image_id"].to_numpy(),
+                    "seed": sub["seed"].to_numpy(),
+                    "path": sub["path"].to_numpy(),
+                    "metric": name,
+                    "order": order,
+                }
+            )
+        )
+    return (
+        pd.concat(rows, ignore_index=True).sort_values(["row", "order"], kind="stable").reset_index(drop=True)
+    )
+
+
+class _Scorer:
+    """Builds metrics lazily and scores stacks of same-size candidates, falling back to one at a time."""
+
+    def __init__(self, opts: ScoreOptions, specs: dict[str, metric_lib.MetricSpec]) -> None:
+        self.cfg, self.specs = opts, specs
+        self.models: dict[str, torch.nn.Module] = {}
+        self.max_batch: dict[str, int] = {}
+
+    def build(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.models:
+                self.models[name] = metric_lib.create(name, self.cfg.device, self.cfg.weights_dir)
+                cap = self.specs[name].max_batch
+                self.max_batch[name] = max(1, min(self.cfg.batch_size, cap or self.cfg.batch_size))
+
+    def score(self, name: str, images: torch.Tensor, ref: torch.Tensor | None) -> np.ndarray:
+        model, size = self.models[name], self.max_batch[name]
+        out = []
+        for i in range(0, images.shape[0], size):
+            chunk = images[i : i + size]
+            try:
+                out.append(metric_lib.score_batch(model, chunk, ref))
+            except Exception as exc:
+                if chunk.shape[0] == 1:
+                    raise RuntimeError(f"metric {name!r} failed: {exc}") from exc
+                values = np.concatenate([metric_lib.score_batch(model, x[None], ref) for x in chunk])
+                print(
+                    f"score: metric {name!r} failed on a batch of {chunk.shape[0]} ({type(exc).__name__}: {exc}); "
+                    "scoring it one image at a time",
+                    file=sys.stderr,
+                )
+                self.max_batch[name] = size = 1
+                out.append(values)
+        return np.concatenate(out) if out else np.zeros(0)
+
+
+def _load(path: str, errors: dict[str, str]) -> torch.Tensor | None:
+    """The image, or None after recording why it cannot be read (each file reported once)."""
+    try:
+        return load_image(Path(path))
+    except ImageReadError as exc:
+        errors.setdefault(path, str(exc))
+        return None
+
+
+def _score_image(
+    rows: pd.DataFrame,
+    todo: list[str],
+    scorer: _Scorer,
+    errors: dict[str, str],
+    progress: object,
+) -> pd.DataFrame:
+    """Scores of one image's candidates (``rows``) with the metrics ``todo``, as part-file rows."""
+    tensors = {r.Index: _load(r.abs_path, errors) for r in rows.itertuples()}
+    hr_cache: dict[str, torch.Tensor | None] = {}
+    results = []
+    for name in todo:
+        spec = scorer.specs[name]
+        # Group the readable candidates by (HR, size) so each stack shares one reference and one shape.
+        groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for r in rows.itertuples():
+            x = tensors[r.Index]
+            if x is None or (spec.family == "fr" and not r.hr_path):
+                continue
+            groups.setdefault((r.hr_path if spec.family == "fr" else "", tuple(x.shape)), []).append(r.Index)
+        for (hr_path, shape), idx in groups.items():
+            if min(shape[-2:]) < spec.min_size:
+                raise ValueError(
+                    f"metric {name!r} needs images of at least {spec.min_size} px, but {rows.loc[idx[0], 'path']} "
+                    f"is {shape[-1]}x{shape[-2]}; choose other metrics (--metrics)"
+                )
+            ref = None
+            if spec.family == "fr":
+                if hr_path not in hr_cache:
+                    hr_cache[hr_path] = _load(hr_path, errors)
+                ref = hr_cache[hr_path]
+                if ref is None:
+                    continue
+                if tuple(ref.shape) != shape:
+                    errors.setdefault(
+                        f"{hr_path}|{shape}",
+                        f"HR {hr_path} is {ref.shape[-1]}x{ref.shape[-2]} but candidates "
+                        f"{[rows.loc[i, 'path'] for i in idx][:3]} are {shape[-1]}x{shape[-2]}; FR not scored",
+                    )
+                    continue
+            values = scorer.score(name, torch.cat([tensors[i] for i in idx]), ref)
+            progress.update(len(idx))  # type: ignore[attr-defined]
+            sub = rows.loc[idx]
+            results.append(
+                pd.DataFrame(
+                    {
+                        "image_id": sub["image_id"].to_numpy(),
+                        "seed": sub["seed"].to_numpy(dtype=np.int64),
+                        "metric": name,
+                        "value": values.astype(np.float64),
+                        "path": sub["path"].to_numpy(),
+                    }
+                )
+            )
+    if not results:
+        return pd.DataFrame(columns=_PART_COLUMNS)
+    return pd.concat(results, ignore_index=True)
+
+
+
+
+def _merge(parts_dir: Path, needed: pd.DataFrame) -> pd.DataFrame:
+    """Fold the parts into the merged file; return this run's scores table (needed order, scored rows only)."""
+    stored, parts = _read_parts(parts_dir)
+    if parts:
+        write_parquet(stored, parts_dir / MERGED_PART)
+        for p in parts:
+            p.unlink(missing_ok=True)
+    table = needed.merge(stored, on=["image_id", "seed", "metric", "path"], how="inner", sort=False)
+    table = table.sort_values(["row", "order"], kind="stable")
+    return pd.DataFrame(
+        {
+            "image_id": table["image_id"].astype(str).to_numpy(),
+            "seed": table["seed"].to_numpy(dtype=np.int64),
+            "metric": table["metric"].astype(str).to_numpy(),
+            "value": table["value"].to_numpy(dtype=np.float64),
+        }
+    )
+
+
+def _rewards(
+    scores: pd.DataFrame,
+    cands: pd.DataFrame,
+    specs: dict[str, metric_lib.MetricSpec],
+    cfg: ScoreOptions,
+    cand_dir: Path,
+    out_dir: Path,
+) -> pd.DataFrame:
+    """rewards.parquet: image_id, seed, path (relative to ``out_dir``), reward, norm_<metric> per metric."""
+    columns = ["image_id", "seed", "path", "reward", *[f"norm_{m}" for m in specs]]
+    if scores.empty:
+        empty = {c: pd.Series(dtype="float64") for c in columns}
+        empty.update(
+            image_id=pd.Series(dtype=object), seed=pd.Series(dtype="int64"), path=pd.Series(dtype=object)
+        )
+        return pd.DataFrame(empty)[columns]
+    rewards = hybrid_reward(scores, specs, w_fr=cfg.w_fr, w_nr=cfg.w_nr, scope=cfg.scope)
+    paths = cands[["image_id", "seed", "abs_path"]].copy()
+    if out_dir.resolve() == cand_dir.resolve():
+        paths["path"] = cands["path"]
+    else:
+        paths["path"] = [os.path.relpath(p, out_dir) for p in paths["abs_path"]]
+    table = paths.drop(columns="abs_path").merge(rewards, on=["image_id", "seed"], how="inner", sort=False)
+    for m in specs:
+        if f"norm_{m}" not in table:
+            table[f"norm_{m}"] = np.nan
+    return table[columns].reset_index(drop=True)
+
+
+@dataclass
+class ScoreOptions:
+    """How a pool is scored (the options of `dp2osr score` that change its numbers, plus where metrics run)."""
+
+    weights_dir: Path | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    w_fr: float = 0.5
+    w_nr: float = 0.5
+    scope: str = "pool"
+
+
+@dataclass
+class ScoreResult:
+    """The long scores table, the rewards table (both written), and the problems met, by file."""
+
+    scores: pd.DataFrame
+    rewards: pd.DataFrame
+    errors: dict[str, str]
+
+
+def _todo(cands: pd.DataFrame, specs: dict, parts_dir: Path) -> tuple[pd.DataFrame, dict[str, list[str]], int]:
+    """(every needed (candidate, metric), the metrics still to score per image, the scores that means)."""
+    needed = _needed(cands, specs)
+    stored, _ = _read_parts(parts_dir)
+    merged = needed.merge(
+        stored[["image_id", "seed", "metric", "path"]],
+        on=["image_id", "seed", "metric", "path"],
+        how="left",
+        indicator=True,
+    )
+    missing = merged[merged["_merge"] == "left_only"]
+    todo_by_image = {img: list(dict.fromkeys(g["metric"])) for img, g in missing.groupby("image_id", sort=False)}
+    pending = missing[["image_id", "metric"]].drop_duplicates()
+    total = len(needed.merge(pending, on=["image_id", "metric"]))  # whole (image, metric) stacks are redone
+    return needed, todo_by_image, total
+
+
+def score_pool(cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptions | None = None) -> ScoreResult:
+    """Score every candidate of the pool in ``cand_dir`` with the metrics ``names`` into ``out_dir``.
+
+    Resumes from ``out_dir/scores_parts``; writes scores.parquet and rewards.parquet. Unreadable files are
+    reported on stderr by name and left out of the tables (``errors``); every other candidate is scored.
+    """
+    from tqdm import tqdm
+
+    opts = opts or ScoreOptions()
+    specs = metric_lib.catalogue(names)
+    cands = read_candidates(cand_dir)
+    parts_dir = out_dir / PARTS_DIR
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    needed, todo_by_image, total = _todo(cands, specs, parts_dir)
+    done_images = cands["image_id"].nunique() - len(todo_by_image)
+    if done_images:
+        print(f"score: {done_images} image(s) already scored in {parts_dir}, skipped", file=sys.stderr)
+    scorer = _Scorer(opts, specs)
+    scorer.build([n for n in names if any(n in m for m in todo_by_image.values())])
+    errors: dict[str, str] = {}
+    by_image = {img: g for img, g in cands.groupby("image_id", sort=False)}
+    start = time.perf_counter()
+    with tqdm(total=total, unit="score", desc="score", dynamic_ncols=True) as progress:
+        for image_id, todo in todo_by_image.items():
+            n_errors = len(errors)
+            part = _score_image(by_image[image_id], todo, scorer, errors, progress)
+            for message in list(errors.values())[n_errors:]:
+                tqdm.write(f"score: error: {message}", file=sys.stderr)
+            if len(part):
+                write_parquet(part, parts_dir / _part_name(image_id, todo))
+    if total:
+        elapsed = time.perf_counter() - start
+        print(f"score: {total} score(s) in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} scores/s)",
+              file=sys.stderr)  # fmt: skip
+    scores = _merge(parts_dir, needed)
+    write_parquet(scores, out_dir / SCORES_FILE)
+    rewards = _rewards(scores, cands, specs, opts, cand_dir, out_dir)
+    write_parquet(rewards, out_dir / REWARDS_FILE)
+    print(f"score: {len(rewards)} candidate(s), {len(names)} metric(s) -> {out_dir / SCORES_FILE}, "
+          f"{out_dir / REWARDS_FILE}", file=sys.stderr)  # fmt: skip
+    return ScoreResult(scores, rewards, errors)
