@@ -34,7 +34,8 @@ from pathlib import Path
 import pandas as pd
 
 from dp2osr.config import add_arguments, build_config
-from dp2osr.quickstart import Layout, QuickstartConfig, load_base, prepare_output, run
+from dp2osr.quickstart import Layout, QuickstartConfig, load_base, prepare_output
+from dp2osr.quickstart import run_stages as run
 
 # name -> (description, options changed from the quickstart's)
 VARIANTS: dict[str, tuple[str, dict]] = {

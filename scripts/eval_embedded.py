@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_embedded as T
 
 from dp2osr.backbones import load_backbone
-from dp2osr.evaluate import psnr_y, ssim_y, y_channel
+from dp2osr.math.quality import psnr_y, ssim_y, y_channel
 from dp2osr.images import save_image
 from dp2osr.engine.sampler import resize, super_resolve
 

@@ -10,7 +10,10 @@ import torch
 from PIL import Image
 
 from dp2osr import cli
-from dp2osr.evaluate import EvalConfig, evaluate, match_pairs, psnr_y, ssim_y
+from dp2osr.evaluate import EvalConfig, match_pairs
+from dp2osr.evaluate import run as evaluate
+from dp2osr.errors import PartialFailure
+from dp2osr.math.quality import psnr_y, ssim_y
 
 ROOT = Path(__file__).resolve().parents[1]
 REALSR = next(
@@ -42,7 +45,7 @@ def test_reproduces_osediff_published_realsr_psnr_ssim(tmp_path):
         hr=REALSR / "test_HR",
         metrics=["none"],
     )
-    assert evaluate(cfg) == 0
+    evaluate(cfg)
     summary = json.loads((tmp_path / "eval_summary.json").read_text())
     stats = summary["models"]["OSEDiff"]["metrics"]
     assert summary["models"]["OSEDiff"]["n_images"] == 100 and summary["problems"] == []
@@ -85,7 +88,8 @@ def test_mismatched_folders_are_reported_by_name(tmp_path, capsys):
     _save(sr / "small.png", _smooth_image(rng, 24, 32))  # wrong size
     _save(sr / "only_sr.png", _smooth_image(rng, 32, 32))  # no HR
     out = tmp_path / "out"
-    assert evaluate(EvalConfig(output=out, sr=[sr], hr=hr, metrics=["none"])) != 0
+    with pytest.raises(PartialFailure):
+        evaluate(EvalConfig(output=out, sr=[sr], hr=hr, metrics=["none"]))
     problems = json.loads((out / "eval_summary.json").read_text())["problems"]
     text = "\n".join(problems)
     assert "only_sr.png" in text and "missing HR" in text
@@ -118,9 +122,7 @@ def test_pyiqa_metrics_and_nr_only(tmp_path):
     for i in range(2):
         _save(tmp_path / "sr" / f"im{i}.png", _smooth_image(rng, 32, 32))
     out = tmp_path / "out"
-    assert (
-        evaluate(EvalConfig(output=out, sr=[tmp_path / "sr"], metrics=["entropy", "gmsd"], device="cpu")) == 0
-    )
+    evaluate(EvalConfig(output=out, sr=[tmp_path / "sr"], metrics=["entropy", "gmsd"], device="cpu"))
     summary = json.loads((out / "eval_summary.json").read_text())
     assert set(summary["metrics"]) == {"entropy"}
     assert "gmsd" in summary["skipped_metrics"] and "psnr" in summary["skipped_metrics"]
@@ -151,7 +153,7 @@ def test_pools_and_reward_curve(tmp_path):
     cfg = EvalConfig(
         output=out, pools=[base, tmp_path / "dpo"], pool_names=["SD2", "DP²O"], reward_curve=curve
     )
-    assert evaluate(cfg) == 0
+    evaluate(cfg)
     table = pd.read_csv(out / "bestm.csv")
     sd2 = table[table.model == "SD2"].set_index("m")
     np.testing.assert_allclose(sd2.loc[[1, 2, 4], "best"], [0.4, 0.7, 0.85])

@@ -11,7 +11,8 @@ import pytest
 
 from dp2osr.cli import main
 from dp2osr.degrade import DegradationParams
-from dp2osr.quickstart import MILD, PHOTOS, QuickstartConfig, tiles
+from dp2osr.math.degradations import MILD
+from dp2osr.quickstart import PHOTOS, QuickstartConfig, tiles
 
 TINY = [
     "--hr-size",

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dp2osr.evaluate import EvalConfig, evaluate
-from dp2osr.report import ReportConfig, report
+from dp2osr.evaluate import EvalConfig
+from dp2osr.evaluate import run as evaluate
+from dp2osr.report import ReportConfig
+from dp2osr.report import run as report
 
 NASTY_ID = 'im<b>&"0'  # file names, model names and prompts must be escaped
 NASTY_MODEL = "base <i>SD2</i>"
@@ -84,7 +86,7 @@ def _write(results, **kw):
         reward_curve=results["curve"],
         **kw,
     )
-    assert report(cfg) == 0
+    assert report(cfg).is_file()
     return out / "report.html"
 
 

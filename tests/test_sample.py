@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from dp2osr.cli import main
-from dp2osr.sample import read_inputs, work_items
+from dp2osr.engine.pools import read_inputs
+from dp2osr.engine.sampler import chunk_jobs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ARGS = ["--backbone", "sd2-tiny", "--samples", "6", "--batch-size", "2", "--steps", "2"]
@@ -59,11 +60,12 @@ def test_killed_run_resumes_to_identical_pool(lr_folder, tmp_path):
     assert len(a) == 12 and set(a.seed) == set(range(6)) and (a.hr_path == "").all()
 
 
-def test_work_items_partition_exactly():
-    images = pd.DataFrame({"image_id": list("abc")})
-    items = work_items(images, list(range(10, 17)), 3)
-    shards = [items[r::2] for r in range(2)]
-    flat = [(i, s) for shard in shards for i, chunk in shard for s in chunk]
+def test_jobs_partition_exactly():
+    """(image, seed chunk) jobs dealt round-robin to 2 processes cover every (image, seed) once."""
+    jobs = chunk_jobs([(i, f"{i}.png") for i in "abc"], list(range(10, 17)), 3)
+    assert [len(j.seeds) for j in jobs] == [3, 3, 1] * 3
+    shards = [jobs[r::2] for r in range(2)]
+    flat = [(j.image_id, s) for shard in shards for j in shard for s in j.seeds]
     assert len(flat) == len(set(flat)) == 3 * 7
 
 

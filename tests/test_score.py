@@ -20,7 +20,9 @@ from PIL import Image
 
 from dp2osr import metrics
 from dp2osr.cli import main as cli_main
-from dp2osr.score import ScoreConfig, score
+from dp2osr.errors import PartialFailure
+from dp2osr.score import ScoreConfig
+from dp2osr.score import run as score
 
 FR_METRICS = ["psnr", "gmsd"]  # higher-better and lower-better FR; fast at 64 px
 NR_METRICS = ["piqe"]  # lower-better NR
@@ -134,7 +136,7 @@ def test_scores_and_rewards_match_hand_computation(tmp_path):
 
     # a second run finds everything scored and writes identical tables
     before = (scores, rewards)
-    assert score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu")) == 0
+    score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu"))
     pd.testing.assert_frame_equal(pd.read_parquet(pool / "scores.parquet"), before[0])
     pd.testing.assert_frame_equal(pd.read_parquet(pool / "rewards.parquet"), before[1])
 
@@ -143,7 +145,7 @@ def test_output_folder_and_image_scope(tmp_path):
     pool = make_pool(tmp_path, n_images=2, seeds=(0, 1))
     out = tmp_path / "elsewhere" / "scored"
     cfg = ScoreConfig(candidates=pool, output=out, metrics=["psnr", "piqe"], device="cpu", scope="image")
-    assert score(cfg) == 0
+    score(cfg)
     rewards = pd.read_parquet(out / "rewards.parquet")
     # paths are relative to the table's folder
     assert all((out / p).is_file() for p in rewards["path"])
@@ -172,7 +174,7 @@ KILL_SCRIPT = textwrap.dedent(
         real_write(df, path)
 
     S.write_parquet = write
-    S.score(S.ScoreConfig(candidates=Path(sys.argv[1]), metrics=sys.argv[3:], device="cpu"))
+    S.run(S.ScoreConfig(candidates=Path(sys.argv[1]), metrics=sys.argv[3:], device="cpu"))
     """
 )
 
@@ -204,11 +206,11 @@ def test_resume_after_kill_gives_identical_tables(tmp_path, monkeypatch):
         return real(model, images, ref)
 
     monkeypatch.setattr(metrics, "score_batch", counting)
-    assert score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu")) == 0
+    score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu"))
     assert sum(scored) == 2 * 3 * len(TEST_METRICS)
     monkeypatch.setattr(metrics, "score_batch", real)
 
-    assert score(ScoreConfig(candidates=fresh, metrics=TEST_METRICS, device="cpu")) == 0
+    score(ScoreConfig(candidates=fresh, metrics=TEST_METRICS, device="cpu"))
     for name in ("scores.parquet", "rewards.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(pool / name), pd.read_parquet(fresh / name))
     # parts are folded into one merged file
@@ -217,13 +219,13 @@ def test_resume_after_kill_gives_identical_tables(tmp_path, monkeypatch):
 
 def test_adding_a_metric_scores_only_that_metric(tmp_path, monkeypatch):
     pool = make_pool(tmp_path, n_images=2, seeds=(0, 1))
-    assert score(ScoreConfig(candidates=pool, metrics=["psnr"], device="cpu")) == 0
+    score(ScoreConfig(candidates=pool, metrics=["psnr"], device="cpu"))
     calls = []
     real = metrics.score_batch
     monkeypatch.setattr(
         metrics, "score_batch", lambda m, x, r=None: calls.append(m.metric_name) or real(m, x, r)
     )
-    assert score(ScoreConfig(candidates=pool, metrics=["psnr", "piqe"], device="cpu")) == 0
+    score(ScoreConfig(candidates=pool, metrics=["psnr", "piqe"], device="cpu"))
     assert set(calls) == {"piqe"}
     assert set(pd.read_parquet(pool / "scores.parquet").metric) == {"psnr", "piqe"}
 
@@ -231,9 +233,9 @@ def test_adding_a_metric_scores_only_that_metric(tmp_path, monkeypatch):
 def test_batched_equals_one_at_a_time(tmp_path):
     pool = make_pool(tmp_path, n_images=2, seeds=(0, 1, 2, 3))
     one = tmp_path / "one"
-    assert score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu", batch_size=4)) == 0
+    score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu", batch_size=4))
     assert (
-        score(ScoreConfig(candidates=pool, output=one, metrics=TEST_METRICS, device="cpu", batch_size=1)) == 0
+        score(ScoreConfig(candidates=pool, output=one, metrics=TEST_METRICS, device="cpu", batch_size=1))
     )
     a = pd.read_parquet(pool / "scores.parquet")
     b = pd.read_parquet(one / "scores.parquet")
@@ -245,8 +247,8 @@ def test_corrupt_candidate_is_reported_and_others_scored(tmp_path, capsys):
     pool = make_pool(tmp_path, n_images=2, seeds=(0, 1, 2))
     bad = pool / "img01" / "seed_0001.png"
     bad.write_bytes(b"not a png")
-    rc = score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu"))
-    assert rc != 0
+    with pytest.raises(PartialFailure, match="problem"):
+        score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu"))
     assert str(bad) in capsys.readouterr().err
     scores = pd.read_parquet(pool / "scores.parquet")
     rewards = pd.read_parquet(pool / "rewards.parquet")
@@ -255,7 +257,7 @@ def test_corrupt_candidate_is_reported_and_others_scored(tmp_path, capsys):
 
     # once the file is fixed, a rerun scores just that image again and succeeds
     shutil.copy(pool / "img01" / "seed_0000.png", bad)
-    assert score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu")) == 0
+    score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu"))
     assert len(pd.read_parquet(pool / "rewards.parquet")) == 6
 
 

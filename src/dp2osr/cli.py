@@ -1,7 +1,9 @@
 """The ``dp2osr`` command: one sub-command per pipeline stage.
 
-Each stage module defines a config dataclass and a function taking it; this file only maps names to them
-(imported lazily so ``dp2osr --help`` is instant) and turns user errors into one-line messages.
+Each stage module defines a config dataclass and ``run(cfg)``; this file only maps names to them (imported
+lazily so ``dp2osr --help`` is instant) and turns errors into one-line messages and exit codes: 2 for bad
+input (``ValueError`` / ``FileNotFoundError``, before any work), the ``exit_code`` of a `dp2osr.errors`
+``StageError`` (1: some inputs failed, the rest was written; 3: training diverged), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -13,44 +15,20 @@ import inspect
 import sys
 
 from dp2osr.config import add_arguments, build_config
+from dp2osr.errors import StageError
 
-# name -> (module, config class, function, one-line help)
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "upscale": (
-        "dp2osr.upscale",
-        "UpscaleConfig",
-        "upscale",
-        "super-resolve image(s) with a ControlNet SR model",
-    ),
-    "degrade": (
-        "dp2osr.degrade",
-        "DegradeConfig",
-        "degrade",
-        "HR photos -> LR/HR training pairs (Real-ESRGAN-style)",
-    ),
-    "sample": ("dp2osr.sample", "SampleConfig", "sample", "M seeded SR candidates per LR image (resumable)"),
-    "score": ("dp2osr.score", "ScoreConfig", "score", "IQA scores and hybrid reward for every candidate"),
-    "pair": ("dp2osr.pair", "PairConfig", "pair", "top-N x bottom-N preference pairs with HPO weights"),
-    "train": ("dp2osr.train", "TrainConfig", "train", "train the ControlNet: supervised (sft) or DP²O (dpo)"),
-    "eval": (
-        "dp2osr.evaluate",
-        "EvalConfig",
-        "evaluate",
-        "IQA tables for SR folders; Best/Mean/Worst@M of pools",
-    ),
-    "curve": (
-        "dp2osr.curve",
-        "CurveConfig",
-        "curve",
-        "held-out reward over a training run's checkpoints",
-    ),
-    "report": ("dp2osr.report", "ReportConfig", "report", "one self-contained HTML page of results"),
-    "quickstart": (
-        "dp2osr.quickstart",
-        "QuickstartConfig",
-        "quickstart",
-        "the whole DP²O loop on the embedded model",
-    ),
+# name -> (module, config class, one-line help); each module's `run(cfg)` does the work
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "upscale": ("dp2osr.upscale", "UpscaleConfig", "super-resolve image(s) with a ControlNet SR model"),
+    "degrade": ("dp2osr.degrade", "DegradeConfig", "HR photos -> LR/HR training pairs (Real-ESRGAN-style)"),
+    "sample": ("dp2osr.sample", "SampleConfig", "M seeded SR candidates per LR image (resumable)"),
+    "score": ("dp2osr.score", "ScoreConfig", "IQA scores and hybrid reward for every candidate"),
+    "pair": ("dp2osr.pair", "PairConfig", "top-N x bottom-N preference pairs with HPO weights"),
+    "train": ("dp2osr.train", "TrainConfig", "train the ControlNet: supervised (sft) or DP²O (dpo)"),
+    "eval": ("dp2osr.evaluate", "EvalConfig", "IQA tables for SR folders; Best/Mean/Worst@M of pools"),
+    "curve": ("dp2osr.curve", "CurveConfig", "held-out reward over a training run's checkpoints"),
+    "report": ("dp2osr.report", "ReportConfig", "one self-contained HTML page of results"),
+    "quickstart": ("dp2osr.quickstart", "QuickstartConfig", "the whole DP²O loop on the embedded model"),
 }
 
 DESCRIPTION = """\
@@ -62,7 +40,7 @@ and saves its resolved config beside its output. `dp2osr COMMAND --help` lists e
 """
 
 
-def _available() -> dict[str, tuple[str, str, str, str]]:
+def _available() -> dict[str, tuple[str, str, str]]:
     """Commands whose module exists in this installation."""
     out = {}
     for name, spec in COMMANDS.items():
@@ -71,14 +49,14 @@ def _available() -> dict[str, tuple[str, str, str, str]]:
     return out
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, str, str]]]:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, str]]]:
     parser = argparse.ArgumentParser(
         prog="dp2osr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = _available()
     wanted = sys.argv[1] if len(sys.argv) > 1 else None
-    for name, (module, cls_name, _, help_text) in commands.items():
+    for name, (module, cls_name, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         # Only the chosen command's module is imported (torch/diffusers imports cost seconds).
         if name == wanted:
@@ -101,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module, cls_name, fn_name, _ = commands[args.command]
+    module, cls_name, _ = commands[args.command]
     mod = importlib.import_module(module)
     try:
         cfg = build_config(getattr(mod, cls_name), args)
-        result = getattr(mod, fn_name)(cfg)
+        mod.run(cfg)
+    except StageError as exc:
+        print(f"dp2osr {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ValueError, FileNotFoundError) as exc:
         print(f"dp2osr {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -116,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _close_distributed()
-    return int(result) if isinstance(result, int) else 0
+    return 0
 
 
 def _close_distributed() -> None:

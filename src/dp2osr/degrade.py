@@ -31,7 +31,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dp2osr.config import check_choice, check_resume, field, save_config
+from dp2osr.errors import PartialFailure
 from dp2osr.images import ImageReadError, list_images, load_image, save_image, to_uint8, write_parquet
+from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 _KERNEL_PROB = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # Real-ESRGAN's probabilities of KERNEL_TYPES
@@ -394,16 +396,9 @@ def make_pair(
     return hr, lr
 
 
-def _resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
-    return name
-
-
-def degrade(cfg: DegradeConfig) -> int:
-    """Run ``dp2osr degrade``; returns 0, or 1 when some input images were skipped (reported on stderr)."""
+def run(cfg: DegradeConfig) -> pd.DataFrame:
+    """Run ``dp2osr degrade``; returns the pairs table. Raises `PartialFailure` (after writing every other pair)
+    when some input images were skipped (each reported on stderr)."""
     files = list_images(cfg.input)
     seen: dict[str, Path] = {}
     for path in files:
@@ -412,7 +407,7 @@ def degrade(cfg: DegradeConfig) -> int:
         seen[path.stem] = path
     out = Path(cfg.output)
     check_resume(cfg, out / CONFIG_NAME, "pairs")
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)
 
     rows, skipped, made = [], [], 0
@@ -435,7 +430,5 @@ def degrade(cfg: DegradeConfig) -> int:
     write_parquet(table, out / "pairs.parquet")
     print(f"{len(rows)} pairs in {out} ({made} new, {len(rows) - made} kept); {len(skipped)} images skipped")
     if skipped:
-        print(
-            f"dp2osr degrade: skipped {len(skipped)} of {len(files)} images (reported above)", file=sys.stderr
-        )
-    return 1 if skipped else 0
+        raise PartialFailure(f"skipped {len(skipped)} of {len(files)} images (reported above)")
+    return table

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dp2osr import plots
 from dp2osr.config import field, to_dict
+from dp2osr.errors import PartialFailure
 from dp2osr.images import ImageReadError, list_images, load_image
 from dp2osr.math import bestm
 from dp2osr.math.quality import psnr_y, ssim_y
@@ -342,8 +343,9 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(cfg: EvalConfig) -> int:
-    """Run every mode whose inputs are given; 0 on success, 1 when image pairs were missing or mismatched."""
+def run(cfg: EvalConfig) -> None:
+    """Run every mode whose inputs are given; raises `PartialFailure` (after writing every table) when image
+    pairs were missing or mismatched."""
     if not (cfg.sr or cfg.pools or cfg.reward_curve):
         raise ValueError("nothing to evaluate: give --sr (with --hr), --pools and/or --reward-curve")
     if cfg.crop_border < 0:
@@ -351,7 +353,7 @@ def evaluate(cfg: EvalConfig) -> int:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / CONFIG_JSON, json.dumps(to_dict(cfg), indent=2, default=str))
-    status = 0
+    problems: list[str] = []
     if cfg.sr:
         table, summary, problems = evaluate_folders(cfg)
         tmp = out / f".tmp_{os.getpid()}_{PER_IMAGE_CSV}"
@@ -362,7 +364,6 @@ def evaluate(cfg: EvalConfig) -> int:
         print(summary_markdown(summary))
         for p in problems:
             print(f"eval: problem: {p}", file=sys.stderr)
-        status = 1 if problems else 0
     if cfg.pools:
         table, spread = evaluate_pools(cfg)
         table.to_csv(out / BESTM_CSV, index=False, float_format="%.6f")
@@ -376,4 +377,5 @@ def evaluate(cfg: EvalConfig) -> int:
         curve = plots.read_table(Path(cfg.reward_curve))
         plots.write_png(plots.plot_curve(curve, smooth=max(1, cfg.curve_smooth)), out / CURVE_PNG)
     print(f"eval: outputs in {out}", file=sys.stderr)
-    return status
+    if problems:
+        raise PartialFailure(f"{len(problems)} problem(s) with the image pairs (reported above)")

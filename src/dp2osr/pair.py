@@ -220,7 +220,7 @@ def _prompts(rewards_path: Path) -> pd.DataFrame | None:
     return df[["image_id", "prompt"]].astype({"image_id": str}).drop_duplicates("image_id")
 
 
-def pair(cfg: PairConfig) -> int:
+def run(cfg: PairConfig) -> pd.DataFrame:
     """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config."""
     if not cfg.rewards.is_file():
         raise FileNotFoundError(f"rewards table not found: {cfg.rewards}")
@@ -246,4 +246,4 @@ def pair(cfg: PairConfig) -> int:
         f"pair: {groups} images, {len(pairs)} pairs (N={','.join(map(str, n_values))}), hpo={cfg.hpo}, "
         f"weight range [{pairs['weight'].min():.4f}, {pairs['weight'].max():.4f}] -> {output}"
     )
-    return 0
+    return pairs

@@ -31,6 +31,7 @@ import os
 # On free cores the two should be close (not measured: this project's machines were never idle).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -42,26 +43,30 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dp2osr import curve as curve_lib
+from dp2osr import degrade as degrade_stage
+from dp2osr import evaluate as evaluate_stage
 from dp2osr import metrics as metric_lib
+from dp2osr import train as train_stage
 from dp2osr.backbones import Backbone
 from dp2osr.config import check_choice, check_resume, field, save_config
+from dp2osr.engine import heldout, pools
+from dp2osr.engine.pools import read_candidates, read_inputs
+from dp2osr.engine.sampler import SamplingOptions, load_model
+from dp2osr.engine.trainer import latest_checkpoint
+from dp2osr.errors import StageError
 from dp2osr.images import list_images, load_image, save_image, write_parquet
-from dp2osr.math.reward import fit_bounds, hybrid_reward
+from dp2osr.math.colorfix import COLOR_FIXES
+from dp2osr.math.degradations import MILD
+from dp2osr.math.hpo import HPO_MODES
+from dp2osr.math.reward import SCOPES, fit_bounds, hybrid_reward
+from dp2osr.pair import build_pairs
+from dp2osr.report import ReportConfig, build_html
 
 CONFIG_NAME = "quickstart_config.yaml"
 PHOTOS = Path(__file__).parent / "assets" / "photos"
-CURVE_CSV = curve_lib.CURVE_CSV
+CURVE_CSV = heldout.CURVE_CSV
 PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
-# The embedded model's training degradation (a copy of scripts/train_embedded.py's MILD): lighter blur, noise,
-# JPEG and resize swings than Real-ESRGAN's defaults (`dp2osr degrade`), so the crops are in its range.
-MILD = {
-    "kernel_range": [7, 15], "sinc_prob": 0.05, "blur_sigma": [0.2, 1.5], "resize_prob": [0.2, 0.5, 0.3],
-    "resize_range": [0.5, 1.5], "noise_range": [1.0, 8.0], "poisson_scale_range": [0.05, 1.0],
-    "jpeg_range": [60, 95], "second_blur_prob": 0.5, "sinc_prob2": 0.05, "blur_sigma2": [0.2, 1.0],
-    "resize_range2": [0.5, 1.2], "noise_range2": [1.0, 5.0], "poisson_scale_range2": [0.05, 0.5],
-    "jpeg_range2": [70, 95], "final_sinc_prob": 0.3,
-}  # fmt: skip
+DEGRADATIONS = {"mild": MILD, "realesrgan": {}}  # the LR degradation of the crops (see --degradation)
 _BASE_LABEL, _DPO_LABEL = "base ControlNet", "DP²O ControlNet"
 
 
@@ -111,7 +116,7 @@ class QuickstartConfig:
     )
     ratio: float = field(0.25, help="N = round(ratio*M) when --pairs-n is not given (paper: 1/4 for SD2)")
     hpo: str = field(
-        "both", help="HPO pair weights: both, intra, inter, none", choices=["both", "intra", "inter", "none"]
+        "both", help="HPO pair weights: both, intra, inter, none", choices=list(HPO_MODES)
     )
     pair_reward: str = field(
         "hybrid",
@@ -121,9 +126,9 @@ class QuickstartConfig:
     )
     reward_scope: str = field(
         "pool",
-        help="min-max normalisation scope of the pairing reward: pool (over all candidates, METHOD.md's default) "
+        help="min-max normalisation scope of the pairing reward: pool (over all candidates, the paper's) "
         "or image (over one crop's M candidates, so FR and NR weigh equally within each group)",
-        choices=["pool", "image"],
+        choices=list(SCOPES),
     )
     metrics: list[str] = field(
         ["fsim", "gmsd", "piqe"],
@@ -142,7 +147,7 @@ class QuickstartConfig:
     )
     beta: float = field(
         500.0,
-        help="DPO beta (paper: 5000). An earlier experiment at this scale (issue 6) found 500 gave twice the "
+        help="DPO beta (paper: 5000). An earlier experiment at this scale found 500 gave twice the "
         "held-out gain of 5000, whose logit -beta/2*delta saturates the sigmoid within a few steps",
     )
     lr: float = field(3e-5, help="AdamW learning rate (paper: 2e-5)")
@@ -160,7 +165,7 @@ class QuickstartConfig:
     color_fix: str = field(
         "adain",
         help="colour correction of every sample against the upsampled LR",
-        choices=["adain", "wavelet", "none"],
+        choices=list(COLOR_FIXES),
     )
     seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
     device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"], run_only=True)
@@ -168,11 +173,10 @@ class QuickstartConfig:
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
-        check_choice("hpo", self.hpo, ["both", "intra", "inter", "none"])
         check_choice("pair_reward", self.pair_reward, list(PAIR_WEIGHTS))
-        check_choice("reward_scope", self.reward_scope, ["pool", "image"])
+        check_choice("reward_scope", self.reward_scope, list(SCOPES))
         check_choice("device", self.device, ["auto", "cpu", "cuda"])
-        check_choice("degradation", self.degradation, ["mild", "realesrgan"])
+        check_choice("degradation", self.degradation, list(DEGRADATIONS))
         for name in ("images", "heldout", "samples", "steps", "batch_size", "eval_every", "sample_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -180,12 +184,37 @@ class QuickstartConfig:
             raise ValueError(f"--samples must be >= 2 (a winner and a loser), got {self.samples}")
         if self.hr_size < 16 or self.hr_size % 16:
             raise ValueError(f"--hr-size must be a multiple of 16 (>= 16), got {self.hr_size}")
-        if self.beta <= 0 or self.lr <= 0:
-            raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if self.winner_sft < 0:
-            raise ValueError(f"--winner-sft must be >= 0, got {self.winner_sft}")
+        # The options the stages own are checked by the stages' own configs (hpo, beta, lr, ema, winner term,
+        # colour fix, sampling options).
+        self.train_config(Path("pref_pairs.parquet"), self.output)
+        self.sampling_options()
+
+    def sampling_options(self) -> SamplingOptions:
+        """How every pool is sampled: the crops whole, at their own size (a larger process size would
+        upsize them first)."""
+        return SamplingOptions(
+            backbone=self.backbone, base=self.base, controlnet=self.controlnet, device=self.device,
+            steps=self.sample_steps, batch_size=self.sample_batch, process_size=self.hr_size,
+            color_fix=self.color_fix,
+        )  # fmt: skip
+
+    def train_config(self, pairs: Path, out: Path) -> train_stage.TrainConfig:
+        """`dp2osr train --mode dpo` with this quickstart's options: a checkpoint every --eval-every steps, all
+        kept (the reward curve samples each)."""
+        base = train_stage.TrainConfig(mode="dpo", data=pairs, output=out)
+        return dataclasses.replace(
+            base, backbone=self.backbone, base=self.base, controlnet=self.controlnet, device=self.device,
+            steps=self.steps, lr=self.lr, batch_size=self.batch_size, beta=self.beta, winner_sft=self.winner_sft,
+            hpo=self.hpo, seed=self.seed, checkpoint_every=self.eval_every, keep_checkpoints=0, log_every=1,
+            ema_decay=self.ema_decay,
+        )  # fmt: skip
+
+    def degrade_config(self, tiles: Path, out: Path) -> degrade_stage.DegradeConfig:
+        """`dp2osr degrade` of the crops: centre crops of the whole tile, the chosen degradation preset."""
+        return degrade_stage.DegradeConfig(
+            input=tiles, output=out, hr_size=self.hr_size, scale=4, crop="center", seed=self.seed,
+            **DEGRADATIONS[self.degradation],
+        )  # fmt: skip
 
     @property
     def m_eval(self) -> int:
@@ -246,9 +275,6 @@ def tiles(
 
 def prepare_data(cfg: QuickstartConfig, folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stage 1: tiles of the photos -> `dp2osr degrade` -> (training, held-out) tables of LR/HR paths."""
-    from dp2osr.degrade import DegradeConfig, degrade
-    from dp2osr.sample import read_inputs
-
     photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
     train, held = tiles(photos, cfg.hr_size)
     rng = np.random.default_rng(cfg.seed)
@@ -264,40 +290,12 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> tuple[pd.DataFrame, pd.
         for tile_id, tile in chosen:
             if not (tile_dir / f"{tile_id}.png").is_file():
                 save_image(tile, tile_dir / f"{tile_id}.png")
-        status = degrade(
-            DegradeConfig(
-                input=tile_dir,
-                output=folder / name,
-                hr_size=cfg.hr_size,
-                scale=4,
-                crop="center",
-                seed=cfg.seed,
-                **(MILD if cfg.degradation == "mild" else {}),
-            )
-        )
-        if status != 0:
-            raise RuntimeError(f"degrade failed on {tile_dir}")
+        degrade_stage.run(cfg.degrade_config(tile_dir, folder / name))
         tables.append(read_inputs(folder / name))
     return tables[0], tables[1]
 
 
 # ---------------------------------------------------------------------------------- sample and score
-def sampling_options(cfg: QuickstartConfig):
-    from dp2osr.engine.sampler import SamplingOptions
-
-    # Crops are sampled whole, at their own size (a larger process size would upsize them first).
-    return SamplingOptions(
-        backbone=cfg.backbone,
-        base=cfg.base,
-        controlnet=cfg.controlnet,
-        device=cfg.device,
-        steps=cfg.sample_steps,
-        batch_size=cfg.sample_batch,
-        process_size=cfg.hr_size,
-        color_fix=cfg.color_fix,
-    )
-
-
 def fingerprint(bb: Backbone) -> str:
     """A short hash of the weights (denoiser and ControlNet): which model a result was measured with."""
     import hashlib
@@ -312,9 +310,7 @@ def fingerprint(bb: Backbone) -> str:
 
 def load_base(cfg: QuickstartConfig) -> Backbone:
     """The backbone with its reference ControlNet, loaded once for all sampling."""
-    from dp2osr.engine.sampler import load_model
-
-    return load_model(sampling_options(cfg))
+    return load_model(cfg.sampling_options())
 
 
 def sample_pool(
@@ -327,19 +323,19 @@ def sample_pool(
     model: str = "base",
 ) -> None:
     """`dp2osr sample` into ``folder`` with ``controlnet`` (default: the backbone's own)."""
-    curve_lib.sample_pool(bb, images, folder, seeds, sampling_options(cfg), controlnet, model)
+    opts = cfg.sampling_options()
+    _, failed = pools.sample_pool(bb, images, folder, seeds, opts, model=f"{opts.backbone}|{model}", controlnet=controlnet)
+    if failed:
+        raise StageError(f"crops could not be sampled: {sorted(failed)}")
 
 
 def score_pool(cands: Path, out: Path, cfg: QuickstartConfig) -> pd.DataFrame:
     """`dp2osr score` (hybrid reward, pool scope) of the pool in ``cands``; returns its scores table."""
-    return curve_lib.score_pool(cands, out, list(cfg.metrics), cfg.weights_dir, cfg.device)
+    return heldout.score_pool(cands, out, list(cfg.metrics), cfg.weights_dir, cfg.device)
 
 
 def make_pairs(cfg: QuickstartConfig, scores: pd.DataFrame, cands: Path, out: Path) -> pd.DataFrame:
     """Stage 4: rank each crop's candidates by the ``--pair-reward`` and write ``out/pref_pairs.parquet``."""
-    from dp2osr.pair import build_pairs
-    from dp2osr.score import read_candidates
-
     specs = metric_lib.catalogue(list(cfg.metrics))
     w_fr, w_nr = PAIR_WEIGHTS[cfg.pair_reward]
     family = {"fr": "fr", "nr": "nr"}.get(cfg.pair_reward)
@@ -358,41 +354,17 @@ def make_pairs(cfg: QuickstartConfig, scores: pd.DataFrame, cands: Path, out: Pa
 # ------------------------------------------------------------------------------------------- train
 def train_dpo(cfg: QuickstartConfig, pairs: Path, out: Path) -> None:
     """Stage 5: `dp2osr train --mode dpo`, a checkpoint every --eval-every steps (all kept)."""
-    from dp2osr.train import TrainConfig, latest_checkpoint, train
-
-    kwargs = {
-        "mode": "dpo",
-        "data": pairs,
-        "output": out,
-        "backbone": cfg.backbone,
-        "base": cfg.base,
-        "controlnet": cfg.controlnet,
-        "device": cfg.device,
-        "steps": cfg.steps,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "beta": cfg.beta,
-        "winner_sft": cfg.winner_sft,
-        "hpo": cfg.hpo,
-        "seed": cfg.seed,
-        "checkpoint_every": cfg.eval_every,
-        "keep_checkpoints": 0,
-        "log_every": 1,
-    }
-    if cfg.ema_decay:
-        kwargs["ema_decay"] = cfg.ema_decay
     last = latest_checkpoint(out)
     if last is not None and json.loads((last / "train_state.json").read_text())["step"] >= cfg.steps:
         return  # finished earlier (a resumed quickstart)
-    if train(TrainConfig(**kwargs, resume=last is not None)) != 0:
-        raise RuntimeError(f"DPO training stopped early (see {out}); lower --lr or --beta")
+    train_stage.run(dataclasses.replace(cfg.train_config(pairs, out), resume=last is not None))
 
 
 def controlnet_at(bb: Backbone, train_dir: Path, step: int) -> torch.nn.Module | None:
     """The ControlNet of checkpoint ``step`` (None at step 0: the base model's own)."""
     if step == 0:
         return None
-    return curve_lib.controlnet_from(bb, train_dir / f"checkpoint-{step:06d}" / "model.safetensors")
+    return heldout.controlnet_from(bb, train_dir / f"checkpoint-{step:06d}" / "model.safetensors")
 
 
 def eval_steps(cfg: QuickstartConfig) -> list[int]:
@@ -406,7 +378,7 @@ def eval_seeds(cfg: QuickstartConfig) -> list[int]:
 # -------------------------------------------------------------------------------------------- eval
 def reward_curve(cfg: QuickstartConfig, lay: Layout) -> pd.DataFrame:
     """Held-out reward at every evaluated step, normalised with the step-0 pool's bounds."""
-    return curve_lib.curve_from_pools({s: pool_dir(lay, s) for s in eval_steps(cfg)}, list(cfg.metrics))
+    return heldout.curve_from_pools({s: pool_dir(lay, s) for s in eval_steps(cfg)}, list(cfg.metrics))
 
 
 def pool_dir(lay: Layout, step: int) -> Path:
@@ -423,11 +395,11 @@ def compare(cfg: QuickstartConfig, lay: Layout) -> dict:
     out: dict = {"final_step": final, "images": 0, "seeds": cfg.m_eval}
     means = {}
     for key, d in dirs.items():
-        df = curve_lib.pool_rewards(scores[key], d, bounds, list(cfg.metrics))
+        df = heldout.pool_rewards(scores[key], d, bounds, list(cfg.metrics))
         folder = lay.eval / "joint" / key
         df["path"] = [os.path.relpath(p, folder) for p in df.pop("abs_path")]
         write_parquet(df, folder / "rewards.parquet")
-        out[key] = curve_lib.pool_stats(df)
+        out[key] = heldout.pool_stats(df)
         raw = scores[key].groupby("metric")["value"].mean()
         out[key].update({f"raw_{m}": float(raw[m]) for m in cfg.metrics if m in raw})
         means[key] = df.groupby("image_id")["reward"].mean()
@@ -497,13 +469,10 @@ def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
 
 def write_report(cfg: QuickstartConfig, lay: Layout, s: dict) -> Path:
     """Stage 7: `dp2osr eval` (Best/Mean/Worst@M, curve plot) and `dp2osr report`, plus the summary."""
-    from dp2osr.evaluate import EvalConfig, evaluate
-    from dp2osr.report import ReportConfig, build_html
-
     pools = [lay.eval / "joint" / "base", lay.eval / "joint" / "dp2o"]
     curve = lay.eval / CURVE_CSV
-    evaluate(
-        EvalConfig(output=lay.eval, pools=pools, pool_names=[_BASE_LABEL, _DPO_LABEL], reward_curve=curve)
+    evaluate_stage.run(
+        evaluate_stage.EvalConfig(output=lay.eval, pools=pools, pool_names=[_BASE_LABEL, _DPO_LABEL], reward_curve=curve)
     )
     page = build_html(
         ReportConfig(
@@ -529,7 +498,7 @@ def _stage(n: int, text: str) -> None:
     print(f"[quickstart {n}/7] {text}", file=sys.stderr, flush=True)
 
 
-def run(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: bool = True) -> dict:
+def run_stages(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: bool = True) -> dict:
     """Every stage in order (each resumes from what ``lay`` already holds); returns the summary dict."""
     t0, timings = time.perf_counter(), {}
 
@@ -614,10 +583,10 @@ def prepare_output(cfg: QuickstartConfig) -> Path:
     return out
 
 
-def quickstart(cfg: QuickstartConfig) -> int:
+def run(cfg: QuickstartConfig) -> dict:
     """Run ``dp2osr quickstart``: the whole loop, then print the summary and the report's path."""
-    summary = run(cfg, Layout.of(prepare_output(cfg)))
+    summary = run_stages(cfg, Layout.of(prepare_output(cfg)))
     print(summary_markdown(cfg, summary))
     print(f"total {summary['timings']['total']:.0f} s; report:")
     print(Path(summary["report"]).resolve())
-    return 0
+    return summary

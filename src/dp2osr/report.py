@@ -370,8 +370,8 @@ def build_html(cfg: ReportConfig) -> str:
     )
 
 
-def report(cfg: ReportConfig) -> int:
-    """Write the page to ``cfg.output`` (atomically); returns 0."""
+def run(cfg: ReportConfig) -> Path:
+    """Write the page to ``cfg.output`` (atomically); returns its path."""
     if cfg.max_side < 16:
         raise ValueError(f"--max-side must be >= 16, got {cfg.max_side}")
     out = Path(cfg.output)
@@ -383,4 +383,4 @@ def report(cfg: ReportConfig) -> int:
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
     print(f"report: wrote {out} ({len(page.encode()) / 1e6:.1f} MB)", file=sys.stderr)
-    return 0
+    return out

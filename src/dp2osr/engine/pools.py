@@ -16,7 +16,6 @@ from dp2osr.backbones import Backbone
 from dp2osr.engine.sampler import JobsResult, SamplingOptions, chunk_jobs, run_jobs
 from dp2osr.images import list_images, write_parquet
 
-
 CANDIDATES_FILE = "candidates.parquet"
 
 
