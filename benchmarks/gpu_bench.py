@@ -268,7 +268,7 @@ def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float) ->
     """Per-step and decode times of dp2osr.engine.sampler.generate with M seeds in one call (hooks on predict/decode)."""
     from dp2osr.engine.sampler import generate
 
-    cfg = bb.kind == "sd2"
+    cfg = bb.uses_negative_prompt
     guidance = bb.default_guidance
     cond = random_cond(bb, 1, device, dtype, cfg)
     control = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(2))
@@ -422,7 +422,7 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
             targets = torch.stack([bb.encode_images(images[0], lr_up), bb.encode_images(images[1], lr_up)])
             control = bb.prepare_control(lr_up)
     else:  # a second full denoiser for the reference; VAE encoding inside every step
-        name = "unet" if bb.kind == "sd2" else "transformer"
+        name = bb.denoiser_name
         ref_bb = copy.copy(bb)
         setattr(ref_bb, name, copy.deepcopy(getattr(bb, name)))
         extra = [getattr(ref_bb, name)]
@@ -486,7 +486,7 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
 
 def params(bb) -> dict:
     """Parameters in millions."""
-    name = "unet" if bb.kind == "sd2" else "transformer"
+    name = bb.denoiser_name
     parts = {name: getattr(bb, name), "controlnet": bb.controlnet, "vae": bb.vae}
     return {k: round(common.n_params(m) / 1e6, 1) for k, m in parts.items()}
 

@@ -20,7 +20,7 @@ Sections (docs/PERFORMANCE.md has the results and what they mean):
   at 1/16 and 1/32 width (same depth and blocks, ``benchmarks/common.py``), 128 px, where parameters and
   activations shrink alike, so memory proportions stay close to the real ones at 512 px. Memory is the peak
   of live tensor bytes (``common.TensorMemory``, the CPU analogue of ``torch.cuda.max_memory_allocated``).
-  The full run also times the real ``dp2osr.train.train()`` loop on the same model as a check.
+  The full run also times the real ``dp2osr.train.run()`` loop on the same model as a check.
 - degradation: images/s of ``dp2osr.degrade.degrade_image`` at 256² and 512².
 
 Repetitions of ours and the naive way alternate (ABAB..., order flipped every round) so machine noise hits
@@ -200,7 +200,7 @@ def bench_sampling(args) -> list[dict]:
     emb = load_backbone("embedded")
     for name, model, side, steps_t in (("tiny SD2", bb, 256, steps), ("embedded", emb, 512, 4)):
         lr_up = torch.rand(1, 3, side, side, generator=g)
-        c = model.encode_prompts([""], model.default_negative_prompt if model.kind == "sd2" else None)
+        c = model.encode_prompts([""], model.default_negative_prompt if model.uses_negative_prompt else None)
         kw_t = {"steps": steps_t, "guidance": model.default_guidance, "process_size": model.default_process_size}
         fns = {
             "ours": lambda m=model, x=lr_up, c=c, k=kw_t: super_resolve(m, x, c, [0], **k, tile_batch=4),
@@ -299,7 +299,7 @@ def make_training_data(root: Path, family: str, div: int, n_pairs: int, size: in
 
 
 def denoiser_name(bb) -> str:
-    return "unet" if bb.kind == "sd2" else "transformer"
+    return bb.denoiser_name
 
 
 class OursTrainer:
@@ -462,9 +462,10 @@ def peak_tensor_memory(trainer) -> tuple[float, float]:
 
 
 def train_cli_step_times(family, base, data, out, batch, checkpointing, warmup, steps) -> list[float]:
-    """Per-step seconds of the real ``dp2osr.train.train()`` loop on the same model and data (a check that
+    """Per-step seconds of the real ``dp2osr.train.run()`` loop on the same model and data (a check that
     ``OursTrainer`` times what the command does)."""
-    from dp2osr.train import TrainConfig, train
+    from dp2osr.train import TrainConfig
+    from dp2osr.train import run as train
 
     cfg = TrainConfig(
         mode="dpo",
@@ -482,8 +483,7 @@ def train_cli_step_times(family, base, data, out, batch, checkpointing, warmup, 
         gradient_checkpointing=checkpointing,
     )
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null):
-        if train(cfg) != 0:
-            raise RuntimeError("dp2osr train failed in the benchmark")
+        train(cfg)
     secs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [b - a for a, b in zip([0.0, *secs[:-1]], secs)][warmup:]
 

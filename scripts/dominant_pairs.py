@@ -39,7 +39,7 @@ def dominant_pairs(cfg, scores, cands, out):
 
 
 if __name__ == "__main__":
-    qs.make_pairs = dominant_pairs  # quickstart.run looks it up at call time
+    qs.make_pairs = dominant_pairs  # quickstart.run_stages looks it up at call time
     sys.path.insert(0, str(Path(__file__).parent))
     import ablations
 

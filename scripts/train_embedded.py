@@ -22,7 +22,7 @@
    - stage 1, the base model's pretraining (``pretrain_base``; ``--base-fraction`` of the time, or
      ``--base-steps``): the UNet and the ControlNet trained together, because the method's trainer only
      trains the ControlNet and this model has no pretrained base (see ``pretrain_base`` for the measurement);
-   - stage 2, ``dp2osr train --mode sft`` (``dp2osr.train.train``, ControlNet only, EMA): a short calibration
+   - stage 2, ``dp2osr train --mode sft`` (``dp2osr.train.run``, ControlNet only, EMA): a short calibration
      run on a small subset measures the speed, then one run of as many steps as fit the rest of ``--minutes``
      (or exactly ``--steps``) on ``--sft-crops`` of the crops;
    - the base plus the trained ControlNet (EMA weights) -> ``--out`` in fp16 (each file < 16 MB; 8 files),
@@ -398,7 +398,8 @@ def train_model(args: argparse.Namespace) -> Path:
 
     import dp2osr.train
     from dp2osr.backbones.embedded import build_embedded
-    from dp2osr.train import TrainConfig, train
+    from dp2osr.train import TrainConfig
+    from dp2osr.train import run as train
 
     dp2osr.train.batch_indices = _fast_batch_indices()
     work, out = Path(args.work), Path(args.out)
@@ -453,8 +454,7 @@ def train_model(args: argparse.Namespace) -> Path:
     steps = args.steps
     if steps is None:  # measure the speed on a small subset, then size the real run to the budget
         calib = work / "calibration"
-        if train(config(args.calibration_steps, subset(2 * args.batch_size, calib / "data"), calib / "run")) != 0:
-            raise RuntimeError("training diverged in the calibration run")
+        train(config(args.calibration_steps, subset(2 * args.batch_size, calib / "data"), calib / "run"))
         per_step = _seconds_per_step(calib / "run")
         per_example = _load_seconds(init, data, device)
         n_examples = len(pd.read_parquet(sft_data / "pairs.parquet"))
@@ -463,8 +463,7 @@ def train_model(args: argparse.Namespace) -> Path:
         print(f"calibration: {per_step * 1000:.1f} ms/step, {per_example * 1000:.2f} ms to load an example "
               f"({n_examples} examples) -> {steps} steps", flush=True)
     run = work / "run"
-    if train(config(steps, sft_data, run)) != 0:
-        raise RuntimeError("training diverged")
+    train(config(steps, sft_data, run))  # raises TrainingDiverged
     log = _log(run)
     print(f"trained {steps} steps in {time.time() - t0:.0f} s ({_seconds_per_step(run) * 1000:.1f} ms/step)")
     export_model(init, run / "final" / "controlnet", out, args.save_dtype)

@@ -160,20 +160,21 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
+    import dp2osr.engine.scoring as E
     import dp2osr.score as S
 
     limit = int(sys.argv[2])
     written = [0]
-    real_write = S.write_parquet
+    real_write = E.write_parquet
 
     def write(df, path):
-        if Path(path).parent.name == S.PARTS_DIR and Path(path).name != S.MERGED_PART:
+        if Path(path).parent.name == E.PARTS_DIR and Path(path).name != E.MERGED_PART:
             if written[0] == limit:  # a hard kill after `limit` finished images, mid-run
                 os.kill(os.getpid(), signal.SIGKILL)
             written[0] += 1
         real_write(df, path)
 
-    S.write_parquet = write
+    E.write_parquet = write
     S.run(S.ScoreConfig(candidates=Path(sys.argv[1]), metrics=sys.argv[3:], device="cpu"))
     """
 )

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import dp2osr.engine.objectives as objectives_mod
+import dp2osr.engine.trainer as trainer_mod
 import dp2osr.train as train_mod
 from dp2osr.backbones import load_backbone, save_release
 from dp2osr.cli import main
@@ -61,7 +63,7 @@ def _metrics(out):
 @pytest.mark.parametrize("backbone", ["sd2-tiny", "flux-tiny"])
 def test_dpo_trains_controlnet_only_and_checkpoint_upscales(backbone, data, tmp_path, monkeypatch):
     captured = {}
-    real_load = train_mod.load_backbone
+    real_load = trainer_mod.load_backbone
 
     def spy(*a, **k):
         captured["bb"] = bb = real_load(*a, **k)
@@ -70,7 +72,7 @@ def test_dpo_trains_controlnet_only_and_checkpoint_upscales(backbone, data, tmp_
         captured["init"] = {k: v.clone() for k, v in bb.controlnet.state_dict().items()}
         return bb
 
-    monkeypatch.setattr(train_mod, "load_backbone", spy)
+    monkeypatch.setattr(trainer_mod, "load_backbone", spy)
     out = tmp_path / "run"
     assert main(_args(backbone, data, out, "dpo", 3, "--checkpoint-every", "2")) == 0
     m = _metrics(out)
@@ -162,8 +164,8 @@ def test_8bit_adam(data, tmp_path, monkeypatch):
     """--use-8bit-adam: bitsandbytes' AdamW8bit (installed with pyiqa) trains on the CPU too; its state for the
     large tensors is uint8 (what saves memory), and the losses stay finite."""
     made = []
-    real = train_mod._make_optimizer
-    monkeypatch.setattr(train_mod, "_make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    real = trainer_mod._make_optimizer
+    monkeypatch.setattr(trainer_mod, "_make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
     out = tmp_path / "adam8"
     assert main(_args("sd2-tiny", data, out, "dpo", 3, "--use-8bit-adam")) == 0
     assert type(made[0]).__name__ == "AdamW8bit"
@@ -186,15 +188,15 @@ def test_cache_accumulation_and_tensorboard(data, tmp_path, monkeypatch):
     assert list((cached / "tb").glob("events.out.tfevents.*"))
 
     updates, batches = [], []
-    real_opt, real_idx = train_mod._make_optimizer, train_mod.batch_indices
+    real_opt, real_idx = trainer_mod._make_optimizer, trainer_mod.batch_indices
 
     def counted_optimizer(params, cfg):
         opt = real_opt(params, cfg)
         opt.register_step_post_hook(lambda *_: updates.append(1))
         return opt
 
-    monkeypatch.setattr(train_mod, "_make_optimizer", counted_optimizer)
-    monkeypatch.setattr(train_mod, "batch_indices", lambda *a: batches.append(real_idx(*a)) or batches[-1])
+    monkeypatch.setattr(trainer_mod, "_make_optimizer", counted_optimizer)
+    monkeypatch.setattr(trainer_mod, "batch_indices", lambda *a: batches.append(real_idx(*a)) or batches[-1])
     assert main(_args("sd2-tiny", data, tmp_path / "accum", "dpo", 3, "--grad-accum", "2", "--batch-size", "1")) == 0
     assert len(updates) == 3 and len(batches) == 6
     assert all(batches[2 * i] != batches[2 * i + 1] for i in range(3))
@@ -239,7 +241,7 @@ def test_lora_reference_is_adapter_disabled(data, tmp_path):
 
 
 def test_non_finite_loss_stops_without_checkpoint(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_mod, "mse_per_sample", lambda p, t: torch.full((p.shape[0],), float("nan")))
+    monkeypatch.setattr(objectives_mod, "mse_per_sample", lambda p, t: torch.full((p.shape[0],), float("nan")))
     out = tmp_path / "nan"
     assert main(_args("sd2-tiny", data, out, "dpo", 2, "--checkpoint-every", "1")) == 3
     assert "non-finite loss" in capsys.readouterr().err

@@ -71,6 +71,14 @@ def build_pairs(
     check_choice("hpo", hpo, HPO_MODES)
     if n is None and ratio is None:
         raise ValueError("give N (--n) or a ratio (--ratio)")
+    df = _checked_rewards(rewards_df)
+    rows, group_stds = _group_pairs(df, n, ratio)
+    out = _with_hpo_weights(pd.DataFrame(rows), group_stds, hpo)
+    return out.astype({"win_seed": "int64", "lose_seed": "int64"})[PAIR_COLUMNS]
+
+
+def _checked_rewards(rewards_df: pd.DataFrame) -> pd.DataFrame:
+    """The needed columns, checked, sorted by (image_id, seed) so the output does not depend on row order."""
     required = ["image_id", "seed", "path", "reward", "lr_path"]
     missing = [c for c in required if c not in rewards_df.columns]
     if missing:
@@ -88,9 +96,13 @@ def build_pairs(
     # Sorting first makes the output independent of the input's row order.
     df = df.sort_values(["image_id", "seed"], kind="stable").reset_index(drop=True)
 
+    return df
+
+
+def _group_pairs(df: pd.DataFrame, n: int | None, ratio: float | None) -> tuple[list[dict], dict[str, float]]:
+    """(one row per top-N x bottom-N pair of every image, each image's reward spread σ_g)."""
     rows: list[dict] = []
-    group_ids: list[str] = []
-    group_stds: list[float] = []
+    group_stds: dict[str, float] = {}
     for image_id, group in df.groupby("image_id", sort=True):
         m = len(group)
         n_g = n if n is not None else n_from_ratio(m, ratio)
@@ -117,17 +129,20 @@ def build_pairs(
                     "lose_reward": float(rewards[lo]),
                 }
             )
-        group_ids.append(image_id)
-        group_stds.append(float(np.std(rewards, ddof=0)))
+        group_stds[image_id] = float(np.std(rewards, ddof=0))
 
-    out = pd.DataFrame(rows)
+    return rows, group_stds
+
+
+def _with_hpo_weights(out: pd.DataFrame, group_stds: dict[str, float], hpo: str) -> pd.DataFrame:
+    """``out`` with w_intra, w_inter and weight = w_intra · w_inter (a disabled level is 1)."""
     ones = np.ones(len(out))
     if hpo in ("both", "intra"):
         out["w_intra"] = intra_weights(out["win_reward"] - out["lose_reward"], out["image_id"].to_numpy())
     else:
         out["w_intra"] = ones
     if hpo in ("both", "inter"):
-        per_group = dict(zip(group_ids, inter_weights(np.array(group_stds))))
+        per_group = dict(zip(group_stds, inter_weights(np.array(list(group_stds.values())))))
         out["w_inter"] = out["image_id"].map(per_group).to_numpy(dtype=np.float64)
     else:
         out["w_inter"] = ones
@@ -137,7 +152,7 @@ def build_pairs(
             f"negative HPO weight (min {out['weight'].min():.4g}); rewards must lie in [0, 1] "
             "(as `score` writes them) or use --hpo none"
         )
-    return out.astype({"win_seed": "int64", "lose_seed": "int64"})[PAIR_COLUMNS]
+    return out
 
 
 @dataclass
