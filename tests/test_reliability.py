@@ -1,0 +1,100 @@
+"""Reliability: images read as viewers show them, safe weight loading, output permissions, escaped Markdown,
+and the minimum input size."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dp2osr.images import (
+    _int_full_scale,
+    load_image,
+)
+
+
+def _hwc(path) -> np.ndarray:
+    return load_image(path)[0].permute(1, 2, 0).numpy()
+
+
+def _blocks(h=16, w=24) -> np.ndarray:
+    """An asymmetric uint8 RGB image of 8x8 blocks (survives JPEG well)."""
+    rng = np.random.default_rng(0)
+    small = (rng.random((h // 8, w // 8, 3)) > 0.5).astype(np.uint8) * 255
+    return np.kron(small, np.ones((8, 8, 1), np.uint8))
+
+
+# ----------------------------------------------------------------------------------------- orientation
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_exif_orientation_6_reads_rotated(tmp_path, fmt):
+    arr = _blocks()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer rotates it 90° clockwise
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray(arr).save(path, format=fmt, exif=exif, **({"quality": 100} if fmt == "JPEG" else {}))
+    got = _hwc(path)
+    want = np.rot90(arr, k=-1).astype(np.float32) / 255
+    assert got.shape == want.shape == (24, 16, 3)
+    tol = 0 if fmt == "PNG" else 0.05
+    assert np.abs(got - want).mean() <= tol
+
+
+# ---------------------------------------------------------------------------------------------- 16 bit
+def test_dark_16bit_png_scaled_by_bit_depth(tmp_path):
+    a16 = np.arange(256, dtype=np.uint16).reshape(16, 16)  # max 255 of 65535: almost black
+    Image.fromarray(a16).save(tmp_path / "dark16.png")
+    a8 = np.round(a16 / 257).astype(np.uint8)  # the same picture in 8 bits: 0 or 1
+    Image.fromarray(a8).save(tmp_path / "dark8.png")
+    got16, got8 = _hwc(tmp_path / "dark16.png"), _hwc(tmp_path / "dark8.png")
+    np.testing.assert_allclose(got16[..., 0], a16 / 65535, atol=1e-7)
+    assert np.abs(got16 - got8).max() <= 0.5 / 255 + 1e-6
+    assert got16.max() < 0.005
+
+
+def test_16bit_mid_tones_equal_8bit(tmp_path):
+    a8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(a8.astype(np.uint16) * 257).save(tmp_path / "mid16.png")
+    Image.fromarray(a8).save(tmp_path / "mid8.png")
+    np.testing.assert_allclose(_hwc(tmp_path / "mid16.png"), _hwc(tmp_path / "mid8.png"), atol=1e-6)
+
+
+def test_integer_full_scale_from_file_rawmode():
+    assert _int_full_scale("I;16B") == _int_full_scale("I;16") == 65535
+    assert _int_full_scale("I;32S") == _int_full_scale("I") == 2**31 - 1
+    assert _int_full_scale("I;32") == 2**32 - 1
+
+
+# ------------------------------------------------------------------------------------ modes and alpha
+def test_alpha_composited_on_white(tmp_path):
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [255, 0, 0, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    got = np.round(_hwc(tmp_path / "rgba.png") * 255)
+    np.testing.assert_array_equal(got[0, 0], [255, 255, 255])  # transparent red -> white
+    np.testing.assert_array_equal(got[0, 1], [0, 0, 255])
+    assert got[0, 2, 0] == 255 and abs(got[0, 2, 1] - 127) <= 1 and got[0, 2, 1] == got[0, 2, 2]
+
+    la = np.array([[[0, 0], [0, 255], [200, 255]]], np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    got = np.round(_hwc(tmp_path / "la.png") * 255)
+    np.testing.assert_array_equal(got[0], [[255, 255, 255], [0, 0, 0], [200, 200, 200]])
+
+
+def test_palette_with_transparency_grayscale_and_cmyk(tmp_path):
+    pal = Image.new("P", (3, 1))
+    pal.putpalette([10, 20, 30, 200, 100, 50, 0, 0, 0] + [0] * (253 * 3))
+    pal.putdata([0, 1, 2])
+    pal.save(tmp_path / "pal.png")
+    pal.save(tmp_path / "pal_t.png", transparency=2)  # index 2 (black) is transparent
+    np.testing.assert_array_equal(
+        np.round(_hwc(tmp_path / "pal.png") * 255)[0], [[10, 20, 30], [200, 100, 50], [0, 0, 0]]
+    )
+    np.testing.assert_array_equal(np.round(_hwc(tmp_path / "pal_t.png") * 255)[0, 2], [255, 255, 255])
+
+    Image.fromarray(np.array([[0, 77, 255]], np.uint8), "L").save(tmp_path / "gray.png")
+    got = _hwc(tmp_path / "gray.png")
+    assert got.shape == (1, 3, 3)
+    np.testing.assert_array_equal(np.round(got * 255), [[[0] * 3, [77] * 3, [255] * 3]])
+
+    cmyk = np.array([[[0, 0, 0, 0], [0, 255, 255, 0], [0, 0, 0, 255]]], np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    np.testing.assert_array_equal(
+        np.round(_hwc(tmp_path / "cmyk.tif") * 255)[0], [[255, 255, 255], [255, 0, 0], [0, 0, 0]]
+    )
