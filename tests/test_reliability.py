@@ -1,13 +1,20 @@
 """Reliability: images read as viewers show them, safe weight loading, output permissions, escaped Markdown,
 and the minimum input size."""
 
+import os
+import stat
+
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from dp2osr.images import (
     _int_full_scale,
     load_image,
+    save_image,
+    write_parquet,
 )
 
 
@@ -98,3 +105,17 @@ def test_palette_with_transparency_grayscale_and_cmyk(tmp_path):
     np.testing.assert_array_equal(
         np.round(_hwc(tmp_path / "cmyk.tif") * 255)[0], [[255, 255, 255], [255, 0, 0], [0, 0, 0]]
     )
+
+
+# ------------------------------------------------------------------------------------------ permissions
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_follow_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_image(torch.rand(3, 8, 8), tmp_path / "out" / "a.png")
+        write_parquet(pd.DataFrame({"a": [1, 2]}), tmp_path / "out" / "t.parquet")
+    finally:
+        os.umask(old)
+    for name in ("a.png", "t.parquet"):
+        assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == mode, name
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "t.parquet"]  # no temp left

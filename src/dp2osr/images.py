@@ -12,15 +12,17 @@ name (``ImageReadError``, a ValueError):
   dividing by their maximum when it exceeds 1.
 
 Writing goes through a temporary file in the target folder and ``os.replace``, so a killed job never leaves
-a half-written file that a resumed job would mistake for a finished one.
+a half-written file that a resumed job would mistake for a finished one. The temporary file is created with
+the permissions of an ordinary file (``0o666`` minus the umask), so outputs are as readable as any other.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import struct
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,24 +113,37 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).cpu().numpy()
 
 
-def save_image(image: torch.Tensor, path: Path) -> None:
-    """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+def _new_temp(path: Path) -> Path:
+    """An empty, new temporary file next to ``path``, created ``0o666`` minus the umask (as ``open`` does)."""
+    for _ in range(100):
+        tmp = path.with_name(f".tmp_{os.getpid()}_{secrets.token_hex(4)}_{path.name}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a new temporary file next to ``path``, then move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".png")
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
-        Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def save_image(image: torch.Tensor, path: Path) -> None:
+    """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+    pixels = Image.fromarray(to_uint8(image))
+    atomic_write(path, lambda tmp: pixels.save(tmp, format="PNG"))
+
+
 def write_parquet(df, path: Path) -> None:
     """Write a pandas DataFrame to Parquet atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
