@@ -2,6 +2,9 @@
 and the minimum input size."""
 
 import os
+import pathlib
+import pickle
+import re
 import stat
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dp2osr import metrics
 from dp2osr.images import (
     _int_full_scale,
     load_image,
@@ -105,6 +109,56 @@ def test_palette_with_transparency_grayscale_and_cmyk(tmp_path):
     np.testing.assert_array_equal(
         np.round(_hwc(tmp_path / "cmyk.tif") * 255)[0], [[255, 255, 255], [255, 0, 0], [0, 0, 0]]
     )
+
+
+# ------------------------------------------------------------------------------------- weight loading
+class _Payload:
+    """Unpickling this touches ``marker``: the stand-in for code hidden in a weight file."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_payload_really_runs_under_full_unpickling(tmp_path):
+    control = tmp_path / "control_marker"
+    torch.save({"params": _Payload(control)}, tmp_path / "evil.pth")
+    torch.load(tmp_path / "evil.pth", weights_only=False)
+    assert control.exists()  # so the tests below would see a run payload
+
+
+@pytest.mark.parametrize(
+    "name, filename",
+    [("topiq_nr", "cfanet_nr_koniq_res50-9a73138b.pth"), ("musiq", "musiq_koniq_ckpt-e95806b9.pth")],
+)
+def test_malicious_weight_file_refused_unrun(tmp_path, monkeypatch, name, filename):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty_hub"))
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save({"params": _Payload(marker)}, weights / filename)
+    with pytest.raises(ValueError, match=re.escape(filename)):
+        metrics.create(name, "cpu", weights_dir=weights)
+    assert not marker.exists()
+    assert torch.load is not None and torch.load.__module__.startswith("torch")  # restored
+
+
+def test_clipiqa_prompts_loaded_weights_only(tmp_path):
+    prompts = torch.randn(16, 512)
+    torch.save(prompts, tmp_path / "prompts.pth")
+    net = torch.nn.Module()
+    net.prompt_learner = torch.nn.Module()
+    net.prompt_learner.ctx = torch.nn.Parameter(torch.zeros(16, 512))
+    metrics._load_clipiqa_prompts(tmp_path / "prompts.pth")(net)
+    assert torch.equal(net.prompt_learner.ctx.data, prompts)
+
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), tmp_path / "evil.pth")
+    with pytest.raises(pickle.UnpicklingError):
+        metrics._load_clipiqa_prompts(tmp_path / "evil.pth")(net)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------ permissions
