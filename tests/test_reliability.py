@@ -14,12 +14,14 @@ import torch
 from PIL import Image
 
 from dp2osr import metrics
+from dp2osr.evaluate import EvalConfig, evaluate
 from dp2osr.images import (
     _int_full_scale,
     load_image,
     save_image,
     write_parquet,
 )
+from dp2osr.mdtext import md_escape
 
 
 def _hwc(path) -> np.ndarray:
@@ -173,3 +175,43 @@ def test_outputs_follow_umask(tmp_path, umask, mode):
     for name in ("a.png", "t.parquet"):
         assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == mode, name
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "t.parquet"]  # no temp left
+
+
+# --------------------------------------------------------------------------------------------- markdown
+EVIL = "<script>x</script>|a"
+
+
+def _cells(line: str) -> list[str]:
+    return re.split(r"(?<!\\)\|", line.strip())[1:-1]
+
+
+def test_md_escape():
+    assert md_escape(EVIL) == "&lt;script&gt;x&lt;/script&gt;\\|a"
+    assert md_escape("a_b*c`d[e](f)~g\\h\nnext & more") == "a\\_b\\*c\\`d\\[e\\](f)\\~g\\\\h next &amp; more"
+
+
+def test_markdown_outputs_escape_names(tmp_path):
+    rng = np.random.default_rng(0)
+    img = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+    for folder, name in (("sr", "im.png"), ("hr", "im.png"), ("sr", "x<b>y|z.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        Image.fromarray(img).save(tmp_path / folder / name)
+    out = tmp_path / "out"
+    cfg = EvalConfig(output=out, sr=[tmp_path / "sr"], names=[EVIL], hr=tmp_path / "hr", metrics=["none"])
+    assert evaluate(cfg) == 1  # the SR file without HR is a problem
+    text = (out / "eval_summary.md").read_text()
+    assert "<script>" not in text and "<b>" not in text
+    assert md_escape(EVIL) in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({len(_cells(line)) for line in table}) == 1
+
+    rows = [
+        {"image_id": "im0", "seed": s, "path": f"im0/seed_{s:04d}.png", "reward": 0.1 * s} for s in range(2)
+    ]
+    (tmp_path / "pool").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "pool" / "rewards.parquet")
+    assert evaluate(EvalConfig(output=out, pools=[tmp_path / "pool"], pool_names=[EVIL])) == 0
+    text = (out / "bestm.md").read_text()
+    assert "<script>" not in text and md_escape(EVIL) in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({len(_cells(line)) for line in table[:4]}) == 1
