@@ -14,9 +14,14 @@ import torch
 from PIL import Image
 
 from dp2osr import metrics
+from dp2osr.cli import main
+from dp2osr.degrade import DegradeConfig
 from dp2osr.evaluate import EvalConfig, evaluate
 from dp2osr.images import (
+    MIN_LR_SIDE,
+    ImageReadError,
     _int_full_scale,
+    check_min_side,
     load_image,
     save_image,
     write_parquet,
@@ -215,3 +220,34 @@ def test_markdown_outputs_escape_names(tmp_path):
     assert "<script>" not in text and md_escape(EVIL) in text
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len({len(_cells(line)) for line in table[:4]}) == 1
+
+
+# ------------------------------------------------------------------------------------------ minimum size
+def test_check_min_side_names_file_and_size():
+    check_min_side(torch.zeros(1, 3, MIN_LR_SIDE, 40), "ok.png")
+    with pytest.raises(
+        ImageReadError, match=r"small\.png: image is 3x5; the smallest supported side is 8 px"
+    ):
+        check_min_side(torch.zeros(1, 3, 5, 3), "small.png")
+
+
+def test_sample_rejects_tiny_inputs_by_name(tmp_path, capsys):
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
+    Image.fromarray(np.zeros((5, 3, 3), np.uint8)).save(folder / "tiny.png")  # 3 wide, 5 high
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(folder / "dot.png")
+    out = tmp_path / "pool"
+    rc = main(["sample", "--input", str(folder), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "1",
+               "--samples", "1"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "tiny.png: image is 3x5; the smallest supported side is 8 px" in err
+    assert "dot.png: image is 1x1" in err
+    assert list(pd.read_parquet(out / "candidates.parquet").image_id.unique()) == ["good"]
+
+
+def test_degrade_refuses_lr_below_minimum(tmp_path):
+    with pytest.raises(ValueError, match=r"--hr-size 16 / --scale 4 gives 4 px LR images.*8 px"):
+        DegradeConfig(input=tmp_path, output=tmp_path, hr_size=16, scale=4)
+    DegradeConfig(input=tmp_path, output=tmp_path, hr_size=32, scale=4)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+MIN_LR_SIDE = 8  # the smallest LR side upscale and sample accept
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -103,6 +104,13 @@ def load_image(path: Path) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+
+
+def check_min_side(image: torch.Tensor, path: Path, min_side: int = MIN_LR_SIDE) -> None:
+    """Refuse an image whose short side is below ``min_side`` px; the ImageReadError names file and size."""
+    h, w = image.shape[-2:]
+    if min(h, w) < min_side:
+        raise ImageReadError(f"{path}: image is {w}x{h}; the smallest supported side is {min_side} px")
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dp2osr.backbones import Backbone
 from dp2osr.config import check_resume, field, save_config
-from dp2osr.images import ImageReadError, list_images, load_image, save_image, write_parquet
+from dp2osr.images import ImageReadError, check_min_side, list_images, load_image, save_image, write_parquet
 from dp2osr.prompts import make_prompt_fn
 from dp2osr.sampling import (
     SamplingOptions,
@@ -128,6 +128,7 @@ def sample_candidates(
         if cache.get("id") != row.image_id:  # consecutive chunks of one image share its LR and prompt
             try:
                 lr = load_image(Path(row.lr_path))
+                check_min_side(lr, Path(row.lr_path))
             except ImageReadError as exc:
                 failed.add(row.image_id)
                 tqdm.write(f"dp2osr sample: {exc}; skipped", file=sys.stderr)

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from dp2osr.config import field, save_config
-from dp2osr.images import ImageReadError, list_images, load_image, save_image
+from dp2osr.images import ImageReadError, check_min_side, list_images, load_image, save_image
 from dp2osr.prompts import make_prompt_fn
 from dp2osr.sampling import (
     SamplingOptions,
@@ -25,8 +25,6 @@ from dp2osr.sampling import (
     sampling_settings,
     super_resolve,
 )
-
-MIN_LR_SIDE = 8
 
 
 @dataclass(kw_only=True)
@@ -106,11 +104,8 @@ def upscale(cfg: UpscaleConfig) -> int:
         start = time.perf_counter()
         try:
             lr = load_image(path)
+            check_min_side(lr, path)
             h, w = lr.shape[-2:]
-            if min(h, w) < MIN_LR_SIDE:
-                raise ImageReadError(
-                    f"{path}: image is {w}x{h}; the smallest supported side is {MIN_LR_SIDE} px"
-                )
             lr_up = resize(lr, (h * cfg.upscale, w * cfg.upscale))
             prompt = prompt_fn(path, lr)
             cond = bb.encode_prompts([prompt], settings["negative_prompt"])
