@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.errors import PartialFailure
-from dp2osr.images import ImageReadError, list_images, load_image, save_image, to_uint8, write_parquet
+from dp2osr.images import (
+    MIN_LR_SIDE,
+    ImageReadError,
+    list_images,
+    load_image,
+    save_image,
+    to_uint8,
+    write_parquet,
+)
 from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -156,6 +164,11 @@ class DegradeConfig(DegradationParams, _PairOptions):
         check_choice("device", self.device, ["cpu", "cuda", "auto"])
         if self.scale < 1 or self.hr_size < self.scale or self.hr_size % self.scale:
             raise ValueError(f"hr_size must be a multiple of scale >= 1, got {self.hr_size} and {self.scale}")
+        if self.hr_size // self.scale < MIN_LR_SIDE:
+            raise ValueError(
+                f"--hr-size {self.hr_size} / --scale {self.scale} gives {self.hr_size // self.scale} px LR images; "
+                f"the smallest supported LR side is {MIN_LR_SIDE} px"
+            )
 
 
 def _odd_sizes(size_range: list[int]) -> list[int]:

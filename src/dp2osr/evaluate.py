@@ -29,6 +29,7 @@ from dp2osr.errors import PartialFailure
 from dp2osr.images import ImageReadError, list_images, load_image
 from dp2osr.math import bestm
 from dp2osr.math.quality import psnr_y, ssim_y
+from dp2osr.mdtext import md_escape
 
 PER_IMAGE_CSV = "eval_per_image.csv"
 SUMMARY_JSON = "eval_summary.json"
@@ -280,7 +281,7 @@ def summary_markdown(summary: dict) -> str:
         f"pyiqa {proto['pyiqa']}, torch {proto['torch']}.",
     ]
     if summary["problems"]:
-        lines += ["", f"**{len(summary['problems'])} problem(s)**:", *[f"- {p}" for p in summary["problems"]]]
+        lines += ["", f"**{len(summary['problems'])} problem(s)**:", *[f"- {_md(p)}" for p in summary["problems"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -318,11 +319,11 @@ def evaluate_pools(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _md(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return md_escape(text)
 
 
 def bestm_markdown(table: pd.DataFrame, spread: pd.DataFrame, column: str = "reward") -> str:
-    lines = [f"Best / Mean / Worst@M of `{column}` (first M seeds; mean over images)", ""]
+    lines = [f"Best / Mean / Worst@M of {_md(column)} (first M seeds; mean over images)", ""]
     lines += ["| model | M | Best@M | Mean@M | Worst@M |", "|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {_md(r.model)} | {r.m} | {r.best:.4f} | {r.mean:.4f} | {r.worst:.4f} |")

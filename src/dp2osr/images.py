@@ -1,20 +1,35 @@
 """Image I/O shared by every stage: robust reading, tensors in [0, 1], atomic PNG writes.
 
-Reading converts what users actually have (grayscale, palette, RGBA, 16-bit) to 8-bit-equivalent RGB floats
-and reports unreadable files by name. Writing goes through a temporary file and ``os.replace`` so a killed
-job never leaves a half-written PNG that a resumed job would mistake for a finished one.
+Reading returns RGB floats in [0, 1] as an image viewer would show the file, and reports unreadable files by
+name (``ImageReadError``, a ValueError):
+
+- EXIF orientation is applied (a phone photo stored sideways with orientation 6 reads upright).
+- Transparency (RGBA, LA, PA, or a palette / grey / RGB image with a transparent colour) is composited on
+  white: the colour of a fully transparent pixel is arbitrary and must not reach the model.
+- Palette (P), 1-bit, grayscale (L) and CMYK images are converted to RGB; grayscale is repeated to 3 channels.
+- 16-bit and 32-bit integer images are scaled by their bit depth in the file (a 16-bit PNG by 65535), never by
+  their pixel values, so a dark 16-bit image stays dark. Float images (mode F) are clipped to [0, 1] after
+  dividing by their maximum when it exceeds 1.
+
+Writing goes through a temporary file in the target folder and ``os.replace``, so a killed job never leaves
+a half-written file that a resumed job would mistake for a finished one. The temporary file is created with
+the permissions of an ordinary file (``0o666`` minus the umask), so outputs are as readable as any other.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+MIN_LR_SIDE = 8  # the smallest LR side upscale and sample accept
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -35,23 +50,47 @@ def list_images(path: Path) -> list[Path]:
     return files
 
 
-def _to_rgb_array(im: Image.Image) -> np.ndarray:
-    """HxWx3 float32 in [0, 1] from any PIL mode (16-bit and float modes included)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+def _int_full_scale(rawmode: str) -> float:
+    """The full-scale value of an integer image from its rawmode in the file (``I;16B`` -> 65535)."""
+    match = re.match(r"I;(\d+)", rawmode)
+    if match is None:  # plain "I": 32-bit signed
+        return float(2**31 - 1)
+    bits = int(match.group(1)) - (1 if "S" in rawmode[match.end() :] else 0)
+    return float(2**bits - 1)
+
+
+def _file_rawmode(im: Image.Image) -> str:
+    """How the pixels are stored in the file (read before ``load()``, which drops this information)."""
+    if not im.tile:
+        return im.mode
+    args = im.tile[0].args
+    raw = args[0] if isinstance(args, tuple) and args else args
+    return raw if isinstance(raw, str) else im.mode
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` as a viewer shows it (EXIF orientation applied); a corrupt EXIF block is ignored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError, struct.error):
+        return im
+
+
+def _to_rgb_array(im: Image.Image, rawmode: str | None = None) -> np.ndarray:
+    """HxWx3 float32 in [0, 1] from any PIL mode (see the module docstring for the rules)."""
+    if im.mode.startswith("I"):
+        full = 65535.0 if im.mode.startswith("I;16") else _int_full_scale(rawmode or im.mode)
+        arr = np.clip(np.asarray(im, dtype=np.float64) / full, 0, 1).astype(np.float32)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if im.mode == "F":
         arr = np.asarray(im, dtype=np.float32)
-        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    elif im.mode == "F":
-        arr = np.asarray(im, dtype=np.float32)
-        arr = np.repeat(np.clip(arr / max(float(arr.max()), 1.0), 0, 1)[..., None], 3, axis=2)
-    else:
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            # Composite on white: transparent pixels carry arbitrary colours.
-            rgba = im.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, rgba)
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    return arr
+        return np.repeat(np.clip(arr / max(float(arr.max()), 1.0), 0, 1)[..., None], 3, axis=2)
+    if {"A", "a"} & set(im.getbands()) or "transparency" in im.info:
+        # Composite on white: transparent pixels carry arbitrary colours.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -59,11 +98,19 @@ def load_image(path: Path) -> torch.Tensor:
     path = Path(path)
     try:
         with Image.open(path) as im:
+            rawmode = _file_rawmode(im)
             im.load()
-            arr = _to_rgb_array(im)
+            arr = _to_rgb_array(_upright(im), rawmode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"cannot read image {path}: {exc}") from exc
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+
+
+def check_min_side(image: torch.Tensor, path: Path, min_side: int = MIN_LR_SIDE) -> None:
+    """Refuse an image whose short side is below ``min_side`` px; the ImageReadError names file and size."""
+    h, w = image.shape[-2:]
+    if min(h, w) < min_side:
+        raise ImageReadError(f"{path}: image is {w}x{h}; the smallest supported side is {min_side} px")
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -74,24 +121,37 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.permute(1, 2, 0).cpu().numpy()
 
 
-def save_image(image: torch.Tensor, path: Path) -> None:
-    """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+def _new_temp(path: Path) -> Path:
+    """An empty, new temporary file next to ``path``, created ``0o666`` minus the umask (as ``open`` does)."""
+    for _ in range(100):
+        tmp = path.with_name(f".tmp_{os.getpid()}_{secrets.token_hex(4)}_{path.name}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a new temporary file next to ``path``, then move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=".png")
-    os.close(fd)
+    tmp = _new_temp(path)
     try:
-        Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def save_image(image: torch.Tensor, path: Path) -> None:
+    """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+    pixels = Image.fromarray(to_uint8(image))
+    atomic_write(path, lambda tmp: pixels.save(tmp, format="PNG"))
+
+
 def write_parquet(df, path: Path) -> None:
     """Write a pandas DataFrame to Parquet atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))

@@ -29,6 +29,10 @@ maniqa (pyiqa expects ``{"params": ...}`` from ``pretrained_model_path`` but the
 dict) and clipiqa+ (no ``pretrained_model_path`` option at all). Backbones: CLIP files are passed by path;
 timm backbones are not fetched at all where the metric's checkpoint holds them (topiq_*, maniqa); the
 torchvision AlexNet that LPIPS always requests is served from the local file.
+
+Safety: while a metric is built, every ``torch.load`` (dp2osr's and pyiqa's, which passes
+``weights_only=False``) runs with ``weights_only=True``. A file that needs full unpickling — which could run
+code hidden in a file dropped into the weights folder — is refused with a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import io
+import pickle
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -385,6 +390,36 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _file_name(f: Any) -> str:
+    return str(getattr(f, "name", f))
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Force ``torch.load(weights_only=True)`` while a metric is built (pyiqa passes ``weights_only=False``).
+
+    A weight file is plain tensors and containers; one that needs full unpickling (which can run arbitrary
+    code) is refused with a ValueError naming it, before anything in it is executed.
+    """
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"refusing to load {_file_name(f)}: it is not a plain weights file (it needs full unpickling, "
+                "which can run code); only tensors, numbers, strings and containers of them are read"
+            ) from exc
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
 def _load_network(path: Path, weight_keys: str | None) -> Callable[[torch.nn.Module], None]:
     """A post-build step loading ``path`` strictly, as pyiqa's default (download) branch would."""
 
@@ -401,7 +436,7 @@ def _load_clipiqa_prompts(path: Path) -> Callable[[torch.nn.Module], None]:
 
     def load(net: torch.nn.Module) -> None:
         ctx = net.prompt_learner.ctx
-        ctx.data = torch.load(path, map_location="cpu", weights_only=False).to(ctx.device)
+        ctx.data = torch.load(path, map_location="cpu", weights_only=True).to(ctx.device)
 
     return load
 
@@ -459,6 +494,7 @@ def create(
         with contextlib.ExitStack() as stack:
             if no_timm_download:
                 stack.enter_context(_timm_without_download())
+            stack.enter_context(_weights_only_torch_load())
             stack.enter_context(_local_state_dicts(served))
             stack.enter_context(contextlib.redirect_stdout(tee))
             model = pyiqa.create_metric(spec.pyiqa_name, device=dev, **kwargs)

@@ -188,6 +188,7 @@ class QuickstartConfig:
         # colour fix, sampling options).
         self.train_config(Path("pref_pairs.parquet"), self.output)
         self.sampling_options()
+        self.degrade_config(self.output, self.output)
 
     def sampling_options(self) -> SamplingOptions:
         """How every pool is sampled: the crops whole, at their own size (a larger process size would

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone
 from dp2osr.config import field
-from dp2osr.images import ImageReadError, load_image, save_image
+from dp2osr.images import ImageReadError, check_min_side, load_image, save_image
 from dp2osr.math.colorfix import COLOR_FIXES, color_fix
 from dp2osr.math.geometry import ramp, resize, tile_starts
 from dp2osr.prompts import PROMPT_SOURCES, make_prompt_fn
@@ -277,9 +277,6 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the sampling loop
-MIN_LR_SIDE = 8  # smaller inputs are refused (a latent of one or two pixels is not an image)
-
-
 @dataclass
 class Job:
     """One unit of sampling work: an LR image and a chunk of seeds sampled together in one batched call."""
@@ -313,9 +310,8 @@ def output_path(out_dir: Path, image_id: str, seed: int) -> Path:
 def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
     """The job's image read, checked, upsampled, with its prompt and text condition (raises ImageReadError)."""
     lr = load_image(job.lr_path)
+    check_min_side(lr, job.lr_path)
     h, w = lr.shape[-2:]
-    if min(h, w) < MIN_LR_SIDE:
-        raise ImageReadError(f"{job.lr_path}: image is {w}x{h}; the smallest supported side is {MIN_LR_SIDE} px")
     prompt = prompt_fn(job.lr_path, lr)
     return {
         "id": job.image_id,
