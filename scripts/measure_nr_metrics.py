@@ -45,7 +45,9 @@ def read_rgb(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
 
 
-def add_ycc_noise(rgb: np.ndarray, sigma: float, channels: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+def add_ycc_noise(
+    rgb: np.ndarray, sigma: float, channels: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
     """``rgb`` (0..255) with N(0, sigma²) noise on the given YCbCr channels, back to 8-bit RGB."""
     ycc = rgb @ _TO_YCC.T
     for c in channels:
@@ -95,7 +97,9 @@ def summarise(values: dict[str, list[float]], lower_better: bool) -> dict:
     return {
         "mean": means,
         "std": {c: float(v.std()) for c, v in arr.items()},
-        "ranks_hr_osediff_bicubic": bool(better(m["hr"], m["osediff"])[0] and better(m["osediff"], m["bicubic"])[0]),
+        "ranks_hr_osediff_bicubic": bool(
+            better(m["hr"], m["osediff"])[0] and better(m["osediff"], m["bicubic"])[0]
+        ),
         "penalises_luma_noise": bool(better(m["bicubic"], m["bicubic+luma_noise3"])[0]),
         "penalises_chroma_noise": bool(better(m["bicubic"], m["bicubic+chroma_noise8"])[0]),
         "frac_images": {
@@ -133,12 +137,18 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--realsr", type=Path, default=default_realsr())
     parser.add_argument("--n", type=int, default=25, help="how many images (first N by name)")
-    parser.add_argument("--crops", type=int, nargs="*", default=[128, 64], help="centre-crop sizes besides full")
+    parser.add_argument(
+        "--crops", type=int, nargs="*", default=[128, 64], help="centre-crop sizes besides full"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write raw per-image values and summaries here")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write raw per-image values and summaries here"
+    )
     args = parser.parse_args()
 
     folders = [args.realsr / d for d in ("test_LR", "test_HR", "results_osediff")]
@@ -166,8 +176,10 @@ def main() -> None:
                 per_cond[cond] = [float(v) for v in metrics.score_batch(model, batch)]
             raw[key][name] = per_cond
             results[key][name] = summarise(per_cond, spec.lower_better)
-            print(f"{key} {name}: " + ", ".join(f"{c} {results[key][name]['mean'][c]:.2f}" for c in CONDITIONS),
-                  flush=True)
+            print(
+                f"{key} {name}: " + ", ".join(f"{c} {results[key][name]['mean'][c]:.2f}" for c in CONDITIONS),
+                flush=True,
+            )
 
     table = markdown(results)
     print()

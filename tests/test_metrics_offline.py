@@ -101,7 +101,9 @@ def test_specs():
 def test_calibration_images(built, metric):
     folder = calibration_dir()
     if folder is None:
-        pytest.skip("pyiqa's calibration images (ResultsCalibra/dist_dir) are not installed; set DP2OSR_RESULTSCALIBRA")
+        pytest.skip(
+            "pyiqa's calibration images (ResultsCalibra/dist_dir) are not installed; set DP2OSR_RESULTSCALIBRA"
+        )
     for image, original in ORIGINAL[metric].items():
         ours = float(metrics.score_batch(built[metric], load(folder / f"{image}.bmp"))[0])
         if (metric, image) in KNOWN_MISS:

@@ -126,7 +126,9 @@ _RANDOM_TOPIQ = {"pretrained": False, "backbone_pretrain": False}
 
 # NIQE / BRISQUE parameters shipped with the package (scripts/convert_iqa_params.py wrote them).
 IQA_PARAMS_DIR = Path(__file__).resolve().parent / "iqa_params"
-_BRISQUE_TOKEN = "<dp2osr packaged BRISQUE SVM>"  # the "path" pyiqa's BRISQUE is given; see _serve_brisque_svm
+_BRISQUE_TOKEN = (
+    "<dp2osr packaged BRISQUE SVM>"  # the "path" pyiqa's BRISQUE is given; see _serve_brisque_svm
+)
 
 # name -> (weights, loader, extra MetricSpec fields). Family and orientation come from pyiqa.
 _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
@@ -462,7 +464,9 @@ def _set_brisque_svm(svm: dict[str, torch.Tensor]) -> Callable[[torch.nn.Module]
         from pyiqa.archs.brisque_arch import scale_features
 
         ends = scale_features(torch.stack([svm["feature_min"], svm["feature_max"]]))
-        if not torch.allclose(ends, torch.tensor([[-1.0], [1.0]], dtype=ends.dtype).expand_as(ends), atol=1e-6):
+        if not torch.allclose(
+            ends, torch.tensor([[-1.0], [1.0]], dtype=ends.dtype).expand_as(ends), atol=1e-6
+        ):
             raise ValueError(
                 f"{IQA_PARAMS_DIR / 'brisque_svm.safetensors'}: its feature ranges differ from the ones pyiqa's "
                 "BRISQUE scales features with; the SVM would be fed wrongly scaled features"
