@@ -14,6 +14,11 @@ Presets (``PRESETS``):
   exercise the pipeline; PIQE rewards noise-like texture, so do not read much into it). ``ms_ssim`` needs
   images of at least 176 px on the short side.
 
+NIQE and BRISQUE also work offline, by name (``niqe``, ``brisque``): their parameters ship with this package
+(``dp2osr/iqa_params/``, numeric safetensors files; sources, licences and the conversion are in its README).
+An official ``niqe_modelparameters.mat`` in ``weights_dir`` or pyiqa's cache takes precedence for NIQE. NIQE
+needs images of at least 96 px on the short side (one 96 px block).
+
 Where weights are found (``find_weights``): first in ``weights_dir`` (flat, or laid out like a copied torch-hub
 cache: ``pyiqa/``, ``checkpoints/``, ``clip/`` sub-folders), then in pyiqa's own caches
 (``~/.cache/torch/hub/pyiqa`` for pyiqa checkpoints, ``.../checkpoints`` for torchvision backbones, ``.../clip``
@@ -124,6 +129,12 @@ _VGG16 = WeightFile(
 )
 _RANDOM_TOPIQ = {"pretrained": False, "backbone_pretrain": False}
 
+# NIQE / BRISQUE parameters shipped with the package (scripts/convert_iqa_params.py wrote them).
+IQA_PARAMS_DIR = Path(__file__).resolve().parent / "iqa_params"
+_BRISQUE_TOKEN = (
+    "<dp2osr packaged BRISQUE SVM>"  # the "path" pyiqa's BRISQUE is given; see _serve_brisque_svm
+)
+
 # name -> (weights, loader, extra MetricSpec fields). Family and orientation come from pyiqa.
 _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
     # --- the paper's FR set (METHOD.md §2.3)
@@ -156,7 +167,10 @@ _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
     ),
     # --- other weight-backed metrics (evaluation extras)
     "dists": ((_pyiqa_file("DISTS_weights-f5e65c96.pth"), _VGG16), "path", {}),
-    "niqe": ((_pyiqa_file("niqe_modelparameters.mat"),), "path", {}),
+    # NIQE: the official file when present, else the packaged parameters; one 96 px block at least
+    "niqe": ((_pyiqa_file("niqe_modelparameters.mat"),), "niqe", {"min_size": 96}),
+    # BRISQUE: always the packaged SVM (pyiqa's own file is a pickle)
+    "brisque": ((), "brisque", {}),
     # --- no weights at all (checked offline with pyiqa 0.1.16)
     "ms_ssim": ((), "none", {"min_size": 176}),
     "fsim": ((), "none", {}),
@@ -431,6 +445,72 @@ def _load_network(path: Path, weight_keys: str | None) -> Callable[[torch.nn.Mod
     return load
 
 
+def _packaged(filename: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``dp2osr/iqa_params/<filename>`` (float64), a ValueError naming the file if it is absent."""
+    from safetensors.torch import load_file
+
+    path = IQA_PARAMS_DIR / filename
+    if not path.is_file():
+        raise ValueError(f"packaged IQA parameters not found: {path} (reinstall dp2osr)")
+    return load_file(path)
+
+
+def _niqe_mat(params: dict[str, torch.Tensor]) -> io.BytesIO:
+    """The packaged NIQE parameters as the in-memory .mat that pyiqa's NIQE reads (scipy.io.loadmat)."""
+    import scipy.io
+
+    buf = io.BytesIO()
+    scipy.io.savemat(
+        buf,
+        {
+            "mu_prisparam": params["mu_pris_param"].numpy().reshape(1, -1),
+            "cov_prisparam": params["cov_pris_param"].numpy(),
+        },
+    )
+    buf.seek(0)
+    return buf
+
+
+@contextlib.contextmanager
+def _serve_brisque_svm(svm: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Answer pyiqa BRISQUE's ``torch.load(path, weights_only=False)`` for ``_BRISQUE_TOKEN`` from ``svm``.
+
+    pyiqa reads ``(sv_coef, sv)`` from a pickle; this hands it the packaged tensors instead, so no pickle is read.
+    Any other path goes to the real ``torch.load``.
+    """
+    original = torch.load
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(f, str) and f == _BRISQUE_TOKEN:
+            return svm["sv_coef"].clone(), svm["sv"].clone()
+        return original(f, *args, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
+def _set_brisque_svm(svm: dict[str, torch.Tensor]) -> Callable[[torch.nn.Module], None]:
+    """Set the SVR's gamma and rho from ``svm``; check its feature ranges are the ones pyiqa scales with."""
+
+    def post(net: torch.nn.Module) -> None:
+        from pyiqa.archs.brisque_arch import scale_features
+
+        ends = scale_features(torch.stack([svm["feature_min"], svm["feature_max"]]))
+        if not torch.allclose(
+            ends, torch.tensor([[-1.0], [1.0]], dtype=ends.dtype).expand_as(ends), atol=1e-6
+        ):
+            raise ValueError(
+                f"{IQA_PARAMS_DIR / 'brisque_svm.safetensors'}: its feature ranges differ from the ones pyiqa's "
+                "BRISQUE scales features with; the SVM would be fed wrongly scaled features"
+            )
+        net.gamma, net.rho = float(svm["gamma"]), float(svm["rho"])
+
+    return post
+
+
 def _load_clipiqa_prompts(path: Path) -> Callable[[torch.nn.Module], None]:
     """CLIP-IQA+'s learned prompts, loaded the way pyiqa's CLIPIQA does it."""
 
@@ -463,7 +543,17 @@ def create(
     served: dict[str, Path] = {}  # torchvision backbones read from local files
     post: Callable[[torch.nn.Module], None] | None = None
     no_timm_download = False
-    if allow_random_weights:
+    brisque_svm: dict[str, torch.Tensor] | None = None
+    if spec.loader == "niqe" and not allow_random_weights:
+        try:
+            kwargs["pretrained_model_path"] = str(find_weights(spec, weights_dir)["niqe_modelparameters.mat"])
+        except ValueError:  # no official file: the packaged parameters
+            kwargs["pretrained_model_path"] = _niqe_mat(_packaged("niqe_pris.safetensors"))
+    elif spec.loader == "brisque" and not allow_random_weights:
+        brisque_svm = _packaged("brisque_svm.safetensors")
+        kwargs["pretrained_model_path"] = _BRISQUE_TOKEN
+        post = _set_brisque_svm(brisque_svm)
+    elif allow_random_weights:
         if spec.random_kwargs is None:
             allowed = sorted(n for n, k in _KNOWN.items() if "random_kwargs" in k[2])
             raise ValueError(f"metric {name!r} cannot be built with random weights; allowed: {allowed}")
@@ -496,6 +586,8 @@ def create(
                 stack.enter_context(_timm_without_download())
             stack.enter_context(_weights_only_torch_load())
             stack.enter_context(_local_state_dicts(served))
+            if brisque_svm is not None:
+                stack.enter_context(_serve_brisque_svm(brisque_svm))
             stack.enter_context(contextlib.redirect_stdout(tee))
             model = pyiqa.create_metric(spec.pyiqa_name, device=dev, **kwargs)
             if post is not None:
@@ -516,6 +608,13 @@ def score_batch(model: torch.nn.Module, images: torch.Tensor, ref: torch.Tensor 
     ``ref`` may be ``(1, 3, H, W)``; it is repeated to the batch. Inputs are copied first: some pyiqa metrics
     normalise their input in place (A-FINE) and would otherwise corrupt the caller's tensors.
     """
+    name = getattr(model, "metric_name", None)
+    min_size = _KNOWN[name][2].get("min_size", 1) if name in _KNOWN else 1
+    if min(images.shape[-2:]) < min_size:
+        raise ValueError(
+            f"metric {name!r} needs images of at least {min_size} px on the short side, "
+            f"got {images.shape[-2]}x{images.shape[-1]}"
+        )
     dev = torch.device(getattr(model, "device", "cpu"))
     x = images.to(dev, dtype=torch.float32, copy=True)
     with torch.no_grad():
