@@ -1,4 +1,4 @@
-"""Tests for dp2osr.math.loss: the Diffusion-DPO objective (METHOD.md §3) and the per-sample error."""
+"""Tests for dp2osr.math.loss: the Diffusion-DPO objective (arXiv 2510.18851) and the per-sample error."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for dp2osr.pair: top-N × bottom-N curation and HPO weights (METHOD.md §2.5, §3)."""
+"""Tests for dp2osr.pair: top-N × bottom-N curation and HPO weights (arXiv 2510.18851)."""
 
 import math
 import sys

@@ -1,4 +1,4 @@
-"""The hybrid reward against the hand-computed example in dp2osr/reward.py's docstring (METHOD.md §2.4)."""
+"""The hybrid reward against the hand-computed example in dp2osr/reward.py's docstring (arXiv 2510.18851)."""
 
 from dataclasses import dataclass
 

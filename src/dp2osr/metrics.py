@@ -1,6 +1,6 @@
 """The IQA metric catalogue: names, families, orientation and the weight files each metric needs.
 
-METHOD.md §2.3 scores every candidate with image-quality models from ``pyiqa``: a full-reference (FR) set
+the paper scores every candidate with image-quality models from ``pyiqa``: a full-reference (FR) set
 compared against the HR and a no-reference (NR) set. This module says, for each metric name, whether it is FR
 or NR, whether lower values are better (read from pyiqa's own ``DEFAULT_CONFIGS``, never restated here), which
 weight files it needs, and builds it (``create``) from local files only — this project's machines cannot
@@ -9,7 +9,7 @@ download, so a missing file is a ``ValueError`` naming the metric and the file i
 Presets (``PRESETS``):
 
 - ``paper``: FR {lpips, topiq_fr, afine_fr}, NR {maniqa, musiq, clipiqa+, topiq_nr, afine_nr, qalign}
-  (METHOD.md §2.3). Every one of them needs weights.
+  (arXiv 2510.18851). Every one of them needs weights.
 - ``offline``: FR {ms_ssim, fsim, gmsd}, NR {piqe}: hand-crafted metrics that need no weights (a stand-in to
   exercise the pipeline; PIQE rewards noise-like texture, so do not read much into it). ``ms_ssim`` needs
   images of at least 176 px on the short side.
@@ -137,7 +137,7 @@ _BRISQUE_TOKEN = (
 
 # name -> (weights, loader, extra MetricSpec fields). Family and orientation come from pyiqa.
 _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
-    # --- the paper's FR set (METHOD.md §2.3)
+    # --- the paper's FR set (arXiv 2510.18851)
     "lpips": ((_pyiqa_file("LPIPS_v0.1_alex-df73285e.pth"), _ALEXNET), "path", {}),
     "topiq_fr": (
         (_pyiqa_file("cfanet_fr_kadid_res50-2c4cc61d.pth"),),

@@ -1,4 +1,4 @@
-"""The ``pair`` stage: rewards -> top-N × bottom-N preference pairs with HPO weights (METHOD.md §2.5, §3).
+"""The ``pair`` stage: rewards -> top-N × bottom-N preference pairs with HPO weights (arXiv 2510.18851).
 
 Reads ``rewards.parquet`` (written by ``score``: one row per candidate, ``image_id, seed, path, reward``),
 ranks each image's M candidates by reward, keeps the N best as winners and the N worst as losers, forms all
@@ -157,7 +157,7 @@ def _with_hpo_weights(out: pd.DataFrame, group_stds: dict[str, float], hpo: str)
 
 @dataclass
 class PairConfig:
-    """Curate preference pairs from rewards (METHOD.md §2.5): per image, rank the M candidates by reward,
+    """Curate preference pairs from rewards (arXiv 2510.18851): per image, rank the M candidates by reward,
     pair each of the top-N winners with each of the bottom-N losers (N×N pairs), and weight each pair with
     Hierarchical Preference Optimization (w = w_intra · w_inter). Writes pref_pairs.parquet for `train`."""
 

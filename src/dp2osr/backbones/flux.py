@@ -1,4 +1,4 @@
-"""C-FLUX: FLUX.1-dev + a FluxControlNetModel with 4 double blocks (METHOD.md §1), flow matching.
+"""C-FLUX: FLUX.1-dev + a FluxControlNetModel with 4 double blocks (arXiv 2510.18851), flow matching.
 
 Timesteps are in the scheduler's units (σ·1000) everywhere outside this file, as ``scheduler.timesteps`` are.
 """

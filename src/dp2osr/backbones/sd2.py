@@ -1,4 +1,4 @@
-"""C-SD2: Stable Diffusion 2 base + a diffusers ControlNet (METHOD.md §1), epsilon or v prediction."""
+"""C-SD2: Stable Diffusion 2 base + a diffusers ControlNet (arXiv 2510.18851), epsilon or v prediction."""
 
 from __future__ import annotations
 

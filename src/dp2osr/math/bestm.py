@@ -1,4 +1,4 @@
-"""Best@M / Mean@M / Worst@M of a seeded candidate pool (METHOD.md §4) — pure functions, no I/O.
+"""Best@M / Mean@M / Worst@M of a seeded candidate pool (arXiv 2510.18851) — pure functions, no I/O.
 
 For each test image the pool holds one reward per sampling seed. Drawing M outputs means taking the first M
 seeds (in seed order), so the statistics for growing M are nested, as in the paper's plots:

@@ -1,4 +1,4 @@
-"""Colour correction of SR outputs against the (upsampled) LR, as in the released scripts (METHOD.md §1).
+"""Colour correction of SR outputs against the (upsampled) LR, as in the released scripts (arXiv 2510.18851).
 
 Diffusion SR shifts colours; both fixes take the colour from the LR and keep the detail from the SR.
 """

@@ -27,7 +27,7 @@ def n_from_ratio(m: int, ratio: float) -> int:
 
 
 def select_pairs(rewards: np.ndarray, seeds: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """All N×N (winner, loser) pairs of one group (METHOD.md §2.5).
+    """All N×N (winner, loser) pairs of one group (arXiv 2510.18851).
 
     Args:
         rewards: ``(M,)`` hybrid rewards of one image's candidates (higher is better).
@@ -57,7 +57,7 @@ def select_pairs(rewards: np.ndarray, seeds: np.ndarray, n: int) -> list[tuple[i
 
 
 def intra_weights(gaps: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
-    """Intra-group HPO weights (METHOD.md §3): w_intra = |R_w − R_l| + (1 − μ_gap(g)).
+    """Intra-group HPO weights (arXiv 2510.18851): w_intra = |R_w − R_l| + (1 − μ_gap(g)).
 
     Args:
         gaps: ``(P,)`` reward gaps of the pairs (the absolute value is taken).
@@ -79,7 +79,7 @@ def intra_weights(gaps: np.ndarray, group_ids: np.ndarray) -> np.ndarray:
 
 
 def inter_weights(group_stds: np.ndarray) -> np.ndarray:
-    """Inter-group HPO weights (METHOD.md §3): w_inter(g) = σ_g + (1 − μ_σ).
+    """Inter-group HPO weights (arXiv 2510.18851): w_inter(g) = σ_g + (1 − μ_σ).
 
     Args:
         group_stds: ``(G,)`` σ_g, the population std (ddof = 0) of the rewards of all M candidates of group g.

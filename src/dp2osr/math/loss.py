@@ -1,4 +1,4 @@
-"""The DP²O training objective: Diffusion-DPO / Flow-DPO on per-sample denoising errors (METHOD.md §3).
+"""The DP²O training objective: Diffusion-DPO / Flow-DPO on per-sample denoising errors (arXiv 2510.18851).
 
 Used by the ``train`` stage (``dp2osr/train.py``, ``--mode dpo``). The training loop runs the policy and the
 frozen reference ControlNet on a (winner, loser) pair with one shared timestep/sigma and one shared noise,
@@ -6,7 +6,7 @@ reduces each prediction to a per-pair error with :func:`mse_per_sample`, and han
 to :func:`dpo_loss`. The loss itself knows nothing about the backbone: SD2 (epsilon or v target) and FLUX
 (flow-matching velocity target) differ only in what ``pred`` and ``target`` are.
 
-Sign convention (METHOD.md §3): an *error* is lower-is-better, so the policy prefers the winner when its
+Sign convention (arXiv 2510.18851): an *error* is lower-is-better, so the policy prefers the winner when its
 error on the winner drops relative to the reference more than its error on the loser does, i.e. when
 
     Δ = (e_θ(x_w) − e_ref(x_w)) − (e_θ(x_l) − e_ref(x_l)) < 0,
@@ -51,7 +51,7 @@ class DPOOutput:
 
 
 def mse_per_sample(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error per sample: e(x) of METHOD.md §3, "mean over C,H,W of ‖target − prediction‖²".
+    """Mean squared error per sample: e(x) of the paper, "mean over C,H,W of ‖target − prediction‖²".
 
     Args:
         pred: ``(B, ...)`` model prediction — SD2 latents ``(B, C, H, W)``, FLUX packed tokens ``(B, N, D)``.
@@ -81,7 +81,7 @@ def dpo_loss(
     weights: Tensor | None = None,
     winner_sft: float = 0.0,
 ) -> DPOOutput:
-    """Diffusion-DPO loss on per-pair errors (METHOD.md §3), optionally HPO-weighted.
+    """Diffusion-DPO loss on per-pair errors (arXiv 2510.18851), optionally HPO-weighted.
 
     Δ = (e_θ(x_w) − e_ref(x_w)) − (e_θ(x_l) − e_ref(x_l));  ℓ = −log σ(−β/2 · Δ);  L = mean_b(w_b · ℓ_b).
 

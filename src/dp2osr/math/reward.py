@@ -1,4 +1,4 @@
-"""The hybrid perceptual reward (METHOD.md §2.3–2.4): orient, min-max normalise, average FR and NR.
+"""The hybrid perceptual reward (arXiv 2510.18851): orient, min-max normalise, average FR and NR.
 
 Pure math on tables, no models. For every metric ``m`` of the candidate pool:
 
@@ -44,13 +44,13 @@ class MetricMeta(Protocol):
 
 
 def orient(values: npt.ArrayLike, lower_better: bool) -> np.ndarray:
-    """Scores with higher = better (METHOD.md §2.3): negated when ``lower_better``; float64 copy."""
+    """Scores with higher = better (arXiv 2510.18851): negated when ``lower_better``; float64 copy."""
     arr = np.array(values, dtype=np.float64)
     return -arr if lower_better else arr
 
 
 def minmax(values: npt.ArrayLike, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """Min-max normalise to [0, 1] (METHOD.md §2.4): ``(v - lo) / (hi - lo)``.
+    """Min-max normalise to [0, 1] (arXiv 2510.18851): ``(v - lo) / (hi - lo)``.
 
     ``lo``/``hi`` default to the NaN-ignoring min/max of ``values``. When ``hi == lo`` (a constant column) every
     non-NaN value maps to 0.5. NaN stays NaN.
@@ -80,7 +80,7 @@ def hybrid_reward(
     scope: str = "pool",
     bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
-    """The hybrid reward of every candidate (METHOD.md §2.4; see the module docstring for the rules).
+    """The hybrid reward of every candidate (the paper; see the module docstring for the rules).
 
     ``bounds`` (from :func:`fit_bounds`) fixes each metric's oriented (lo, hi) instead of fitting them on this
     table, so rewards of different pools (base vs DP²O, or checkpoints along a run) share one scale; values
