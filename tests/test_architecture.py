@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "dp2osr"
 # Lowest layer first; a module may import its own layer and the layers below, never one above.
 LAYERS = [
     ("math", lambda m: m.startswith("dp2osr.math")),
-    ("base", lambda m: m.split(".")[1] in {"config", "runtime", "errors", "images", "prompts", "plots", "metrics", "mdtext"}),
+    ("base", lambda m: m.split(".")[1] in {"config", "runtime", "errors", "images", "paths", "prompts", "plots", "metrics", "mdtext"}),
     ("backbones", lambda m: m.startswith("dp2osr.backbones")),
     ("engine", lambda m: m.startswith("dp2osr.engine")),
     ("stages", lambda m: True),  # degrade, upscale, sample, score, pair, train, evaluate, curve, report, quickstart

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 MIN_LR_SIDE = 8  # the smallest LR side upscale and sample accept
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -146,10 +146,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-def save_image(image: torch.Tensor, path: Path) -> None:
-    """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically."""
+def save_image(image: torch.Tensor, path: Path, text: dict[str, str] | None = None) -> None:
+    """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically; ``text`` goes into tEXt
+    chunks (read back by `read_png_text`)."""
     pixels = Image.fromarray(to_uint8(image))
-    atomic_write(path, lambda tmp: pixels.save(tmp, format="PNG"))
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    atomic_write(path, lambda tmp: pixels.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_text(path: Path) -> dict[str, str] | None:
+    """The tEXt chunks of the PNG ``path`` after decoding every pixel; None when it is missing, empty,
+    truncated or otherwise undecodable."""
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                return None
+            im.load()
+            return {k: v for k, v in im.info.items() if isinstance(v, str)}
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return None
 
 
 def write_parquet(df, path: Path) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dp2osr.config import check_resume, field, save_config
-from dp2osr.engine.pools import model_identity, read_inputs, sample_pool
-from dp2osr.engine.sampler import SamplingOptions, load_model
+from dp2osr.engine.pools import read_inputs, sample_pool
+from dp2osr.engine.sampler import SamplingOptions, load_model, model_identity
 from dp2osr.errors import PartialFailure
 from dp2osr.runtime import process_state
 

@@ -13,8 +13,16 @@ import pandas as pd
 import torch
 
 from dp2osr.backbones import Backbone
-from dp2osr.engine.sampler import JobsResult, SamplingOptions, chunk_jobs, run_jobs
-from dp2osr.images import list_images, write_parquet
+from dp2osr.engine.sampler import (
+    LR_SHA_KEY,
+    OPTIONS_SHA_KEY,
+    JobsResult,
+    SamplingOptions,
+    chunk_jobs,
+    run_jobs,
+)
+from dp2osr.images import list_images, read_png_text, write_parquet
+from dp2osr.paths import file_sha
 
 CANDIDATES_FILE = "candidates.parquet"
 
@@ -54,7 +62,9 @@ def candidates_dir(path: Path) -> Path:
 
 
 
-CANDIDATE_COLUMNS = ["image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt"]
+CANDIDATE_COLUMNS = [
+    "image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt", "sha", "lr_sha", "hr_sha", "options_sha",
+]  # fmt: skip
 
 
 def read_inputs(folder: Path, limit: int | None = None) -> pd.DataFrame:
@@ -85,31 +95,31 @@ def candidate_path(image_id: str, seed: int) -> str:
     return f"{image_id}/seed_{seed:04d}.png"
 
 
+def _hr_sha(hr_path: str) -> str:
+    return file_sha(Path(hr_path)) if hr_path and Path(hr_path).is_file() else ""
+
+
 def write_manifest(images: pd.DataFrame, out: Path, seeds: list[int], model: str) -> pd.DataFrame:
-    """candidates.parquet listing every (image, seed) whose file exists; errors if any is missing."""
+    """candidates.parquet listing every (image, seed) with the content hashes of the candidate, of the LR and
+    options it records it was made from, and of the HR; errors if any candidate is missing or undecodable."""
     rows, missing = [], []
     for row in images.itertuples():
         prompt_file = out / row.image_id / "prompt.txt"
         prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+        hr_sha = _hr_sha(row.hr_path)
         for s in seeds:
             rel = candidate_path(row.image_id, s)
-            if not (out / rel).is_file():
+            record = read_png_text(out / rel)
+            if record is None:
                 missing.append(rel)
-            rows.append((row.image_id, s, rel, row.lr_path, row.hr_path, model, prompt))
+                continue
+            rows.append((row.image_id, s, rel, row.lr_path, row.hr_path, model, prompt, file_sha(out / rel),
+                         record.get(LR_SHA_KEY, ""), hr_sha, record.get(OPTIONS_SHA_KEY, "")))  # fmt: skip
     if missing:
         raise RuntimeError(f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish")
     df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
     write_parquet(df, out / "candidates.parquet")
     return df
-
-
-def model_identity(opts: SamplingOptions) -> str:
-    """A readable identity of the model: backbone, base folder and ControlNet checkpoint."""
-    parts = [opts.backbone]
-    if opts.base:
-        parts.append(str(Path(opts.base).resolve()))
-    parts.append(str(Path(opts.controlnet).resolve()) if opts.controlnet else "controlnet:default")
-    return "|".join(parts)
 
 
 def state_gather(state, items: set[str]) -> list[set[str]]:
@@ -152,7 +162,8 @@ def sample_pool(
     bb.controlnet = controlnet if controlnet is not None else old
     try:
         with torch.no_grad():
-            result = run_jobs(bb, jobs, out, opts, upscale=upscale, overwrite=overwrite, desc=desc, show_progress=rank == 0)
+            result = run_jobs(bb, jobs, out, opts, upscale=upscale, overwrite=overwrite, desc=desc,
+                              show_progress=rank == 0, model=model)  # fmt: skip
     finally:
         bb.controlnet = old
     failed = set(result.failed)

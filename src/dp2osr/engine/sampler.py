@@ -8,6 +8,7 @@ blended with smooth weights (memory bound by the tile, not the image), and decod
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from tqdm import tqdm
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone
 from dp2osr.config import field
-from dp2osr.images import ImageReadError, check_min_side, load_image, save_image
+from dp2osr.images import ImageReadError, check_min_side, load_image, read_png_text, save_image
 from dp2osr.math.colorfix import COLOR_FIXES, color_fix
 from dp2osr.math.geometry import ramp, resize, tile_starts
+from dp2osr.paths import file_sha, text_sha
 from dp2osr.prompts import PROMPT_SOURCES, make_prompt_fn
 from dp2osr.runtime import resolve_device
 
@@ -276,6 +278,43 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
     }
 
 
+def model_identity(opts: ModelOptions) -> str:
+    """A readable identity of the model: backbone, base folder and ControlNet checkpoint."""
+    parts = [opts.backbone]
+    if opts.base:
+        parts.append(str(Path(opts.base).resolve()))
+    parts.append(str(Path(opts.controlnet).resolve()) if opts.controlnet else "controlnet:default")
+    return "|".join(parts)
+
+
+# Keys of the record every sample carries in its PNG (tEXt chunks): what it was made from.
+LR_SHA_KEY, OPTIONS_SHA_KEY = "dp2osr:lr_sha", "dp2osr:options_sha"
+
+
+def options_sha(bb: Backbone, opts: SamplingOptions, upscale: int, model: str) -> str:
+    """A hash of everything besides the LR that decides a sample: the model identity, the resolved sampling
+    settings, the scale, the prompt source and the weights' dtype (not the run-only batch sizes)."""
+    settings = {k: v for k, v in sampling_settings(bb, opts).items() if k != "tile_batch"}
+    record = {
+        "model": model, **settings, "upscale": upscale, "dtype": str(bb.dtype), "prompt_source": opts.prompt_source,
+        "prompt": opts.prompt, "ram_path": str(opts.ram_path or ""), "dape_path": str(opts.dape_path or ""),
+    }  # fmt: skip
+    return text_sha(json.dumps(record, sort_keys=True, default=str))
+
+
+def _lr_sha(path: Path) -> str | None:
+    try:
+        return file_sha(path)
+    except OSError:
+        return None
+
+
+def sample_is_current(path: Path, lr_sha: str | None, opt_sha: str) -> bool:
+    """Whether the sample at ``path`` decodes and records that it was made from ``lr_sha`` with ``opt_sha``."""
+    record = read_png_text(path) if lr_sha is not None else None
+    return record is not None and record.get(LR_SHA_KEY) == lr_sha and record.get(OPTIONS_SHA_KEY) == opt_sha
+
+
 # ------------------------------------------------------------------------------------- the sampling loop
 @dataclass
 class Job:
@@ -331,18 +370,28 @@ def run_jobs(
     overwrite: bool = False,
     desc: str = "sample",
     show_progress: bool = True,
+    model: str | None = None,
 ) -> JobsResult:
     """Sample every job into ``out_dir/ID/seed_XXXX.png``: the one loop behind upscale, sample, curve and the
     quickstart.
 
-    A job is redone whole when any of its files is missing (or ``overwrite``): the same batch composition as an
-    uninterrupted run gives bit-identical files (batched float maths can differ in the last bits). Consecutive
+    Every sample records in its PNG the hash of the LR it was made from and of the options (`options_sha`, with
+    ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
+    missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
+    composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
+    bits). Consecutive
     jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
     out of memory) is reported on stderr by name and skipped; the others go on.
     """
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
-    todo = [j for j in jobs if overwrite or not all(output_path(out_dir, j.image_id, s).is_file() for s in j.seeds)]
+    opt_sha = options_sha(bb, opts, upscale, model or model_identity(opts))
+    lr_shas = {j.image_id: _lr_sha(j.lr_path) for j in jobs}
+    todo = [
+        j for j in jobs
+        if overwrite or not all(sample_is_current(output_path(out_dir, j.image_id, s), lr_shas[j.image_id], opt_sha)
+                                for s in j.seeds)
+    ]  # fmt: skip
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
     bar = tqdm(total=sum(len(j.seeds) for j in todo), desc=desc, unit="sample", disable=not show_progress,
                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
@@ -367,8 +416,9 @@ def run_jobs(
             result.failed[job.image_id] = str(exc)
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
             continue
+        record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: opt_sha}
         for seed, image in zip(job.seeds, sr):
-            save_image(image, output_path(out_dir, job.image_id, seed))
+            save_image(image, output_path(out_dir, job.image_id, seed), record)
         if cache["prompt"]:
             (Path(out_dir) / job.image_id / "prompt.txt").write_text(cache["prompt"] + "\n")
         result.written += len(job.seeds)
