@@ -97,3 +97,35 @@ def test_changed_lr_remakes_the_pool(degraded, tmp_path):
     a = pd.read_parquet(out / "candidates.parquet").drop(columns="model")
     b = pd.read_parquet(fresh / "candidates.parquet").drop(columns="model")
     pd.testing.assert_frame_equal(a, b)
+
+
+def _score(pool: Path, out: Path | None = None) -> int:
+    extra = ["--output", str(out)] if out is not None else []
+    return main(["score", "--candidates", str(pool), "--metrics", "psnr", "gmsd", "piqe", "--device", "cpu", *extra])
+
+
+def test_score_follows_resampled_candidates(degraded, tmp_path):
+    """`score` after `sample --overwrite` with other options equals a fresh scoring of the new pool."""
+    pool = tmp_path / "pool"
+    assert _sample(degraded, pool) == 0 and _score(pool) == 0
+    first = pd.read_parquet(pool / "rewards.parquet")
+    assert _sample(degraded, pool, "--overwrite", "--guidance", "4") == 0  # same paths, other pixels
+    assert _score(pool) == 0
+    assert _score(pool, tmp_path / "fresh") == 0
+    for name in ("scores.parquet", "rewards.parquet"):
+        again = pd.read_parquet(pool / name)
+        fresh = pd.read_parquet(tmp_path / "fresh" / name)
+        if "path" in fresh:
+            fresh["path"] = again["path"]  # relative to another folder
+        pd.testing.assert_frame_equal(again, fresh)
+    assert not np.allclose(first["reward"], pd.read_parquet(pool / "rewards.parquet")["reward"])
+
+
+def test_score_follows_a_replaced_hr(degraded, tmp_path):
+    """An HR replaced after scoring: FR scores are redone against the new HR, NR scores kept."""
+    pool = tmp_path / "pool"
+    assert _sample(degraded, pool) == 0 and _score(pool) == 0
+    _png(degraded / "hr" / "p0.png", 64, 99)
+    assert _score(pool) == 0 and _score(pool, tmp_path / "fresh") == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(pool / "scores.parquet"),
+                                  pd.read_parquet(tmp_path / "fresh" / "scores.parquet"))  # fmt: skip

@@ -10,7 +10,9 @@ Resumable: the scores of each finished image go to their own part file under ``s
 atomically), and a rerun skips every (image, metric) whose candidates are all scored; at the end the parts are
 merged into ``scores_parts/_merged.parquet`` (every score ever computed in this folder, kept so that adding a
 metric later does not recompute the others) and the two tables are written from it. Scores are keyed by
-(image_id, seed, metric, candidate path): delete ``scores_parts/`` to force a full rescore.
+(image_id, seed, metric, candidate path) and by content: the SHA-256 of the candidate file and, for FR metrics,
+of its HR, hashed at every run, so a candidate re-made (``sample --overwrite``) or an HR replaced is scored
+again. Delete ``scores_parts/`` to force a full rescore.
 """
 
 from __future__ import annotations
@@ -31,18 +33,35 @@ from dp2osr import metrics as metric_lib
 from dp2osr.engine.pools import read_candidates
 from dp2osr.images import ImageReadError, load_image, write_parquet
 from dp2osr.math.reward import hybrid_reward
+from dp2osr.paths import file_sha
 
 SCORES_FILE = "scores.parquet"
 REWARDS_FILE = "rewards.parquet"
 PARTS_DIR = "scores_parts"
 MERGED_PART = "_merged.parquet"
-_PART_COLUMNS = ["image_id", "seed", "metric", "value", "path"]
+_PART_COLUMNS = ["image_id", "seed", "metric", "value", "path", "sha", "ref_sha"]
+_KEY = ["image_id", "seed", "metric", "path", "sha", "ref_sha"]  # a score's identity: candidate + content
 
 
 
 
 
 
+
+
+def _sha_or_none(path: str) -> str:
+    """The file's SHA-256, or a marker that matches no stored score when it cannot be read."""
+    try:
+        return file_sha(Path(path)) if path else ""
+    except OSError:
+        return "unreadable"
+
+
+def with_content_hashes(cands: pd.DataFrame) -> pd.DataFrame:
+    """``cands`` with ``sha`` and ``hr_sha`` hashed from the files now on disk (the manifest's are not trusted:
+    a file may have been replaced since it was written)."""
+    hr = {p: _sha_or_none(p) for p in cands["hr_path"].unique()}
+    return cands.assign(sha=[_sha_or_none(p) for p in cands["abs_path"]], hr_sha=cands["hr_path"].map(hr))
 
 
 def _part_name(image_id: str, metrics: list[str]) -> str:
@@ -64,13 +83,15 @@ def _read_parts(parts_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
     frames += [pd.read_parquet(p) for p in parts]
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(_PART_COLUMNS, _dtypes())}), parts
-    table = pd.concat(frames, ignore_index=True)[_PART_COLUMNS]
-    table = table.drop_duplicates(["image_id", "seed", "metric", "path"], keep="last").reset_index(drop=True)
+    table = pd.concat(frames, ignore_index=True)
+    for col in ("sha", "ref_sha"):  # parts written before scores were keyed by content: never matched
+        table[col] = table[col].fillna("") if col in table else ""
+    table = table[_PART_COLUMNS].drop_duplicates(_KEY, keep="last").reset_index(drop=True)
     return table, parts
 
 
 def _dtypes() -> list[str]:
-    return ["object", "int64", "object", "float64", "object"]
+    return ["object", "int64", "object", "float64", "object", "object", "object"]
 
 
 def _needed(cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec]) -> pd.DataFrame:
@@ -86,6 +107,8 @@ def _needed(cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec]) -> pd.
                     "image_id": sub["image_id"].to_numpy(),
                     "seed": sub["seed"].to_numpy(),
                     "path": sub["path"].to_numpy(),
+                    "sha": sub["sha"].to_numpy(),
+                    "ref_sha": sub["hr_sha"].to_numpy() if spec.family == "fr" else "",
                     "metric": name,
                     "order": order,
                 }
@@ -192,6 +215,8 @@ def _score_image(
                         "metric": name,
                         "value": values.astype(np.float64),
                         "path": sub["path"].to_numpy(),
+                        "sha": sub["sha"].to_numpy(),
+                        "ref_sha": sub["hr_sha"].to_numpy() if spec.family == "fr" else "",
                     }
                 )
             )
@@ -209,7 +234,7 @@ def _merge(parts_dir: Path, needed: pd.DataFrame) -> pd.DataFrame:
         write_parquet(stored, parts_dir / MERGED_PART)
         for p in parts:
             p.unlink(missing_ok=True)
-    table = needed.merge(stored, on=["image_id", "seed", "metric", "path"], how="inner", sort=False)
+    table = needed.merge(stored, on=_KEY, how="inner", sort=False)
     table = table.sort_values(["row", "order"], kind="stable")
     return pd.DataFrame(
         {
@@ -275,12 +300,7 @@ def _todo(cands: pd.DataFrame, specs: dict, parts_dir: Path) -> tuple[pd.DataFra
     """(every needed (candidate, metric), the metrics still to score per image, the scores that means)."""
     needed = _needed(cands, specs)
     stored, _ = _read_parts(parts_dir)
-    merged = needed.merge(
-        stored[["image_id", "seed", "metric", "path"]],
-        on=["image_id", "seed", "metric", "path"],
-        how="left",
-        indicator=True,
-    )
+    merged = needed.merge(stored[_KEY], on=_KEY, how="left", indicator=True)
     missing = merged[merged["_merge"] == "left_only"]
     todo_by_image = {img: list(dict.fromkeys(g["metric"])) for img, g in missing.groupby("image_id", sort=False)}
     pending = missing[["image_id", "metric"]].drop_duplicates()
@@ -298,7 +318,7 @@ def score_pool(cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptio
 
     opts = opts or ScoreOptions()
     specs = metric_lib.catalogue(names)
-    cands = read_candidates(cand_dir)
+    cands = with_content_hashes(read_candidates(cand_dir))
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
     needed, todo_by_image, total = _todo(cands, specs, parts_dir)
