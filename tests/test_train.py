@@ -344,3 +344,40 @@ def test_resume_of_a_run_saved_before_an_option_existed(data, tmp_path, capsys):
     assert "eval_samples" in capsys.readouterr().err
     assert main(_args("sd2-tiny", data, out, "dpo", 2, "--resume")) == 0
     assert [r["step"] for r in _metrics(out)] == [1, 2]
+
+
+def _tb_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_resumed_run_logs_every_step_once(data, tmp_path, monkeypatch):
+    """Interrupted in step 4 (steps 3 and the eval of step 3 logged, checkpoint at 2) and resumed: metrics.jsonl
+    and TensorBoard hold each training and eval step once, with the values of an uninterrupted run."""
+    sampling = ["--eval-data", str(data), "--eval-every", "1", "--eval-samples", "1", "--eval-sample-steps", "1",
+                "--eval-metrics", "gmsd", "piqe", "--checkpoint-every", "2"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_args("sd2-tiny", data, full, "dpo", 4, *sampling)) == 0
+    real_step = trainer_mod.optimizer_step
+
+    def interrupted(run, cfg, s):
+        if s == 3:
+            raise KeyboardInterrupt
+        return real_step(run, cfg, s)
+
+    monkeypatch.setattr(trainer_mod, "optimizer_step", interrupted)
+    assert main(_args("sd2-tiny", data, part, "dpo", 4, *sampling)) == 130
+    assert [r["step"] for r in _metrics(part) if "loss" in r] == [1, 2, 3]
+    monkeypatch.setattr(trainer_mod, "optimizer_step", real_step)
+    assert main(_args("sd2-tiny", data, part, "dpo", 4, *sampling, "--resume")) == 0
+    rows, ref = _metrics(part), _metrics(full)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_reward" in r] == [0, 1, 2, 3, 4]
+    for key in ("loss", "eval_reward"):
+        got = [r[key] for r in rows if key in r]
+        assert got == pytest.approx([r[key] for r in ref if key in r], rel=1e-5, abs=1e-7)
+    assert _tb_steps(part / "tb", "train/loss") == [1, 2, 3, 4]
+    assert _tb_steps(part / "tb", "eval/reward") == [0, 1, 2, 3, 4]

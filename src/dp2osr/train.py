@@ -116,7 +116,9 @@ def run(cfg: TrainConfig) -> Path:
     run_ = trainer.setup(cfg, accelerator, resume_from)
     if accelerator.is_main_process:
         save_config(cfg, out / CONFIG_NAME)
-        run_.writer = trainer.tensorboard(out / "tb")
+        if resume_from:  # the killed run may have logged steps after its last checkpoint
+            trainer.truncate_metrics(out / "metrics.jsonl", run_.start)
+        run_.writer = trainer.tensorboard(out / "tb", purge_step=run_.start + 1 if resume_from else None)
     if cfg.eval_data is not None:
         run_.heldout = trainer.heldout_eval(cfg, run_.bb, out)
     try:

@@ -27,6 +27,7 @@ from dp2osr.engine.objectives import dpo_objective, noise_batch, sft_objective
 from dp2osr.engine.sampler import SamplingOptions
 from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, read_examples
 from dp2osr.errors import TrainingDiverged
+from dp2osr.images import atomic_write
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -241,11 +242,41 @@ def log_row(run: Run, record: dict, tag) -> None:
             run.writer.add_scalar(tag(key), v, record["step"])
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of metrics.jsonl (training and eval_* rows) up to ``step``, the checkpoint a run
+    resumes from: the resumed run writes the later steps again, so every step appears once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text("".join(keep)))
+
+
+def _log_eval(run: Run, done: int, seconds: float) -> None:
+    table = run.heldout.curve()
+    row = table[table.step == done].iloc[0]
+    keys = ("reward", "best", "worst", "psnr", "ssim")
+    record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys}, "eval_seconds": seconds}
+    log_row(run, record, lambda key: key.replace("eval_", "eval/"))
+    tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
+               f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {run.out / 'eval'}", file=sys.stderr)  # fmt: skip
+
+
 def evaluate(run: Run, done: int) -> None:
     """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
     process samples its share; the main process scores and logs."""
     heldout, acc = run.heldout, run.accelerator
-    if heldout is None or done in heldout.steps():  # a resumed run keeps its earlier evaluations
+    if heldout is None:
+        return
+    if done in heldout.steps():  # a resumed run keeps its earlier evaluations (same weights: same pools)
+        if done > run.start and acc.is_main_process:  # evaluated after the checkpoint: its row was truncated
+            _log_eval(run, done, 0.0)
         return
     start = time.perf_counter()
     model = acc.unwrap_model(run.net)
@@ -261,14 +292,7 @@ def evaluate(run: Run, done: int) -> None:
         if run.ema is not None:
             run.ema.restore(run.params)
     if acc.is_main_process:
-        table = heldout.curve()
-        row = table[table.step == done].iloc[0]
-        keys = ("reward", "best", "worst", "psnr", "ssim")
-        record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys},
-                  "eval_seconds": time.perf_counter() - start}  # fmt: skip
-        log_row(run, record, lambda key: key.replace("eval_", "eval/"))
-        tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
-                   f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {run.out / 'eval'}", file=sys.stderr)  # fmt: skip
+        _log_eval(run, done, time.perf_counter() - start)
     acc.wait_for_everyone()
     run.eval_seconds += time.perf_counter() - start
 
@@ -327,10 +351,12 @@ def finish(out: Path, steps: int) -> Path:
     return final
 
 
-def tensorboard(path: Path):
+def tensorboard(path: Path, purge_step: int | None = None):
+    """A SummaryWriter on ``path``; with ``purge_step`` (a resumed run: its checkpoint's step + 1) TensorBoard
+    hides the events of earlier files at that step and later, which the resumed run logs again."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a declared dependency; degrade gracefully if removed
         print("note: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), purge_step=purge_step)
