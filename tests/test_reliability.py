@@ -254,3 +254,101 @@ def test_degrade_refuses_lr_below_minimum(tmp_path):
     with pytest.raises(ValueError, match=r"--hr-size 16 / --scale 4 gives 4 px LR images.*8 px"):
         DegradeConfig(input=tmp_path, output=tmp_path, hr_size=16, scale=4)
     DegradeConfig(input=tmp_path, output=tmp_path, hr_size=32, scale=4)
+
+
+# ---------------------------------------------------------------------------------------------- output paths
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: output paths must be refused before."""
+    import dp2osr.engine.sampler as sampler_mod
+    import dp2osr.engine.trainer as trainer_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the output path was checked")
+
+    monkeypatch.setattr(sampler_mod, "load_backbone", refuse)
+    monkeypatch.setattr(trainer_mod, "load_backbone", refuse)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(lr / "x.png")
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "candidates.parquet").write_bytes(b"")
+    (tmp_path / "r.parquet").write_bytes(b"")
+    return tmp_path
+
+
+def _unwritable(tmp_path) -> pathlib.Path:
+    """A folder this process cannot write in (a read-only mode for users; /sys for root, which ignores modes)."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    folder = pathlib.Path("/sys")
+    try:
+        (folder / "dp2osr_probe").touch()
+    except OSError:
+        return folder
+    pytest.skip("no unwritable folder available")
+
+
+# command -> (arguments besides the output, whether the output is a file)
+STAGE_ARGS = {
+    "upscale": (lambda d: ["--input", str(d / "lr"), "--backbone", "sd2-tiny"], False),
+    "sample": (lambda d: ["--input", str(d / "lr"), "--backbone", "sd2-tiny"], False),
+    "degrade": (lambda d: ["--input", str(d / "lr"), "--hr-size", "64"], False),
+    "train": (lambda d: ["--mode", "dpo", "--data", str(d / "r.parquet"), "--backbone", "sd2-tiny"], False),
+    "curve": (lambda d: ["--run-dir", str(d / "run"), "--heldout", str(d / "lr")], False),
+    "quickstart": (lambda d: [], False),
+    "eval": (lambda d: ["--pools", str(d / "pool")], False),
+    "score": (lambda d: ["--candidates", str(d / "pool"), "--metrics", "psnr"], False),
+    "report": (lambda d: ["--eval-dirs", str(d / "pool")], True),
+    "pair": (lambda d: ["--rewards", str(d / "r.parquet")], True),
+}
+
+
+@pytest.mark.parametrize("command", list(STAGE_ARGS))
+def test_output_that_is_a_file_is_refused_first(command, inputs, no_model, capsys):
+    args, is_file = STAGE_ARGS[command]
+    taken = inputs / "taken"
+    taken.write_text("not yours")
+    # a folder output given as a file; a file output whose folder is a file
+    output = taken / "out.html" if is_file else taken
+    assert main([command, *args(inputs), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(taken) in err and "file" in err
+    assert taken.read_text() == "not yours"
+
+
+@pytest.mark.parametrize("command", list(STAGE_ARGS))
+def test_output_in_unwritable_folder_is_refused_first(command, inputs, no_model, tmp_path, capsys):
+    args, is_file = STAGE_ARGS[command]
+    output = _unwritable(tmp_path) / ("out.parquet" if is_file else "out")
+    assert main([command, *args(inputs), "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not writable" in err and str(output) in err
+
+
+def test_file_output_that_is_a_folder_is_refused(inputs, capsys):
+    folder = inputs / "a_folder.parquet"
+    folder.mkdir()
+    assert main(["pair", "--rewards", str(inputs / "r.parquet"), "--output", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_pair_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+    rewards = tmp_path / "rewards.parquet"
+    pd.DataFrame({"image_id": ["a"] * 4, "seed": [0, 1, 2, 3], "path": [f"a/seed_{s:04d}.png" for s in range(4)],
+                  "reward": [0.9, 0.1, 0.5, 0.3], "lr_path": ["/lr/a.png"] * 4}).to_parquet(rewards)  # fmt: skip
+    mine = tmp_path / "existing.txt"
+    mine.write_text("my notes")
+    args = ["pair", "--rewards", str(rewards), "--output", str(mine), "--n", "1"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err and mine.read_text() == "my notes"
+    assert main([*args, "--overwrite"]) == 0
+    assert len(pd.read_parquet(mine)) == 1
+    assert main(args) == 0  # its own table: replaced on a rerun without --overwrite

@@ -27,6 +27,7 @@ from dp2osr.engine.heldout import (
     step_dir,
 )
 from dp2osr.engine.sampler import SamplingOptions, load_model
+from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 from dp2osr.train import CONFIG_NAME as TRAIN_CONFIG
 from dp2osr.train import TrainConfig
@@ -92,8 +93,9 @@ def run(cfg: CurveConfig) -> pd.DataFrame:
 
     Under ``accelerate launch`` / ``torchrun`` the sampling of every step is shared by the processes.
     """
-    cfg = with_run_model(cfg)
     out = Path(cfg.output or Path(cfg.run_dir) / "reward_curve")
+    check_output_dir(out)
+    cfg = with_run_model(cfg)
     checkpoints = run_checkpoints(cfg.run_dir)
     if not checkpoints:
         raise ValueError(f"{cfg.run_dir} holds no finished checkpoint-NNNNNN/ (with model.safetensors)")

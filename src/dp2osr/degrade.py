@@ -41,6 +41,7 @@ from dp2osr.images import (
     to_uint8,
     write_parquet,
 )
+from dp2osr.paths import check_output_dir
 from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -419,6 +420,7 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
             raise ValueError(f"two input images share the ID {path.stem!r}: {seen[path.stem]} and {path}")
         seen[path.stem] = path
     out = Path(cfg.output)
+    check_output_dir(out)
     check_resume(cfg, out / CONFIG_NAME, "pairs")
     device = resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)

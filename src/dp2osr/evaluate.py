@@ -30,6 +30,7 @@ from dp2osr.images import ImageReadError, list_images, load_image
 from dp2osr.math import bestm
 from dp2osr.math.quality import psnr_y, ssim_y
 from dp2osr.mdtext import md_escape
+from dp2osr.paths import check_output_dir
 
 PER_IMAGE_CSV = "eval_per_image.csv"
 SUMMARY_JSON = "eval_summary.json"
@@ -352,6 +353,7 @@ def run(cfg: EvalConfig) -> None:
     if cfg.crop_border < 0:
         raise ValueError(f"--crop-border must be >= 0, got {cfg.crop_border}")
     out = Path(cfg.output)
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / CONFIG_JSON, json.dumps(to_dict(cfg), indent=2, default=str))
     problems: list[str] = []

@@ -28,6 +28,7 @@ from dp2osr.backbones import pair_ratio_for
 from dp2osr.config import check_choice, field, save_config
 from dp2osr.images import write_parquet
 from dp2osr.math.hpo import HPO_MODES, inter_weights, intra_weights, n_from_ratio, select_pairs
+from dp2osr.paths import check_output_file
 
 PAIR_COLUMNS = [
     "image_id",
@@ -177,6 +178,9 @@ class PairConfig:
         help="HPO weights: both (w_intra*w_inter), intra, inter, or none (uniform, plain Diffusion-DPO)",
         choices=list(HPO_MODES),
     )
+    overwrite: bool = field(
+        False, help="replace an existing --output that is not a pairs table written by pair", run_only=True
+    )
 
     def __post_init__(self) -> None:
         self.rewards = Path(self.rewards)
@@ -235,11 +239,32 @@ def _prompts(rewards_path: Path) -> pd.DataFrame | None:
     return df[["image_id", "prompt"]].astype({"image_id": str}).drop_duplicates("image_id")
 
 
+def _is_pairs_table(path: Path) -> bool:
+    """Whether ``path`` is a Parquet table with the columns `pair` writes (so pair may replace it)."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = set(pq.read_schema(path).names)
+    except Exception:  # not Parquet at all
+        return False
+    return {"image_id", "win_seed", "lose_seed", "win_path", "lose_path", "weight"} <= names
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an output that is a folder, in an unwritable folder, or an existing file that pair did not write
+    (unless ``overwrite``)."""
+    check_output_file(output)
+    if output.exists() and not overwrite and not _is_pairs_table(output):
+        raise ValueError(f"--output {output} exists and is not a pairs table written by pair; pass --overwrite "
+                         "to replace it, or choose another --output")  # fmt: skip
+
+
 def run(cfg: PairConfig) -> pd.DataFrame:
     """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config."""
     if not cfg.rewards.is_file():
         raise FileNotFoundError(f"rewards table not found: {cfg.rewards}")
     output = cfg.output if cfg.output is not None else cfg.rewards.parent / "pref_pairs.parquet"
+    check_output(output, cfg.overwrite)
     rewards_df = _with_lr_paths(pd.read_parquet(cfg.rewards), cfg.rewards)
     ratio = cfg.ratio
     if cfg.n is None and ratio is None:

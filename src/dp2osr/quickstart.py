@@ -60,6 +60,7 @@ from dp2osr.math.degradations import MILD
 from dp2osr.math.hpo import HPO_MODES
 from dp2osr.math.reward import SCOPES, fit_bounds, hybrid_reward
 from dp2osr.pair import build_pairs
+from dp2osr.paths import check_output_dir
 from dp2osr.report import ReportConfig, build_html
 
 CONFIG_NAME = "quickstart_config.yaml"
@@ -571,6 +572,7 @@ def prepare_output(cfg: QuickstartConfig) -> Path:
     """Make ``cfg.output`` ready: new, or an earlier quickstart with the same options (resumed) or
     ``--overwrite`` (deleted first); anything else is refused. Saves the resolved config there."""
     out = Path(cfg.output)
+    check_output_dir(out)
     if out.exists() and any(out.iterdir()):
         if not (out / CONFIG_NAME).is_file():
             raise ValueError(f"{out} is not empty and holds no {CONFIG_NAME}; choose another --output")

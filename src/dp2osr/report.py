@@ -27,6 +27,7 @@ from dp2osr import evaluate, plots
 from dp2osr.config import field, to_dict
 from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, load_image, to_uint8
 from dp2osr.math import bestm
+from dp2osr.paths import check_output_file
 
 
 @dataclass
@@ -377,6 +378,7 @@ def run(cfg: ReportConfig) -> Path:
     out = Path(cfg.output)
     if out.is_dir() or out.suffix.lower() not in (".html", ".htm"):
         out = out / "report.html"
+    check_output_file(out)
     page = build_html(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp_{os.getpid()}_{out.name}")

@@ -16,6 +16,7 @@ from dp2osr.config import check_resume, field, save_config
 from dp2osr.engine.pools import read_inputs, sample_pool
 from dp2osr.engine.sampler import SamplingOptions, load_model, model_identity
 from dp2osr.errors import PartialFailure
+from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 
 CONFIG_NAME = "sample_config.yaml"
@@ -53,6 +54,7 @@ def run(cfg: SampleConfig) -> None:
     state, device = process_state(cfg.device)
     out = Path(cfg.output)
     images = read_inputs(cfg.input, cfg.limit)
+    check_output_dir(out)
     check_resume(cfg, out / CONFIG_NAME, "candidates")
     bb = load_model(cfg, device)
     if state.is_main_process:

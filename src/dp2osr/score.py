@@ -18,6 +18,7 @@ from dp2osr.engine.pools import candidates_dir
 from dp2osr.engine.scoring import ScoreOptions, ScoreResult, score_pool
 from dp2osr.errors import PartialFailure
 from dp2osr.math.reward import SCOPES
+from dp2osr.paths import check_output_dir
 from dp2osr.runtime import resolve_device
 
 CONFIG_FILE = "score_config.yaml"
@@ -81,6 +82,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
         raise FileNotFoundError(f"weights_dir not found: {cfg.weights_dir}")
     cand_dir = candidates_dir(cfg.candidates)
     out_dir = Path(cfg.output) if cfg.output is not None else cand_dir
+    check_output_dir(out_dir)
     names = metric_lib.resolve_names(cfg.preset, cfg.metrics)
     metric_lib.catalogue(names)  # unknown names fail here
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from dp2osr.engine.sampler import ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
+from dp2osr.paths import check_output_dir
 
 CONFIG_NAME = "train_config.yaml"
 
@@ -103,6 +104,7 @@ def run(cfg: TrainConfig) -> Path:
     written; the last good one is kept) when the loss or the gradient stops being finite."""
     from accelerate import Accelerator
 
+    check_output_dir(cfg.output)
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if not cpu:
         # The cuDNN attention backend hit "illegal memory access" in the FLUX DPO backward (torch 2.11, H200);

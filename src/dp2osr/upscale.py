@@ -15,6 +15,7 @@ from dp2osr.config import field, save_config
 from dp2osr.engine.sampler import SamplingOptions, chunk_jobs, load_model, run_jobs
 from dp2osr.errors import PartialFailure
 from dp2osr.images import list_images
+from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 
 
@@ -54,6 +55,7 @@ def run(cfg: UpscaleConfig) -> None:
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise ValueError(f"inputs with the same name would overwrite each other's outputs: {dup}")
+    check_output_dir(cfg.output)
     bb = load_model(cfg, device)
     note = default_model_note(cfg.backbone, cfg.base, cfg.controlnet)
     if note:
