@@ -352,3 +352,61 @@ def test_pair_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0
     assert len(pd.read_parquet(mine)) == 1
     assert main(args) == 0  # its own table: replaced on a rerun without --overwrite
+
+
+# ------------------------------------------------------------------------------------------- large inputs
+def test_large_input_refused_with_estimate_before_model_loads(tmp_path, no_model, capsys):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (6000, 4000), (80, 90, 100)).save(big)
+    assert main(["upscale", str(big), "--output", str(tmp_path / "out"), "--backbone", "sd2-tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "big.png" in err
+    assert "24000x16000" in err and "GiB peak memory" in err and "latent tiles" in err and "s on this CPU" in err
+    assert "--max-pixels 0" in err
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    Image.new("RGB", (48, 32), (80, 90, 100)).save(lr / "x.png")
+    args = ["sample", "--input", str(lr), "--output", str(tmp_path / "pool"), "--backbone", "sd2-tiny",
+            "--steps", "1", "--samples", "1"]  # fmt: skip
+    assert main([*args, "--max-pixels", str(192 * 128 - 1)]) == 2
+    assert "192x128" in capsys.readouterr().err
+    assert not (tmp_path / "pool").exists()
+
+
+def test_max_pixels_zero_lifts_the_limit(tmp_path, capsys):
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    Image.new("RGB", (48, 32), (80, 90, 100)).save(lr / "x.png")
+    args = ["sample", "--input", str(lr), "--output", str(tmp_path / "pool"), "--backbone", "sd2-tiny",
+            "--steps", "1", "--samples", "1", "--max-pixels", "0"]  # fmt: skip
+    assert main(args) == 0
+    assert "largest image x.png: output 192x128" in capsys.readouterr().err  # tiled: its estimate is shown
+
+
+@pytest.mark.parametrize("name", ["embedded", "sd2-tiny", "flux-tiny"])
+def test_size_traits_match_the_loaded_model(name):
+    from dp2osr.backbones import load_backbone, size_traits
+
+    bb, t = load_backbone(name), size_traits(name)
+    assert (t.latent_factor, t.latent_channels, t.pixel_multiple, t.process_size, t.steps) == (
+        bb.latent_factor, bb.latent_channels, bb.pixel_multiple, bb.default_process_size, bb.default_steps)
+
+
+@pytest.mark.parametrize("name, lr_hw", [("sd2-tiny", (12, 20)), ("flux-tiny", (20, 12)), ("sd2-tiny", (8, 8))])
+def test_tile_plan_is_what_the_sampler_runs(name, lr_hw):
+    """The estimate's tile count is the number of denoiser calls per step (tile batch 1), and progress moves
+    after every tile, summing to the steps."""
+    from dp2osr.backbones import load_backbone
+    from dp2osr.engine.budget import estimate
+    from dp2osr.engine.sampler import super_resolve
+
+    bb = load_backbone(name)
+    calls, ticks = [], []
+    real = bb.predict
+    bb.predict = lambda *a, **k: calls.append(1) or real(*a, **k)
+    lr_up = torch.rand(1, 3, lr_hw[0] * 4, lr_hw[1] * 4)
+    super_resolve(bb, lr_up, bb.encode_prompts([""], None), [0], steps=2, guidance=1.0,
+                  process_size=bb.default_process_size, progress=ticks.append)  # fmt: skip
+    est = estimate(lr_hw, name, upscale=4, samples=1, batch_size=1, tile_batch=1)
+    assert len(calls) == 2 * est.tiles and est.out_hw == (lr_hw[0] * 4, lr_hw[1] * 4)
+    assert len(ticks) == 2 * est.tiles and sum(ticks) == pytest.approx(2)

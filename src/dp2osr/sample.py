@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dp2osr.config import check_resume, field, save_config
+from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.pools import read_inputs, sample_pool
 from dp2osr.engine.sampler import SamplingOptions, load_model, model_identity
 from dp2osr.errors import PartialFailure
@@ -42,11 +43,19 @@ class SampleConfig(SamplingOptions):
     overwrite: bool = field(
         False, help="resample existing candidates (default: keep them, i.e. resume)", run_only=True
     )
+    max_pixels: int = field(
+        DEFAULT_MAX_PIXELS,
+        help="refuse an image whose output has more pixels than this (default 4096x4096), before any work, with "
+        "its estimated memory and time; 0 = no limit",
+        run_only=True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        if self.max_pixels < 0:
+            raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
 
 
 def run(cfg: SampleConfig) -> None:
@@ -56,6 +65,7 @@ def run(cfg: SampleConfig) -> None:
     images = read_inputs(cfg.input, cfg.limit)
     check_output_dir(out)
     check_resume(cfg, out / CONFIG_NAME, "candidates")
+    check_inputs([Path(p) for p in images.lr_path], cfg, device.type == "cpu", "sample")
     bb = load_model(cfg, device)
     if state.is_main_process:
         save_config(cfg, out / CONFIG_NAME)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dp2osr.backbones import default_model_note
 from dp2osr.config import field, save_config
+from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.sampler import SamplingOptions, chunk_jobs, load_model, run_jobs
 from dp2osr.errors import PartialFailure
 from dp2osr.images import list_images
@@ -38,6 +39,12 @@ class UpscaleConfig(SamplingOptions):
     samples: int = field(1, help="outputs per image (M); sample k uses seed SEED+k")
     seed: int = field(0, help="seed of the first sample")
     overwrite: bool = field(False, help="redo outputs that already exist (default: skip them, i.e. resume)")
+    max_pixels: int = field(
+        DEFAULT_MAX_PIXELS,
+        help="refuse an image whose output has more pixels than this (default 4096x4096), before any work, with "
+        "its estimated memory and time; 0 = no limit",
+        run_only=True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -45,6 +52,8 @@ class UpscaleConfig(SamplingOptions):
             raise ValueError(f"--upscale must be >= 1, got {self.upscale}")
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        if self.max_pixels < 0:
+            raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
 
 
 def run(cfg: UpscaleConfig) -> None:
@@ -56,6 +65,7 @@ def run(cfg: UpscaleConfig) -> None:
     if dup:
         raise ValueError(f"inputs with the same name would overwrite each other's outputs: {dup}")
     check_output_dir(cfg.output)
+    check_inputs(images, cfg, device.type == "cpu", "upscale")
     bb = load_model(cfg, device)
     note = default_model_note(cfg.backbone, cfg.base, cfg.controlnet)
     if note:

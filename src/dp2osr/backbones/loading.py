@@ -28,26 +28,47 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
+class SizeTraits:
+    """What the tile plan and cost estimate of an image need to know of a backbone before it loads.
+
+    The two costs were measured on a 2-core CPU in fp32 with ``scripts/calibrate_estimate.py`` (one image of
+    3 latent tiles, 2 samples, tile batch 1): peak resident memory growth while sampling, and wall time, per
+    latent pixel of one sample (per denoising step for the time). None: not calibrated (the published models
+    need their weights and an accelerator).
+    """
+
+    latent_factor: int
+    latent_channels: int
+    pixel_multiple: int
+    process_size: int
+    steps: int
+    act_bytes_per_latent_px: float | None = None
+    cpu_s_per_latent_px: float | None = None
+
+
+@dataclass(frozen=True)
 class Entry:
     """One registered backbone: its class, and where it comes from when no base folder is given."""
 
     cls: type[Backbone]
+    size: SizeTraits
     build: Callable[[], Backbone] | None = None  # built in code (the tiny test models; always fp32)
     shipped: Callable[[], Path] | None = None  # a folder inside the package (the embedded model)
     note: str | None = None  # printed by `upscale` when this default stands in for a real model
 
 
 REGISTRY: dict[str, Entry] = {
-    "sd2": Entry(SD2Backbone),
-    "flux": Entry(FluxBackbone),
+    "sd2": Entry(SD2Backbone, SizeTraits(8, 4, 8, 512, 50)),
+    "flux": Entry(FluxBackbone, SizeTraits(8, 16, 16, 512, 25)),
     "sd2-tiny": Entry(
-        SD2Backbone, build=build_sd2_tiny, note="using the built-in sd2-tiny test model (random weights): outputs are not real SR"
+        SD2Backbone, SizeTraits(8, 4, 8, 64, 4, 34816, 4.7e-4), build=build_sd2_tiny, note="using the built-in sd2-tiny test model (random weights): outputs are not real SR"
     ),
     "flux-tiny": Entry(
-        FluxBackbone, build=build_flux_tiny, note="using the built-in flux-tiny test model (random weights): outputs are not real SR"
+        FluxBackbone, SizeTraits(8, 4, 16, 64, 4, 16384, 2.3e-4), build=build_flux_tiny, note="using the built-in flux-tiny test model (random weights): outputs are not real SR"
     ),
     "embedded": Entry(
         EmbeddedBackbone,
+        SizeTraits(4, 48, 4, 128, 20, 9348, 1.15e-4),
         shipped=shipped_folder,
         note="using the embedded default model (a small CPU model shipped with dp2osr; see docs/EMBEDDED.md). "
         "For the published models pass --backbone sd2|flux --base ... --controlnet ...",
@@ -65,6 +86,11 @@ def entry(name: str) -> Entry:
 def backbone_class(name: str) -> type[Backbone]:
     """The class of backbone ``name``: its attributes are the family's traits (defaults, pair ratio, ...)."""
     return entry(name).cls
+
+
+def size_traits(name: str) -> SizeTraits:
+    """The geometry and calibrated costs of backbone ``name``, known without loading it."""
+    return entry(name).size
 
 
 def auto_dtype(name: str, device: torch.device) -> str:

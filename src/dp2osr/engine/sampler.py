@@ -61,7 +61,7 @@ def generate(
     tile: int | None = None,
     overlap: int | None = None,
     controlnet: torch.nn.Module | None = None,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     tile_batch: int = 1,
 ) -> torch.Tensor:
     """Sample one SR output per seed for one control image.
@@ -72,7 +72,8 @@ def generate(
         seeds: one seed per output.
         tile: latent tile side (default: the whole image, no tiling); ``overlap`` in latents (default tile/4).
         tile_batch: tiles denoised together in one call (each with every seed: batch tile_batch x seeds).
-        progress: called after every denoising step (e.g. to advance a progress bar).
+        progress: called with the fraction of a denoising step done, after every tile group of a tiled image
+            (1 after each step otherwise), e.g. a progress bar's ``update``.
     Returns:
         ``(len(seeds), 3, H, W)`` in [0, 1], float32 on the CPU.
     """
@@ -114,10 +115,12 @@ def generate(
                 for (y, x), o_tile in zip(group, o.split(b)):
                     out[..., y : y + th, x : x + tw] += o_tile * weight
                     total[y : y + th, x : x + tw] += weight
+                if progress is not None:  # a large image shows progress from its first tiles on
+                    progress(1 / len(groups))
             out = out / total
         latents = backbone.step(out, t, latents, generators)
-        if progress is not None:
-            progress()
+        if progress is not None and not tiled:
+            progress(1)
     images = []
     with backbone.vae_tiling(tiled):
         for k in range(b):  # one at a time: decoder activations dominate memory at real size
@@ -139,7 +142,7 @@ def super_resolve(
     tile_overlap: float = 0.25,
     color_fix_method: str = "adain",
     controlnet: torch.nn.Module | None = None,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[float], None] | None = None,
     tile_batch: int = 1,
 ) -> torch.Tensor:
     """SR outputs ``(len(seeds), 3, H, W)`` for the upsampled LR ``lr_up`` ``(1, 3, H, W)`` at any size/aspect.

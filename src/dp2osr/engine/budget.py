@@ -1,0 +1,123 @@
+"""Before any work: the tile plan of each image, its estimated peak memory and time, and the --max-pixels guard.
+
+The plan is the one `sampler.super_resolve` follows: the output (LR x scale, short side brought up to the process
+size) padded to the model's multiple, in latent tiles of the process size with the given overlap. Memory is
+the image-sized buffers (exact, from the shapes: the upsampled LR, the padded control image, latents and their
+update, the decoded samples and their colour-fixed copies, float32) plus the activations of one denoiser call
+(tile_batch x samples tiles; the backbone's calibrated bytes per latent pixel, see
+`dp2osr.backbones.loading.SizeTraits`). Time is steps x tiles x samples x tile latent pixels x the calibrated
+CPU seconds per latent pixel: a CPU figure, left out on an accelerator. Both are rough, but they grow with the
+image the way the sampler does.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from dp2osr.backbones import size_traits
+from dp2osr.math.geometry import tile_starts
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+@dataclass
+class Estimate:
+    out_hw: tuple[int, int]
+    tiles: int
+    tile_latent_px: int
+    peak_bytes: float
+    seconds: float | None  # CPU time per image (all samples), None when not calibrated / not on the CPU
+    calibrated: bool  # whether the activation term is included
+
+    def describe(self) -> str:
+        h, w = self.out_hw
+        mem = f"~{self.peak_bytes / 2**30:.1f} GiB peak memory"
+        if not self.calibrated:
+            mem += " plus the model and one tile's activations (not calibrated for this backbone)"
+        time = f", ~{self.seconds:.0f} s on this CPU" if self.seconds is not None else ""
+        return f"output {w}x{h} ({h * w / 1e6:.1f} MP), {self.tiles} latent tiles: {mem}{time}"
+
+
+def estimate(
+    lr_hw: tuple[int, int],
+    backbone: str,
+    *,
+    upscale: int,
+    samples: int,
+    batch_size: int,
+    tile_batch: int,
+    tile_overlap: float = 0.25,
+    process_size: int | None = None,
+    steps: int | None = None,
+    cpu: bool = True,
+) -> Estimate:
+    """The tile plan and cost estimate of one LR image of size ``lr_hw`` (see the module docstring)."""
+    t = size_traits(backbone)
+    ps, f = process_size or t.process_size, t.latent_factor
+    height, width = lr_hw[0] * upscale, lr_hw[1] * upscale
+    scale = max(1.0, ps / min(height, width))
+    hw, ww = round(height * scale), round(width * scale)
+    hp, wp = hw + (-hw) % t.pixel_multiple, ww + (-ww) % t.pixel_multiple
+    h, w, align = hp // f, wp // f, t.pixel_multiple // f
+    tile = max(align, ps // f // align * align)
+    tiled = h > tile or w > tile
+    th, tw = (min(tile, h), min(tile, w)) if tiled else (h, w)
+    ov = int(round(tile * tile_overlap / align)) * align if tiled else 0
+    tiles = len(tile_starts(h, th, th - ov, align)) * len(tile_starts(w, tw, tw - ov, align))
+    b = min(batch_size, samples)
+    image = 3 * 4 * (height * width * (2 + 2 * b) + 2 * hp * wp)  # lr_up, samples + fixed copies, work, control
+    latents = 4 * 4 * b * t.latent_channels * h * w  # latents, prediction, its sum and the step's output
+    calls = min(tile_batch, tiles) * b if tiled else b
+    act = calls * th * tw * (t.act_bytes_per_latent_px or 0.0)
+    seconds = None
+    if cpu and t.cpu_s_per_latent_px is not None:
+        seconds = (steps or t.steps) * tiles * samples * th * tw * t.cpu_s_per_latent_px
+    return Estimate((height, width), tiles, th * tw, image + latents + act, seconds, t.act_bytes_per_latent_px is not None)
+
+
+def image_hw(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the file's header (as shown: EXIF rotations swap them), or None if unreadable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
+            return h, w
+    except Exception:  # reported by name when the sampler reads it
+        return None
+
+
+def check_sizes(paths: list[Path], max_pixels: int, flag: str = "--max-pixels", **plan) -> dict[Path, Estimate]:
+    """The estimate of every readable image; a one-line ValueError (before any model loads) naming the first
+    image whose output exceeds ``max_pixels`` (0: no limit), with its estimate and how to override."""
+    found = {}
+    for path in paths:
+        hw = image_hw(path)
+        if hw is None:
+            continue
+        est = found[path] = estimate(hw, **plan)
+        out_px = est.out_hw[0] * est.out_hw[1]
+        if max_pixels and out_px > max_pixels:
+            raise ValueError(
+                f"{path}: {est.describe()}; above {flag} {max_pixels} output pixels. Pass {flag} 0 (no limit) or "
+                f"{flag} {out_px} to run it anyway, or downscale the input"
+            )
+    return found
+
+
+def check_inputs(paths: list[Path], cfg, cpu: bool, desc: str) -> None:
+    """`check_sizes` with the options of an `upscale` / `sample` config ``cfg`` (``max_pixels``, ``upscale``,
+    ``samples`` and the sampling options); prints the estimate of the largest image when it is tiled."""
+    found = check_sizes(
+        paths, cfg.max_pixels, backbone=cfg.backbone, upscale=cfg.upscale, samples=cfg.samples,
+        batch_size=cfg.batch_size, tile_batch=cfg.tile_batch, tile_overlap=cfg.tile_overlap,
+        process_size=cfg.process_size, steps=cfg.steps, cpu=cpu,
+    )  # fmt: skip
+    if found:
+        path, est = max(found.items(), key=lambda kv: kv[1].out_hw[0] * kv[1].out_hw[1])
+        if est.tiles > 1:
+            print(f"{desc}: largest image {path.name}: {est.describe()}", file=sys.stderr)
