@@ -21,6 +21,7 @@ import torch
 from dp2osr.backbones.base import Backbone, cast, load_release_state, require_parts
 from dp2osr.backbones.embedded import EmbeddedBackbone, shipped_folder
 from dp2osr.backbones.flux import FluxBackbone
+from dp2osr.backbones.hub import resolve_model_ref
 from dp2osr.backbones.sd2 import SD2Backbone
 from dp2osr.backbones.tiny import build_flux_tiny, build_sd2_tiny
 
@@ -128,9 +129,12 @@ def load_backbone(
 
     A tiny name with ``base`` loads a saved tiny folder through the real loader (in fp32). Without
     ``controlnet``, a ``controlnet/`` subfolder of ``base`` is used when present, else a new ControlNet
-    initialised from the denoiser (the start of supervised training).
+    initialised from the denoiser (the start of supervised training). ``base`` and ``controlnet`` may also be
+    Hugging Face Hub references (``org/name[@revision][:file]``) found in the local cache (`hub`).
     """
     spec = entry(name)
+    base = resolve_model_ref(base, "base model")
+    controlnet = resolve_model_ref(controlnet, "ControlNet")
     cls = spec.cls
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if spec.build is not None:

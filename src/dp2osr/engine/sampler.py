@@ -187,11 +187,16 @@ class ModelOptions:
         "(small random test models, built in code)",
         choices=list(NAMES),
     )
-    base: Path | None = field(None, help="base model folder in diffusers layout (SD2-base or FLUX.1-dev)")
+    base: Path | None = field(
+        None,
+        help="base model (SD2-base or FLUX.1-dev): a folder in diffusers layout, or a Hugging Face model id "
+        "ORG/NAME[@REVISION] found in the local Hugging Face cache (HF_HOME; nothing is downloaded)",
+    )
     controlnet: Path | None = field(
         None,
-        help="ControlNet: the release model.safetensors, or a diffusers "
-        "ControlNet folder (default: BASE/controlnet if present)",
+        help="ControlNet: the release model.safetensors, a diffusers ControlNet folder, or from the Hugging "
+        "Face cache ORG/NAME[@REVISION] or ORG/NAME:PATH/IN/REPO/model.safetensors "
+        "(default: BASE/controlnet if present)",
     )
     dtype: str = field(
         "auto",
