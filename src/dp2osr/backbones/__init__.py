@@ -10,6 +10,7 @@ from dp2osr.backbones.loading import (
     default_model_note,
     load_backbone,
     pair_ratio_for,
+    trait_defaults,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "load_release_state",
     "pair_ratio_for",
     "save_release",
+    "trait_defaults",
 ]

@@ -23,7 +23,7 @@ from dp2osr.backbones.embedded import EmbeddedBackbone, shipped_folder
 from dp2osr.backbones.flux import FluxBackbone
 from dp2osr.backbones.hub import resolve_model_ref
 from dp2osr.backbones.sd2 import SD2Backbone
-from dp2osr.backbones.tiny import build_flux_tiny, build_sd2_tiny
+from dp2osr.backbones.tiny import TINY_PROCESS_SIZE, TINY_STEPS, build_flux_tiny, build_sd2_tiny
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -66,6 +66,18 @@ def entry(name: str) -> Entry:
 def backbone_class(name: str) -> type[Backbone]:
     """The class of backbone ``name``: its attributes are the family's traits (defaults, pair ratio, ...)."""
     return entry(name).cls
+
+
+def trait_defaults(trait: str) -> str:
+    """``embedded 20, sd2 50, flux 25, tiny test models 4``: a trait of each backbone, for help texts."""
+    tiny = {"default_steps": TINY_STEPS, "default_process_size": TINY_PROCESS_SIZE}
+    real = [(name, spec.cls) for name, spec in REGISTRY.items() if spec.build is None]
+    if trait == "default_negative_prompt":  # only the families that guide against one
+        return ", ".join(f"{name} {cls.default_negative_prompt!r}" for name, cls in real if cls.uses_negative_prompt)
+    parts = [f"{name} {getattr(cls, trait):g}" for name, cls in real]
+    if trait in tiny:
+        parts.append(f"tiny test models {tiny[trait]}")
+    return ", ".join(parts)
 
 
 def auto_dtype(name: str, device: torch.device) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone
+from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone, trait_defaults
 from dp2osr.config import field
 from dp2osr.images import ImageReadError, check_min_side, load_image, save_image
 from dp2osr.math.colorfix import COLOR_FIXES, color_fix
@@ -213,17 +213,23 @@ class ModelOptions:
 class SamplingOptions(ModelOptions):
     """How to sample: shared by upscale, sample and curve. Unset values take the backbone's defaults."""
 
-    steps: int | None = field(None, help="denoising steps (default: 50 for SD2 DDPM, 25 for FLUX Euler)")
+    steps: int | None = field(
+        None, help=f"denoising steps (default: the backbone's: {trait_defaults('default_steps')})"
+    )
     guidance: float | None = field(
-        None, help="CFG scale for SD2 (default 3.5) or the FLUX guidance-embedding value (default 2.5)"
+        None,
+        help="CFG scale (sd2) or the FLUX guidance-embedding value; 1 = no CFG (default: the backbone's: "
+        f"{trait_defaults('default_guidance')})",
     )
     negative_prompt: str | None = field(
-        None, help="SD2 negative prompt (default: 'dotted, noise, blur, lowres, smooth'); FLUX uses none"
+        None,
+        help=f"negative prompt of CFG (default: {trait_defaults('default_negative_prompt')}; the other "
+        "backbones use none)",
     )
     process_size: int | None = field(
         None,
-        help="short side the model works at (default 512; 64 for the tiny "
-        "models); larger images are tiled, smaller ones upsized then resized back",
+        help="short side the model works at; larger images are tiled, smaller ones upsized then resized back "
+        f"(default: the backbone's: {trait_defaults('default_process_size')})",
     )
     tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
     tile_batch: int = field(
@@ -307,9 +313,15 @@ def chunk_jobs(images: list[tuple[str, Path]], seeds: list[int], batch: int) -> 
     return [Job(i, Path(p), seeds[k : k + batch]) for i, p in images for k in range(0, len(seeds), batch)]
 
 
-def output_path(out_dir: Path, image_id: str, seed: int) -> Path:
-    """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png``."""
-    return Path(out_dir) / image_id / f"seed_{seed:04d}.png"
+def output_path(out_dir: Path, image_id: str, seed: int, flat: bool = False) -> Path:
+    """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png`` (``flat``: ``OUT/ID.png``,
+    one sample per image)."""
+    return Path(out_dir) / (f"{image_id}.png" if flat else f"{image_id}/seed_{seed:04d}.png")
+
+
+def prompt_path(out_dir: Path, image_id: str, flat: bool = False) -> Path:
+    """Where the prompt of image ``image_id`` is recorded: ``OUT/ID/prompt.txt`` (``flat``: ``OUT/ID.txt``)."""
+    return Path(out_dir) / (f"{image_id}.txt" if flat else f"{image_id}/prompt.txt")
 
 
 def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
@@ -336,9 +348,10 @@ def run_jobs(
     overwrite: bool = False,
     desc: str = "sample",
     show_progress: bool = True,
+    flat: bool = False,
 ) -> JobsResult:
-    """Sample every job into ``out_dir/ID/seed_XXXX.png``: the one loop behind upscale, sample, curve and the
-    quickstart.
+    """Sample every job into ``out_dir/ID/seed_XXXX.png`` (``flat``: ``out_dir/ID.png``): the one loop behind
+    upscale, sample, curve and the quickstart.
 
     A job is redone whole when any of its files is missing (or ``overwrite``): the same batch composition as an
     uninterrupted run gives bit-identical files (batched float maths can differ in the last bits). Consecutive
@@ -347,7 +360,7 @@ def run_jobs(
     """
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
-    todo = [j for j in jobs if overwrite or not all(output_path(out_dir, j.image_id, s).is_file() for s in j.seeds)]
+    todo = [j for j in jobs if overwrite or not all(output_path(out_dir, j.image_id, s, flat).is_file() for s in j.seeds)]
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
     bar = tqdm(total=sum(len(j.seeds) for j in todo), desc=desc, unit="sample", disable=not show_progress,
                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
@@ -373,9 +386,9 @@ def run_jobs(
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
             continue
         for seed, image in zip(job.seeds, sr):
-            save_image(image, output_path(out_dir, job.image_id, seed))
+            save_image(image, output_path(out_dir, job.image_id, seed, flat))
         if cache["prompt"]:
-            (Path(out_dir) / job.image_id / "prompt.txt").write_text(cache["prompt"] + "\n")
+            prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")
         result.written += len(job.seeds)
         result.seconds += time.perf_counter() - start
         bar.update(len(job.seeds))
