@@ -107,12 +107,10 @@ def test_upstream_flux_command_with_hub_ids(in_cache, tmp_path):
         "upscale", "--backbone", "flux", "--base", "acme/tiny-flux",
         "--controlnet", "acme/tiny-flux:release/model.safetensors",
         "--input", str(_inputs(tmp_path / "test_inp")), "--output", str(out),
-        "--color-fix", "adain", "--guidance", "2.5", "--steps", "2", "--dtype", "fp32",
+        "--color-fix", "adain", "--guidance", "2.5", "--steps", "2", "--dtype", "fp32", "--layout", "flat",
     ])  # fmt: skip
     assert rc == 0
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
-        "im0/seed_0000.png", "im1/seed_0000.png"
-    ]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["im0.png", "im1.png"]
 
 
 def test_upscale_offline_with_hf_home_in_a_fresh_process(hf_home, tmp_path):
