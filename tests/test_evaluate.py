@@ -1,6 +1,7 @@
 """eval: the Real-ISR PSNR/SSIM protocol (reproduces OSEDiff on RealSR), pair checks, pools and curves."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,12 @@ from dp2osr.errors import PartialFailure
 from dp2osr.math.quality import psnr_y, ssim_y
 
 ROOT = Path(__file__).resolve().parents[1]
-REALSR = next(
-    (p for p in (ROOT.parent / "shared/data/realsr", Path("/work/shared/data/realsr")) if p.is_dir()), None
+# The RealSR test pairs with OSEDiff's published outputs: the folder DP2OSR_REALSR names (holding
+# results_osediff/ and test_HR/; README: "Evaluation protocol"), else the data folder beside the repository.
+REALSR = Path(os.environ.get("DP2OSR_REALSR") or ROOT.parent / "shared" / "data" / "realsr")
+REALSR_SKIP = (
+    f"RealSR data not found at {REALSR}: set DP2OSR_REALSR to a folder holding test_HR/ (the RealSR x4 test "
+    "set) and results_osediff/ (OSEDiff's published RealSR outputs), see the README's evaluation protocol"
 )
 
 
@@ -34,7 +39,7 @@ def _save(path, arr):
 
 
 @pytest.mark.skipif(
-    REALSR is None, reason="RealSR data not found at ../shared/data/realsr or /work/shared/data/realsr"
+    not (REALSR / "results_osediff").is_dir() or not (REALSR / "test_HR").is_dir(), reason=REALSR_SKIP
 )
 def test_reproduces_osediff_published_realsr_psnr_ssim(tmp_path):
     """OSEDiff (Wu et al. 2024, Table 1, RealSR): PSNR 25.15 dB, SSIM 0.7341 — Y of YCbCr, no crop."""
@@ -185,3 +190,50 @@ def test_cli_eval(tmp_path):
     assert summary["models"]["sr"]["metrics"]["ssim"]["mean"] == pytest.approx(1.0)
     assert json.loads((out / "eval_config.json").read_text())["sr"] == [str(tmp_path / "sr")]
     assert cli.main(["eval", "--output", str(out)]) == 2  # nothing to evaluate: a one-line error
+
+
+def _seed_layout(root: Path, names, seeds, rng) -> None:
+    """A `dp2osr upscale` / `sample` style folder: NAME/seed_XXXX.png (plus files eval must ignore)."""
+    for name in names:
+        for s in seeds:
+            _save(root / name / f"seed_{s:04d}.png", _smooth_image(rng, 32, 32))
+        (root / name / "prompt.txt").write_text("a photo\n")
+    (root / "upscale_config.yaml").write_text("seed: 0\n")
+
+
+def test_eval_reads_upscale_seed_folders_per_seed_or_one_seed(tmp_path):
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        _save(tmp_path / "hr" / f"{name}.png", _smooth_image(rng, 32, 32))
+    _seed_layout(tmp_path / "up", ["a", "b"], [0, 1], rng)
+    _seed_layout(tmp_path / "one", ["a", "b"], [7], rng)
+    out = tmp_path / "eval"
+    rc = cli.main(["eval", "--sr", str(tmp_path / "up"), str(tmp_path / "one"), "--names", "base", "dpo",
+                   "--hr", str(tmp_path / "hr"), "--metrics", "none", "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    summary = json.loads((out / "eval_summary.json").read_text())
+    assert list(summary["models"]) == ["base seed 0", "base seed 1", "dpo"]
+    assert all(m["n_images"] == 2 for m in summary["models"].values()) and summary["problems"] == []
+    table = pd.read_csv(out / "eval_per_image.csv")
+    row = table[(table.model == "base seed 1") & (table.image == "b/seed_0001.png")].iloc[0]
+    sr = np.asarray(Image.open(tmp_path / "up" / "b" / "seed_0001.png")).astype(np.float64) / 255
+    hr = np.asarray(Image.open(tmp_path / "hr" / "b.png")).astype(np.float64) / 255
+    assert row.psnr == pytest.approx(psnr_y(sr, hr), abs=1e-5)  # matched to HR b.png by its folder name
+    rc = cli.main(["eval", "--sr", str(tmp_path / "up"), "--sr-seed", "1", "--hr", str(tmp_path / "hr"),
+                   "--metrics", "none", "--output", str(tmp_path / "eval1")])  # fmt: skip
+    assert rc == 0
+    one = json.loads((tmp_path / "eval1" / "eval_summary.json").read_text())["models"]
+    assert list(one) == ["up"] and one["up"]["metrics"]["psnr"]["mean"] == pytest.approx(
+        summary["models"]["base seed 1"]["metrics"]["psnr"]["mean"]
+    )
+
+
+def test_eval_seed_folder_errors_name_the_folder(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    _seed_layout(tmp_path / "up", ["a"], [0], rng)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    rc = cli.main(["eval", "--sr", str(tmp_path / "up"), "--sr-seed", "5", "--output", str(tmp_path / "e")])
+    assert rc == 2 and "--sr-seed 5" in capsys.readouterr().err
+    rc = cli.main(["eval", "--sr", str(tmp_path / "empty"), "--output", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "empty" in err and "seed_XXXX.png" in err

@@ -12,7 +12,7 @@ import pytest
 from dp2osr.cli import main
 from dp2osr.degrade import DegradationParams
 from dp2osr.math.degradations import MILD
-from dp2osr.quickstart import PHOTOS, QuickstartConfig, tiles
+from dp2osr.quickstart import PHOTOS, QuickstartConfig, RunClock, tiles
 
 TINY = [
     "--hr-size",
@@ -115,9 +115,17 @@ def test_heldout_crops_never_in_pairs_and_pools_paired_by_seed(run):
 def test_rerun_resumes_and_changed_options_are_refused(run, capsys):
     out = run[0]
     before = (out / "6_eval" / "step_000002" / "candidates.parquet").stat().st_mtime_ns
+    first = json.loads((out / "6_eval" / "summary.json").read_text())["timings"]
     assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY]) == 0
     assert (out / "6_eval" / "step_000002" / "candidates.parquet").stat().st_mtime_ns >= before
     assert "report" in capsys.readouterr().out
+    # The run time adds up over the runs (the resumed one does not replace the first one's).
+    second = json.loads((out / "6_eval" / "summary.json").read_text())["timings"]
+    assert (first["runs"], second["runs"]) == (1, 2)
+    assert second["total"] > first["total"] and second["train"] >= first["train"]
+    page = (out / "report.html").read_text()
+    assert f"Run time {second['total']:.0f} s over 2 runs (resumed)" in page
+    assert "All 2 images shown." in page
     assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY, "--beta", "7"]) == 2
     assert "other options (beta)" in capsys.readouterr().err
 
@@ -206,3 +214,16 @@ def test_mild_degradation_is_the_embedded_models_training_range():
     assert {k: v for k, v in trained.items() if k not in MILD} == {
         k: defaults[k] for k in trained if k not in MILD
     }
+
+
+def test_run_clock_keeps_the_time_of_a_killed_run(tmp_path):
+    """Totals are saved after every stage: a run killed after one stage still counts in the next run's."""
+    import time
+
+    killed = RunClock(tmp_path / "timings.json")
+    killed.lap("sample", time.perf_counter() - 5.0)
+    resumed = RunClock(tmp_path / "timings.json")
+    resumed.lap("train", time.perf_counter() - 2.0)
+    totals = resumed.totals()
+    assert totals["runs"] == 2 and totals["sample"] >= 5.0 and totals["train"] >= 2.0
+    assert totals["total"] >= killed.now["total"] and set(totals) == {"sample", "train", "total", "runs"}

@@ -114,6 +114,8 @@ def test_max_images_and_downscale(results):
     page = _write(results, max_images=1, max_side=64, image_format="png", select="gain")
     text = page.read_text(encoding="utf-8")
     assert text.count('class="row"') == 1
+    assert "1 of 3 images shown (the largest mean-reward gains)." in text
+    assert "All 3 images shown." in _write(results).read_text(encoding="utf-8")
     uris = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
     sizes = [Image.open(io.BytesIO(base64.b64decode(u))).size for u in uris]
     assert max(max(s) for s in sizes[2:]) <= 64  # first two are the plots

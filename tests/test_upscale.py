@@ -233,3 +233,52 @@ def test_tile_batch_denoises_tiles_together_with_the_same_result(backbone, monke
     four = super_resolve(bb, control, cond, [3, 4], **kw, tile_batch=4)
     assert batches == [8, 4] * 2
     torch.testing.assert_close(four, one, atol=2e-5, rtol=0)
+
+
+def test_upscale_records_resolved_config_once_per_run(tmp_path):
+    """upscale_config.yaml holds the values used (backbone defaults filled in), and every run into one folder
+    is on record in upscale_runs.jsonl with the input it was given."""
+    import json
+
+    import yaml
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    first, second = _png(inp / "a.png", 12, 12), _png(inp / "b.png", 12, 12, seed=1)
+    out = tmp_path / "out"
+    for image in (first, second):
+        assert main(["upscale", str(image), "--output", str(out), "--backbone", "sd2-tiny", "--device", "cpu"]) == 0
+    cfg = yaml.safe_load((out / "upscale_config.yaml").read_text())
+    bb = load_backbone("sd2-tiny")
+    assert (cfg["steps"], cfg["process_size"]) == (bb.default_steps, bb.default_process_size)
+    assert (cfg["guidance"], cfg["negative_prompt"]) == (bb.default_guidance, bb.default_negative_prompt)
+    assert (cfg["dtype"], cfg["device"], cfg["input"]) == ("fp32", "cpu", str(second))
+    runs = [json.loads(line) for line in (out / "upscale_runs.jsonl").read_text().splitlines()]
+    assert [r["input"] for r in runs] == [str(first), str(second)]
+    assert all(r["steps"] == bb.default_steps and r["images_done"] == 1 for r in runs)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a/seed_0000.png", "b/seed_0000.png"]
+
+
+def test_flat_layout_in_a_fresh_process_prints_no_third_party_warnings(tmp_path):
+    """`python -m dp2osr upscale --layout flat` writes OUTPUT/NAME.png; FLUX (diffusers' FluxPosEmbed) and the
+    bitsandbytes import (its kernels notice) print nothing on stdout/stderr besides dp2osr's own lines."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "a.png", 12, 12)
+    _png(inp / "b.png", 12, 16, seed=1)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    cmd = [sys.executable, "-m", "dp2osr", "upscale", str(inp), "--output", str(out), "--backbone", "flux-tiny",
+           "--steps", "2", "--layout", "flat"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]
+    assert Image.open(out / "b.png").size == (64, 48)
+    text = proc.stdout + proc.stderr
+    for noise in ("kernels", "gemm_4bit", "FluxPosEmbed", "FutureWarning", "Warning:"):
+        assert noise not in text, text
+    assert main(["upscale", str(inp), "--output", str(out), "--layout", "flat", "--samples", "2"]) == 2

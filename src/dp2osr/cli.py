@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("dp2osr.quickstart", "QuickstartConfig", "the whole DP²O loop on the embedded model"),
 }
 
+# Commands whose first bare argument is an option: `dp2osr upscale photo.png` = `--input photo.png`.
+POSITIONAL = {"upscale": ("input", "PHOTO_OR_FOLDER")}
+
 DESCRIPTION = """\
 dp2osr — DP²O-SR (Direct Perceptual Preference Optimization for Real-World Image Super-Resolution).
 
@@ -57,7 +60,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, s
     commands = _available()
     wanted = sys.argv[1] if len(sys.argv) > 1 else None
     for name, (module, cls_name, help_text) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        usage = None
+        if name in POSITIONAL:  # the documented form first (argparse would list every option instead)
+            flag, meta = POSITIONAL[name]
+            usage = f"%(prog)s {meta} [options]\n       %(prog)s --{flag} {meta} [options]"
+        p = sub.add_parser(name, help=help_text, description=help_text, usage=usage)
         # Only the chosen command's module is imported (torch/diffusers imports cost seconds).
         if name == wanted:
             cls = getattr(importlib.import_module(module), cls_name)
@@ -71,13 +78,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, s
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = ["dp2osr", *argv]
-    # `dp2osr upscale photo.png`: a bare first argument of upscale is its --input.
-    if len(sys.argv) > 2 and sys.argv[1] == "upscale" and not sys.argv[2].startswith("-"):
-        sys.argv.insert(2, "--input")
+    if len(sys.argv) > 2 and sys.argv[1] in POSITIONAL and not sys.argv[2].startswith("-"):
+        sys.argv.insert(2, "--" + POSITIONAL[sys.argv[1]][0])
     parser, commands = build_parser()
     args = parser.parse_args(sys.argv[1:])
     if args.command is None:
         parser.print_help()
+        return 2
+    if args.command in POSITIONAL and POSITIONAL[args.command][0] not in vars(args) and args.config is None:
+        name, meta = POSITIONAL[args.command]
+        print(f"dp2osr {args.command}: error: nothing to do; call it as `dp2osr {args.command} {meta} [options]` "
+              f"(or --{name} {meta}); `dp2osr {args.command} --help` lists the options", file=sys.stderr)  # fmt: skip
         return 2
     module, cls_name, _ = commands[args.command]
     mod = importlib.import_module(module)

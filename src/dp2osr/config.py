@@ -80,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default = None
         help_text = f.metadata.get("help", "")
         required = default is None and not optional and f.default is dataclasses.MISSING
-        if not required:
-            help_text += f" (default: {default})"
+        # Each default said once: not when the help states it, not for None (an option resolved elsewhere).
+        if not required and default is not None and "default" not in help_text.lower():
+            help_text += f" (default: {_shown(default)})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
@@ -95,6 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif tp in (int, float, str):
             kwargs["type"] = tp
         parser.add_argument(flag, **kwargs)
+
+
+def _shown(value: Any) -> str:
+    """A default as a user types it (lists space-separated)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
 
 
 def build_config(cls: type[T], args: argparse.Namespace) -> T:

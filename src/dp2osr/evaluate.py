@@ -26,7 +26,7 @@ import pandas as pd
 from dp2osr import plots
 from dp2osr.config import field, to_dict
 from dp2osr.errors import PartialFailure
-from dp2osr.images import ImageReadError, list_images, load_image
+from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, list_images, load_image
 from dp2osr.math import bestm
 from dp2osr.math.quality import psnr_y, ssim_y
 from dp2osr.mdtext import md_escape
@@ -60,7 +60,14 @@ class EvalConfig:
     """
 
     output: Path = field(help="output folder for tables (CSV/JSON/Markdown) and plots (PNG)")
-    sr: list[Path] = field([], help="SR result folder(s) to evaluate (mode A)")
+    sr: list[Path] = field(
+        [],
+        help="SR result folder(s) to evaluate (mode A): image files, or a `dp2osr upscale` / `sample` output "
+        "(NAME/seed_XXXX.png: each seed is evaluated as its own set, or only --sr-seed)",
+    )
+    sr_seed: int | None = field(
+        None, help="for --sr folders of NAME/seed_XXXX.png: evaluate only this seed (default: every seed)"
+    )
     names: list[str] = field([], help="labels for the --sr folders; empty = the folder names")
     hr: Path | None = field(None, help="HR (ground-truth) folder; without it only no-reference metrics run")
     metrics: list[str] = field(
@@ -115,12 +122,14 @@ def _pyiqa_metrics(names: list[str], cfg: EvalConfig, have_hr: bool) -> tuple[di
 
 # -------------------------------------------------------------------------------------------- matching
 def match_pairs(
-    sr_dir: Path, hr_dir: Path, pattern: str | None = None, replace: str = ""
+    sr_dir: Path, hr_dir: Path, pattern: str | None = None, replace: str = "",
+    items: list[tuple[str, Path]] | None = None,
 ) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """``([(name, sr_path, hr_path)], problems)``: SR files matched to HR files by (mapped) stem.
 
+    ``items`` (``[(stem, path)]``) replaces the image files of ``sr_dir`` (e.g. one seed of a seed layout).
     An SR file without an HR file and an HR file without an SR file are problems (by name).
-    """
+    """  # fmt: skip
     try:
         rx = re.compile(pattern) if pattern else None
     except re.error as exc:
@@ -133,24 +142,58 @@ def match_pairs(
             )
         hr_by_stem[p.stem] = p
     pairs, problems, used = [], [], set()
-    for sp in list_images(sr_dir):
-        stem = rx.sub(replace, sp.stem) if rx else sp.stem
+    for sr_stem, sp in items if items is not None else [(p.stem, p) for p in list_images(sr_dir)]:
+        stem = rx.sub(replace, sr_stem) if rx else sr_stem
+        shown = f"{Path(sr_dir).name}/{sp.relative_to(sr_dir).as_posix() if items is not None else sp.name}"
         if stem not in hr_by_stem:
-            problems.append(
-                f"missing HR: {sr_dir.name}/{sp.name} has no HR file with stem {stem!r} in {hr_dir}"
-            )
+            problems.append(f"missing HR: {shown} has no HR file with stem {stem!r} in {hr_dir}")
             continue
         if stem in used:
             problems.append(f"ambiguous: several SR files in {sr_dir} map to HR stem {stem!r}")
             continue
         used.add(stem)
-        pairs.append((sp.name, sp, hr_by_stem[stem]))
+        pairs.append((sp.relative_to(sr_dir).as_posix() if items is not None else sp.name, sp, hr_by_stem[stem]))
     for stem in sorted(set(hr_by_stem) - used):
         problems.append(f"missing SR: HR {hr_by_stem[stem].name} has no SR file in {sr_dir}")
     return pairs, problems
 
 
 # ------------------------------------------------------------------------------------------ mode A
+SEED_FILE = re.compile(r"^seed_(\d+)\.png$")
+
+
+def seed_layout(folder: Path) -> dict[int, list[tuple[str, Path]]]:
+    """``{seed: [(NAME, NAME/seed_XXXX.png)]}`` of a `dp2osr upscale` / `sample` output folder (empty if none)."""
+    out: dict[int, list[tuple[str, Path]]] = {}
+    for sub in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+        for f in sorted(sub.iterdir()):
+            m = SEED_FILE.match(f.name)
+            if m and f.is_file():
+                out.setdefault(int(m.group(1)), []).append((sub.name, f))
+    return out
+
+
+def sr_sets(folder: Path, label: str, seed: int | None) -> list[tuple[str, list[tuple[str, Path]] | None]]:
+    """The image sets of one --sr folder: ``[(label, items)]``; items None = the folder's image files, else
+    ``[(stem, path)]`` of one seed of a NAME/seed_XXXX.png layout (label ``LABEL seed N`` when it has several)."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        return [(label, None)]  # an image file, or a folder of images (list_images reports a missing one)
+    seeds = seed_layout(folder)
+    if not seeds:
+        raise ValueError(
+            f"no images in SR folder {folder}: expected image files ({', '.join(IMAGE_SUFFIXES)}) or "
+            "NAME/seed_XXXX.png subfolders (the output of dp2osr upscale / sample)"
+        )
+    if seed is not None:
+        if seed not in seeds:
+            raise ValueError(f"--sr-seed {seed}: {folder} holds seeds {sorted(seeds)} only")
+        return [(label, seeds[seed])]
+    if len(seeds) == 1:
+        return [(label, next(iter(seeds.values())))]
+    return [(f"{label} seed {s}", items) for s, items in sorted(seeds.items())]
+
+
 def unique_labels(paths: list[Path], names: list[str], what: str, default) -> list[str]:
     if names and len(names) != len(paths):
         raise ValueError(f"got {len(names)} name(s) for {len(paths)} {what}; give one per {what[:-1]}")
@@ -160,9 +203,62 @@ def unique_labels(paths: list[Path], names: list[str], what: str, default) -> li
     return labels
 
 
+def _score_image(name: str, sp: Path, hp: Path | None, cfg: EvalConfig, iqa: dict) -> dict | str:
+    """One SR image's row of metrics, or the problem (a string) that kept it out."""
+    try:
+        sr_t = _crop(load_image(sp), cfg.crop_border)
+        hr_t = _crop(load_image(hp), cfg.crop_border) if hp is not None else None
+    except ImageReadError as exc:
+        return f"unreadable: {exc}"
+    if hr_t is not None and sr_t.shape != hr_t.shape:
+        return (
+            f"size mismatch: SR {name} is {sr_t.shape[-1]}x{sr_t.shape[-2]}, "
+            f"HR {hp.name} is {hr_t.shape[-1]}x{hr_t.shape[-2]}"
+        )
+    row = {"image": name, "sr_path": str(sp), "hr_path": str(hp or "")}
+    try:
+        if hr_t is not None:
+            sr_np = sr_t[0].permute(1, 2, 0).double().numpy()
+            hr_np = hr_t[0].permute(1, 2, 0).double().numpy()
+            row["psnr"], row["ssim"] = psnr_y(sr_np, hr_np), ssim_y(sr_np, hr_np)
+        if iqa:
+            from dp2osr.metrics import score_batch
+        for mname, (spec, model) in iqa.items():
+            if min(sr_t.shape[-2:]) < spec.min_size:
+                raise ValueError(f"{mname} needs a short side >= {spec.min_size} px")
+            ref = hr_t if spec.family == "fr" else None
+            row[mname] = float(score_batch(model, sr_t, ref)[0])
+    except (ValueError, RuntimeError) as exc:
+        return f"{name}: metric failed: {exc}"
+    return row
+
+
+def _evaluate_set(label: str, folder: Path, items, cfg: EvalConfig, iqa: dict) -> tuple[list[dict], list[str]]:
+    """Rows and problems of one SR set (a folder's images, or ``items`` of one seed)."""
+    problems = []
+    if cfg.hr is not None:
+        pairs, probs = match_pairs(folder, Path(cfg.hr), cfg.name_pattern, cfg.name_replace, items)
+        problems += [f"[{label}] {p}" for p in probs]
+    elif items is not None:
+        pairs = [(path.relative_to(folder).as_posix(), path, None) for _, path in items]
+    else:
+        pairs = [(p.name, p, None) for p in list_images(folder)]
+    print(f"eval: {label}: {len(pairs)} image(s)", file=sys.stderr)
+    rows = []
+    for name, sp, hp in pairs:
+        row = _score_image(name, sp, hp, cfg, iqa)
+        if isinstance(row, str):
+            problems.append(f"[{label}] {row}")
+        else:
+            rows.append({"model": label, **row})
+    return rows, problems
+
+
 def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
     """Mode A: ``(per-image table, summary dict, problems)``."""
     labels = unique_labels(cfg.sr, cfg.names, "SR folders", lambda p: Path(p).name)
+    sets = [(lab, Path(folder), items) for label, folder in zip(labels, cfg.sr)
+            for lab, items in sr_sets(folder, label, cfg.sr_seed)]  # fmt: skip
     have_hr = cfg.hr is not None
     if have_hr and not Path(cfg.hr).is_dir():
         raise FileNotFoundError(f"HR folder not found: {cfg.hr}")
@@ -171,45 +267,11 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
         skipped.update({m: "no --hr folder was given" for m in BUILTIN})
     for name, why in skipped.items():
         print(f"eval: skipping metric {name}: {why}", file=sys.stderr)
-    if iqa:
-        from dp2osr.metrics import score_batch
     rows, problems = [], []
-    for label, folder in zip(labels, cfg.sr):
-        folder = Path(folder)
-        if have_hr:
-            pairs, probs = match_pairs(folder, Path(cfg.hr), cfg.name_pattern, cfg.name_replace)
-            problems += [f"[{label}] {p}" for p in probs]
-        else:
-            pairs = [(p.name, p, None) for p in list_images(folder)]
-        print(f"eval: {label}: {len(pairs)} image(s)", file=sys.stderr)
-        for name, sp, hp in pairs:
-            try:
-                sr_t = _crop(load_image(sp), cfg.crop_border)
-                hr_t = _crop(load_image(hp), cfg.crop_border) if hp is not None else None
-            except ImageReadError as exc:
-                problems.append(f"[{label}] unreadable: {exc}")
-                continue
-            if hr_t is not None and sr_t.shape != hr_t.shape:
-                problems.append(
-                    f"[{label}] size mismatch: SR {name} is {sr_t.shape[-1]}x{sr_t.shape[-2]}, "
-                    f"HR {hp.name} is {hr_t.shape[-1]}x{hr_t.shape[-2]}"
-                )
-                continue
-            row = {"model": label, "image": name, "sr_path": str(sp), "hr_path": str(hp or "")}
-            try:
-                if hr_t is not None:
-                    sr_np = sr_t[0].permute(1, 2, 0).double().numpy()
-                    hr_np = hr_t[0].permute(1, 2, 0).double().numpy()
-                    row["psnr"], row["ssim"] = psnr_y(sr_np, hr_np), ssim_y(sr_np, hr_np)
-                for mname, (spec, model) in iqa.items():
-                    if min(sr_t.shape[-2:]) < spec.min_size:
-                        raise ValueError(f"{mname} needs a short side >= {spec.min_size} px")
-                    ref = hr_t if spec.family == "fr" else None
-                    row[mname] = float(score_batch(model, sr_t, ref)[0])
-            except (ValueError, RuntimeError) as exc:
-                problems.append(f"[{label}] {name}: metric failed: {exc}")
-                continue
-            rows.append(row)
+    for label, folder, items in sets:
+        r, p = _evaluate_set(label, folder, items, cfg, iqa)
+        rows += r
+        problems += p
     metric_cols = ([*BUILTIN] if have_hr else []) + list(iqa)
     table = pd.DataFrame(rows, columns=["model", "image", "sr_path", "hr_path", *metric_cols])
     info = {m: {"higher_better": True, "mode": "FR"} for m in (BUILTIN if have_hr else ())}
@@ -217,7 +279,7 @@ def evaluate_folders(cfg: EvalConfig) -> tuple[pd.DataFrame, dict, list[str]]:
         {m: {"higher_better": not sp.lower_better, "mode": sp.family.upper()} for m, (sp, _) in iqa.items()}
     )
     models = {}
-    for label, folder in zip(labels, cfg.sr):
+    for label, folder, _ in sets:
         part = table[table["model"] == label]
         stats = {
             m: {"mean": float(part[m].mean()), "std": float(part[m].std(ddof=0)), "n": int(part[m].count())}

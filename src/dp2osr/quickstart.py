@@ -64,6 +64,7 @@ from dp2osr.paths import check_output_dir
 from dp2osr.report import ReportConfig, build_html
 
 CONFIG_NAME = "quickstart_config.yaml"
+TIMINGS_NAME = "timings.json"  # seconds per stage, summed over the runs into one --output
 PHOTOS = Path(__file__).parent / "assets" / "photos"
 CURVE_CSV = heldout.CURVE_CSV
 PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
@@ -462,8 +463,10 @@ def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
         f"<b>{s['improved_images']} of {s['images']}</b>.</p>"
         f"<table><thead><tr><th>held-out</th><th>{_BASE_LABEL}</th><th>{_DPO_LABEL}</th><th>Δ</th></tr>"
         f"</thead><tbody>{rows}</tbody></table>"
-        f'<p class="note">Model {html.escape(s.get("model", "?"))} (weights hash). Run time {t.get("total", 0):.0f} s ('
-        + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
+        f'<p class="note">Model {html.escape(s.get("model", "?"))} (weights hash). Run time {t.get("total", 0):.0f} s'
+        + (f" over {t.get('runs')} runs (resumed)" if t.get("runs", 1) > 1 else "")
+        + " ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k not in ("total", "runs"))
         + "). The reward curve below normalises with the step-0 pool's bounds, so its values are not those of "
         "this table.</p>"
     )
@@ -500,12 +503,36 @@ def _stage(n: int, text: str) -> None:
     print(f"[quickstart {n}/7] {text}", file=sys.stderr, flush=True)
 
 
+class RunClock:
+    """Seconds per stage and in total, summed over every run into one output folder: a resumed run adds its
+    own time to what the earlier runs spent (kept in ``path`` after every stage, so a killed run counts too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.prior = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.now: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def lap(self, name: str, start: float) -> None:
+        """Add the time since ``start`` to stage ``name`` and save the totals."""
+        self.now[name] = self.now.get(name, 0.0) + time.perf_counter() - start
+        self.now["total"] = time.perf_counter() - self.t0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".tmp_{os.getpid()}_{self.path.name}")
+        tmp.write_text(json.dumps(self.totals(), indent=2))
+        os.replace(tmp, self.path)
+
+    def totals(self) -> dict:
+        """``{stage: seconds, "total": seconds, "runs": n}`` over the earlier runs and this one."""
+        keys = dict.fromkeys([*self.prior, *self.now])
+        out = {k: self.prior.get(k, 0.0) + self.now.get(k, 0.0) for k in keys if k != "runs"}
+        return {**out, "runs": int(self.prior.get("runs", 0)) + 1}
+
+
 def run_stages(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, report: bool = True) -> dict:
     """Every stage in order (each resumes from what ``lay`` already holds); returns the summary dict."""
-    t0, timings = time.perf_counter(), {}
-
-    def lap(name: str, start: float) -> None:
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+    clock = RunClock(lay.root / TIMINGS_NAME)
+    lap = clock.lap
 
     t = time.perf_counter()
     _stage(
@@ -558,8 +585,7 @@ def run_stages(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, r
     summary["pairs"] = len(pairs)
     summary["model"] = f"{cfg.backbone} {fingerprint(bb)}"
     summary["curve"] = curve.to_dict(orient="list")
-    timings["total"] = time.perf_counter() - t0
-    summary["timings"] = timings
+    summary["timings"] = clock.totals()
     (lay.eval / "summary.json").write_text(json.dumps(summary, indent=2))
     (lay.eval / "summary.md").write_text(summary_markdown(cfg, summary))
     if report:

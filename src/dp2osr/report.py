@@ -139,21 +139,30 @@ def _pool(path: Path, column: str) -> dict:
     return {"path": table_path, "df": df, "lrhr": _lr_hr_table(df, table_path)}
 
 
-def _choose_images(pools: list[dict], cfg: ReportConfig) -> list[str]:
+def _choose_images(pools: list[dict], cfg: ReportConfig) -> tuple[list[str], int]:
+    """The image ids to show, and how many images every pool has (the ones that could be shown)."""
     sets = [set(p["df"]["image_id"].astype(str)) for p in pools]
     common = sorted(set.intersection(*sets))
     if cfg.select == "gain" and len(pools) >= 2:
         means = [p["df"].groupby("image_id")[cfg.reward_column].mean() for p in (pools[0], pools[-1])]
         common.sort(key=lambda i: -(means[1].get(i, np.nan) - means[0].get(i, np.nan)))
-    return common[: max(0, cfg.max_images)]
+    return common[: max(0, cfg.max_images)], len(common)
+
+
+def shown_note(shown: int, total: int, select: str) -> str:
+    """``6 of 8 images shown (...)`` when fewer are shown than exist, else ``all 8 images shown``."""
+    if shown >= total:
+        return f"All {total} image{'s' if total != 1 else ''} shown."
+    which = "the largest mean-reward gains" if select == "gain" else "the first by id"
+    return f"{shown} of {total} images shown ({which})."
 
 
 def _comparison_rows(pools: list[dict], labels: list[str], cfg: ReportConfig) -> str:
     """HTML for the per-image section: a strip of images and a slider compare per image."""
-    ids = _choose_images(pools, cfg)
+    ids, total = _choose_images(pools, cfg)
     if not ids:
         return "<p>No image is present in every pool.</p>"
-    blocks = []
+    blocks = [f'<p class="note shown">{_esc(shown_note(len(ids), total, cfg.select))}</p>']
     for n, image_id in enumerate(ids):
         lr = hr = None
         prompt = ""

@@ -36,7 +36,9 @@ class SampleConfig(SamplingOptions):
         help="a `dp2osr degrade` output folder (with pairs.parquet) or a folder of LR images", run_only=True
     )
     output: Path = field(help="output folder of the candidate pool", run_only=True)
-    samples: int = field(64, help="candidates per image (M; paper: 64); candidate k uses seed SEED+k")
+    samples: int = field(
+        32, help="candidates per image (M; paper: 32 for SD2, 64 for FLUX); candidate k uses seed SEED+k"
+    )
     seed: int = field(0, help="seed of the first candidate")
     upscale: int = field(4, help="LR -> output scale factor (1 if the LR is already upsampled)")
     limit: int | None = field(None, help="use only the first N images (sorted by ID)", run_only=True)

@@ -11,6 +11,7 @@ from dp2osr.backbones.loading import (
     load_backbone,
     pair_ratio_for,
     size_traits,
+    trait_defaults,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "pair_ratio_for",
     "save_release",
     "size_traits",
+    "trait_defaults",
 ]

@@ -21,8 +21,9 @@ import torch
 from dp2osr.backbones.base import Backbone, cast, load_release_state, require_parts
 from dp2osr.backbones.embedded import EmbeddedBackbone, shipped_folder
 from dp2osr.backbones.flux import FluxBackbone
+from dp2osr.backbones.hub import resolve_model_ref
 from dp2osr.backbones.sd2 import SD2Backbone
-from dp2osr.backbones.tiny import build_flux_tiny, build_sd2_tiny
+from dp2osr.backbones.tiny import TINY_PROCESS_SIZE, TINY_STEPS, build_flux_tiny, build_sd2_tiny
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -91,6 +92,16 @@ def backbone_class(name: str) -> type[Backbone]:
 def size_traits(name: str) -> SizeTraits:
     """The geometry and calibrated costs of backbone ``name``, known without loading it."""
     return entry(name).size
+def trait_defaults(trait: str) -> str:
+    """``embedded 20, sd2 50, flux 25, tiny test models 4``: a trait of each backbone, for help texts."""
+    tiny = {"default_steps": TINY_STEPS, "default_process_size": TINY_PROCESS_SIZE}
+    real = [(name, spec.cls) for name, spec in REGISTRY.items() if spec.build is None]
+    if trait == "default_negative_prompt":  # only the families that guide against one
+        return ", ".join(f"{name} {cls.default_negative_prompt!r}" for name, cls in real if cls.uses_negative_prompt)
+    parts = [f"{name} {getattr(cls, trait):g}" for name, cls in real]
+    if trait in tiny:
+        parts.append(f"tiny test models {tiny[trait]}")
+    return ", ".join(parts)
 
 
 def auto_dtype(name: str, device: torch.device) -> str:
@@ -154,9 +165,12 @@ def load_backbone(
 
     A tiny name with ``base`` loads a saved tiny folder through the real loader (in fp32). Without
     ``controlnet``, a ``controlnet/`` subfolder of ``base`` is used when present, else a new ControlNet
-    initialised from the denoiser (the start of supervised training).
+    initialised from the denoiser (the start of supervised training). ``base`` and ``controlnet`` may also be
+    Hugging Face Hub references (``org/name[@revision][:file]``) found in the local cache (`hub`).
     """
     spec = entry(name)
+    base = resolve_model_ref(base, "base model")
+    controlnet = resolve_model_ref(controlnet, "ControlNet")
     cls = spec.cls
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if spec.build is not None:

@@ -25,6 +25,7 @@ from dp2osr.backbones.sd2 import SD2Backbone
 
 _CHARS = list(string.ascii_lowercase + string.digits + ",.-'!?():;")
 TINY_PROCESS_SIZE = 64
+TINY_STEPS = 4
 
 
 def tiny_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
@@ -114,7 +115,7 @@ def build_sd2_tiny(seed: int = 0) -> SD2Backbone:
         controlnet=controlnet,
     )
     bb.default_process_size = TINY_PROCESS_SIZE
-    bb.default_steps = 4
+    bb.default_steps = TINY_STEPS
     return bb
 
 
@@ -166,5 +167,5 @@ def build_flux_tiny(seed: int = 0) -> FluxBackbone:
         max_sequence_length=32,
     )
     bb.default_process_size = TINY_PROCESS_SIZE
-    bb.default_steps = 4
+    bb.default_steps = TINY_STEPS
     return bb

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone
+from dp2osr.backbones import DTYPES, NAMES, Backbone, Cond, auto_dtype, load_backbone, trait_defaults
 from dp2osr.config import field
 from dp2osr.images import ImageReadError, check_min_side, load_image, read_png_text, save_image
 from dp2osr.math.colorfix import COLOR_FIXES, color_fix
@@ -192,11 +192,16 @@ class ModelOptions:
         "(small random test models, built in code)",
         choices=list(NAMES),
     )
-    base: Path | None = field(None, help="base model folder in diffusers layout (SD2-base or FLUX.1-dev)")
+    base: Path | None = field(
+        None,
+        help="base model (SD2-base or FLUX.1-dev): a folder in diffusers layout, or a Hugging Face model id "
+        "ORG/NAME[@REVISION] found in the local Hugging Face cache (HF_HOME; nothing is downloaded)",
+    )
     controlnet: Path | None = field(
         None,
-        help="ControlNet: the release model.safetensors, or a diffusers "
-        "ControlNet folder (default: BASE/controlnet if present)",
+        help="ControlNet: the release model.safetensors, a diffusers ControlNet folder, or from the Hugging "
+        "Face cache ORG/NAME[@REVISION] or ORG/NAME:PATH/IN/REPO/model.safetensors "
+        "(default: BASE/controlnet if present)",
     )
     dtype: str = field(
         "auto",
@@ -213,17 +218,23 @@ class ModelOptions:
 class SamplingOptions(ModelOptions):
     """How to sample: shared by upscale, sample and curve. Unset values take the backbone's defaults."""
 
-    steps: int | None = field(None, help="denoising steps (default: 50 for SD2 DDPM, 25 for FLUX Euler)")
+    steps: int | None = field(
+        None, help=f"denoising steps (default: the backbone's: {trait_defaults('default_steps')})"
+    )
     guidance: float | None = field(
-        None, help="CFG scale for SD2 (default 3.5) or the FLUX guidance-embedding value (default 2.5)"
+        None,
+        help="CFG scale (sd2) or the FLUX guidance-embedding value; 1 = no CFG (default: the backbone's: "
+        f"{trait_defaults('default_guidance')})",
     )
     negative_prompt: str | None = field(
-        None, help="SD2 negative prompt (default: 'dotted, noise, blur, lowres, smooth'); FLUX uses none"
+        None,
+        help=f"negative prompt of CFG (default: {trait_defaults('default_negative_prompt')}; the other "
+        "backbones use none)",
     )
     process_size: int | None = field(
         None,
-        help="short side the model works at (default 512; 64 for the tiny "
-        "models); larger images are tiled, smaller ones upsized then resized back",
+        help="short side the model works at; larger images are tiled, smaller ones upsized then resized back "
+        f"(default: the backbone's: {trait_defaults('default_process_size')})",
     )
     tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
     tile_batch: int = field(
@@ -344,9 +355,15 @@ def chunk_jobs(images: list[tuple[str, Path]], seeds: list[int], batch: int) -> 
     return [Job(i, Path(p), seeds[k : k + batch]) for i, p in images for k in range(0, len(seeds), batch)]
 
 
-def output_path(out_dir: Path, image_id: str, seed: int) -> Path:
-    """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png``."""
-    return Path(out_dir) / image_id / f"seed_{seed:04d}.png"
+def output_path(out_dir: Path, image_id: str, seed: int, flat: bool = False) -> Path:
+    """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png`` (``flat``: ``OUT/ID.png``,
+    one sample per image)."""
+    return Path(out_dir) / (f"{image_id}.png" if flat else f"{image_id}/seed_{seed:04d}.png")
+
+
+def prompt_path(out_dir: Path, image_id: str, flat: bool = False) -> Path:
+    """Where the prompt of image ``image_id`` is recorded: ``OUT/ID/prompt.txt`` (``flat``: ``OUT/ID.txt``)."""
+    return Path(out_dir) / (f"{image_id}.txt" if flat else f"{image_id}/prompt.txt")
 
 
 def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
@@ -374,9 +391,10 @@ def run_jobs(
     desc: str = "sample",
     show_progress: bool = True,
     model: str | None = None,
+    flat: bool = False,
 ) -> JobsResult:
-    """Sample every job into ``out_dir/ID/seed_XXXX.png``: the one loop behind upscale, sample, curve and the
-    quickstart.
+    """Sample every job into ``out_dir/ID/seed_XXXX.png`` (``flat``: ``out_dir/ID.png``): the one loop behind
+    upscale, sample, curve and the quickstart.
 
     Every sample records in its PNG the hash of the LR it was made from and of the options (`options_sha`, with
     ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
@@ -392,7 +410,7 @@ def run_jobs(
     lr_shas = {j.image_id: _lr_sha(j.lr_path) for j in jobs}
     todo = [
         j for j in jobs
-        if overwrite or not all(sample_is_current(output_path(out_dir, j.image_id, s), lr_shas[j.image_id], opt_sha)
+        if overwrite or not all(sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
                                 for s in j.seeds)
     ]  # fmt: skip
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
@@ -421,9 +439,9 @@ def run_jobs(
             continue
         record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: opt_sha}
         for seed, image in zip(job.seeds, sr):
-            save_image(image, output_path(out_dir, job.image_id, seed), record)
+            save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
         if cache["prompt"]:
-            (Path(out_dir) / job.image_id / "prompt.txt").write_text(cache["prompt"] + "\n")
+            prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")
         result.written += len(job.seeds)
         result.seconds += time.perf_counter() - start
         bar.update(len(job.seeds))
