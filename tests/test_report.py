@@ -12,7 +12,7 @@ from PIL import Image
 
 from dp2osr.evaluate import EvalConfig
 from dp2osr.evaluate import run as evaluate
-from dp2osr.report import ReportConfig
+from dp2osr.report import ReportConfig, change_sentence, pool_change
 from dp2osr.report import run as report
 
 NASTY_ID = 'im<b>&"0'  # file names, model names and prompts must be escaped
@@ -84,7 +84,7 @@ def _write(results, **kw):
         pools=results["pools"],
         names=[NASTY_MODEL, "DP²O"],
         reward_curve=results["curve"],
-        **kw,
+        **{"allow_separate_scales": True, **kw},
     )
     assert report(cfg).is_file()
     return out / "report.html"
@@ -174,3 +174,50 @@ def test_page_in_browser(results, tmp_path):
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert shot.stat().st_size > 10_000
+
+
+def _pool_table(rewards):
+    """A rewards table from an (images, seeds) matrix."""
+    return pd.DataFrame(
+        [{"image_id": f"im{i}", "seed": s, "reward": float(v)} for i, row in enumerate(rewards) for s, v in enumerate(row)]
+    )
+
+
+def test_change_sentence_improved_worse_and_within_noise():
+    base = _pool_table([[0.40, 0.50], [0.50, 0.60], [0.60, 0.70]])
+    # per-image changes .10, .12, .08: mean .10, std (ddof 1) .02, s.e. .02 / sqrt(3) = .011547
+    up = _pool_table([[0.50, 0.60], [0.62, 0.72], [0.68, 0.78]])
+    delta, se, m = pool_change(base, up)
+    assert (delta, se, m) == (pytest.approx(0.10), pytest.approx(0.02 / np.sqrt(3)), 2)
+    text = change_sentence(delta, se, m, "base", "DP²O")
+    assert text == (
+        "DP²O improved the held-out reward beyond the noise: Mean@2 changed by +0.1000 (DP²O minus base); the "
+        "standard error of this change is 0.0115, so the change is 8.7 standard errors."
+    )
+    delta, se, m = pool_change(up, base)
+    assert change_sentence(delta, se, m, "a", "b").startswith("b lowered the held-out reward beyond the noise: "
+                                                             "Mean@2 changed by −0.1000")  # fmt: skip
+    # changes +.05, -.05, +.01: mean .00333, s.e. .0291 -> within noise
+    noisy = _pool_table([[0.45, 0.55], [0.45, 0.55], [0.61, 0.71]])
+    delta, se, m = pool_change(base, noisy)
+    assert delta == pytest.approx(0.01 / 3) and se == pytest.approx(np.std([0.05, -0.05, 0.01], ddof=1) / np.sqrt(3))
+    assert change_sentence(delta, se, m) == (
+        "Mean@2 changed by +0.0033 (DP²O minus the base model); the standard error of this change is 0.0291, so "
+        "this is within noise: no measurable change of the held-out reward."
+    )
+
+
+def test_report_puts_scored_pools_on_one_scale_with_the_verdict(results):
+    """Pools with raw scores are renormalised jointly (the stale rewards.parquet values are not used) and the
+    page says, under the table, whether the last pool changed the reward beyond the noise (method in the
+    tooltip)."""
+    for k, path in enumerate(results["pools"]):
+        df = pd.read_parquet(path)
+        raw = 30 + 10 * k + 2 * df["seed"] + df.index % 3  # piqe: lower is better, so the second pool is worse
+        pd.DataFrame({"image_id": df.image_id, "seed": df.seed, "metric": "piqe", "value": raw.astype(float)}
+                     ).to_parquet(path.parent / "scores.parquet")  # fmt: skip
+    text = _write(results, allow_separate_scales=False).read_text(encoding="utf-8")
+    assert "Scale: hybrid reward, min-max normalised jointly over pools base &lt;i&gt;SD2&lt;/i&gt;, DP²O." in text
+    verdict = re.search(r'<p class="verdict" title="([^"]+)">([^<]+)</p>', text)
+    assert verdict and "Standard error of the change of Mean@M" in verdict.group(1)
+    assert verdict.group(2).startswith("DP²O lowered the held-out reward beyond the noise: Mean@4 changed by −")
