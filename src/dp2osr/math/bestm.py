@@ -114,18 +114,30 @@ def mean_se(rewards: np.ndarray) -> float:
     return float(np.sqrt(rewards.var(axis=1, ddof=1).sum() / m) / n)
 
 
-def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
-    """``(change of Mean@M, its standard error)`` of two pools of the same images (rows) and seeds (columns).
+def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float, int]:
+    """``(change of Mean@M, its standard error, degrees of freedom)`` of two pools of the same images (rows)
+    and seeds (columns).
 
     The change is the mean over images of d_i = mean_s(after_is) - mean_s(before_is). Its standard error is
-    taken over images: ``std(d_i, ddof=1) / sqrt(N)``; each d_i is an average over M seeds, so the seed-to-seed
-    noise is in it, plus how much the change varies from image to image. With one image it falls back to the
-    seed-to-seed error of the per-seed differences (:func:`mean_se` of ``after - before``).
+    taken over images: ``std(d_i, ddof=1) / sqrt(N)`` with N - 1 degrees of freedom; each d_i is an average
+    over M seeds, so the seed-to-seed noise is in it, plus how much the change varies from image to image.
+    With one image it falls back to the seed-to-seed error of the per-seed differences (:func:`mean_se` of
+    ``after - before``, M - 1 degrees of freedom).
     """
     before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     if before.shape != after.shape:
         raise ValueError(f"pools differ in shape: {before.shape} vs {after.shape}")
     d = after.mean(axis=1) - before.mean(axis=1)
     if len(d) < 2:
-        return float(d.mean()), mean_se(after - before)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+        return float(d.mean()), mean_se(after - before), after.shape[1] - 1
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), len(d) - 1
+
+
+def t95(df: int) -> float:
+    """The two-sided 95 % threshold of Student's t with ``df`` degrees of freedom (NaN for df < 1): a change
+    beyond ``t95(df)`` standard errors is beyond noise (1.96 for many images; 12.7 for two)."""
+    if df < 1:
+        return float("nan")
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
