@@ -44,6 +44,8 @@ def default_realsr() -> Path:
 def run_upscale(realsr: Path, names: list[str], work: Path, samples: int) -> None:
     lr = work / "lr"
     lr.mkdir(parents=True, exist_ok=True)
+    for extra in set(p.name for p in lr.iterdir()) - set(names):  # copies of an earlier, larger --n
+        (lr / extra).unlink()
     for name in names:
         if not (lr / name).is_file():
             shutil.copyfile(realsr / "test_LR" / name, lr / name)
