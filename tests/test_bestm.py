@@ -94,7 +94,11 @@ def test_mean_se_and_paired_change_by_hand():
     assert mean_se(r) == pytest.approx(0.25)
     assert np.isnan(mean_se(r[:, :1]))
     delta, se, df = paired_change(r, r + np.array([[0.1, 0.1], [0.3, 0.3]]))  # per-image changes .1, .3
-    assert delta == pytest.approx(0.2) and se == pytest.approx(np.std([0.1, 0.3], ddof=1) / np.sqrt(2)) and df == 1
+    assert (
+        delta == pytest.approx(0.2)
+        and se == pytest.approx(np.std([0.1, 0.3], ddof=1) / np.sqrt(2))
+        and df == 1
+    )
     one = paired_change(r[:1], r[:1] + np.array([[0.0, 0.2]]))  # one image: per-seed changes 0, .2
     assert one == (pytest.approx(0.1), pytest.approx(np.sqrt(0.02 / 2)), 1)
     assert t95(1) == pytest.approx(12.706, abs=1e-3) and t95(7) == pytest.approx(2.365, abs=1e-3)
@@ -108,8 +112,11 @@ def test_curve_plot_shades_noise_without_a_panel_for_it():
 
     from dp2osr.plots import plot_curve
 
-    base = pd.DataFrame({"step": [0, 10, 20], "reward": [0.5, 0.52, 0.51], "best": [0.7] * 3, "worst": [0.3] * 3})
+    base = pd.DataFrame(
+        {"step": [0, 10, 20], "reward": [0.5, 0.52, 0.51], "best": [0.7] * 3, "worst": [0.3] * 3}
+    )
     heights = [
-        Image.open(io.BytesIO(plot_curve(df))).height for df in (base, base.assign(reward_se=[0.01, 0.02, 0.01]))
+        Image.open(io.BytesIO(plot_curve(df))).height
+        for df in (base, base.assign(reward_se=[0.01, 0.02, 0.01]))
     ]
     assert heights[0] == heights[1]  # reward_se is drawn as a band on the reward panel, not as a panel

@@ -197,7 +197,9 @@ def _scored_pool(folder, raw, w=None):
     folder.mkdir(parents=True, exist_ok=True)
     rows = [("a", s, m, float(v)) for s, vals in enumerate(raw) for m, v in zip(("psnr", "piqe"), vals)]
     pd.DataFrame(rows, columns=["image_id", "seed", "metric", "value"]).to_parquet(folder / "scores.parquet")
-    stale = [{"image_id": "a", "seed": s, "path": f"a/seed_{s:04d}.png", "reward": 0.5} for s in range(len(raw))]
+    stale = [
+        {"image_id": "a", "seed": s, "path": f"a/seed_{s:04d}.png", "reward": 0.5} for s in range(len(raw))
+    ]
     pd.DataFrame(stale).to_parquet(folder / "rewards.parquet")
     if w is not None:
         (folder / "score_config.yaml").write_text(f"w_fr: {w[0]}\nw_nr: {w[1]}\nscope: pool\n")
@@ -217,7 +219,9 @@ def test_pools_are_normalised_jointly_from_raw_scores(tmp_path):
     assert table.loc["A", "mean"] == pytest.approx(0.25) and table.loc["B", "mean"] == pytest.approx(0.75)
     assert table.loc["B", "best"] == pytest.approx(0.875) and table.loc["B", "worst"] == pytest.approx(0.625)
     assert table.loc["A", "scale"] == "hybrid reward, min-max normalised jointly over pools A, B"
-    assert "Scale: hybrid reward, min-max normalised jointly over pools A, B." in (out / "bestm.md").read_text()
+    assert (
+        "Scale: hybrid reward, min-max normalised jointly over pools A, B." in (out / "bestm.md").read_text()
+    )
     # the weights the pools were scored with are kept: 0.8 FR + 0.2 NR -> A: .1, .4; B: .4, .95
     for folder in (a, b):
         (folder / "score_config.yaml").write_text("w_fr: 0.8\nw_nr: 0.2\nscope: pool\n")

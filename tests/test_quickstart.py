@@ -105,10 +105,16 @@ def test_guard_metrics_and_verdict_beside_the_reward(run):
     page = (out / "report.html").read_text()
     for text in (stdout, (out / "6_eval" / "summary.md").read_text()):
         assert "| brisque (raw value) ↓ | guard (not in the reward) |" in text
-        assert "| piqe (raw value) ↓ | in the reward |" in text and "| PSNR-Y (dB) ↑ | guard (not in the reward) |" in text
+        assert (
+            "| piqe (raw value) ↓ | in the reward |" in text
+            and "| PSNR-Y (dB) ↑ | guard (not in the reward) |" in text
+        )
         assert change["sentence"] in text
     assert "<td>brisque (raw value) ↓</td><td>guard (not in the reward)</td>" in page
-    assert f'<p class="verdict" title="{html.escape(NOISE_METHOD)}">{html.escape(change["sentence"])}</p>' in page
+    assert (
+        f'<p class="verdict" title="{html.escape(NOISE_METHOD)}">{html.escape(change["sentence"])}</p>'
+        in page
+    )
     assert "normalised jointly over pools base ControlNet, DP²O ControlNet" in page
 
 

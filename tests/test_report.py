@@ -179,7 +179,11 @@ def test_page_in_browser(results, tmp_path):
 def _pool_table(rewards):
     """A rewards table from an (images, seeds) matrix."""
     return pd.DataFrame(
-        [{"image_id": f"im{i}", "seed": s, "reward": float(v)} for i, row in enumerate(rewards) for s, v in enumerate(row)]
+        [
+            {"image_id": f"im{i}", "seed": s, "reward": float(v)}
+            for i, row in enumerate(rewards)
+            for s, v in enumerate(row)
+        ]
     )
 
 
@@ -220,11 +224,18 @@ def test_report_puts_scored_pools_on_one_scale_with_the_verdict(results):
     tooltip)."""
     for k, path in enumerate(results["pools"]):
         df = pd.read_parquet(path)
-        raw = 30 + 10 * k + 2 * df["seed"] + df.index % 3  # piqe: lower is better, so the second pool is worse
+        raw = (
+            30 + 10 * k + 2 * df["seed"] + df.index % 3
+        )  # piqe: lower is better, so the second pool is worse
         pd.DataFrame({"image_id": df.image_id, "seed": df.seed, "metric": "piqe", "value": raw.astype(float)}
                      ).to_parquet(path.parent / "scores.parquet")  # fmt: skip
     text = _write(results, allow_separate_scales=False).read_text(encoding="utf-8")
-    assert "Scale: hybrid reward, min-max normalised jointly over pools base &lt;i&gt;SD2&lt;/i&gt;, DP²O." in text
+    assert (
+        "Scale: hybrid reward, min-max normalised jointly over pools base &lt;i&gt;SD2&lt;/i&gt;, DP²O."
+        in text
+    )
     verdict = re.search(r'<p class="verdict" title="([^"]+)">([^<]+)</p>', text)
     assert verdict and "Standard error of the change of Mean@M" in verdict.group(1)
-    assert verdict.group(2).startswith("DP²O lowered the held-out reward beyond the noise: Mean@4 changed by −")
+    assert verdict.group(2).startswith(
+        "DP²O lowered the held-out reward beyond the noise: Mean@4 changed by −"
+    )

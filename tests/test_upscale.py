@@ -253,7 +253,9 @@ def test_select_nr_writes_the_best_scoring_seed(tmp_path):
     piqe = metrics.create("piqe")
     for name in ("a", "b"):
         table = pd.read_csv(out / name / "scores.csv")
-        assert list(table["seed"]) == [7, 8, 9] and list(table["file"]) == [f"seed_{s:04d}.png" for s in (7, 8, 9)]
+        assert list(table["seed"]) == [7, 8, 9] and list(table["file"]) == [
+            f"seed_{s:04d}.png" for s in (7, 8, 9)
+        ]
         values = [float(metrics.score_batch(piqe, load_image(out / name / f))[0]) for f in table["file"]]
         np.testing.assert_allclose(table["piqe"], values, rtol=1e-5)
         best = table["file"][int(np.argmin(values))]

@@ -323,7 +323,9 @@ def _joint(tables: dict[str, pd.DataFrame], paths: list[Path]) -> dict[str, pd.D
         raise ValueError(f"the pools were scored with different reward weights or scopes {sorted(settings)}")
     (w_fr, w_nr, scope), = settings
     if scope != "pool":
-        raise ValueError(f"pools scored with --scope {scope} cannot be put on one scale; score them with --scope pool")
+        raise ValueError(
+            f"pools scored with --scope {scope} cannot be put on one scale; score them with --scope pool"
+        )
     names = {label: tuple(sorted(set(s["metric"]))) for label, s in scores.items()}
     if len(set(names.values())) > 1:
         raise ValueError(f"the pools were scored with different metrics: {names}")

@@ -69,7 +69,9 @@ def plot_bestm(table: pd.DataFrame, title: str = "Best / Mean / Worst@M", ylabel
     ax.set_xticks(ms)
     ax.set_xticklabels([str(m) for m in ms])
     ax.set_xlabel("M (samples per image: the first M seeds)")
-    ax.set_ylabel(textwrap.fill(f"{ylabel or 'reward'} (mean over images)", 45), fontsize=8 if ylabel else None)
+    ax.set_ylabel(
+        textwrap.fill(f"{ylabel or 'reward'} (mean over images)", 45), fontsize=8 if ylabel else None
+    )
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=max(1, table["model"].nunique()), loc="best")

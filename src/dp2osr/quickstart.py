@@ -239,9 +239,13 @@ class QuickstartConfig:
                 raise ValueError(f"--guard-metrics {both} are in the reward (--metrics); a guard must not be")
             metric_lib.catalogue(self.guard_metrics)  # unknown names fail here
             return list(dict.fromkeys(self.guard_metrics))
-        usable = [m for m in GUARD_CHOICES if m not in self.metrics and self.hr_size >= metric_lib.get_spec(m).min_size]
+        usable = [
+            m for m in GUARD_CHOICES if m not in self.metrics and self.hr_size >= metric_lib.get_spec(m).min_size
+        ]
         if not usable:
-            raise ValueError(f"--metrics {self.metrics} use every offline guard {list(GUARD_CHOICES)}; give --guard-metrics")
+            raise ValueError(
+                f"--metrics {self.metrics} use every offline guard {list(GUARD_CHOICES)}; give --guard-metrics"
+            )
         return usable[:1]
 
     @property
@@ -469,13 +473,16 @@ def summary_rows(cfg: QuickstartConfig, s: dict) -> list[tuple[str, str, float, 
         *[(f"guard_{x}", f"{x} (raw value) {_arrow(x)}", _GUARD) for x in cfg.guards()],
         *[(f"raw_{x}", f"{x} (raw value) {_arrow(x)}", f"in the {_REWARD}") for x in cfg.metrics],
     ]
-    return [(label, role, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label, role in keys if k in s["base"]]
+    return [
+        (label, role, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label, role in keys if k in s["base"]
+    ]
 
 
 def _guard_note(cfg: QuickstartConfig) -> str:
     return (
         f"Guards: PSNR-Y, SSIM-Y and {', '.join(cfg.guards())} are not in the reward (hybrid of "
-        f"{', '.join(cfg.metrics)}): if the reward rises while the guards get worse, DP²O is exploiting the reward."
+        f"{', '.join(cfg.metrics)}): if the reward rises while the guards get worse, DP²O is exploiting the "
+        "reward."
     )
 
 
@@ -490,8 +497,11 @@ def summary_markdown(cfg: QuickstartConfig, s: dict) -> str:
         f"| held-out | role | {_BASE_LABEL} | {_DPO_LABEL} | Δ |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {label} | {role} | {b:.4f} | {d:.4f} | {x:+.4f} |" for label, role, b, d, x in summary_rows(cfg, s)]
-    lines += ["", _guard_note(cfg), "", f"Held-out crops whose mean reward rose: {s['improved_images']} of {s['images']}."]
+    lines += [
+        f"| {label} | {role} | {b:.4f} | {d:.4f} | {x:+.4f} |" for label, role, b, d, x in summary_rows(cfg, s)
+    ]
+    rose = f"Held-out crops whose mean reward rose: {s['improved_images']} of {s['images']}."
+    lines += ["", _guard_note(cfg), "", rose]
     if "change" in s:
         lines += ["", s["change"]["sentence"], "", f"(How the noise is measured: {NOISE_METHOD})"]
     return "\n".join(lines) + "\n"

@@ -202,7 +202,9 @@ def pool_change(before: pd.DataFrame, after: pd.DataFrame, column: str = "reward
     return {"delta": delta, "se": se, "df": df, "m": mats[0].shape[1]}
 
 
-def verdict_html(before: pd.DataFrame, after: pd.DataFrame, labels: tuple[str, str], column: str = "reward") -> str:
+def verdict_html(
+    before: pd.DataFrame, after: pd.DataFrame, labels: tuple[str, str], column: str = "reward"
+) -> str:
     """The change sentence as an HTML paragraph whose tooltip explains the noise figure ('' if not comparable)."""
     try:
         change = pool_change(before, after, column)

@@ -175,5 +175,7 @@ def select_all(cfg: UpscaleConfig, stems: list[str], seeds: list[int], device: t
             print(f"upscale: {stem}: no selection: {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(f"upscale: {stem}: seed {best} chosen by {', '.join(names)} -> {out / stem}.png", file=sys.stderr)
+        print(
+            f"upscale: {stem}: seed {best} chosen by {', '.join(names)} -> {out / stem}.png", file=sys.stderr
+        )
     return failed
