@@ -85,3 +85,38 @@ def test_per_image_spread():
     a = spread.set_index("image_id").loc["a"]
     assert a["n_seeds"] == 4 and a["best_seed"] == 7 and a["worst_seed"] == 20
     assert a["std"] == pytest.approx(np.std([0.2, 0.8, 0.5, 0.1]))
+
+
+def test_mean_se_and_paired_change_by_hand():
+    from dp2osr.math.bestm import mean_se, paired_change, t95
+
+    r = np.array([[0.0, 1.0], [2.0, 2.0]])  # variances over seeds (ddof 1): 0.5, 0 -> sqrt(0.5 / 2) / 2
+    assert mean_se(r) == pytest.approx(0.25)
+    assert np.isnan(mean_se(r[:, :1]))
+    delta, se, df = paired_change(r, r + np.array([[0.1, 0.1], [0.3, 0.3]]))  # per-image changes .1, .3
+    assert (
+        delta == pytest.approx(0.2)
+        and se == pytest.approx(np.std([0.1, 0.3], ddof=1) / np.sqrt(2))
+        and df == 1
+    )
+    one = paired_change(r[:1], r[:1] + np.array([[0.0, 0.2]]))  # one image: per-seed changes 0, .2
+    assert one == (pytest.approx(0.1), pytest.approx(np.sqrt(0.02 / 2)), 1)
+    assert t95(1) == pytest.approx(12.706, abs=1e-3) and t95(7) == pytest.approx(2.365, abs=1e-3)
+    assert np.isnan(t95(0))
+
+
+def test_curve_plot_shades_noise_without_a_panel_for_it():
+    import io
+
+    from PIL import Image
+
+    from dp2osr.plots import plot_curve
+
+    base = pd.DataFrame(
+        {"step": [0, 10, 20], "reward": [0.5, 0.52, 0.51], "best": [0.7] * 3, "worst": [0.3] * 3}
+    )
+    heights = [
+        Image.open(io.BytesIO(plot_curve(df))).height
+        for df in (base, base.assign(reward_se=[0.01, 0.02, 0.01]))
+    ]
+    assert heights[0] == heights[1]  # reward_se is drawn as a band on the reward panel, not as a panel

@@ -158,7 +158,11 @@ def test_pools_and_reward_curve(tmp_path):
     cfg = EvalConfig(
         output=out, pools=[base, tmp_path / "dpo"], pool_names=["SD2", "DP²O"], reward_curve=curve
     )
+    with pytest.raises(ValueError, match="cannot put the pools on one scale.*scores.parquet"):
+        evaluate(cfg)  # no raw scores beside the rewards: refused
+    cfg.allow_separate_scales = True
     evaluate(cfg)
+    assert "normalised separately: NOT comparable" in (out / "bestm.md").read_text()
     table = pd.read_csv(out / "bestm.csv")
     sd2 = table[table.model == "SD2"].set_index("m")
     np.testing.assert_allclose(sd2.loc[[1, 2, 4], "best"], [0.4, 0.7, 0.85])
@@ -237,3 +241,45 @@ def test_eval_seed_folder_errors_name_the_folder(tmp_path, capsys):
     rc = cli.main(["eval", "--sr", str(tmp_path / "empty"), "--output", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert rc == 2 and "empty" in err and "seed_XXXX.png" in err
+
+
+def _scored_pool(folder, raw, w=None):
+    """A pool of image 'a' with raw psnr (FR, higher better) and piqe (NR, lower better) per seed, its stale
+    rewards.parquet (as if normalised on its own) and, with ``w``, the score_config.yaml it was scored with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [("a", s, m, float(v)) for s, vals in enumerate(raw) for m, v in zip(("psnr", "piqe"), vals)]
+    pd.DataFrame(rows, columns=["image_id", "seed", "metric", "value"]).to_parquet(folder / "scores.parquet")
+    stale = [
+        {"image_id": "a", "seed": s, "path": f"a/seed_{s:04d}.png", "reward": 0.5} for s in range(len(raw))
+    ]
+    pd.DataFrame(stale).to_parquet(folder / "rewards.parquet")
+    if w is not None:
+        (folder / "score_config.yaml").write_text(f"w_fr: {w[0]}\nw_nr: {w[1]}\nscope: pool\n")
+    return folder
+
+
+def test_pools_are_normalised_jointly_from_raw_scores(tmp_path):
+    """Two pools with different raw ranges: each pool alone normalises to rewards 0.5, 0.5; jointly (bounds of
+    the union) the rewards are, by hand: psnr n = (v - 20) / 20, piqe n = (60 - v) / 40, R = (n_psnr + n_piqe) / 2.
+    A: psnr 20, 30 / piqe 40, 60 -> (0 + .5) / 2, (.5 + 0) / 2 = .25, .25; B: psnr 25, 40 / piqe 20, 30 ->
+    (.25 + 1) / 2, (1 + .75) / 2 = .625, .875."""
+    a = _scored_pool(tmp_path / "A", [(20, 40), (30, 60)])
+    b = _scored_pool(tmp_path / "B", [(25, 20), (40, 30)])
+    out = tmp_path / "out"
+    evaluate(EvalConfig(output=out, pools=[a, b], ms=[2]))
+    table = pd.read_csv(out / "bestm.csv").set_index("model")
+    assert table.loc["A", "mean"] == pytest.approx(0.25) and table.loc["B", "mean"] == pytest.approx(0.75)
+    assert table.loc["B", "best"] == pytest.approx(0.875) and table.loc["B", "worst"] == pytest.approx(0.625)
+    assert table.loc["A", "scale"] == "hybrid reward, min-max normalised jointly over pools A, B"
+    assert (
+        "Scale: hybrid reward, min-max normalised jointly over pools A, B." in (out / "bestm.md").read_text()
+    )
+    # the weights the pools were scored with are kept: 0.8 FR + 0.2 NR -> A: .1, .4; B: .4, .95
+    for folder in (a, b):
+        (folder / "score_config.yaml").write_text("w_fr: 0.8\nw_nr: 0.2\nscope: pool\n")
+    evaluate(EvalConfig(output=out, pools=[a, b], ms=[2]))
+    table = pd.read_csv(out / "bestm.csv").set_index("model")
+    assert table.loc["A", "mean"] == pytest.approx(0.25) and table.loc["B", "mean"] == pytest.approx(0.675)
+    (b / "score_config.yaml").write_text("w_fr: 0.5\nw_nr: 0.5\nscope: pool\n")
+    with pytest.raises(ValueError, match="different reward weights"):
+        evaluate(EvalConfig(output=out, pools=[a, b]))

@@ -1,5 +1,6 @@
 """`dp2osr quickstart` in miniature: the whole loop end to end, and the honesty rules it promises."""
 
+import html
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from dp2osr.cli import main
 from dp2osr.degrade import DegradationParams
 from dp2osr.math.degradations import MILD
 from dp2osr.quickstart import PHOTOS, QuickstartConfig, RunClock, tiles
+from dp2osr.report import NOISE_METHOD, change_sentence
 
 TINY = [
     "--hr-size",
@@ -78,6 +80,53 @@ def test_report_has_bestm_table_and_reward_curve(run):
     ):
         assert text in page, text
     assert "base ControlNet" in page and "DP²O ControlNet" in page
+
+
+def test_guard_metrics_and_verdict_beside_the_reward(run):
+    """The before/after table labels each row as the reward or a guard; the guard (BRISQUE at 64 px: not in
+    the reward) scored the first and last pools into guard/ without touching the reward's scores; one sentence
+    says whether the change is beyond the noise, with its standard error."""
+    out, _, stdout = run
+    summary = json.loads((out / "6_eval" / "summary.json").read_text())
+    for key in ("base", "dp2o"):
+        assert {"psnr", "ssim", "guard_brisque", "raw_piqe"} <= set(summary[key])
+    for step in (0, 2):
+        guard = pd.read_parquet(out / "6_eval" / f"step_{step:06d}" / "guard" / "scores.parquet")
+        assert set(guard.metric) == {"brisque"}
+        reward = pd.read_parquet(out / "6_eval" / f"step_{step:06d}" / "scores.parquet")
+        assert set(reward.metric) == {"fsim", "gmsd", "piqe"}
+    assert not (out / "6_eval" / "step_000001" / "guard").exists()
+    guard_mean = pd.read_parquet(out / "6_eval" / "step_000002" / "guard" / "scores.parquet").value.mean()
+    assert summary["dp2o"]["guard_brisque"] == pytest.approx(guard_mean)
+    change = summary["change"]
+    assert change["m"] == 4 and change["df"] == 1  # 2 held-out crops
+    assert change["sentence"] == change_sentence(change, "base ControlNet", "DP²O ControlNet")
+    assert change["delta"] == pytest.approx(summary["delta"]["mean"])
+    page = (out / "report.html").read_text()
+    for text in (stdout, (out / "6_eval" / "summary.md").read_text()):
+        assert "| brisque (raw value) ↓ | guard (not in the reward) |" in text
+        assert (
+            "| piqe (raw value) ↓ | in the reward |" in text
+            and "| PSNR-Y (dB) ↑ | guard (not in the reward) |" in text
+        )
+        assert change["sentence"] in text
+    assert "<td>brisque (raw value) ↓</td><td>guard (not in the reward)</td>" in page
+    assert (
+        f'<p class="verdict" title="{html.escape(NOISE_METHOD)}">{html.escape(change["sentence"])}</p>'
+        in page
+    )
+    assert "normalised jointly over pools base ControlNet, DP²O ControlNet" in page
+
+
+def test_guard_defaults_follow_the_crop_size_and_the_reward():
+    assert QuickstartConfig().guards() == ["brisque"]  # 64 px crops: NIQE needs 96 px
+    assert QuickstartConfig(hr_size=128).guards() == ["niqe"]
+    assert QuickstartConfig(metrics=["fsim", "brisque"]).guards() == ["piqe"]
+    assert QuickstartConfig(guard_metrics=["niqe", "brisque"], hr_size=128).guards() == ["niqe", "brisque"]
+    with pytest.raises(ValueError, match="guard-metrics.*in the reward"):
+        QuickstartConfig(guard_metrics=["piqe"])
+    with pytest.raises(ValueError, match="give --guard-metrics"):
+        QuickstartConfig(metrics=["fsim", "brisque", "piqe"])
 
 
 def test_reward_curve_csv_has_every_evaluated_step(run):

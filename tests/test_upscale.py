@@ -282,3 +282,57 @@ def test_flat_layout_in_a_fresh_process_prints_no_third_party_warnings(tmp_path)
     for noise in ("kernels", "gemm_4bit", "FluxPosEmbed", "FutureWarning", "Warning:"):
         assert noise not in text, text
     assert main(["upscale", str(inp), "--output", str(out), "--layout", "flat", "--samples", "2"]) == 2
+
+
+def test_select_nr_writes_the_best_scoring_seed(tmp_path):
+    """`--select nr` on 12 px LRs (48 px outputs, so the default selector is PIQE, lower = better): NAME.png is
+    the seed whose PIQE, recomputed here, is lowest, and NAME/scores.csv lists every seed and the choice."""
+    import pandas as pd
+
+    from dp2osr import metrics
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _png(inp / "a.png", 12, 12)
+    _png(inp / "b.png", 12, 16, seed=1)
+    out = tmp_path / "out"
+    args = ["upscale", "--input", str(inp), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "2",
+            "--samples", "3", "--seed", "7", "--select", "nr"]  # fmt: skip
+    assert main(args) == 0
+    piqe = metrics.create("piqe")
+    for name in ("a", "b"):
+        table = pd.read_csv(out / name / "scores.csv")
+        assert list(table["seed"]) == [7, 8, 9] and list(table["file"]) == [
+            f"seed_{s:04d}.png" for s in (7, 8, 9)
+        ]
+        values = [float(metrics.score_batch(piqe, load_image(out / name / f))[0]) for f in table["file"]]
+        np.testing.assert_allclose(table["piqe"], values, rtol=1e-5)
+        best = table["file"][int(np.argmin(values))]
+        assert table.loc[table["chosen"], "file"].tolist() == [best]
+        assert (out / f"{name}.png").read_bytes() == (out / name / best).read_bytes()
+        assert len(set(values)) == 3  # distinct samples: the choice is not a tie-break
+
+
+def test_select_nr_several_metrics_and_bad_metric(tmp_path, capsys):
+    """Two selecting metrics are min-max normalised over the seeds and averaged (checked by hand); a
+    full-reference selector is refused before any work."""
+    import pandas as pd
+
+    from dp2osr.upscale import choose
+
+    scores = pd.DataFrame(
+        [("x", s, m, v) for s, m, v in [(0, "piqe", 10.0), (1, "piqe", 30.0), (2, "piqe", 20.0),
+                                       (0, "brisque", 50.0), (1, "brisque", 10.0), (2, "brisque", 20.0)]],
+        columns=["image_id", "seed", "metric", "value"],
+    )  # fmt: skip
+    table = choose(scores)
+    # lower is better for both: piqe n = (30 - v) / 20 -> 1, 0, .5; brisque n = (50 - v) / 40 -> 0, 1, .75
+    np.testing.assert_allclose(table["reward"], [0.5, 0.5, 0.625])
+    assert table["chosen"].tolist() == [False, False, True]
+    tie = choose(scores[scores.seed < 2])  # seeds 0 and 1 tie at 0.5: the lower seed wins
+    assert tie["chosen"].tolist() == [True, False]
+    img = _png(tmp_path / "x.png", 12, 12)
+    args = ["upscale", "--input", str(img), "--output", str(tmp_path / "o"), "--select", "nr",
+            "--select-metrics", "psnr"]  # fmt: skip
+    assert main(args) == 2
+    assert "--select-metrics must be no-reference" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from dp2osr import plots
 from dp2osr.config import field, to_dict
@@ -29,6 +30,7 @@ from dp2osr.errors import PartialFailure
 from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, list_images, load_image
 from dp2osr.math import bestm
 from dp2osr.math.quality import psnr_y, ssim_y
+from dp2osr.math.reward import joint_rewards
 from dp2osr.mdtext import md_escape
 from dp2osr.paths import check_output_dir
 
@@ -41,6 +43,9 @@ BESTM_PNG = "bestm.png"
 SPREAD_CSV = "pool_spread.csv"
 CURVE_PNG = "reward_curve.png"
 CONFIG_JSON = "eval_config.json"
+SCORES_FILE = "scores.parquet"  # raw metric values beside a pool's rewards.parquet (written by `dp2osr score`)
+SCORE_CONFIG = "score_config.yaml"  # the reward weights and scope it was scored with
+SEPARATE_SCALE = "hybrid reward, each pool min-max normalised separately: NOT comparable across pools"
 
 # pyiqa metrics that run offline without weights and cost little on CPU (ENVIRONMENT.md).
 DEFAULT_METRICS = ["gmsd", "fsim", "piqe"]
@@ -82,6 +87,12 @@ class EvalConfig:
     weights_dir: Path | None = field(None, help="folder of IQA weight files (else pyiqa's torch-hub cache)")
     pools: list[Path] = field([], help="rewards.parquet file(s) (or folders holding one) of candidate pools")
     pool_names: list[str] = field([], help="labels for the --pools; empty = their parent folder names")
+    allow_separate_scales: bool = field(
+        False,
+        help="with several --pools whose raw scores (scores.parquet beside rewards.parquet) are missing, plot "
+        "each pool's own min-max normalised reward, labelled as not comparable (default: refuse). With the "
+        "raw scores, every pool's reward is recomputed with bounds fitted on all pools together",
+    )
     reward_column: str = field("reward", help="column of rewards.parquet used for Best/Mean/Worst@M")
     ms: list[int] = field([], help="values of M; empty = 1, 2, 4, ... up to the pool size")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot (mode C)")
@@ -358,13 +369,72 @@ def find_rewards(p: Path) -> Path:
     return p
 
 
-def evaluate_pools(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Mode B: ``(Best/Mean/Worst@M table, per-image spread table)``, both with a ``model`` column."""
+def _reward_settings(folder: Path) -> tuple[float, float, str]:
+    """``(w_fr, w_nr, scope)`` a pool was scored with (its score_config.yaml; the defaults without one)."""
+    path = folder / SCORE_CONFIG
+    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return float(data.get("w_fr", 0.5)), float(data.get("w_nr", 0.5)), str(data.get("scope", "pool"))
+
+
+def _joint(tables: dict[str, pd.DataFrame], paths: list[Path]) -> dict[str, pd.DataFrame]:
+    """The tables with ``reward`` and ``norm_*`` recomputed from the raw scores under bounds fitted on all pools."""
+    from dp2osr import metrics as metric_lib
+
+    scores = {label: pd.read_parquet(p.parent / SCORES_FILE) for label, p in zip(tables, paths)}
+    settings = {_reward_settings(p.parent) for p in paths}
+    if len(settings) > 1:
+        raise ValueError(f"the pools were scored with different reward weights or scopes {sorted(settings)}")
+    (w_fr, w_nr, scope), = settings
+    if scope != "pool":
+        raise ValueError(
+            f"pools scored with --scope {scope} cannot be put on one scale; score them with --scope pool"
+        )
+    names = {label: tuple(sorted(set(s["metric"]))) for label, s in scores.items()}
+    if len(set(names.values())) > 1:
+        raise ValueError(f"the pools were scored with different metrics: {names}")
+    catalogue = metric_lib.catalogue(list(next(iter(names.values()))))
+    out = {}
+    for label, new in joint_rewards(scores, catalogue, w_fr, w_nr).items():
+        old = tables[label]
+        keep = [c for c in old.columns if c != "reward" and not c.startswith("norm_")]
+        out[label] = old[keep].merge(new, on=["image_id", "seed"], how="left")
+    return out
+
+
+def read_pools(
+    paths: list[Path], labels: list[str], allow_separate: bool = False
+) -> tuple[dict[str, pd.DataFrame], str]:
+    """``({label: rewards table}, scale)``: with several pools, the hybrid reward recomputed on one scale from
+    the raw scores beside each rewards.parquet (bounds fitted on all pools together); ``scale`` says which.
+
+    Without the raw scores: a ValueError, or with ``allow_separate`` the tables as stored, labelled as
+    normalised separately.
+    """
+    tables = {label: pd.read_parquet(p) for label, p in zip(labels, paths)}
+    if len(paths) < 2:
+        return tables, f"hybrid reward, min-max normalised over pool {labels[0]}"
+    missing = [str(p.parent / SCORES_FILE) for p in paths if not (p.parent / SCORES_FILE).is_file()]
+    if missing:
+        if allow_separate:
+            return tables, SEPARATE_SCALE
+        raise ValueError(
+            f"cannot put the pools on one scale: no raw scores {missing} (written by `dp2osr score` beside "
+            "rewards.parquet); give pools scored by `dp2osr score`, or pass --allow-separate-scales to plot "
+            "each pool on its own scale, labelled as such"
+        )
+    return _joint(tables, paths), f"hybrid reward, min-max normalised jointly over pools {', '.join(labels)}"
+
+
+def evaluate_pools(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Mode B: ``(Best/Mean/Worst@M table, per-image spread table, scale)``; tables with a ``model`` column."""
     paths = [find_rewards(p) for p in cfg.pools]
     labels = unique_labels(paths, cfg.pool_names, "pools", lambda p: p.parent.name)
+    pools, scale = read_pools(paths, labels, cfg.allow_separate_scales)
+    if cfg.reward_column != "reward" and not cfg.reward_column.startswith("norm_"):
+        scale = f"{cfg.reward_column}, as stored in each pool"
     tables, spreads = [], []
     for label, path in zip(labels, paths):
-        df = pd.read_parquet(path)
+        df = pools[label]
         try:
             ids, seeds, mat = bestm.rewards_matrix(df, cfg.reward_column)
             ms = list(cfg.ms) or bestm.default_ms(len(seeds))
@@ -378,15 +448,17 @@ def evaluate_pools(cfg: EvalConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
         spread = bestm.per_image_spread(df, cfg.reward_column)
         spread.insert(0, "model", label)
         spreads.append(spread)
-    return pd.concat(tables, ignore_index=True), pd.concat(spreads, ignore_index=True)
+    return pd.concat(tables, ignore_index=True), pd.concat(spreads, ignore_index=True), scale
 
 
 def _md(text) -> str:
     return md_escape(text)
 
 
-def bestm_markdown(table: pd.DataFrame, spread: pd.DataFrame, column: str = "reward") -> str:
+def bestm_markdown(table: pd.DataFrame, spread: pd.DataFrame, column: str = "reward", scale: str = "") -> str:
     lines = [f"Best / Mean / Worst@M of {_md(column)} (first M seeds; mean over images)", ""]
+    if scale:
+        lines[-1:-1] = [f"Scale: {_md(scale)}."]
     lines += ["| model | M | Best@M | Mean@M | Worst@M |", "|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {_md(r.model)} | {r.m} | {r.best:.4f} | {r.mean:.4f} | {r.worst:.4f} |")
@@ -430,14 +502,14 @@ def run(cfg: EvalConfig) -> None:
         for p in problems:
             print(f"eval: problem: {p}", file=sys.stderr)
     if cfg.pools:
-        table, spread = evaluate_pools(cfg)
+        table, spread, scale = evaluate_pools(cfg)
+        table["scale"] = scale
         table.to_csv(out / BESTM_CSV, index=False, float_format="%.6f")
         spread.to_csv(out / SPREAD_CSV, index=False, float_format="%.6f")
-        _write_text(out / BESTM_MD, bestm_markdown(table, spread, cfg.reward_column))
-        plots.write_png(
-            plots.plot_bestm(table, f"Best / Mean / Worst@M ({cfg.reward_column})"), out / BESTM_PNG
-        )
-        print(bestm_markdown(table, spread, cfg.reward_column))
+        text = bestm_markdown(table, spread, cfg.reward_column, scale)
+        _write_text(out / BESTM_MD, text)
+        plots.write_png(plots.plot_bestm(table, "Best / Mean / Worst@M", ylabel=scale), out / BESTM_PNG)
+        print(text)
     if cfg.reward_curve:
         curve = plots.read_table(Path(cfg.reward_curve))
         plots.write_png(plots.plot_curve(curve, smooth=max(1, cfg.curve_smooth)), out / CURVE_PNG)

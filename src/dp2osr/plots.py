@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,11 @@ def write_png(data: bytes, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_bestm(table: pd.DataFrame, title: str = "Best / Mean / Worst@M") -> bytes:
+def plot_bestm(table: pd.DataFrame, title: str = "Best / Mean / Worst@M", ylabel: str = "") -> bytes:
     """One figure, all models: colour = model, line style = statistic, x = M on a log2 axis.
 
-    ``table`` has columns ``model, m, best, mean, worst`` (as written by ``eval`` to ``bestm.csv``).
+    ``table`` has columns ``model, m, best, mean, worst`` (as written by ``eval`` to ``bestm.csv``);
+    ``ylabel`` names the reward's scale (e.g. normalised jointly over which pools).
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -67,7 +69,9 @@ def plot_bestm(table: pd.DataFrame, title: str = "Best / Mean / Worst@M") -> byt
     ax.set_xticks(ms)
     ax.set_xticklabels([str(m) for m in ms])
     ax.set_xlabel("M (samples per image: the first M seeds)")
-    ax.set_ylabel("reward (mean over images)")
+    ax.set_ylabel(
+        textwrap.fill(f"{ylabel or 'reward'} (mean over images)", 45), fontsize=8 if ylabel else None
+    )
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=max(1, table["model"].nunique()), loc="best")
@@ -79,12 +83,16 @@ def plot_curve(
 ) -> bytes:
     """Line plot of ``reward`` (and any other numeric columns, one panel each) against ``step``.
 
-    ``smooth`` > 1 overlays a centred moving average of that many points over the raw (faint) line.
+    ``smooth`` > 1 overlays a centred moving average of that many points over the raw (faint) line. The
+    reward panel shades the evaluation noise, so a change inside it does not read as a trend: ±1.96
+    ``reward_se`` (the seed-to-seed standard error of Mean@M, when the table has it) and the Worst@M to
+    Best@M range (when it has ``best`` and ``worst``). ``reward_se`` gets no panel of its own.
     """
     if "step" not in df.columns or "reward" not in df.columns:
         raise ValueError(f"a reward curve needs columns 'step' and 'reward'; got {list(df.columns)}")
     df = df.sort_values("step")
-    extra = [c for c in df.columns if c not in ("step", "reward") and pd.api.types.is_numeric_dtype(df[c])]
+    skip = ("step", "reward", "reward_se")
+    extra = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
     cols = ["reward", *extra][:max_panels]
     plt = _pyplot()
     fig, axes = plt.subplots(len(cols), 1, figsize=(7, 2.6 * len(cols) + 0.6), sharex=True, squeeze=False)
@@ -100,9 +108,26 @@ def plot_curve(
             ax.plot(x, y, color="C0", marker="o" if len(y) <= 30 else None, linewidth=1.5)
         ax.set_ylabel(col)
         ax.grid(alpha=0.3)
+    _noise_bands(axes[0, 0], df)
     axes[0, 0].set_title(title)
     axes[-1, 0].set_xlabel("step")
     return _to_png(fig)
+
+
+def _noise_bands(ax, df: pd.DataFrame) -> None:
+    """Shade the reward panel's noise: Worst@M..Best@M and Mean@M ± 1.96 seed-to-seed standard errors."""
+    x = df["step"].to_numpy()
+    shaded = False
+    if {"best", "worst"} <= set(df.columns):
+        ax.fill_between(x, df["worst"], df["best"], color="C0", alpha=0.08, label="Worst@M to Best@M")
+        shaded = True
+    if "reward_se" in df.columns and df["reward_se"].notna().any():
+        y, se = df["reward"].to_numpy(dtype=np.float64), df["reward_se"].to_numpy(dtype=np.float64)
+        ax.fill_between(x, y - 1.96 * se, y + 1.96 * se, color="C0", alpha=0.25,
+                        label="±1.96 s.e. over seeds (evaluation noise)")  # fmt: skip
+        shaded = True
+    if shaded:
+        ax.legend(fontsize=8)
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -10,13 +10,17 @@ output, so a user can open every table and image along the way:
     OUT/4_pair/                      top-N x bottom-N preference pairs with HPO weights
     OUT/5_train/                     DPO checkpoints every --eval-every steps, metrics.jsonl
     OUT/6_eval/step_NNNNNN/          held-out candidates of the ControlNet at that step, scored
+    OUT/6_eval/step_NNNNNN/guard/    the first and last held-out pools scored by the guard metrics (not in the reward)
     OUT/6_eval/                      reward_curve.csv, Best/Mean/Worst@M (joint/base, joint/dp2o), summary.md
     OUT/report.html
 
 Honesty rules: the held-out crops never enter the preference pairs (photos are cut into tiles and the tiles
 are split in a checkerboard, so no pixel is shared); base and DP²O sample the same held-out crops with the
 same seeds; before/after rewards are normalised jointly over both pools (``reward.fit_bounds``) and the
-reward curve uses the bounds of the step-0 pool, so numbers at different steps share one scale.
+reward curve uses the bounds of the step-0 pool, so numbers at different steps share one scale. The before/after
+table always shows guard metrics that are not in the reward — PSNR-Y, SSIM-Y and a no-reference metric
+(``--guard-metrics``) — so a reward that rises while they fall (reward hacking) is visible, and one sentence
+says whether the change of Mean@M is beyond its standard error (``report.change_sentence``).
 
 The functions below are reused by ``scripts/ablations.py``; a rerun with the same options resumes.
 """
@@ -61,7 +65,7 @@ from dp2osr.math.hpo import HPO_MODES
 from dp2osr.math.reward import SCOPES, fit_bounds, hybrid_reward
 from dp2osr.pair import build_pairs
 from dp2osr.paths import check_output_dir
-from dp2osr.report import ReportConfig, build_html
+from dp2osr.report import NOISE_METHOD, ReportConfig, build_html, change_sentence, pool_change
 
 CONFIG_NAME = "quickstart_config.yaml"
 TIMINGS_NAME = "timings.json"  # seconds per stage, summed over the runs into one --output
@@ -70,6 +74,8 @@ CURVE_CSV = heldout.CURVE_CSV
 PAIR_WEIGHTS = {"hybrid": (0.5, 0.5), "fr": (1.0, 0.0), "nr": (0.0, 1.0)}
 DEGRADATIONS = {"mild": MILD, "realesrgan": {}}  # the LR degradation of the crops (see --degradation)
 _BASE_LABEL, _DPO_LABEL = "base ControlNet", "DP²O ControlNet"
+# Offline no-reference guards, in order of preference (NIQE needs >= 96 px; BRISQUE and PIQE work at any size).
+GUARD_CHOICES = ("niqe", "brisque", "piqe")
 
 
 @dataclass
@@ -140,6 +146,12 @@ class QuickstartConfig:
     weights_dir: Path | None = field(
         None, help="folder with IQA metric weights (only for weight-backed metrics)"
     )
+    guard_metrics: list[str] | None = field(
+        None,
+        help="metrics NOT in the reward, shown beside it on the first and last held-out pools so that reward "
+        "hacking is visible (PSNR-Y/SSIM-Y are always shown). Default: the first of niqe (crops >= 96 px), "
+        "brisque, piqe that is not in --metrics",
+    )
     steps: int = field(60, help="DPO optimizer steps (paper: 1000)")
     batch_size: int = field(
         32,
@@ -188,6 +200,7 @@ class QuickstartConfig:
             raise ValueError(f"--hr-size must be a multiple of 16 (>= 16), got {self.hr_size}")
         # The options the stages own are checked by the stages' own configs (hpo, beta, lr, ema, winner term,
         # colour fix, sampling options).
+        self.guards()
         self.train_config(Path("pref_pairs.parquet"), self.output)
         self.sampling_options()
         self.degrade_config(self.output, self.output)
@@ -218,6 +231,24 @@ class QuickstartConfig:
             input=tiles, output=out, hr_size=self.hr_size, scale=4, crop="center", seed=self.seed,
             **DEGRADATIONS[self.degradation],
         )  # fmt: skip
+
+    def guards(self) -> list[str]:
+        """The guard metrics: ``--guard-metrics``, or the first offline NR metric that works at the crop size
+        and is not in the reward. A guard that is also in ``--metrics`` is a ValueError."""
+        if self.guard_metrics:
+            both = sorted(set(self.guard_metrics) & set(self.metrics))
+            if both:
+                raise ValueError(f"--guard-metrics {both} are in the reward (--metrics); a guard must not be")
+            metric_lib.catalogue(self.guard_metrics)  # unknown names fail here
+            return list(dict.fromkeys(self.guard_metrics))
+        usable = [
+            m for m in GUARD_CHOICES if m not in self.metrics and self.hr_size >= metric_lib.get_spec(m).min_size
+        ]
+        if not usable:
+            raise ValueError(
+                f"--metrics {self.metrics} use every offline guard {list(GUARD_CHOICES)}; give --guard-metrics"
+            )
+        return usable[:1]
 
     @property
     def m_eval(self) -> int:
@@ -337,6 +368,12 @@ def score_pool(cands: Path, out: Path, cfg: QuickstartConfig) -> pd.DataFrame:
     return heldout.score_pool(cands, out, list(cfg.metrics), cfg.weights_dir, cfg.device)
 
 
+def score_guards(cands: Path, cfg: QuickstartConfig) -> pd.DataFrame:
+    """The guard metrics (not in the reward) of the pool in ``cands``, into ``cands/guard/``; the reward's own
+    scores are not touched."""
+    return heldout.score_pool(cands, Path(cands) / "guard", cfg.guards(), cfg.weights_dir, cfg.device)
+
+
 def make_pairs(cfg: QuickstartConfig, scores: pd.DataFrame, cands: Path, out: Path) -> pd.DataFrame:
     """Stage 4: rank each crop's candidates by the ``--pair-reward`` and write ``out/pref_pairs.parquet``."""
     specs = metric_lib.catalogue(list(cfg.metrics))
@@ -396,35 +433,59 @@ def compare(cfg: QuickstartConfig, lay: Layout) -> dict:
     specs = metric_lib.catalogue(list(cfg.metrics))
     bounds = fit_bounds(pd.concat(scores.values(), ignore_index=True), specs)
     out: dict = {"final_step": final, "images": 0, "seeds": cfg.m_eval}
-    means = {}
+    means, tables = {}, {}
     for key, d in dirs.items():
         df = heldout.pool_rewards(scores[key], d, bounds, list(cfg.metrics))
         folder = lay.eval / "joint" / key
         df["path"] = [os.path.relpath(p, folder) for p in df.pop("abs_path")]
         write_parquet(df, folder / "rewards.parquet")
+        write_parquet(scores[key], folder / "scores.parquet")  # `dp2osr eval` re-derives the joint scale
         out[key] = heldout.pool_stats(df)
         raw = scores[key].groupby("metric")["value"].mean()
         out[key].update({f"raw_{m}": float(raw[m]) for m in cfg.metrics if m in raw})
-        means[key] = df.groupby("image_id")["reward"].mean()
+        guard = pd.read_parquet(d / "guard" / "scores.parquet").groupby("metric")["value"].mean()
+        out[key].update({f"guard_{m}": float(guard[m]) for m in cfg.guards() if m in guard})
+        means[key], tables[key] = df.groupby("image_id")["reward"].mean(), df
         out["images"] = len(means[key])
     gain = (means["dp2o"] - means["base"]).dropna()
     out["improved_images"] = int((gain > 0).sum())
     out["delta"] = {k: out["dp2o"][k] - out["base"][k] for k in out["base"]}
+    out["change"] = pool_change(tables["base"], tables["dp2o"])
+    out["change"]["sentence"] = change_sentence(out["change"], _BASE_LABEL, _DPO_LABEL)
     return out
 
 
-def summary_rows(cfg: QuickstartConfig, s: dict) -> list[tuple[str, float, float, float]]:
-    """(label, base, DP²O, Δ) rows of the before/after table (M = the whole held-out pool)."""
+_REWARD, _GUARD = "reward", "guard (not in the reward)"
+
+
+def _arrow(name: str) -> str:
+    return "↓" if metric_lib.get_spec(name).lower_better else "↑"
+
+
+def summary_rows(cfg: QuickstartConfig, s: dict) -> list[tuple[str, str, float, float, float]]:
+    """(label, role, base, DP²O, Δ) rows of the before/after table (M = the whole held-out pool); role says
+    whether the row is the reward (or one of its metrics) or a guard metric outside it."""
     m = s["seeds"]
     keys = [
-        ("best", f"Best@{m}"),
-        ("mean", f"Mean@{m}"),
-        ("worst", f"Worst@{m}"),
-        ("psnr", "PSNR-Y (dB)"),
-        ("ssim", "SSIM-Y"),
-        *[(f"raw_{x}", f"{x} (raw value)") for x in cfg.metrics],
+        ("best", f"Best@{m} ↑", _REWARD),
+        ("mean", f"Mean@{m} ↑", _REWARD),
+        ("worst", f"Worst@{m} ↑", _REWARD),
+        ("psnr", "PSNR-Y (dB) ↑", _GUARD),
+        ("ssim", "SSIM-Y ↑", _GUARD),
+        *[(f"guard_{x}", f"{x} (raw value) {_arrow(x)}", _GUARD) for x in cfg.guards()],
+        *[(f"raw_{x}", f"{x} (raw value) {_arrow(x)}", f"in the {_REWARD}") for x in cfg.metrics],
     ]
-    return [(label, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label in keys if k in s["base"]]
+    return [
+        (label, role, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label, role in keys if k in s["base"]
+    ]
+
+
+def _guard_note(cfg: QuickstartConfig) -> str:
+    return (
+        f"Guards: PSNR-Y, SSIM-Y and {', '.join(cfg.guards())} are not in the reward (hybrid of "
+        f"{', '.join(cfg.metrics)}): if the reward rises while the guards get worse, DP²O is exploiting the "
+        "reward."
+    )
 
 
 def summary_markdown(cfg: QuickstartConfig, s: dict) -> str:
@@ -435,11 +496,16 @@ def summary_markdown(cfg: QuickstartConfig, s: dict) -> str:
             "PSNR/SSIM and the raw metric values are not normalised."
         ),
         "",
-        f"| held-out | {_BASE_LABEL} | {_DPO_LABEL} | Δ |",
-        "|---|---|---|---|",
+        f"| held-out | role | {_BASE_LABEL} | {_DPO_LABEL} | Δ |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {label} | {b:.4f} | {d:.4f} | {x:+.4f} |" for label, b, d, x in summary_rows(cfg, s)]
-    lines += ["", f"Held-out crops whose mean reward rose: {s['improved_images']} of {s['images']}."]
+    lines += [
+        f"| {label} | {role} | {b:.4f} | {d:.4f} | {x:+.4f} |" for label, role, b, d, x in summary_rows(cfg, s)
+    ]
+    rose = f"Held-out crops whose mean reward rose: {s['improved_images']} of {s['images']}."
+    lines += ["", _guard_note(cfg), "", rose]
+    if "change" in s:
+        lines += ["", s["change"]["sentence"], "", f"(How the noise is measured: {NOISE_METHOD})"]
     return "\n".join(lines) + "\n"
 
 
@@ -447,8 +513,15 @@ def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
     import html
 
     rows = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{b:.4f}</td><td>{d:.4f}</td><td>{x:+.4f}</td></tr>"
-        for label, b, d, x in summary_rows(cfg, s)
+        f"<tr><td>{html.escape(label)}</td><td>{html.escape(role)}</td><td>{b:.4f}</td><td>{d:.4f}</td>"
+        f"<td>{x:+.4f}</td></tr>"
+        for label, role, b, d, x in summary_rows(cfg, s)
+    )
+    change = s.get("change")
+    verdict = (
+        f'<p class="verdict" title="{html.escape(NOISE_METHOD)}">{html.escape(change["sentence"])}</p>'
+        if change
+        else ""
     )
     t = s.get("timings", {})
     return (
@@ -458,11 +531,11 @@ def _summary_html(cfg: QuickstartConfig, s: dict) -> str:
         f"{cfg.images} training crops (β {cfg.beta:g}, lr {cfg.lr:g}, batch {cfg.batch_size}, HPO "
         f"{html.escape(cfg.hpo)}, pair reward {html.escape(cfg.pair_reward)}"
         f"{f', winner term λ {cfg.winner_sft:g}' if cfg.winner_sft else ''}). Hybrid reward of "
-        f"{html.escape(', '.join(cfg.metrics))}, min-max normalised jointly over both pools; PSNR/SSIM (Y "
-        "channel) are not in the reward. Held-out crops whose mean reward rose: "
+        f"{html.escape(', '.join(cfg.metrics))}, min-max normalised jointly over both pools. "
+        f"{html.escape(_guard_note(cfg))} Held-out crops whose mean reward rose: "
         f"<b>{s['improved_images']} of {s['images']}</b>.</p>"
-        f"<table><thead><tr><th>held-out</th><th>{_BASE_LABEL}</th><th>{_DPO_LABEL}</th><th>Δ</th></tr>"
-        f"</thead><tbody>{rows}</tbody></table>"
+        f"<table><thead><tr><th>held-out</th><th>role</th><th>{_BASE_LABEL}</th><th>{_DPO_LABEL}</th><th>Δ</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table>{verdict}"
         f'<p class="note">Model {html.escape(s.get("model", "?"))} (weights hash). Run time {t.get("total", 0):.0f} s'
         + (f" over {t.get('runs')} runs (resumed)" if t.get("runs", 1) > 1 else "")
         + " ("
@@ -578,6 +651,9 @@ def run_stages(cfg: QuickstartConfig, lay: Layout, bb: Backbone | None = None, r
             model=f"dpo step {step}",
         )
         score_pool(pool_dir(lay, step), pool_dir(lay, step), cfg)
+    _stage(6, f"guards (not in the reward): {', '.join(cfg.guards())} of the first and last held-out pools")
+    for step in (0, eval_steps(cfg)[-1]):
+        score_guards(pool_dir(lay, step), cfg)
     curve = reward_curve(cfg, lay)
     curve.to_csv(lay.eval / CURVE_CSV, index=False, float_format="%.6f")
     summary = compare(cfg, lay)

@@ -46,6 +46,12 @@ class ReportConfig:
         [], help="rewards.parquet file(s) (or folders holding one), e.g. base then DP²O"
     )
     names: list[str] = field([], help="labels for the --pools; empty = their parent folder names")
+    allow_separate_scales: bool = field(
+        False,
+        help="with several --pools whose raw scores (scores.parquet beside rewards.parquet) are missing, show "
+        "each pool's own min-max normalised reward, labelled as not comparable (default: refuse). With the "
+        "raw scores, every pool's reward is recomputed with bounds fitted on all pools together",
+    )
     reward_column: str = field("reward", help="rewards.parquet column that ranks seeds (best/worst)")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot")
     lr_dir: Path | None = field(
@@ -130,13 +136,83 @@ def _lr_hr_table(df: pd.DataFrame, table_path: Path) -> dict[str, tuple[Path | N
     return out
 
 
-def _pool(path: Path, column: str) -> dict:
-    table_path = evaluate.find_rewards(path)
-    df = pd.read_parquet(table_path)
+def _pool(table_path: Path, df: pd.DataFrame, column: str) -> dict:
     for col in ("image_id", "seed", "path", column):
         if col not in df.columns:
             raise ValueError(f"{table_path}: no column {col!r}; columns: {list(df.columns)}")
     return {"path": table_path, "df": df, "lrhr": _lr_hr_table(df, table_path)}
+
+
+def read_pools(cfg: ReportConfig) -> tuple[list[dict], list[str], str]:
+    """``(pools, labels, scale)``: the --pools on one scale (`evaluate.read_pools`)."""
+    paths = [evaluate.find_rewards(p) for p in cfg.pools]
+    labels = evaluate.unique_labels(paths, cfg.names, "pools", lambda p: p.parent.name)
+    tables, scale = evaluate.read_pools(paths, labels, cfg.allow_separate_scales)
+    if cfg.reward_column != "reward" and not cfg.reward_column.startswith("norm_"):
+        scale = f"{cfg.reward_column}, as stored in each pool"
+    return [_pool(p, tables[label], cfg.reward_column) for p, label in zip(paths, labels)], labels, scale
+
+
+# ------------------------------------------------------------------------------------- the verdict
+NOISE_METHOD = (
+    "Standard error of the change of Mean@M: each held-out image's reward is averaged over its M seeds, the "
+    "change is after minus before per image (same images, same seeds), and the standard error is the std of "
+    "those per-image changes (ddof 1) over the square root of the number of images N; the seed-to-seed noise is "
+    "part of every per-image change. With one image: the seed-to-seed standard error of the per-seed changes. "
+    "Beyond noise means a change larger than the two-sided 95 % threshold of Student's t with N - 1 degrees of "
+    "freedom, in standard errors (2.36 for 8 images, 12.7 for 2, 1.96 for many)."
+)
+
+
+def _num(x: float, signed: bool = False) -> str:
+    text = f"{x:+.4f}" if signed else f"{x:.4f}"
+    if x != 0 and abs(x) < 0.001:  # too small for 4 decimals: 2 significant digits
+        text = f"{x:+.1e}" if signed else f"{x:.1e}"
+    return text.replace("-", "−")
+
+
+def change_sentence(change: dict, before: str = "the base model", after: str = "DP²O") -> str:
+    """One plain sentence: did ``after`` change the held-out Mean@M beyond the noise (see NOISE_METHOD)?
+
+    ``change`` is a `pool_change` dict: ``delta``, ``se`` (its standard error), ``df`` and ``m``.
+    """
+    delta, se, df = change["delta"], change["se"], change["df"]
+    head = f"Mean@{change['m']} changed by {_num(delta, True)} ({after} minus {before})"
+    threshold = bestm.t95(df)
+    if not (np.isfinite(se) and np.isfinite(threshold)):
+        return f"{head}; with one image and one seed there is no noise estimate, so this cannot be told from noise."
+    noise = f"the standard error of this change is {_num(se)}"
+    if abs(delta) <= threshold * se:
+        return f"{head}; {noise}, so this is within noise: no measurable change of the held-out reward."
+    verb = "improved" if delta > 0 else "lowered"
+    times = f"{abs(delta) / se:.1f} standard errors" if se > 0 else "a change with no spread at all"
+    return (
+        f"{after} {verb} the held-out reward beyond the noise: {head}; {noise}, so the change is {times} "
+        f"(beyond noise: more than {threshold:.2f})."
+    )
+
+
+def pool_change(before: pd.DataFrame, after: pd.DataFrame, column: str = "reward") -> dict:
+    """The change of Mean@M over the images and seeds both pools have: ``{delta, se, df, m}``
+    (`bestm.paired_change`)."""
+    keys = before[["image_id", "seed"]].merge(after[["image_id", "seed"]])
+    if keys.empty:
+        raise ValueError("the pools share no (image, seed)")
+    mats = [bestm.rewards_matrix(df.merge(keys), column)[2] for df in (before, after)]
+    delta, se, df = bestm.paired_change(*mats)
+    return {"delta": delta, "se": se, "df": df, "m": mats[0].shape[1]}
+
+
+def verdict_html(
+    before: pd.DataFrame, after: pd.DataFrame, labels: tuple[str, str], column: str = "reward"
+) -> str:
+    """The change sentence as an HTML paragraph whose tooltip explains the noise figure ('' if not comparable)."""
+    try:
+        change = pool_change(before, after, column)
+    except ValueError:
+        return ""
+    text = change_sentence(change, labels[0], labels[1])
+    return f'<p class="verdict" title="{_esc(NOISE_METHOD)}">{_esc(text)}</p>'
 
 
 def _choose_images(pools: list[dict], cfg: ReportConfig) -> tuple[list[str], int]:
@@ -268,6 +344,31 @@ def _bestm_table_html(table: pd.DataFrame) -> str:
     return _table(["model", "M", "Best@M", "Mean@M", "Worst@M"], rows)
 
 
+def _scale_note(scale) -> str:
+    values = [str(v) for v in dict.fromkeys(scale) if isinstance(v, str) and v]
+    return f'<p class="note">Scale: {_esc(values[0])}.</p>' if values else ""
+
+
+def _bestm_section(pools: list[dict], labels: list[str], scale: str, column: str) -> str:
+    """Best/Mean/Worst@M plot and table of the pools on their scale, and the first-to-last verdict."""
+    tables = []
+    for label, p in zip(labels, pools):
+        _, seeds, mat = bestm.rewards_matrix(p["df"], column)
+        stats = bestm.best_mean_worst(mat, bestm.default_ms(len(seeds)))
+        part = pd.DataFrame({k: stats[k] for k in ("m", "best", "mean", "worst")})
+        part.insert(0, "model", label)
+        tables.append(part)
+    table = pd.concat(tables, ignore_index=True)
+    png = plots.plot_bestm(table, "Best / Mean / Worst@M", ylabel=scale)
+    verdict = ""
+    if len(pools) >= 2 and scale != evaluate.SEPARATE_SCALE:
+        verdict = verdict_html(pools[0]["df"], pools[-1]["df"], (labels[0], labels[-1]), column)
+    return (
+        "<h2>Best / Mean / Worst@M</h2>" + _img(png, "Best/Mean/Worst@M plot") + _bestm_table_html(table)
+        + _scale_note([scale]) + verdict
+    )  # fmt: skip
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img class="plot" src="{_data_uri(png, "image/png")}" alt="{_esc(alt)}">'
 
@@ -286,6 +387,7 @@ th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}.note{col
 .cmp-box img{width:100%;display:block}.cmp-before{position:absolute;top:0;left:0;clip-path:inset(0 50% 0 0)}
 .cmp-line{position:absolute;top:0;bottom:0;left:50%;width:2px;background:#fff;box-shadow:0 0 2px #000}
 .cmp-range{width:100%}.cmp-sel{font-size:.85em}.prompt{font-size:.85em;color:#555}.problems{color:#a00}
+.verdict{font-weight:600;cursor:help}
 """
 
 JS = """
@@ -326,28 +428,15 @@ def build_html(cfg: ReportConfig) -> str:
     pools: list[dict] = []
     labels: list[str] = []
     if cfg.pools:
-        pools = [_pool(p, cfg.reward_column) for p in cfg.pools]
-        labels = evaluate.unique_labels(
-            [p["path"] for p in pools], cfg.names, "pools", lambda p: p.parent.name
-        )
-        tables = []
-        for label, p in zip(labels, pools):
-            _, seeds, mat = bestm.rewards_matrix(p["df"], cfg.reward_column)
-            stats = bestm.best_mean_worst(mat, bestm.default_ms(len(seeds)))
-            part = pd.DataFrame({k: stats[k] for k in ("m", "best", "mean", "worst")})
-            part.insert(0, "model", label)
-            tables.append(part)
-        table = pd.concat(tables, ignore_index=True)
-        png = plots.plot_bestm(table, f"Best / Mean / Worst@M ({cfg.reward_column})")
-        sections.append(
-            "<h2>Best / Mean / Worst@M</h2>" + _img(png, "Best/Mean/Worst@M plot") + _bestm_table_html(table)
-        )
+        pools, labels, scale = read_pools(cfg)
+        sections.append(_bestm_section(pools, labels, scale, cfg.reward_column))
         bestm_done = True
     for folder in map(Path, cfg.eval_dirs):
         if not bestm_done and (folder / evaluate.BESTM_PNG).is_file():
             parts = [_img((folder / evaluate.BESTM_PNG).read_bytes(), "Best/Mean/Worst@M plot")]
             if (folder / evaluate.BESTM_CSV).is_file():
-                parts.append(_bestm_table_html(pd.read_csv(folder / evaluate.BESTM_CSV)))
+                table = pd.read_csv(folder / evaluate.BESTM_CSV)
+                parts.append(_bestm_table_html(table) + _scale_note(table.get("scale", pd.Series(dtype=str))))
             sections.append("<h2>Best / Mean / Worst@M</h2>" + "".join(parts))
             bestm_done = True
     if cfg.reward_curve is not None:

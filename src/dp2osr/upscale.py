@@ -3,27 +3,41 @@
 Sample k of an image uses seed ``seed + k`` and is written to ``OUTPUT/NAME/seed_000k.png`` (``--layout flat``:
 ``OUTPUT/NAME.png``); finished files are skipped on a rerun (resume), and under ``accelerate launch`` each
 process takes its share of the images. Each run's resolved config is recorded in the output folder.
+
+Best-of-M (``--select nr``): every candidate of an image is scored with no-reference IQA metrics (no HR
+needed), the scores are oriented (higher = better) and min-max normalised over the image's M candidates, and
+the candidate with the highest mean normalised score is copied to ``OUTPUT/NAME.png``; the per-seed scores
+and the choice go to ``OUTPUT/NAME/scores.csv``. Ties go to the lowest seed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pandas as pd
+import torch
+
+from dp2osr import metrics as metric_lib
 from dp2osr.backbones import DTYPES, default_model_note
-from dp2osr.config import field, save_config, to_dict
+from dp2osr.config import check_choice, field, save_config, to_dict
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
-from dp2osr.engine.sampler import SamplingOptions, chunk_jobs, load_model, run_jobs, sampling_settings
+from dp2osr.engine.sampler import SamplingOptions, chunk_jobs, load_model, output_path, run_jobs, sampling_settings
 from dp2osr.errors import PartialFailure
-from dp2osr.images import list_images
+from dp2osr.images import atomic_write, list_images, load_image
+from dp2osr.math.reward import hybrid_reward
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 
 CONFIG_NAME = "upscale_config.yaml"
 RUNS_NAME = "upscale_runs.jsonl"
+SELECT_MODES = ("none", "nr")
+SCORES_CSV = "scores.csv"
+NIQE_MIN_SIDE = 96  # NIQE needs one 96 px block; smaller outputs are selected by PIQE
 
 
 @dataclass(kw_only=True)
@@ -59,6 +73,21 @@ class UpscaleConfig(SamplingOptions):
         "its estimated memory and time; 0 = no limit",
         run_only=True,
     )
+    select: str = field(
+        "none",
+        help="nr: also write OUTPUT/NAME.png, the sample with the best no-reference score (--select-metrics; "
+        "no HR needed), and the per-seed scores in OUTPUT/NAME/scores.csv; none: only the samples",
+        choices=list(SELECT_MODES),
+    )
+    select_metrics: list[str] | None = field(
+        None,
+        help="no-reference metrics (pyiqa names) that choose the sample for --select nr, min-max normalised "
+        "over the image's samples and averaged (default: niqe when the output's short side is >= 96 px, "
+        "else piqe; both work offline)",
+    )
+    weights_dir: Path | None = field(
+        None, help="folder with IQA metric weights (only for weight-backed --select-metrics)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +95,12 @@ class UpscaleConfig(SamplingOptions):
             raise ValueError(f"--upscale must be >= 1, got {self.upscale}")
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        check_choice("select", self.select, list(SELECT_MODES))
+        fr = [n for n, s in metric_lib.catalogue(self.select_metrics or []).items() if s.family != "nr"]
+        if fr:
+            raise ValueError(f"--select-metrics must be no-reference metrics (there is no HR); got {fr}")
+        if self.select == "nr" and self.layout == "flat":
+            raise ValueError("--select nr writes OUTPUT/NAME.png itself: use --layout seeds with it")
         if self.max_pixels < 0:
             raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
         if self.layout == "flat" and self.samples != 1:
@@ -121,5 +156,74 @@ def run(cfg: UpscaleConfig) -> None:
         f"finished{rate} -> {cfg.output}",
         file=sys.stderr,
     )
+    if cfg.select == "nr":
+        failed += select_all(cfg, [s for s, _ in mine if s not in result.failed], seeds, device)
     if failed:
         raise PartialFailure(f"{failed} image(s) failed (reported above)")
+
+
+# ------------------------------------------------------------------------------------ best-of-M selection
+def select_metric_names(cfg: UpscaleConfig, short_side: int) -> list[str]:
+    """``--select-metrics``, or the default for an output of this short side: niqe (>= 96 px) else piqe."""
+    if cfg.select_metrics:
+        return list(dict.fromkeys(cfg.select_metrics))
+    return ["niqe"] if short_side >= NIQE_MIN_SIDE else ["piqe"]
+
+
+def score_candidates(
+    files: dict[int, Path], names: list[str], models: dict[str, torch.nn.Module]
+) -> pd.DataFrame:
+    """Raw scores ``image_id, seed, metric, value`` (long format) of each seed's file, image id ``"x"``."""
+    images = torch.cat([load_image(files[s]) for s in files])
+    rows = []
+    for name in names:
+        values = metric_lib.score_batch(models[name], images)
+        rows += [("x", seed, name, float(v)) for seed, v in zip(files, values)]
+    return pd.DataFrame(rows, columns=["image_id", "seed", "metric", "value"])
+
+
+def choose(scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed: raw value per metric, ``reward`` (oriented, min-max over the seeds, averaged) and
+    ``chosen`` (the highest reward; the lowest seed on a tie)."""
+    names = list(dict.fromkeys(scores["metric"]))
+    rewards = hybrid_reward(scores, metric_lib.catalogue(names), scope="image")
+    table = scores.pivot(index="seed", columns="metric", values="value")[names].reset_index()
+    table = table.merge(rewards[["seed", "reward"]], on="seed").sort_values("seed", ignore_index=True)
+    table["chosen"] = False
+    table.loc[table["reward"].idxmax(), "chosen"] = True  # idxmax: the first (lowest seed) of equals
+    return table
+
+
+def select_image(
+    out: Path, stem: str, seeds: list[int], names: list[str], models: dict[str, torch.nn.Module]
+) -> int:
+    """Score the samples of ``stem``, write NAME/scores.csv and copy the best to NAME.png; returns its seed."""
+    files = {s: output_path(out, stem, s) for s in seeds}
+    table = choose(score_candidates(files, names, models))
+    table.insert(1, "file", [files[int(s)].name for s in table["seed"]])
+    best = int(table.loc[table["chosen"], "seed"].iloc[0])
+    atomic_write(out / stem / SCORES_CSV, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
+    atomic_write(out / f"{stem}.png", lambda tmp: shutil.copyfile(files[best], tmp))
+    return best
+
+
+def select_all(cfg: UpscaleConfig, stems: list[str], seeds: list[int], device: torch.device) -> int:
+    """``--select nr`` for every finished image of this process (metrics built once, on ``device``); an image
+    a metric cannot score (e.g. too small) is reported by name and skipped. Returns the number skipped."""
+    out, models, failed = Path(cfg.output), {}, 0
+    for stem in stems:
+        side = min(load_image(output_path(out, stem, seeds[0])).shape[-2:])
+        names = select_metric_names(cfg, side)
+        for name in names:
+            if name not in models:
+                models[name] = metric_lib.create(name, device, cfg.weights_dir)
+        try:
+            best = select_image(out, stem, seeds, names, models)
+        except (ValueError, RuntimeError) as exc:
+            print(f"upscale: {stem}: no selection: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(
+            f"upscale: {stem}: seed {best} chosen by {', '.join(names)} -> {out / stem}.png", file=sys.stderr
+        )
+    return failed

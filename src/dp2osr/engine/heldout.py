@@ -3,7 +3,8 @@
 At step 0 (the starting ControlNet) and at each later step, the held-out LR images are sampled with the same M
 seeds, the candidates are scored, and the hybrid reward is computed under the min-max bounds of the step-0
 pool, so every step is read on one scale (rewards of later steps can leave [0, 1]). One row per step:
-``reward`` = Mean@M, ``best`` / ``worst`` = Best@M / Worst@M, and PSNR / SSIM on the Y channel (not in the
+``reward`` = Mean@M, ``best`` / ``worst`` = Best@M / Worst@M, ``reward_se`` = the seed-to-seed standard error
+of Mean@M (`bestm.mean_se`; the plot shades ±1.96 of it), and PSNR / SSIM on the Y channel (not in the
 reward; NaN when there is no HR), in ``reward_curve.csv`` and ``reward_curve.png``.
 
 `dp2osr curve` (over a run's checkpoints), `dp2osr train --eval-data` (live weights) and the quickstart all
@@ -34,7 +35,7 @@ from dp2osr.math.reward import fit_bounds, hybrid_reward
 
 CURVE_CSV = "reward_curve.csv"
 CURVE_PNG = "reward_curve.png"
-CURVE_COLUMNS = ["step", "reward", "best", "worst", "psnr", "ssim"]
+CURVE_COLUMNS = ["step", "reward", "best", "worst", "reward_se", "psnr", "ssim"]
 
 
 # ---------------------------------------------------------------------------------------------- pools
@@ -78,13 +79,15 @@ def pool_rewards(scores: pd.DataFrame, cands: Path, bounds: dict, metrics: list[
 
 
 def pool_stats(df: pd.DataFrame) -> dict[str, float]:
-    """Best/Mean/Worst@M at M = the whole pool, and the mean PSNR/SSIM of every candidate."""
+    """Best/Mean/Worst@M at M = the whole pool, the seed-to-seed standard error of Mean@M (``mean_se``) and the
+    mean PSNR/SSIM of every candidate."""
     _, _, mat = bestm.rewards_matrix(df, "reward")
     s = bestm.best_mean_worst(mat, [mat.shape[1]])
     return {
         "best": float(s["best"][0]),
         "mean": float(s["mean"][0]),
         "worst": float(s["worst"][0]),
+        "mean_se": bestm.mean_se(mat),
         "psnr": float(df["psnr"].mean()),
         "ssim": float(df["ssim"].mean()),
     }
@@ -96,7 +99,7 @@ def curve_from_pools(pools: dict[int, Path], metrics: list[str]) -> pd.DataFrame
     scores = {s: pd.read_parquet(pools[s] / "scores.parquet") for s in steps}
     bounds = fit_bounds(scores[steps[0]], metric_lib.catalogue(list(metrics)))
     rows = [{"step": s, **pool_stats(pool_rewards(scores[s], pools[s], bounds, metrics))} for s in steps]
-    return pd.DataFrame(rows).rename(columns={"mean": "reward"})[CURVE_COLUMNS]
+    return pd.DataFrame(rows).rename(columns={"mean": "reward", "mean_se": "reward_se"})[CURVE_COLUMNS]
 
 
 def write_curve(curve: pd.DataFrame, folder: Path, title: str = "Held-out reward") -> Path:

@@ -98,3 +98,46 @@ def per_image_spread(df: pd.DataFrame, column: str = "reward") -> pd.DataFrame:
             "worst_seed": [seeds[j] for j in mat.argmin(axis=1)],
         }
     )
+
+
+def mean_se(rewards: np.ndarray) -> float:
+    """Seed-to-seed standard error of Mean@M (M = all columns) for these images.
+
+    Mean@M = (1/N) sum_i (1/M) sum_s r_is. If the M seeds are a random draw, the variance of Mean@M over
+    draws is (1/N^2) sum_i var_i / M, with var_i the variance of image i's rewards over seeds (ddof=1), so
+    ``se = sqrt(sum_i var_i / M) / N``. NaN with a single seed.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    n, m = rewards.shape
+    if m < 2:
+        return float("nan")
+    return float(np.sqrt(rewards.var(axis=1, ddof=1).sum() / m) / n)
+
+
+def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float, int]:
+    """``(change of Mean@M, its standard error, degrees of freedom)`` of two pools of the same images (rows)
+    and seeds (columns).
+
+    The change is the mean over images of d_i = mean_s(after_is) - mean_s(before_is). Its standard error is
+    taken over images: ``std(d_i, ddof=1) / sqrt(N)`` with N - 1 degrees of freedom; each d_i is an average
+    over M seeds, so the seed-to-seed noise is in it, plus how much the change varies from image to image.
+    With one image it falls back to the seed-to-seed error of the per-seed differences (:func:`mean_se` of
+    ``after - before``, M - 1 degrees of freedom).
+    """
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape:
+        raise ValueError(f"pools differ in shape: {before.shape} vs {after.shape}")
+    d = after.mean(axis=1) - before.mean(axis=1)
+    if len(d) < 2:
+        return float(d.mean()), mean_se(after - before), after.shape[1] - 1
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))), len(d) - 1
+
+
+def t95(df: int) -> float:
+    """The two-sided 95 % threshold of Student's t with ``df`` degrees of freedom (NaN for df < 1): a change
+    beyond ``t95(df)`` standard errors is beyond noise (1.96 for many images; 12.7 for two)."""
+    if df < 1:
+        return float("nan")
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))

@@ -152,3 +152,19 @@ def fit_bounds(scores_long: pd.DataFrame, catalogue: Mapping[str, MetricMeta]) -
         v = orient(group["value"].to_numpy(dtype=np.float64), catalogue[m].lower_better)
         out[str(m)] = (float(np.nanmin(v)), float(np.nanmax(v)))
     return out
+
+
+def joint_rewards(
+    pools: Mapping[str, pd.DataFrame],
+    catalogue: Mapping[str, MetricMeta],
+    w_fr: float = 0.5,
+    w_nr: float = 0.5,
+) -> dict[str, pd.DataFrame]:
+    """The hybrid reward of several pools on one scale: each metric's bounds are fitted on the union of the
+    pools' raw scores (:func:`fit_bounds`) and every pool is normalised with them, so a reward of one pool can
+    be compared with a reward of another. ``pools`` maps a name to a long scores table; returns the
+    :func:`hybrid_reward` table of each, under the same names."""
+    if not pools:
+        raise ValueError("no pools to normalise")
+    bounds = fit_bounds(pd.concat(list(pools.values()), ignore_index=True), catalogue)
+    return {k: hybrid_reward(s, catalogue, w_fr, w_nr, bounds=bounds) for k, s in pools.items()}
