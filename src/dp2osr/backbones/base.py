@@ -7,7 +7,9 @@ Latents are always handled *unpacked*, ``(B, C, h, w)``; FLUX packs them into to
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ class Backbone(ABC):
         self.scheduler = scheduler
         self.device = torch.device("cpu")
         self.dtype = torch.float32
+        self.fast_paths: dict[str, bool] = {}  # what `optimize` applied (empty: the plain modules)
         for m in self.frozen_modules().values():  # frozen parts never train (no dropout, no grads)
             m.requires_grad_(False)
             m.eval()
@@ -174,6 +177,54 @@ class Backbone(ABC):
         """A ControlNet initialised from the denoiser (the start of supervised training)."""
         return self.controlnet_for(self.denoiser)
 
+    # ---- sampling fast paths --------------------------------------------------------------------------
+    def optimize(self, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool = False) -> Backbone:
+        """Make the denoiser and the ControlNet faster for sampling, in place (inference only: not for training).
+
+        ``channels_last``: 4-D weights in ``torch.channels_last`` memory format (the convolutions of a UNet and
+        its ControlNet; a transformer has none to convert). ``fuse_qkv``: diffusers' ``fuse_qkv_projections()``
+        (one matmul for Q, K and V; K and V for cross-attention) on every part whose class supports it.
+        ``compile``: ``torch.compile`` of their forward (inductor, fixed shapes: one graph per tile/batch shape).
+        Outputs match the plain modules up to float rounding. Raises ValueError when an option cannot apply.
+        """
+        wanted = {"channels_last": channels_last, "fuse_qkv": fuse_qkv, "compile": compile}
+        if not any(wanted.values()):
+            return self
+        if self.fast_paths:
+            raise ValueError(f"{self.name}: already optimized ({self.fast_paths}); load the model again")
+        if compile:
+            check_compile(self.device)
+        if fuse_qkv and not any(supports_fused_qkv(m) for m in self.fast_modules().values()):
+            raise ValueError(f"--fuse-qkv: no part of {self.name} supports fused QKV projections")
+        self.fast_paths = wanted
+        for name, module in self.fast_modules().items():
+            setattr(self, name, self.optimize_module(module))
+        return self
+
+    def fast_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules `optimize` works on, by attribute name: the denoiser and the ControlNet."""
+        return {self.denoiser_name: self.denoiser, "controlnet": self.controlnet}
+
+    def optimize_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Apply the fast paths of `optimize` to ``module`` (e.g. a ControlNet swapped in later), in place."""
+        if self.fast_paths.get("fuse_qkv"):
+            fuse_qkv(module)
+        if self.fast_paths.get("channels_last"):
+            module.to(memory_format=torch.channels_last)
+        if self.fast_paths.get("compile"):
+            module.compile(dynamic=False)  # nn.Module.compile: same module object, same state_dict keys
+        return module
+
+    def plain_controlnet(self) -> torch.nn.Module:
+        """A ControlNet of the same architecture and weights as the backbone's, without the fast paths (whose
+        fused projections add state-dict keys and whose compiled forward a deep copy must not share)."""
+        if not self.fast_paths:
+            return copy.deepcopy(self.controlnet)
+        net = type(self.controlnet).from_config(self.controlnet.config)
+        plain = set(net.state_dict())
+        net.load_state_dict({k: v for k, v in self.controlnet.state_dict().items() if k in plain}, strict=True)
+        return net.to(memory_format=torch.contiguous_format)
+
     @contextlib.contextmanager
     def vae_tiling(self, enabled: bool, tile_px: int | None = None):
         """Decode/encode in overlapping tiles while inside the block (diffusers' tiled VAE), if enabled."""
@@ -247,6 +298,48 @@ def require_parts(base: Path | None, parts: list[str] | tuple[str, ...], what: s
             f"{base} is not {what} in diffusers layout: missing subfolder(s) {', '.join(missing)}"
         )
     return base
+
+
+def supports_fused_qkv(module: torch.nn.Module) -> bool:
+    """Whether diffusers can fuse ``module``'s QKV projections (the method exists and no attention layer has
+    added KV projections, which ``fuse_qkv_projections`` refuses)."""
+    if not hasattr(module, "fuse_qkv_projections"):
+        return False
+    processors = getattr(module, "attn_processors", {})
+    return bool(processors) and not any("Added" in type(p).__name__ for p in processors.values())
+
+
+def fuse_qkv(module: torch.nn.Module) -> int:
+    """Fuse ``module``'s attention projections where supported; returns how many attention layers are fused.
+
+    diffusers' ``fuse_qkv_projections`` of a UNet fuses its (older) ``Attention`` layers, but the same method of
+    a ``ControlNetModel`` (diffusers 0.42) only looks at the newer attention classes and leaves them unfused;
+    those are then fused layer by layer as the UNet's method does (``fuse_projections`` + the fused processor).
+    """
+    if not supports_fused_qkv(module):
+        return 0
+    module.fuse_qkv_projections()
+    if not _fused_layers(module):
+        from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+
+        layers = [m for m in module.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            layer.fuse_projections(fuse=True)
+        if layers:
+            module.set_attn_processor(FusedAttnProcessor2_0())
+    return _fused_layers(module)
+
+
+def _fused_layers(module: torch.nn.Module) -> int:
+    return sum(bool(getattr(m, "fused_projections", False)) for m in module.modules())
+
+
+def check_compile(device: torch.device) -> None:
+    """Fail early (ValueError) where ``torch.compile`` cannot work: inductor on the CPU needs a C++ compiler."""
+    if not hasattr(torch, "compile"):
+        raise ValueError(f"--compile needs torch.compile (torch >= 2.0; this is torch {torch.__version__})")
+    if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++) on PATH for inductor")
 
 
 def cast(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:

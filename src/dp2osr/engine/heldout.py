@@ -13,7 +13,6 @@ use `HeldoutEval`. Finished pools are kept: a rerun resumes and only samples wha
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -126,10 +125,11 @@ def run_checkpoints(run: Path) -> dict[int, Path]:
 
 
 def controlnet_from(bb: Backbone, model: Path) -> torch.nn.Module:
-    """A copy of the backbone's ControlNet holding the release-format weights in ``model``."""
-    net = copy.deepcopy(bb.controlnet)
+    """A copy of the backbone's ControlNet holding the release-format weights in ``model`` (with the backbone's
+    sampling fast paths, `Backbone.optimize`, applied after the weights are in)."""
+    net = bb.plain_controlnet()
     load_release_state(net, model, "the run's ControlNet")
-    return cast(net, bb.device, bb.dtype).eval()
+    return bb.optimize_module(cast(net, bb.device, bb.dtype).eval())
 
 
 def read_heldout(heldout: Path, metrics: list[str], limit: int | None = None) -> pd.DataFrame:

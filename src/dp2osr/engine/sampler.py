@@ -256,6 +256,21 @@ class SamplingOptions(ModelOptions):
     ram_path: Path | None = field(None, help="RAM swin-L checkpoint (.pth) for --prompt-source ram")
     dape_path: Path | None = field(None, help="DAPE checkpoint (.pth) for --prompt-source ram")
     batch_size: int = field(8, help="seeds of one image sampled together in one batched call", run_only=True)
+    # Fast paths (Backbone.optimize): outputs equal the plain path's up to float rounding, not bit for bit, so
+    # they are part of a pool's options (a resumed pool does not mix them).
+    channels_last: bool = field(
+        False, help="denoiser and ControlNet in torch.channels_last memory format (helps UNet convolutions on GPUs)"
+    )
+    fuse_qkv: bool = field(
+        False,
+        help="fuse the attention Q/K/V projections into one matmul (diffusers' fuse_qkv_projections) in the "
+        "denoiser and ControlNet; more weight memory",
+    )
+    compile: bool = field(
+        False,
+        help="torch.compile the denoiser and ControlNet (inductor; compiles once per tile/batch shape, "
+        "minutes at real size; pays off on large pools)",
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -272,7 +287,18 @@ def load_model(opts: ModelOptions, device: torch.device | None = None) -> Backbo
     """Load the backbone + ControlNet that ``opts`` names, moved to its device and dtype."""
     device = device or resolve_device(opts.device)
     dtype = auto_dtype(opts.backbone, device) if opts.dtype == "auto" else opts.dtype
-    return load_backbone(opts.backbone, opts.base, opts.controlnet, dtype=dtype).to(device, DTYPES[dtype])
+    bb = load_backbone(opts.backbone, opts.base, opts.controlnet, dtype=dtype).to(device, DTYPES[dtype])
+    if isinstance(opts, SamplingOptions):  # sampling only: training needs the plain modules
+        bb.optimize(**fast_paths(opts))
+    return bb
+
+
+FAST_PATHS = ("channels_last", "fuse_qkv", "compile")
+
+
+def fast_paths(opts: SamplingOptions) -> dict[str, bool]:
+    """The sampling fast paths ``opts`` asks for (`Backbone.optimize`'s keyword arguments)."""
+    return {k: bool(getattr(opts, k)) for k in FAST_PATHS}
 
 
 def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
@@ -307,8 +333,10 @@ LR_SHA_KEY, OPTIONS_SHA_KEY = "dp2osr:lr_sha", "dp2osr:options_sha"
 
 def options_sha(bb: Backbone, opts: SamplingOptions, upscale: int, model: str) -> str:
     """A hash of everything besides the LR that decides a sample: the model identity, the resolved sampling
-    settings, the scale, the prompt source and the weights' dtype (not the run-only batch sizes)."""
+    settings, the scale, the prompt source, the weights' dtype and the fast paths that are on (not the run-only
+    batch sizes)."""
     settings = {k: v for k, v in sampling_settings(bb, opts).items() if k != "tile_batch"}
+    settings.update({k: True for k, on in fast_paths(opts).items() if on})  # absent when off: old hashes hold
     record = {
         "model": model, **settings, "upscale": upscale, "dtype": str(bb.dtype), "prompt_source": opts.prompt_source,
         "prompt": opts.prompt, "ram_path": str(opts.ram_path or ""), "dape_path": str(opts.dape_path or ""),
