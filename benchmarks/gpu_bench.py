@@ -13,7 +13,12 @@ FLUX T5 (B, 512, 4096) + pooled (B, 768)), and measures with dp2osr's code paths
   forward reaches (FLOPs from ``torch.utils.flop_counter.FlopCounterMode``);
 - sampling at 512² with ``dp2osr.engine.sampler.generate`` for M = 1, 8, 16 seeds in one batched call: time per
   denoising step (SD2 with CFG, i.e. a batch of 2M), VAE decode per image, and the per-image time and
-  images/s extrapolated to the default 50 (SD2) / 25 (FLUX) steps;
+  images/s extrapolated to the default 50 (SD2) / 25 (FLUX) steps, with the achieved TFLOP/s of the denoising
+  steps and their fraction of the matmul peak;
+- the same with each sampling fast path (``--fast-paths``: dp2osr's ``--channels-last``, ``--fuse-qkv``,
+  ``--compile`` and all three, applied by ``Backbone.optimize`` to copies of the denoiser and ControlNet),
+  beside the plain rows (``speedup_vs_plain``); compiled paths at ``--compile-ms`` only (one compilation per
+  shape), each M after an untimed one-step call at that M;
 - one DP²O training step as ``dp2osr train --mode dpo --mixed-precision bf16`` does it (fp32 ControlNet master
   weights + AdamW, frozen bf16 UNet/transformer shared with a frozen bf16 reference ControlNet, cached
   latents): step time and peak memory (``torch.cuda.max_memory_allocated``) at 512², SD2 with 2 pairs,
@@ -264,14 +269,29 @@ def efficiency(bb, batch: int, size: int, device, dtype, peak: float, reps: int)
     return out
 
 
-def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float) -> list[dict]:
-    """Per-step and decode times of dp2osr.engine.sampler.generate with M seeds in one call (hooks on predict/decode)."""
+def step_flops(bb, m: int, size: int, cond: dict, control: torch.Tensor, device, dtype) -> float:
+    """FLOPs of one denoising step (denoiser + ControlNet, CFG doubling included) at batch ``m``."""
+    f = bb.latent_factor
+    lat = torch.zeros((m, bb.latent_channels, size // f, size // f), device=device, dtype=dtype)
+    ctrl = bb.prepare_control(control.to(device))
+    t = torch.full((m,), 500.0, device=device)
+    conds = {k: v.expand(m, *v.shape[1:]) for k, v in cond.items()}
+    with torch.no_grad():
+        return flops_of(lambda: bb.predict(lat, t, conds, ctrl, guidance=bb.default_guidance))
+
+
+def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float, flops_step=None) -> list[dict]:
+    """Per-step and decode times of dp2osr.engine.sampler.generate with M seeds in one call (hooks on
+    predict/decode), each M after an untimed one-step call at that M (a compiled model compiles per shape).
+    ``flops_step``: FLOPs of one step at the largest M (default: counted here on ``bb``)."""
     from dp2osr.engine.sampler import generate
 
     cfg = bb.uses_negative_prompt
     guidance = bb.default_guidance
     cond = random_cond(bb, 1, device, dtype, cfg)
     control = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(2))
+    if flops_step is None:
+        flops_step = step_flops(bb, max(ms), size, cond, control, device, dtype)
     marks: list[tuple[str, float]] = []
     predict, decode = bb.predict, bb.decode_latents
 
@@ -289,75 +309,100 @@ def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float) ->
         return out
 
     bb.predict, bb.decode_latents = timed_predict, timed_decode
-    flops_step = None
     try:
-        generate(bb, control, cond, [0], steps=1, guidance=guidance)  # warm-up
         rows = []
         for m in ms:
-            marks.clear()
             seeds = list(range(m))
+            generate(bb, control, cond, seeds, steps=1, guidance=guidance)  # warm-up (and compile) at this M
+            marks.clear()
             wall = common.timed(
                 lambda seeds=seeds: generate(bb, control, cond, seeds, steps=steps_timed, guidance=guidance),
                 device,
             )
-            starts = [t for k, t in marks if k == "predict"]
-            dec = [t for k, t in marks if k == "decode"]
-            done = [t for k, t in marks if k == "decoded"]
-            step_times = [b - a for a, b in zip(starts, [*starts[1:], dec[0]])]
-            step_s = common.median(step_times[1:] if len(step_times) > 1 else step_times)
-            decode_s = sum(b - a for a, b in zip(dec, done)) / m
-            fixed_s = max(0.0, wall - sum(step_times) - decode_s * m)
-            n_steps = bb.default_steps if size >= 256 else steps_timed
-            per_image = (step_s * n_steps + fixed_s) / m + decode_s
-            if m == max(ms):
-                lat = torch.zeros(
-                    (m, bb.latent_channels, size // bb.latent_factor, size // bb.latent_factor),
-                    device=device,
-                    dtype=dtype,
-                )
-                ctrl = bb.prepare_control(control.to(device))
-                with torch.no_grad():
-                    flops_step = flops_of(
-                        lambda lat=lat, ctrl=ctrl, m=m: predict(
-                            lat,
-                            torch.full((m,), 500.0, device=device),
-                            {k: v.expand(m, *v.shape[1:]) for k, v in cond.items()},
-                            ctrl,
-                            guidance=guidance,
-                        )
-                    )
-            r = {
-                "M": m,
-                "px": size,
-                "denoiser_batch": 2 * m if cfg else m,
-                "step_s": round(step_s, 4),
-                "decode_s_per_image": round(decode_s, 4),
-                "fixed_s": round(fixed_s, 4),
-                "default_steps": n_steps,
-                "s_per_image": round(per_image, 4),
-                "images_per_s": round(1 / per_image, 3),
-                "measured_steps": steps_timed,
-                "measured_wall_s": round(wall, 3),
-            }
-            if flops_step is not None and m == max(ms):
-                achieved = flops_step / step_s / 1e12
-                r.update(
-                    tflop_per_step=round(flops_step / 1e12, 2),
-                    achieved_tflops=round(achieved, 3),
-                    fraction_of_matmul_peak=frac(achieved, peak),
-                )
-            rows.append(r)
-            log(
-                f"   {bb.kind} M={m:2d}: {step_s * 1e3:8.1f} ms/step (batch {r['denoiser_batch']}), decode "
-                f"{decode_s * 1e3:6.1f} ms/img -> {per_image:7.3f} s/img at {n_steps} steps = "
-                f"{1 / per_image:6.2f} img/s"
-            )
+            rows.append(sampling_row(bb, m, size, steps_timed, marks, wall, flops_step * m / max(ms), peak))
         base = rows[0]["images_per_s"]
         for r in rows:
             r["speedup_vs_M1"] = round(r["images_per_s"] / base, 2)
         return rows
     finally:
         bb.predict, bb.decode_latents = predict, decode
+
+
+def sampling_row(bb, m, size, steps_timed, marks, wall, flops_step, peak) -> dict:
+    """One M's row from the predict/decode marks of a timed ``generate`` call."""
+    starts = [t for k, t in marks if k == "predict"]
+    dec = [t for k, t in marks if k == "decode"]
+    done = [t for k, t in marks if k == "decoded"]
+    step_times = [b - a for a, b in zip(starts, [*starts[1:], dec[0]])]
+    step_s = common.median(step_times[1:] if len(step_times) > 1 else step_times)
+    decode_s = sum(b - a for a, b in zip(dec, done)) / m
+    fixed_s = max(0.0, wall - sum(step_times) - decode_s * m)
+    n_steps = bb.default_steps if size >= 256 else steps_timed
+    per_image = (step_s * n_steps + fixed_s) / m + decode_s
+    achieved = flops_step / step_s / 1e12
+    r = {
+        "M": m,
+        "px": size,
+        "denoiser_batch": 2 * m if bb.uses_negative_prompt else m,
+        "step_s": round(step_s, 4),
+        "decode_s_per_image": round(decode_s, 4),
+        "fixed_s": round(fixed_s, 4),
+        "default_steps": n_steps,
+        "s_per_image": round(per_image, 4),
+        "images_per_s": round(1 / per_image, 3),
+        "measured_steps": steps_timed,
+        "measured_wall_s": round(wall, 3),
+        "tflop_per_step": round(flops_step / 1e12, 4),
+        "achieved_tflops": round(achieved, 3),
+        "fraction_of_matmul_peak": frac(achieved, peak),
+    }
+    log(
+        f"   {bb.kind} M={m:2d}: {step_s * 1e3:8.1f} ms/step (batch {r['denoiser_batch']}), decode "
+        f"{decode_s * 1e3:6.1f} ms/img -> {per_image:7.3f} s/img at {n_steps} steps = "
+        f"{1 / per_image:6.2f} img/s, {achieved:.4g} TFLOP/s = {frac(achieved, peak):.1%} of the matmul peak"
+    )
+    return r
+
+
+# Sampling fast paths (dp2osr's --channels-last / --fuse-qkv / --compile, Backbone.optimize), each measured
+# beside the plain path on the same model in the same run; "all" is the three together.
+FAST_PATHS = {
+    "channels_last": {"channels_last": True},
+    "fuse_qkv": {"fuse_qkv": True},
+    "compile": {"compile": True},
+    "all": {"channels_last": True, "fuse_qkv": True, "compile": True},
+}
+
+
+def fast_variant(bb, fast: dict):
+    """A shallow copy of ``bb`` with deep copies of its denoiser and ControlNet optimised by ``fast`` (``bb``
+    itself stays plain; the copies are freed with the variant)."""
+    v = copy.copy(bb)
+    v.fast_paths = {}
+    for name, module in bb.fast_modules().items():
+        setattr(v, name, copy.deepcopy(module))
+    return v.optimize(**fast)
+
+
+def fast_sampling(bb, name: str, args, size: int, device, dtype, peak: float, res: dict, within_budget) -> None:
+    """Sampling with each fast path of ``args.fast_paths`` beside the plain rows in ``res["sampling"]``."""
+    plain = {r["M"]: r for r in res.get("sampling", [])}
+    if not plain:
+        return
+    flops_max = plain[max(plain)]["tflop_per_step"] * 1e12
+    out = res.setdefault("sampling_fast", {})
+    for path in args.fast_paths:
+        if not within_budget(f"sampling {path}"):
+            continue
+        with guarded(f"{name}: sampling {path}"):
+            t = time.perf_counter()
+            variant = fast_variant(bb, FAST_PATHS[path])
+            ms = sorted(plain) if not FAST_PATHS[path].get("compile") else [m for m in args.compile_ms if m in plain]
+            rows = sampling(variant, ms, size, args.sample_steps, device, dtype, peak, flops_max * max(ms) / max(plain))
+            for r in rows:
+                r["speedup_vs_plain"] = round(r["images_per_s"] / plain[r["M"]]["images_per_s"], 3)
+            out[path] = {"rows": rows, "part_s": round(time.perf_counter() - t, 1)}
+            del variant
 
 
 def dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast, shared: bool) -> float:
@@ -524,8 +569,10 @@ def family(name: str, args, device, dtype, peak: float) -> None:
             res["sampling"] = sampling(bb, (1, 8, 16), size, args.sample_steps, device, dtype, peak)
     pairs, ckpt = (2, False) if name == "sd2" else (1, True)
     res["training"] = {}
-    for variant in ("ours", "naive"):  # FLUX's naive step last of all: it may not fit in memory
-        if within_budget(f"training {variant}"):
+    for variant in ("ours", "fast", "naive"):  # FLUX's naive step last of all: it may not fit in memory
+        if variant == "fast":  # the sampling fast paths between our step and the (least needed) naive one
+            fast_sampling(bb, name, args, size, device, dtype, peak, res, within_budget)
+        elif within_budget(f"training {variant}"):
             with guarded(f"{name}: training {variant}"):
                 res["training"][variant] = training(
                     bb, variant, pairs, size, ckpt, device, dtype, args.train_steps
@@ -566,7 +613,15 @@ def table() -> None:
                 print(
                     f"  {s['M']:>3} {s['step_s'] * 1e3:9.1f} {s['decode_s_per_image'] * 1e3:14.1f} "
                     f"{s['s_per_image']:8.3f} {s['images_per_s']:7.2f} {s['speedup_vs_M1']:6.2f}x   "
-                    f"({s['default_steps']} steps)"
+                    f"({s['default_steps']} steps) {s['achieved_tflops']:.4g} TFLOP/s = "
+                    f"{s['fraction_of_matmul_peak']:.0%} of matmul peak"
+                )
+        for path, f in r.get("sampling_fast", {}).items():
+            for s in f["rows"]:
+                print(
+                    f"  {path:>13} M={s['M']:<3} {s['step_s'] * 1e3:9.1f} ms/step {s['images_per_s']:7.2f} img/s "
+                    f"{s['speedup_vs_plain']:6.3f}x plain, {s['achieved_tflops']:.4g} TFLOP/s = "
+                    f"{s['fraction_of_matmul_peak']:.0%} of matmul peak"
                 )
         for v, t in r.get("training", {}).items():
             if isinstance(t, dict):
@@ -604,6 +659,22 @@ def main() -> int:
     parser.add_argument(
         "--sample-steps", type=int, default=4, help="denoising steps timed per M (first = warm-up)"
     )
+    parser.add_argument(
+        "--fast-paths",
+        nargs="*",
+        choices=list(FAST_PATHS),
+        default=None,
+        help="sampling fast paths measured beside the plain path (default: all; with --tiny: channels_last "
+        "fuse_qkv, as inductor takes ~1 min per shape on a small CPU)",
+    )
+    parser.add_argument(
+        "--compile-ms",
+        nargs="+",
+        type=int,
+        default=[16],
+        help="the M (of 1 8 16) at which the compile and all paths are measured: one compilation per shape "
+        "(default: 16)",
+    )
     parser.add_argument("--train-steps", type=int, default=3, help="timed training steps (after 1 warm-up)")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions of the denoiser forward")
     parser.add_argument(
@@ -614,6 +685,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
+    if args.fast_paths is None:
+        args.fast_paths = ["channels_last", "fuse_qkv"] if args.tiny else list(FAST_PATHS)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; use --tiny to test on CPU")
     JSON_PATH = args.json or (Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None)
