@@ -324,8 +324,8 @@ def sampling(bb, ms, size: int, steps_timed: int, device, dtype, peak: float, fl
         for r in rows:
             r["speedup_vs_M1"] = round(r["images_per_s"] / base, 2)
         return rows
-    finally:
-        bb.predict, bb.decode_latents = predict, decode
+    finally:  # back to the class's methods (an instance attribute would be bound to bb in a copy of it too)
+        del bb.predict, bb.decode_latents
 
 
 def sampling_row(bb, m, size, steps_timed, marks, wall, flops_step, peak) -> dict:
@@ -378,6 +378,7 @@ def fast_variant(bb, fast: dict):
     """A shallow copy of ``bb`` with deep copies of its denoiser and ControlNet optimised by ``fast`` (``bb``
     itself stays plain; the copies are freed with the variant)."""
     v = copy.copy(bb)
+    assert "predict" not in vars(v), "the copy would call the plain modules through bb's bound predict"
     v.fast_paths = {}
     for name, module in bb.fast_modules().items():
         setattr(v, name, copy.deepcopy(module))
