@@ -88,3 +88,22 @@ def test_fuse_qkv_refused_where_nothing_supports_it(monkeypatch):
     monkeypatch.setattr(bb, "fast_modules", lambda: {"text_encoder": bb.text_encoder})  # transformers' CLIP
     with pytest.raises(ValueError, match="--fuse-qkv: no part of sd2-tiny"):
         bb.optimize(fuse_qkv=True)
+
+
+def test_checkpoint_controlnet_gets_fast_paths(tmp_path):
+    """`curve` loads each checkpoint into a plain ControlNet, then applies the backbone's fast paths."""
+    from dp2osr.backbones import save_release
+    from dp2osr.engine.heldout import controlnet_from
+
+    trained = load_backbone("sd2-tiny")
+    with torch.no_grad():
+        for p in trained.controlnet.parameters():
+            p.add_(0.01)  # a "trained" checkpoint, unlike the backbone's own ControlNet
+    save_release(trained.controlnet, tmp_path / "model.safetensors")
+    bb = load_backbone("sd2-tiny").optimize(fuse_qkv=True)
+    net = controlnet_from(bb, tmp_path / "model.safetensors")
+    assert any(hasattr(m, "to_qkv") for m in net.modules())
+    state, want = net.state_dict(), trained.controlnet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in want.items())
+    fused = [m for m in net.modules() if hasattr(m, "to_qkv")][0]  # fused from the loaded weights
+    torch.testing.assert_close(fused.to_qkv.weight, torch.cat([fused.to_q.weight, fused.to_k.weight, fused.to_v.weight]))
