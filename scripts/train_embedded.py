@@ -531,8 +531,11 @@ def train_model(args: argparse.Namespace) -> Path:
     elif args.sharpener_steps or args.sharpener_minutes:
         seconds = args.sharpener_minutes * 60 if args.sharpener_minutes else None
         sharpener, stage0 = train_sharpener(data, args, device, seconds, args.sharpener_steps)
-        init = with_sharpener(init, sharpener, work / "init_sharpener", args.detail)
         save_file({k: v.contiguous() for k, v in sharpener.state_dict().items()}, str(work / "sharpener.safetensors"))
+        if args.sharpener_only:
+            print(f"sharpener -> {work / 'sharpener.safetensors'}")
+            return work / "sharpener.safetensors"
+        init = with_sharpener(init, sharpener, work / "init_sharpener", args.detail)
     stage1 = None
     if args.base_steps or (args.base_steps is None and args.base_fraction > 0):
         budget = None if args.base_steps is not None else args.minutes * 60 * args.base_fraction
@@ -639,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stage 0: train the deterministic SR branch for this long (0 = no sharpener)")
     p.add_argument("--sharpener-steps", type=int, help="stage 0: exactly this many steps")
     p.add_argument("--sharpener", type=Path, help="skip stage 0: use this trained sharpener (safetensors)")
+    p.add_argument("--sharpener-only", action="store_true", help="stop after stage 0 (WORK/sharpener.safetensors)")
     p.add_argument("--sharpener-channels", type=int, default=48)
     p.add_argument("--sharpener-blocks", type=int, default=6)
     p.add_argument("--sharpener-lr", type=float, default=1e-3)
