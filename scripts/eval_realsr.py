@@ -1,6 +1,6 @@
 """The embedded model (or any `dp2osr upscale` model) against bicubic and OSEDiff on RealSR ×4.
 
-    python scripts/eval_realsr.py --realsr DIR [--limit N] [--out results.json] [--crops DIR] [model options]
+    python scripts/eval_realsr.py --realsr DIR [--limit N] [--every K] [--out results.json] [--crops DIR] [model options]
 
 DIR is the RealSR test set as the Real-ISR literature uses it: ``test_LR/`` (128² LR), ``test_HR/`` (512² HR)
 and ``results_osediff/`` (OSEDiff's published outputs, same names; optional). Default: the environment variable
@@ -73,10 +73,40 @@ def measure(img: torch.Tensor, hr: torch.Tensor, niqe) -> dict[str, float]:
     }
 
 
+def summarise(rows: dict, names: list[str], seconds: float, s: dict, args, final: bool) -> None:
+    """Means over the images done so far; the table when ``final``; the JSON (``--out``) every time, so an
+    interrupted run keeps what it measured."""
+    done = len(rows["model"])
+    means = {k: {m: float(np.mean([r[m] for r in v])) for m in v[0] if m != "image"} for k, v in rows.items() if v}
+    hr_chroma = means["hr"]["chroma_hp"]
+    for v in means.values():
+        v["chroma_vs_hr"] = v["chroma_hp"] / hr_chroma
+    _write(args, rows, means, s, seconds, done)
+    if not final:
+        return
+    print(f"| {done} RealSR images | PSNR-Y ↑ | SSIM-Y ↑ | NIQE ↓ | chroma HP (× HR) | luma HP |")
+    print("|---|---|---|---|---|---|")
+    for k, v in means.items():
+        print(f"| {k} | {v['psnr_y']:.2f} | {v['ssim_y']:.4f} | {v['niqe']:.2f} | {v['chroma_hp']:.2f} "
+              f"({v['chroma_vs_hr']:.2f}×) | {v['luma_hp']:.2f} |")  # fmt: skip
+    print(f"model: {seconds / done:.1f} s per image (sampling only)")
+
+
+def _write(args, rows: dict, means: dict, s: dict, seconds: float, done: int) -> None:
+    if not args.out:
+        return
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {**s, "backbone": args.backbone, "base": str(args.base), "controlnet": str(args.controlnet),
+                "color_fix": args.color_fix, "seed": args.seed}  # fmt: skip
+    args.out.write_text(json.dumps({"settings": settings, "images": done, "means": means, "per_image": rows,
+                                    "seconds_per_image": seconds / done}, indent=1))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--realsr", type=Path, default=os.environ.get("DP2OSR_REALSR"), help="RealSR folder")
     p.add_argument("--limit", type=int, default=None, help="first N images (sorted by name)")
+    p.add_argument("--every", type=int, default=1, help="every K-th image (sorted by name), to spread a subset")
     p.add_argument("--out", type=Path, help="JSON output")
     p.add_argument("--crops", type=Path, help="folder for side-by-side crops of the first images")
     p.add_argument("--backbone", default="embedded")
@@ -88,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.realsr is None or not (args.realsr / "test_LR").is_dir():
         p.error("give --realsr DIR (with test_LR/, test_HR/) or set DP2OSR_REALSR")
-    names = sorted(x.name for x in (args.realsr / "test_LR").glob("*.png"))[: args.limit]
+    names = sorted(x.name for x in (args.realsr / "test_LR").glob("*.png"))[:: args.every][: args.limit]
     opts = SamplingOptions(backbone=args.backbone, base=args.base, controlnet=args.controlnet, steps=args.steps,
                            color_fix=args.color_fix, device="cpu")  # fmt: skip
     bb = load_model(opts)
@@ -118,22 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{i + 1}/{len(names)} {name}: model PSNR-Y {rows['model'][-1]['psnr_y']:.2f} "
               f"(bicubic {rows['bicubic'][-1]['psnr_y']:.2f}), NIQE {rows['model'][-1]['niqe']:.2f} "
               f"(bicubic {rows['bicubic'][-1]['niqe']:.2f})", file=sys.stderr, flush=True)  # fmt: skip
-    means = {k: {m: float(np.mean([r[m] for r in v])) for m in v[0] if m != "image"} for k, v in rows.items() if v}
-    hr_chroma = means["hr"]["chroma_hp"]
-    for v in means.values():
-        v["chroma_vs_hr"] = v["chroma_hp"] / hr_chroma
-    print(f"| {len(names)} RealSR images | PSNR-Y ↑ | SSIM-Y ↑ | NIQE ↓ | chroma HP (× HR) | luma HP |")
-    print("|---|---|---|---|---|---|")
-    for k, v in means.items():
-        print(f"| {k} | {v['psnr_y']:.2f} | {v['ssim_y']:.4f} | {v['niqe']:.2f} | {v['chroma_hp']:.2f} "
-              f"({v['chroma_vs_hr']:.2f}×) | {v['luma_hp']:.2f} |")  # fmt: skip
-    print(f"model: {seconds / len(names):.1f} s per image (sampling only)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {**s, "backbone": args.backbone, "base": str(args.base), "controlnet": str(args.controlnet),
-                    "color_fix": args.color_fix, "seed": args.seed}  # fmt: skip
-        args.out.write_text(json.dumps({"settings": settings, "means": means, "per_image": rows,
-                                        "seconds_per_image": seconds / len(names)}, indent=1))  # fmt: skip
+        summarise(rows, names, seconds, s, args, final=False)
+    summarise(rows, names, seconds, s, args, final=True)
     return 0
 
 

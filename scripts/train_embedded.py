@@ -6,7 +6,10 @@
        python scripts/train_embedded.py --export-photos PHOTOS --opencv-doc /tmp/opencv-doc
 
    writes the 6 photos bundled with scikit-image as PNG and copies 32 hand-picked colour photos (>= 256 px)
-   from opencv-doc's examples (see ``OPENCV_PHOTOS``) byte for byte: 38 files, about 8 MB.
+   from opencv-doc's examples (see ``OPENCV_PHOTOS``) byte for byte: 38 files, about 8 MB. With ``--debian DIR``
+   (where ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` were unpacked with ``dpkg-deb -x``) it adds
+   their 23 photographs (``MATE_PHOTOS``, ``PLASMA_PHOTOS``; wallpapers shrunk to 1600 px): 61 photos. The
+   folder's ``SOURCES.md`` lists every file's source package and licence.
 
 2. Training (needs no scikit-image, pyiqa or network: torch, diffusers, numpy, pillow, pandas/pyarrow)::
 
@@ -17,6 +20,10 @@
      each degraded to ×4 LR by ``dp2osr.degrade.degrade_image`` with ``MILD`` parameters (a milder version of
      Real-ESRGAN's second-order pipeline, the range of inputs `dp2osr upscale` meets in everyday photos),
      in parallel on all CPU cores -> ``WORK/data`` (a `dp2osr degrade`-style folder: hr/, lr/, pairs.parquet);
+   - stage 0 (``--sharpener-minutes``, or ``--sharpener FILE`` trained earlier; ``--sharpener-only`` stops
+     after it): the deterministic SR branch (``train_sharpener``, L1), which becomes the base image of the
+     model's stand-in autoencoder, with the diffused residual reduced to brightness (``luma_only``) and scaled
+     by ``--detail`` at decode (``with_sharpener``);
    - an untrained model from ``build_embedded(--seed)`` -> ``WORK/init`` (or ``--init FOLDER`` to go on
      training an existing model, e.g. the shipped one);
    - stage 1, the base model's pretraining (``pretrain_base``; ``--base-fraction`` of the time, or
