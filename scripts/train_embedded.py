@@ -6,7 +6,10 @@
        python scripts/train_embedded.py --export-photos PHOTOS --opencv-doc /tmp/opencv-doc
 
    writes the 6 photos bundled with scikit-image as PNG and copies 32 hand-picked colour photos (>= 256 px)
-   from opencv-doc's examples (see ``OPENCV_PHOTOS``) byte for byte: 38 files, about 8 MB.
+   from opencv-doc's examples (see ``OPENCV_PHOTOS``) byte for byte: 38 files, about 8 MB. With ``--debian DIR``
+   (where ``mate-backgrounds`` and ``plasma-workspace-wallpapers`` were unpacked with ``dpkg-deb -x``) it adds
+   their 23 photographs (``MATE_PHOTOS``, ``PLASMA_PHOTOS``; wallpapers shrunk to 1600 px): 61 photos. The
+   folder's ``SOURCES.md`` lists every file's source package and licence.
 
 2. Training (needs no scikit-image, pyiqa or network: torch, diffusers, numpy, pillow, pandas/pyarrow)::
 
@@ -17,6 +20,10 @@
      each degraded to ×4 LR by ``dp2osr.degrade.degrade_image`` with ``MILD`` parameters (a milder version of
      Real-ESRGAN's second-order pipeline, the range of inputs `dp2osr upscale` meets in everyday photos),
      in parallel on all CPU cores -> ``WORK/data`` (a `dp2osr degrade`-style folder: hr/, lr/, pairs.parquet);
+   - stage 0 (``--sharpener-minutes``, or ``--sharpener FILE`` trained earlier; ``--sharpener-only`` stops
+     after it): the deterministic SR branch (``train_sharpener``, L1), which becomes the base image of the
+     model's stand-in autoencoder, with the diffused residual reduced to brightness (``luma_only``) and scaled
+     by ``--detail`` at decode (``with_sharpener``);
    - an untrained model from ``build_embedded(--seed)`` -> ``WORK/init`` (or ``--init FOLDER`` to go on
      training an existing model, e.g. the shipped one);
    - stage 1, the base model's pretraining (``pretrain_base``; ``--base-fraction`` of the time, or
@@ -94,6 +101,19 @@ OPENCV_PHOTOS = {
     "hotel": "text/scenetext_segmented_word01.jpg",
     "stationery": "text/scenetext_segmented_word02.jpg",
 }
+# Photos of Debian's mate-backgrounds (usr/share/backgrounds/mate/nature/, all 12) and plasma-workspace-wallpapers
+# (usr/share/wallpapers/NAME/contents/images/, the largest file; only the photographs, not the renderings).
+MATE_PHOTOS = ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+               "TwoWings", "Wood", "YellowFlower")  # fmt: skip
+PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
+                 "Kite", "OneStandsOut", "Path", "summer_1am")  # fmt: skip
+WALLPAPER_SIDE = 1600  # wallpapers (up to 5120 px) are shrunk to this long side: more detail per pixel
+SOURCES = {
+    "scikit-image": "scikit-image's bundled sample images (skimage.data; BSD-3-Clause / public domain, see its docs)",
+    "opencv-doc": "Debian opencv-doc 4.6.0 examples (OpenCV: Apache-2.0; sample images as in its copyright file)",
+    "mate-backgrounds": "Debian mate-backgrounds 1.26.0 (GPL-2+ per its copyright file)",
+    "plasma-workspace-wallpapers": "Debian plasma-workspace-wallpapers 5.27.5 (KDE VDG, GPL-2+ per its copyright file)",
+}
 # Never trained on: the quickstart's four bundled photos (src/dp2osr/assets/photos) and six more.
 HOLDOUT = (
     "astronaut", "coffee", "chelsea", "rocket",
@@ -120,14 +140,37 @@ MILD = DegradationParams(
     jpeg_range2=[70, 95],
     final_sinc_prob=0.3,
 )
+REALESRGAN = DegradationParams()  # `dp2osr degrade`'s defaults (Real-ESRGAN x4plus)
 SCALE = 4
 EVAL_HR = 256  # held-out HR crops: 256 px (ms_ssim needs >= 176), from the photo resized to short side 384
 EVAL_SHORT_SIDE = 384
 
 
 # --------------------------------------------------------------------------------------------- photos
-def export_photos(out: Path, opencv_doc: Path | None) -> list[Path]:
-    """Write the scikit-image photos (PNG) and copy the opencv-doc ones (unchanged bytes) into ``out``."""
+def _wallpapers(root: Path, out: Path) -> list[tuple[Path, str]]:
+    """Copy the mate-backgrounds photos and shrink the plasma wallpapers' largest files into ``out``."""
+    from PIL import Image
+
+    written = []
+    mate = root / "usr/share/backgrounds/mate/nature"
+    for name in MATE_PHOTOS if mate.is_dir() else ():
+        shutil.copyfile(mate / f"{name}.jpg", out / f"{name}.jpg")
+        written.append((out / f"{name}.jpg", "mate-backgrounds"))
+    plasma = root / "usr/share/wallpapers"
+    for name in PLASMA_PHOTOS if plasma.is_dir() else ():
+        files = sorted((plasma / name / "contents" / "images").iterdir(), key=lambda f: int(f.name.split("x")[0]))
+        with Image.open(files[-1]) as im:
+            im = im.convert("RGB")
+            im.thumbnail((WALLPAPER_SIDE, WALLPAPER_SIDE), Image.Resampling.LANCZOS)
+            im.save(out / f"{name}.png", optimize=True)
+        written.append((out / f"{name}.png", "plasma-workspace-wallpapers"))
+    return written
+
+
+def export_photos(out: Path, opencv_doc: Path | None, debian: Path | None = None) -> list[Path]:
+    """Write the scikit-image photos (PNG), copy the opencv-doc ones (unchanged bytes) and, with ``debian`` (a
+    folder where mate-backgrounds / plasma-workspace-wallpapers were unpacked), their photos into ``out``;
+    ``out/SOURCES.md`` lists every file's source package and licence."""
     import skimage.data  # only here: the training machine has no scikit-image
     from PIL import Image
 
@@ -149,6 +192,14 @@ def export_photos(out: Path, opencv_doc: Path | None) -> list[Path]:
             dst = out / f"{name}{Path(rel).suffix}"
             shutil.copyfile(root / rel, dst)
             written.append(dst)
+    sources = [(p, "scikit-image") for p in written[: len(SKIMAGE_PHOTOS)]]
+    sources += [(p, "opencv-doc") for p in written[len(SKIMAGE_PHOTOS) :]]
+    if debian is not None:
+        sources += _wallpapers(Path(debian), out)
+        written = [p for p, _ in sources]
+    lines = ["# Training photos: sources and licences", ""] + [f"- {k}: {v}" for k, v in SOURCES.items()]
+    lines += ["", "| file | source |", "|---|---|"] + [f"| {p.name} | {src} |" for p, src in sources]
+    (out / "SOURCES.md").write_text("\n".join(lines) + "\n")
     total = sum(p.stat().st_size for p in written)
     print(f"{len(written)} photos, {total / 1e6:.1f} MB -> {out}")
     return written
@@ -178,23 +229,28 @@ def _random_crop(photo: torch.Tensor, size: int, rng: np.random.Generator) -> to
     return (hr * 255).round() / 255  # an 8-bit image, as saved
 
 
-def _make_crops(job: tuple[str, list[str], int, str]) -> list[tuple]:
-    """Worker: all crops of one photo -> hr/ID.png, lr/ID.png; returns the pairs.parquet rows."""
-    path, ids, size, out = job
+def _make_crops(job: tuple[str, list[str], int, str, float]) -> list[tuple]:
+    """Worker: all crops of one photo -> hr/ID.png, lr/ID.png; returns the pairs.parquet rows.
+
+    Each crop is degraded with ``MILD`` or, with probability ``harsh``, with `dp2osr degrade`'s Real-ESRGAN
+    x4plus defaults (the real camera LR of RealSR-like inputs lies between the two)."""
+    path, ids, size, out, harsh = job
     torch.set_num_threads(1)
     photo, out = load_image(Path(path)), Path(out)
     rows = []
     for image_id in ids:
         seed = image_seed(0, image_id)
-        hr = _random_crop(photo, size, np.random.default_rng(seed))
-        lr = degrade_image(hr, SCALE, MILD, torch.Generator().manual_seed(seed))
+        rng = np.random.default_rng(seed)
+        hr = _random_crop(photo, size, rng)
+        params = REALESRGAN if rng.random() < harsh else MILD
+        lr = degrade_image(hr, SCALE, params, torch.Generator().manual_seed(seed))
         save_image(hr, out / "hr" / f"{image_id}.png")
         save_image(lr, out / "lr" / f"{image_id}.png")
         rows.append((image_id, f"hr/{image_id}.png", f"lr/{image_id}.png", str(Path(path).resolve()), seed))
     return rows
 
 
-def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: int = 0) -> Path:
+def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: int = 0, harsh: float = 0.0) -> Path:
     """``n`` HR crops spread over ``photos`` (in proportion to the square root of their areas) + their LR."""
     import pandas as pd
     from PIL import Image
@@ -213,7 +269,7 @@ def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: 
     jobs, k = [], 0
     for p, c in zip(photos, counts):
         ids = [f"{p.stem}_{seed}_{k + i:06d}" for i in range(c)]
-        jobs += [(str(p), ids[i : i + 200], size, str(out)) for i in range(0, c, 200)]  # balanced workers
+        jobs += [(str(p), ids[i : i + 200], size, str(out), harsh) for i in range(0, c, 200)]  # balanced workers
         k += c
     t0 = time.time()
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
@@ -315,6 +371,65 @@ def load_pairs(bb, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(latents), torch.cat(controls)
 
 
+def train_sharpener(data: Path, args: argparse.Namespace, device: str, seconds: float | None,
+                    steps: int | None) -> tuple[torch.nn.Module, dict]:
+    """Stage 0: the deterministic SR branch (`dp2osr.backbones.embedded.Sharpener`), L1 to the HR.
+
+    It turns the bicubic-upsampled LR into a sharper base image; the diffusion model (stages 1 and 2) then
+    models only the residual over that base. AdamW with a cosine decay over the budget, EMA of the weights.
+    """
+    import pandas as pd
+
+    from dp2osr.backbones.embedded import Sharpener
+
+    rows = pd.read_parquet(data / "pairs.parquet")
+    hr = torch.cat([load_image(data / r) for r in rows.hr_path])
+    lr = torch.cat([load_image(data / r) for r in rows.lr_path])
+    up = resize(lr, tuple(hr.shape[-2:]))
+    net = Sharpener(SCALE, args.sharpener_channels, args.sharpener_blocks).to(device).train()
+    ema = Sharpener(SCALE, args.sharpener_channels, args.sharpener_blocks).to(device)
+    ema.load_state_dict(net.state_dict())
+    opt = torch.optim.AdamW(net.parameters(), lr=args.sharpener_lr, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(args.seed + 3)
+    total = steps or 10**9
+    step, log, start = 0, [], time.time()
+    while step < total and (seconds is None or time.time() - start < seconds):
+        frac = step / total if steps else (time.time() - start) / seconds
+        for group in opt.param_groups:
+            group["lr"] = args.sharpener_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        idx = torch.randint(0, len(hr), (args.batch_size,), generator=g)
+        loss = (net(up[idx].to(device)) - hr[idx].to(device)).abs().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for e, q in zip(ema.parameters(), net.parameters()):
+                e.lerp_(q, 1 - args.ema_decay)
+        step += 1
+        if step % 10 == 0:
+            log.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start, 2)})
+        if step % 500 == 0:
+            print(f"sharpener: step {step}, L1 {loss.item():.4f}, {time.time() - start:.0f} s", flush=True)
+    with torch.no_grad():
+        bicubic_l1 = (up - hr).abs().mean().item()
+    print(f"sharpener: {step} steps in {time.time() - start:.0f} s (bicubic L1 {bicubic_l1:.4f})", flush=True)
+    ema.requires_grad_(False).eval().to("cpu")
+    return ema, {"steps": step, "seconds": round(time.time() - start, 1), "bicubic_l1": bicubic_l1, "loss_curve": log}
+
+
+def with_sharpener(init: Path, sharpener: torch.nn.Module, out: Path, detail: float) -> Path:
+    """The model in ``init`` with the stage-0 sharpener as the base of its autoencoder, luma-only residual."""
+    from dp2osr.backbones import load_backbone
+    from dp2osr.backbones.embedded import ResidualSpaceToDepth
+
+    bb = load_backbone("embedded", base=init)
+    bb.vae = ResidualSpaceToDepth(bb.vae.factor, bb.vae.scale, sharpener, luma_only=True, detail=detail)
+    shutil.rmtree(out, ignore_errors=True)
+    bb.save_pretrained(out)
+    return out
+
+
 def pretrain_base(init: Path, data: Path, out: Path, args: argparse.Namespace, device: str, seconds: float | None,
                   steps: int | None) -> dict:
     """Stage 1, the base model's pretraining: the UNet *and* the ControlNet trained together.
@@ -396,16 +511,18 @@ def export_model(init: Path, controlnet: Path, out: Path, dtype: str = "fp16") -
 def train_model(args: argparse.Namespace) -> Path:
     import pandas as pd
 
-    import dp2osr.train
-    from dp2osr.backbones.embedded import build_embedded
+    from safetensors.torch import load_file, save_file
+
+    import dp2osr.engine.trainer
+    from dp2osr.backbones.embedded import Sharpener, build_embedded
     from dp2osr.train import TrainConfig
     from dp2osr.train import run as train
 
-    dp2osr.train.batch_indices = _fast_batch_indices()
+    dp2osr.engine.trainer.batch_indices = _fast_batch_indices()
     work, out = Path(args.work), Path(args.out)
     train_photos, held = split_photos(Path(args.photos))
     print(f"photos: {len(train_photos)} for training, {len(held)} held out ({', '.join(p.stem for p in held)})")
-    data = make_training_pairs(train_photos, work / "data", args.crops, args.crop_size, args.seed)
+    data = make_training_pairs(train_photos, work / "data", args.crops, args.crop_size, args.seed, args.harsh)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -413,6 +530,19 @@ def train_model(args: argparse.Namespace) -> Path:
     init = Path(args.init) if args.init is not None else work / "init"
     if args.init is None:
         build_embedded(args.seed, tuple(args.widths), args.residual_scale).save_pretrained(init)
+    stage0 = None
+    if args.sharpener is not None:  # a sharpener trained earlier (its safetensors file)
+        sharpener = Sharpener(SCALE, args.sharpener_channels, args.sharpener_blocks)
+        sharpener.load_state_dict(load_file(str(args.sharpener)))
+        init = with_sharpener(init, sharpener.eval(), work / "init_sharpener", args.detail)
+    elif args.sharpener_steps or args.sharpener_minutes:
+        seconds = args.sharpener_minutes * 60 if args.sharpener_minutes else None
+        sharpener, stage0 = train_sharpener(data, args, device, seconds, args.sharpener_steps)
+        save_file({k: v.contiguous() for k, v in sharpener.state_dict().items()}, str(work / "sharpener.safetensors"))
+        if args.sharpener_only:
+            print(f"sharpener -> {work / 'sharpener.safetensors'}")
+            return work / "sharpener.safetensors"
+        init = with_sharpener(init, sharpener, work / "init_sharpener", args.detail)
     stage1 = None
     if args.base_steps or (args.base_steps is None and args.base_fraction > 0):
         budget = None if args.base_steps is not None else args.minutes * 60 * args.base_fraction
@@ -469,10 +599,14 @@ def train_model(args: argparse.Namespace) -> Path:
     export_model(init, run / "final" / "controlnet", out, args.save_dtype)
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recipe.update(steps=steps, seconds=round(time.time() - t0, 1), device=device,
-                  degradation="MILD in scripts/train_embedded.py", holdout=list(HOLDOUT))
+                  degradation=f"MILD, or with probability {args.harsh} Real-ESRGAN x4plus (scripts/train_embedded.py)",
+                  holdout=list(HOLDOUT))
     every = max(1, len(log) // 300)  # loss curves of at most ~300 points
     result = {"recipe": recipe, "sft_loss_curve": [{k: r[k] for k in ("step", "loss", "seconds") if k in r}
                                                    for r in log[::every]]}
+    if stage0 is not None:
+        curve = stage0.pop("loss_curve")
+        result["sharpener"] = {**stage0, "loss_curve": curve[:: max(1, len(curve) // 300)]}
     if stage1 is not None:
         curve = stage1.pop("loss_curve")
         result["base_pretraining"] = {**stage1, "loss_curve": curve[:: max(1, len(curve) // 300)]}
@@ -484,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export-photos", type=Path, help="write the photo folder (needs scikit-image) and exit")
     p.add_argument("--opencv-doc", type=Path, help="with --export-photos: the unpacked opencv-doc package")
+    p.add_argument("--debian", type=Path, help="with --export-photos: a folder where mate-backgrounds and "
+                   "plasma-workspace-wallpapers were unpacked (dpkg-deb -x)")
     p.add_argument("--photos", type=Path, help="photo folder (from --export-photos)")
     p.add_argument("--work", type=Path, help="working folder (training pairs, untrained model, run)")
     p.add_argument("--out", type=Path, help="output model folder")
@@ -507,12 +643,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--widths", type=int, nargs="+", default=[64, 96, 128], help="UNet block widths of a new model")
     p.add_argument("--residual-scale", type=float, default=10.0, help="latent = scale x (HR - bicubic LR), new model")
+    p.add_argument("--harsh", type=float, default=0.0,
+                   help="fraction of crops degraded with Real-ESRGAN x4plus instead of MILD")
+    p.add_argument("--sharpener-minutes", type=float, default=0.0,
+                   help="stage 0: train the deterministic SR branch for this long (0 = no sharpener)")
+    p.add_argument("--sharpener-steps", type=int, help="stage 0: exactly this many steps")
+    p.add_argument("--sharpener", type=Path, help="skip stage 0: use this trained sharpener (safetensors)")
+    p.add_argument("--sharpener-only", action="store_true", help="stop after stage 0 (WORK/sharpener.safetensors)")
+    p.add_argument("--sharpener-channels", type=int, default=48)
+    p.add_argument("--sharpener-blocks", type=int, default=6)
+    p.add_argument("--sharpener-lr", type=float, default=1e-3)
+    p.add_argument("--detail", type=float, default=1.0, help="decode's scale of the generated residual")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--save-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved weights")
     args = p.parse_args(argv)
     if args.export_photos is not None:
-        export_photos(args.export_photos, args.opencv_doc)
+        export_photos(args.export_photos, args.opencv_doc, args.debian)
         return 0
     for name in ("photos", "work", "out"):
         if getattr(args, name) is None:

@@ -35,32 +35,109 @@ from dp2osr.backbones.sd2 import SD2Backbone
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 PROMPT_FILE = "prompt_embeds.safetensors"
+SHARPENER_FILE = "sharpener.safetensors"
 CONDITIONING_CHANNELS = (16, 32, 64)  # 3 entries: the embedder downsamples by 2**2 = 4, the stand-in's factor
 
 
-class ResidualSpaceToDepth(torch.nn.Module):
-    """A fixed, lossless stand-in for the VAE that encodes the residual over the control image.
+LUMA = (0.299, 0.587, 0.114)  # BT.601: adding the same value to R, G and B changes Y only, never Cb or Cr
 
-    ``encode(x, c) = pixel_unshuffle(scale · (x − c), factor)``: ``(B, 3, H, W) -> (B, 3·factor², H/f, W/f)``;
-    ``decode(z, c) = c + pixel_shuffle(z, factor) / scale`` inverts it exactly (up to float rounding).
-    ``scale`` brings the residual's typical spread closer to the unit-variance noise of the diffusion.
+
+def gray(residual: torch.Tensor) -> torch.Tensor:
+    """The luma part of an RGB residual ``(B, 3, H, W)`` as an equal change of R, G and B (no chroma)."""
+    w = torch.tensor(LUMA, device=residual.device, dtype=residual.dtype).view(1, 3, 1, 1)
+    return (residual * w).sum(1, keepdim=True).expand_as(residual)
+
+
+class Sharpener(torch.nn.Module):
+    """A small deterministic ×``factor`` SR branch: the bicubic-upsampled LR plus a predicted residual.
+
+    Works at the LR's resolution (space-to-depth of the upsampled image, ``blocks`` residual conv blocks of
+    ``channels``, depth-to-space back), so it is cheap: 0.29 M parameters and about 5 GMAC per 128² LR at
+    the defaults. Trained with an L1 loss on LR/HR pairs (scripts/train_embedded.py, stage 0); the diffusion
+    model then only has to add the texture it cannot predict.
     """
 
-    def __init__(self, factor: int = 4, scale: float = 10.0) -> None:
+    def __init__(self, factor: int = 4, channels: int = 48, blocks: int = 6) -> None:
         super().__init__()
-        if factor < 1 or scale <= 0:
-            raise ValueError(f"factor must be >= 1 and scale > 0, got {factor} and {scale}")
+        self.factor, self.channels, self.n_blocks = int(factor), int(channels), int(blocks)
+        c_in = 3 * self.factor**2
+        self.head = torch.nn.Conv2d(c_in, channels, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.Conv2d(channels, channels, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.Conv2d(channels, channels, 3, padding=1),
+            )
+            for _ in range(blocks)
+        )
+        self.tail = torch.nn.Conv2d(channels, c_in, 3, padding=1)
+        torch.nn.init.zeros_(self.tail.weight)  # starts as bicubic
+        torch.nn.init.zeros_(self.tail.bias)
+
+    def config(self) -> dict:
+        return {"factor": self.factor, "channels": self.channels, "blocks": self.n_blocks}
+
+    def forward(self, upsampled: torch.Tensor) -> torch.Tensor:
+        x = self.head(F.pixel_unshuffle(upsampled, self.factor))
+        for block in self.blocks:
+            x = x + block(x)
+        return upsampled + F.pixel_shuffle(self.tail(x), self.factor)
+
+
+class ResidualSpaceToDepth(torch.nn.Module):
+    """A fixed, lossless stand-in for the VAE that encodes the residual over a base image.
+
+    The base is the control image ``c`` (the bicubic-upsampled LR), or ``sharpener(c)`` when a `Sharpener` is
+    given. ``encode(x, c) = pixel_unshuffle(scale · (x − base), factor)``:
+    ``(B, 3, H, W) -> (B, 3·factor², H/f, W/f)``; ``decode(z, c) = base + detail · pixel_shuffle(z, factor) /
+    scale`` inverts it exactly (up to float rounding) at ``detail = 1``. ``scale`` brings the residual's typical
+    spread closer to the unit-variance noise of the diffusion. With ``luma_only`` the residual is reduced to its
+    luma part (`gray`) on both sides: the diffusion adds detail in brightness only and the colours are the
+    base's (human vision resolves far less colour detail than brightness detail, and colour speckle is the most
+    visible artefact of a small generative model). ``detail`` < 1 scales the generated residual down at decode.
+    """
+
+    def __init__(
+        self,
+        factor: int = 4,
+        scale: float = 10.0,
+        sharpener: Sharpener | None = None,
+        luma_only: bool = False,
+        detail: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if factor < 1 or scale <= 0 or detail < 0:
+            raise ValueError(f"factor must be >= 1, scale > 0 and detail >= 0, got {factor}, {scale}, {detail}")
         self.factor, self.scale = int(factor), float(scale)
+        self.sharpener = sharpener
+        self.luma_only, self.detail = bool(luma_only), float(detail)
 
     @property
     def latent_channels(self) -> int:
         return 3 * self.factor**2
 
+    def base(self, control: torch.Tensor) -> torch.Tensor:
+        if self.sharpener is None:
+            return control
+        with torch.no_grad():
+            return self.sharpener(control.float()).to(control.dtype)
+
+    def _residual(self, r: torch.Tensor) -> torch.Tensor:
+        return gray(r) if self.luma_only else r
+
     def encode(self, images: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle((images - control) * self.scale, self.factor)
+        return F.pixel_unshuffle(self._residual(images - self.base(control)) * self.scale, self.factor)
 
     def decode(self, latents: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
-        return control + F.pixel_shuffle(latents, self.factor) / self.scale
+        residual = self._residual(F.pixel_shuffle(latents, self.factor) / self.scale)
+        return self.base(control) + self.detail * residual
+
+    def config(self) -> dict:
+        out = {"type": "residual_space_to_depth", "factor": self.factor, "scale": self.scale,
+               "luma_only": self.luma_only, "detail": self.detail}  # fmt: skip
+        if self.sharpener is not None:
+            out["sharpener"] = self.sharpener.config()
+        return out
 
 
 def embedded_controlnet(unet: UNet2DConditionModel, load_weights_from_unet: bool = True) -> ControlNetModel:
@@ -96,8 +173,9 @@ class EmbeddedBackbone(SD2Backbone):
         controlnet: ControlNetModel | None = None,
         factor: int = 4,
         residual_scale: float = 10.0,
+        autoencoder: ResidualSpaceToDepth | None = None,
     ) -> None:
-        vae = ResidualSpaceToDepth(factor, residual_scale)
+        vae = autoencoder if autoencoder is not None else ResidualSpaceToDepth(factor, residual_scale)
         if unet.config.in_channels != vae.latent_channels or unet.config.out_channels != vae.latent_channels:
             raise ValueError(
                 f"the UNet must take and give {vae.latent_channels} channels (3 x {factor}^2), "
@@ -156,6 +234,7 @@ class EmbeddedBackbone(SD2Backbone):
     ) -> Backbone:
         super().to(device, dtype, controlnet_dtype)
         self.prompt_embeds = self.prompt_embeds.to(self.device, dtype)
+        self.vae.to(self.device)  # the sharpener (if any) stays float32: it is small and runs once per image
         return self
 
     def save_pretrained(self, path: Path) -> None:
@@ -163,7 +242,10 @@ class EmbeddedBackbone(SD2Backbone):
         super().save_pretrained(path)
         save_file({"prompt_embeds": self.prompt_embeds.detach().float().cpu().contiguous()}, str(path / PROMPT_FILE))
         meta = json.loads((path / "dp2osr.json").read_text())
-        meta["autoencoder"] = {"type": "residual_space_to_depth", "factor": self.vae.factor, "scale": self.vae.scale}
+        meta["autoencoder"] = self.vae.config()
+        if self.vae.sharpener is not None:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in self.vae.sharpener.state_dict().items()}
+            save_file(state, str(path / SHARPENER_FILE))
         (path / "dp2osr.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -225,7 +307,6 @@ def load_embedded(base: Path, dtype: torch.dtype, make_controlnet, name: str) ->
     if not (base / PROMPT_FILE).is_file():
         raise ValueError(f"{base} is not an embedded dp2osr model: {PROMPT_FILE} is missing")
     meta = json.loads((base / "dp2osr.json").read_text()) if (base / "dp2osr.json").is_file() else {}
-    ae = meta.get("autoencoder", {})
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=dtype)
     return EmbeddedBackbone(
         name=name,
@@ -233,6 +314,21 @@ def load_embedded(base: Path, dtype: torch.dtype, make_controlnet, name: str) ->
         scheduler=DDPMScheduler.from_pretrained(base / "scheduler"),
         prompt_embeds=load_file(str(base / PROMPT_FILE))["prompt_embeds"],
         controlnet=make_controlnet(unet),
-        factor=int(ae.get("factor", 4)),
-        residual_scale=float(ae["scale"]) if "scale" in ae else 10.0,
+        autoencoder=load_autoencoder(base, meta.get("autoencoder", {})),
+    )
+
+
+def load_autoencoder(base: Path, ae: dict) -> ResidualSpaceToDepth:
+    """The stand-in autoencoder a model folder's dp2osr.json describes (with its sharpener's weights)."""
+    sharpener = None
+    if "sharpener" in ae:
+        sharpener = Sharpener(**ae["sharpener"])
+        path = base / SHARPENER_FILE
+        if not path.is_file():
+            raise ValueError(f"{base}: dp2osr.json names a sharpener but {SHARPENER_FILE} is missing")
+        sharpener.load_state_dict(load_file(str(path)), strict=True)
+        sharpener.requires_grad_(False).eval()
+    return ResidualSpaceToDepth(
+        int(ae.get("factor", 4)), float(ae.get("scale", 10.0)), sharpener, bool(ae.get("luma_only", False)),
+        float(ae.get("detail", 1.0)),
     )
