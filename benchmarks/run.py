@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[name] = round(time.perf_counter() - t, 1)
     total = time.perf_counter() - start
     checks = targets(rows)
-    print("\ntargets (issue 7):")
+    print("\ntargets (training step against a naive one):")
     for c in checks:
         print(f"  {'met    ' if c['met'] else 'NOT met'}  {c['target']}: {c['measured']}")
     print(f"\ntotal {total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
