@@ -47,7 +47,7 @@ SCORES_FILE = "scores.parquet"  # raw metric values beside a pool's rewards.parq
 SCORE_CONFIG = "score_config.yaml"  # the reward weights and scope it was scored with
 SEPARATE_SCALE = "hybrid reward, each pool min-max normalised separately: NOT comparable across pools"
 
-# pyiqa metrics that run offline without weights and cost little on CPU (ENVIRONMENT.md).
+# pyiqa metrics that run offline without weights and are cheap on CPU (512 px: gmsd 9, fsim 80, piqe 23 ms).
 DEFAULT_METRICS = ["gmsd", "fsim", "piqe"]
 BUILTIN = ("psnr", "ssim")
 

@@ -435,7 +435,8 @@ def run_jobs(
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
     opt_sha = options_sha(bb, opts, upscale, model or model_identity(opts))
-    lr_shas = {j.image_id: _lr_sha(j.lr_path) for j in jobs}
+    lr_paths = {j.image_id: j.lr_path for j in jobs}  # an image's seed chunks share one LR: hash it once
+    lr_shas = {i: _lr_sha(path) for i, path in lr_paths.items()}
     todo = [
         j for j in jobs
         if overwrite or not all(sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
