@@ -15,7 +15,7 @@ from dp2osr.backbones import load_backbone, save_release
 from dp2osr.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-METRICS = ["fsim", "gmsd", "piqe"]  # the offline preset's ms_ssim needs 176 px
+METRICS = ["fsim", "gmsd", "piqe"]  # the offline preset, named
 SMALLER = {
     "degrade": ["--hr-size", "64"],
     "sample": ["--samples", "4", "--steps", "2"],

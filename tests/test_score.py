@@ -344,7 +344,7 @@ def test_catalogue_follows_pyiqa():
 
 
 def test_names_and_random_weights_guard():
-    assert metrics.resolve_names("offline") == ["ms_ssim", "fsim", "gmsd", "piqe"]
+    assert metrics.resolve_names("offline") == ["fsim", "gmsd", "piqe"]
     assert metrics.resolve_names("paper", ["psnr", "psnr", "piqe"]) == ["psnr", "piqe"]
     with pytest.raises(ValueError, match="unknown metric 'nope'"):
         metrics.resolve_names("offline", ["nope"])
@@ -360,3 +360,13 @@ def test_small_images_rejected_for_ms_ssim(tmp_path):
     pool = make_pool(tmp_path, n_images=1, seeds=(0,))
     with pytest.raises(ValueError, match="ms_ssim.*176"):
         score(ScoreConfig(candidates=pool, metrics=["ms_ssim"], device="cpu"))
+
+
+def test_offline_preset_scores_the_quickstart_crop_size(tmp_path):
+    """The default preset needs no weights and scores 64 px candidates (the quickstart's crops): FR and NR."""
+    pool = make_pool(tmp_path, n_images=2, seeds=(0, 1), size=64)
+    score(ScoreConfig(candidates=pool, device="cpu"))  # preset offline is the default
+    scores = pd.read_parquet(pool / "scores.parquet")
+    assert sorted(set(scores.metric)) == sorted(metrics.PRESETS["offline"])
+    assert {metrics.get_spec(m).family for m in metrics.PRESETS["offline"]} == {"fr", "nr"}
+    assert scores.value.notna().all() and len(scores) == 2 * 2 * len(metrics.PRESETS["offline"])

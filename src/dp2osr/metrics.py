@@ -10,9 +10,13 @@ Presets (``PRESETS``):
 
 - ``paper``: FR {lpips, topiq_fr, afine_fr}, NR {maniqa, musiq, clipiqa+, topiq_nr, afine_nr, qalign}
   (arXiv 2510.18851). Every one of them needs weights.
-- ``offline``: FR {ms_ssim, fsim, gmsd}, NR {piqe}: hand-crafted metrics that need no weights (a stand-in to
-  exercise the pipeline; PIQE rewards noise-like texture, so do not read much into it). ``ms_ssim`` needs
-  images of at least 176 px on the short side.
+- ``offline``: FR {fsim, gmsd}, NR {piqe}: hand-crafted metrics that need no weights and score images of any
+  size (the quickstart's 64 px crops included). None of the offline NR metrics is a trustworthy judge of
+  quality: PIQE, BRISQUE and NIQE all score OSEDiff's outputs above RealSR's HR images, and PIQE and BRISQUE
+  score added luma noise as better. PIQE is the NR half because, of the two that work at 64 px, its hybrid
+  reward does not ask the embedded model for more grain than it makes, while BRISQUE's does (measured with
+  ``scripts/measure_reward_halves.py``; docs/IQA_OFFLINE.md). ``ms_ssim`` (an FR metric for images of at
+  least 176 px) can be added by name.
 
 NIQE and BRISQUE also work offline, by name (``niqe``, ``brisque``): their parameters ship with this package
 (``dp2osr/iqa_params/``, numeric safetensors files; sources, licences and the conversion are in its README).
@@ -200,7 +204,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
         "afine_nr",
         "qalign",
     ),
-    "offline": ("ms_ssim", "fsim", "gmsd", "piqe"),
+    "offline": ("fsim", "gmsd", "piqe"),
 }
 
 

@@ -139,9 +139,9 @@ class QuickstartConfig:
         choices=list(SCOPES),
     )
     metrics: list[str] = field(
-        ["fsim", "gmsd", "piqe"],
-        help="IQA metrics of the reward (pyiqa names). Default: offline metrics that need no weights and work "
-        "at 128 px (ms_ssim needs 176 px). With weights: lpips topiq_fr musiq ... (see --weights-dir)",
+        list(metric_lib.PRESETS["offline"]),
+        help="IQA metrics of the reward (pyiqa names). Default: the offline preset of `dp2osr score` (FR fsim, "
+        "gmsd; NR piqe: no weights, any crop size). With weights: lpips topiq_fr musiq ... (see --weights-dir)",
     )
     weights_dir: Path | None = field(
         None, help="folder with IQA metric weights (only for weight-backed metrics)"

@@ -76,7 +76,7 @@ class TrainConfig(ModelOptions):
     eval_every: int = field(0, help="evaluate every K steps (0 = at every checkpoint)")
     eval_samples: int = field(4, help="seeds per held-out image (the same seeds at every evaluation)")
     eval_metrics: list[str] | None = field(None, help="IQA metrics of the held-out reward (default: the offline "
-                                           "preset, ms_ssim fsim gmsd piqe)")
+                                           "preset, fsim gmsd piqe)")
     eval_sample_steps: int | None = field(None, help="denoising steps of the held-out samples (default: the "
                                           "backbone's)")
     eval_process_size: int | None = field(None, help="process size of the held-out samples (default: the "
