@@ -88,6 +88,9 @@ def test_packaged_files_are_plain_tensors():
     assert svm["sv"].shape == (774, 36) and svm["sv_coef"].shape == (774,)
     assert float(svm["gamma"]) == 0.05 and float(svm["rho"]) == -153.591
     assert not list(metrics.IQA_PARAMS_DIR.glob("*.p*")), "no pickles in the package"
+    # the BRISQUE release's notice must travel with its numbers (it asks to appear in full in every copy)
+    notice = (metrics.IQA_PARAMS_DIR / "LICENSE-BRISQUE.txt").read_text()
+    assert "COPYRIGHT NOTICE STARTS" in notice and "COPYRIGHT NOTICE ENDS" in notice
 
 
 def test_specs():
