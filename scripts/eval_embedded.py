@@ -7,7 +7,7 @@ Test set: one 256² HR crop per held-out photo (``train_embedded.HOLDOUT``, neve
 sampler (``super_resolve``) with one output per seed. Metrics:
 
 - PSNR-Y / SSIM-Y (``dp2osr.evaluate``, Real-ISR convention);
-- the offline hybrid reward (``dp2osr.metrics`` preset ``offline``: FR ms_ssim, fsim, gmsd + NR piqe), with the
+- the offline hybrid reward (``dp2osr.metrics`` preset ``offline`` plus ms_ssim: FR ms_ssim, fsim, gmsd + NR piqe), with the
   min-max bounds fitted once over bicubic and every model output together (``reward.fit_bounds``) so the rows
   share one scale; PIQE rewards noise-like texture, so also ``entropy`` (NR, not in the reward) and
   ``grad_ratio`` = mean |∇Y| of the output / of the HR (1 = as sharp as the HR; bicubic is well below);
@@ -38,7 +38,7 @@ from dp2osr.math.quality import psnr_y, ssim_y, y_channel
 from dp2osr.images import save_image
 from dp2osr.engine.sampler import resize, super_resolve
 
-REWARD_METRICS = ("ms_ssim", "fsim", "gmsd", "piqe")  # dp2osr.metrics.PRESETS["offline"]
+REWARD_METRICS = ("ms_ssim", "fsim", "gmsd", "piqe")  # the offline preset plus ms_ssim (these crops are 256 px)
 EXTRA_METRICS = ("entropy",)  # NR, not in the reward
 
 
