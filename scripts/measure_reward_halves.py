@@ -1,6 +1,6 @@
 """How the FR and NR halves of an offline hybrid reward behave on the embedded model's candidate pools.
 
-Two measurements, for every candidate NR metric (default: PIQE and BRISQUE; NIQE cannot score the
+Three measurements, for every candidate NR metric (default: PIQE and BRISQUE; NIQE cannot score the
 quickstart's 64 px crops), with the FR half fixed to ``--fr`` (default FSIM + GMSD):
 
 1. **Within-crop conflict.** For each training crop of each quickstart run in ``--runs`` (its ``2_sample``
@@ -13,6 +13,10 @@ quickstart's 64 px crops), with the FR half fixed to ``--fr`` (default FSIM + GM
    first run's training crops with the same seeds. The hybrid reward, normalised jointly over all the copies'
    pools, says where along that axis each reward is highest: a reward whose maximum lies above the shipped
    ``detail`` asks for more grain than the model makes (PSNR-Y and SSIM-Y are shown beside it).
+3. **Label reliability.** The pairs are only as good as the within-crop ranking of the reward. Every candidate
+   of the runs' training pools gets an invisible change (each 8-bit value moved by -1, 0 or +1 at random) and is
+   scored again; the Spearman correlation, within each crop, between the rewards before and after says how much
+   of the ranking is the image and how much is the metric's reaction to the last bit (1: a stable ranking).
 
     python scripts/measure_reward_halves.py --runs RUN [RUN ...] [--nr piqe brisque] [--fr fsim gmsd] \\
         [--detail 0.15 0.3 0.45 0.6] --work DIR --json docs/results/reward_halves.json
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from scipy.stats import spearmanr
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -84,6 +89,40 @@ def conflict(runs: list[Path], fr: list[str], nrs: list[str], work: Path) -> dic
     return out
 
 
+def perturbed_pool(pool: Path, out: Path, seed: int = 0) -> Path:
+    """A copy of ``pool`` in which every 8-bit value of every candidate moved by -1, 0 or +1 (uniformly)."""
+    rng = np.random.default_rng(seed)
+    table = pd.read_parquet(pool / "candidates.parquet")
+    for rel in table.path:
+        dst = out / rel
+        if dst.is_file():
+            continue
+        x = np.asarray(Image.open(pool / rel).convert("RGB"), dtype=np.int16)
+        x = np.clip(x + rng.integers(-1, 2, size=x.shape), 0, 255).astype(np.uint8)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x).save(dst)
+    table.to_parquet(out / "candidates.parquet")
+    return out
+
+
+def reliability(runs: list[Path], fr: list[str], nrs: list[str], work: Path) -> dict:
+    out: dict = {}
+    for run in runs:
+        names = [*fr, *nrs]
+        a = score(run / "2_sample", work / "conflict" / f"{run.name}_all", names)
+        b = score(perturbed_pool(run / "2_sample", work / "perturbed" / run.name), work / "perturbed_score" / run.name,
+                  names)  # fmt: skip
+        for key, metrics in [(f"hybrid with {nr}", [*fr, nr]) for nr in nrs] + [(m, [m]) for m in names]:
+            cat = metric_lib.catalogue(metrics)
+            ra = hybrid_reward(a[a.metric.isin(metrics)], cat).set_index(["image_id", "seed"])
+            rb = hybrid_reward(b[b.metric.isin(metrics)], cat).set_index(["image_id", "seed"]).loc[ra.index]
+            for image_id in ra.index.unique("image_id"):
+                rho = spearmanr(ra.loc[image_id].reward, rb.loc[image_id].reward)[0]
+                if np.isfinite(rho):
+                    out.setdefault(key, []).append(float(rho))
+    return {k: {"crops": len(v), "mean_spearman": float(np.mean(v))} for k, v in out.items()}
+
+
 def detail_axis(run: Path, details: list[float], fr: list[str], nrs: list[str], work: Path, samples: int) -> dict:
     cand = pd.read_parquet(run / "2_sample" / "candidates.parquet")
     seed0 = int(cand.seed.min())
@@ -126,6 +165,11 @@ def main() -> None:
     print("|---|---|---|---|")
     for nr, c in result["conflict"].items():
         print(f"| {nr} | {c['crops']} | {c['mean_spearman']:+.3f} ± {c['se']:.3f} | {c['frac_negative']:.0%} |")
+    result["reliability"] = reliability(a.runs, a.fr, a.nr, a.work)
+    print("\n| reward or metric | crops | within-crop Spearman, before vs after ±1 LSB |")
+    print("|---|---|---|")
+    for key, r in result["reliability"].items():
+        print(f"| {key} | {r['crops']} | {r['mean_spearman']:.3f} |")
     if a.detail:
         axis = detail_axis(a.runs[0], a.detail, a.fr, a.nr, a.work, a.samples)
         result["detail_axis"] = {"run": str(a.runs[0]), "shipped": 0.3, "mean": axis}
