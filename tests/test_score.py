@@ -370,3 +370,46 @@ def test_offline_preset_scores_the_quickstart_crop_size(tmp_path):
     assert sorted(set(scores.metric)) == sorted(metrics.PRESETS["offline"])
     assert {metrics.get_spec(m).family for m in metrics.PRESETS["offline"]} == {"fr", "nr"}
     assert scores.value.notna().all() and len(scores) == 2 * 2 * len(metrics.PRESETS["offline"])
+
+
+def test_dithered_copies_are_invisible_and_fixed_by_content():
+    from dp2osr.engine.scoring import ScoreOptions, dithered
+
+    x = torch.rand(2, 3, 16, 16).mul(255).round().div(255)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # the clip at both ends
+    a = dithered(x, ["aa", "bb"], 0)
+    assert torch.equal(a, dithered(x, ["aa", "bb"], 0))  # reruns give the same copy
+    assert not torch.equal(a, dithered(x, ["aa", "bb"], 1))  # copy k differs from copy k+1
+    assert torch.equal(a[1], dithered(x[1:], ["bb"], 0)[0])  # one image's pattern ignores the batch around it
+    steps = ((a - x) * 255).round()
+    assert set(steps.unique().tolist()) <= {-1.0, 0.0, 1.0} and (steps != 0).float().mean() > 0.5
+    assert a.min() >= 0 and a.max() <= 1
+    with pytest.raises(ValueError, match="dither"):
+        ScoreOptions(dither=-1)
+
+
+def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
+    from dp2osr.engine.scoring import dithered
+    from dp2osr.images import load_image
+    from dp2osr.paths import file_sha
+
+    pool = make_pool(tmp_path, n_images=1, seeds=(0, 1))
+    score(ScoreConfig(candidates=pool, metrics=["psnr", "piqe"], device="cpu"))
+    plain = pd.read_parquet(pool / "scores.parquet")
+    score(ScoreConfig(candidates=pool, metrics=["psnr", "piqe"], device="cpu", dither=3))
+    dith = pd.read_parquet(pool / "scores.parquet")
+    assert not np.allclose(plain.value, dith.value)  # not the cached plain scores
+    # by hand: the mean over the 3 copies of the candidate, each scored against the HR
+    cands = pd.read_parquet(pool / "candidates.parquet")
+    row = cands.iloc[0]
+    x = load_image(pool / row.path)
+    hr = load_image(Path(row.hr_path))
+    model = metrics.create("psnr", "cpu")
+    want = np.mean([metrics.score_batch(model, dithered(x, [file_sha(pool / row.path)], k), hr)[0] for k in range(3)])
+    got = dith[(dith.metric == "psnr") & (dith.seed == row.seed) & (dith.image_id == row.image_id)].value.item()
+    assert got == pytest.approx(want, rel=1e-6)  # float32 metric, batched vs one at a time
+    # the plain scores are still there and unchanged (a rerun without --dither reads them back)
+    score(ScoreConfig(candidates=pool, metrics=["psnr", "piqe"], device="cpu"))
+    pd.testing.assert_frame_equal(pd.read_parquet(pool / "scores.parquet"), plain)
+    with pytest.raises(ValueError, match="dither"):
+        ScoreConfig(candidates=pool, dither=-2)

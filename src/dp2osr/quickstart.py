@@ -146,6 +146,12 @@ class QuickstartConfig:
     weights_dir: Path | None = field(
         None, help="folder with IQA metric weights (only for weight-backed metrics)"
     )
+    score_dither: int = field(
+        0,
+        help="`dp2osr score --dither K` for every reward score (training pool and held-out pools; not the guards): "
+        "the mean over K invisibly dithered copies, so that the pairs do not follow PIQE's reaction to the last "
+        "bit (0 = plain scores)",
+    )
     guard_metrics: list[str] | None = field(
         None,
         help="metrics NOT in the reward, shown beside it on the first and last held-out pools so that reward "
@@ -194,6 +200,8 @@ class QuickstartConfig:
         for name in ("images", "heldout", "samples", "steps", "batch_size", "eval_every", "sample_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.score_dither < 0:
+            raise ValueError(f"--score-dither must be >= 0 (0 = plain scores), got {self.score_dither}")
         if self.samples < 2 or (self.eval_samples is not None and self.eval_samples < 1):
             raise ValueError(f"--samples must be >= 2 (a winner and a loser), got {self.samples}")
         if self.hr_size < 16 or self.hr_size % 16:
@@ -365,7 +373,7 @@ def sample_pool(
 
 def score_pool(cands: Path, out: Path, cfg: QuickstartConfig) -> pd.DataFrame:
     """`dp2osr score` (hybrid reward, pool scope) of the pool in ``cands``; returns its scores table."""
-    return heldout.score_pool(cands, out, list(cfg.metrics), cfg.weights_dir, cfg.device)
+    return heldout.score_pool(cands, out, list(cfg.metrics), cfg.weights_dir, cfg.device, cfg.score_dither)
 
 
 def score_guards(cands: Path, cfg: QuickstartConfig) -> pd.DataFrame:

@@ -58,8 +58,16 @@ class ScoreConfig:
         help="min-max normalisation scope: pool (all candidates) or image (one image's candidates)",
         choices=list(SCOPES),
     )
+    dither: int = field(
+        0,
+        help="K > 0: each score is the mean over K copies of the candidate with every 8-bit value moved by -1, 0 "
+        "or +1 (invisible; the pattern is fixed by the file's hash). Steadies metrics whose ranking of a crop's "
+        "candidates reacts to the last bit (PIQE at 64 px); costs K times the scoring. 0 = plain scores",
+    )
 
     def __post_init__(self) -> None:
+        if self.dither < 0:
+            raise ValueError(f"--dither must be >= 0 (0 = plain scores), got {self.dither}")
         check_choice("preset", self.preset, sorted(metric_lib.PRESETS))
         check_choice("device", self.device, ["auto", "cpu", "cuda"])
         check_choice("scope", self.scope, list(SCOPES))
@@ -88,7 +96,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     # the resolved config: the exact metric list and output folder this run used
     save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
-    opts = ScoreOptions(cfg.weights_dir, cfg.device, cfg.batch_size, cfg.w_fr, cfg.w_nr, cfg.scope)
+    opts = ScoreOptions(cfg.weights_dir, cfg.device, cfg.batch_size, cfg.w_fr, cfg.w_nr, cfg.scope, cfg.dither)
     result = score_pool(cand_dir, out_dir, names, opts)
     if result.errors:
         raise PartialFailure(

@@ -39,10 +39,17 @@ CURVE_COLUMNS = ["step", "reward", "best", "worst", "reward_se", "psnr", "ssim"]
 
 # ---------------------------------------------------------------------------------------------- pools
 def score_pool(
-    cands: Path, out: Path, metrics: list[str], weights_dir: Path | None = None, device: str = "auto"
+    cands: Path,
+    out: Path,
+    metrics: list[str],
+    weights_dir: Path | None = None,
+    device: str = "auto",
+    dither: int = 0,
 ) -> pd.DataFrame:
-    """Score the pool in ``cands`` into ``out`` (resumes; hybrid reward, pool scope); returns its scores table."""
-    result = scoring.score_pool(Path(cands), Path(out), list(metrics), ScoreOptions(weights_dir, device))
+    """Score the pool in ``cands`` into ``out`` (resumes; hybrid reward, pool scope); returns its scores table.
+    ``dither``: `ScoreOptions.dither` (each score the mean over that many dithered copies; 0 = plain)."""
+    opts = ScoreOptions(weights_dir, device, dither=dither)
+    result = scoring.score_pool(Path(cands), Path(out), list(metrics), opts)
     if result.errors:
         raise StageError(f"scoring {cands} failed: " + "; ".join(result.errors.values()))
     return result.scores
