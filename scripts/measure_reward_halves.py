@@ -51,9 +51,9 @@ from dp2osr.math.reward import fit_bounds, hybrid_reward  # noqa: E402
 GUARDS = ("psnry", "ssim")  # shown beside the detail axis, not in any reward
 
 
-def score(pool: Path, out: Path, names: list[str]) -> pd.DataFrame:
+def score(pool: Path, out: Path, names: list[str], dither: int = 0) -> pd.DataFrame:
     """Raw scores (long table) of every candidate in ``pool`` for ``names`` (resumes in ``out``)."""
-    score_stage.run(score_stage.ScoreConfig(candidates=pool, output=out, metrics=names))
+    score_stage.run(score_stage.ScoreConfig(candidates=pool, output=out, metrics=names, dither=dither))
     return pd.read_parquet(out / "scores.parquet")
 
 
@@ -105,13 +105,15 @@ def perturbed_pool(pool: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def reliability(runs: list[Path], fr: list[str], nrs: list[str], work: Path) -> dict:
+def reliability(runs: list[Path], fr: list[str], nrs: list[str], work: Path, dither: int = 0) -> dict:
+    """Within-crop Spearman of the scores before vs after the invisible change. With ``dither`` K, both sides
+    are `score --dither K` means (their dither patterns differ, as the files do): how steady K makes a ranking."""
     out: dict = {}
     for run in runs:
         names = [*fr, *nrs]
-        a = score(run / "2_sample", work / "conflict" / f"{run.name}_all", names)
+        a = score(run / "2_sample", work / "conflict" / f"{run.name}_all", names, dither)
         b = score(perturbed_pool(run / "2_sample", work / "perturbed" / run.name), work / "perturbed_score" / run.name,
-                  names)  # fmt: skip
+                  names, dither)  # fmt: skip
         for key, metrics in [(f"hybrid with {nr}", [*fr, nr]) for nr in nrs] + [(m, [m]) for m in names]:
             cat = metric_lib.catalogue(metrics)
             ra = hybrid_reward(a[a.metric.isin(metrics)], cat).set_index(["image_id", "seed"])
@@ -157,6 +159,8 @@ def main() -> None:
     p.add_argument("--nr", nargs="+", default=["piqe", "brisque"])
     p.add_argument("--detail", type=float, nargs="*", default=[0.15, 0.3, 0.45, 0.6])
     p.add_argument("--samples", type=int, default=8, help="seeds per crop on the detail axis")
+    p.add_argument("--dither", type=int, nargs="*", default=[0, 16],
+                   help="label reliability with `score --dither K` for each K (0: plain scores)")
     p.add_argument("--work", type=Path, required=True, help="scratch folder (pools and scores)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -165,11 +169,15 @@ def main() -> None:
     print("|---|---|---|---|")
     for nr, c in result["conflict"].items():
         print(f"| {nr} | {c['crops']} | {c['mean_spearman']:+.3f} ± {c['se']:.3f} | {c['frac_negative']:.0%} |")
-    result["reliability"] = reliability(a.runs, a.fr, a.nr, a.work)
-    print("\n| reward or metric | crops | within-crop Spearman, before vs after ±1 LSB |")
-    print("|---|---|---|")
-    for key, r in result["reliability"].items():
-        print(f"| {key} | {r['crops']} | {r['mean_spearman']:.3f} |")
+    rel = {k: reliability(a.runs, a.fr, a.nr, a.work, k) for k in a.dither}
+    result["reliability"] = rel[a.dither[0]] if a.dither else {}
+    result["reliability_by_dither"] = {str(k): v for k, v in rel.items()}
+    print("\n| reward or metric | crops | " + " | ".join(f"Spearman before vs after ±1 LSB, dither {k}" for k in rel)
+          + " |")  # fmt: skip
+    print("|---|---|" + "---|" * len(rel))
+    for key in next(iter(rel.values()), {}):
+        cells = [f"{rel[k][key]['mean_spearman']:.3f}" for k in rel]
+        print(f"| {key} | {rel[a.dither[0]][key]['crops']} | " + " | ".join(cells) + " |")
     if a.detail:
         axis = detail_axis(a.runs[0], a.detail, a.fr, a.nr, a.work, a.samples)
         result["detail_axis"] = {"run": str(a.runs[0]), "shipped": 0.3, "mean": axis}
