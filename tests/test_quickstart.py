@@ -276,3 +276,12 @@ def test_run_clock_keeps_the_time_of_a_killed_run(tmp_path):
     totals = resumed.totals()
     assert totals["runs"] == 2 and totals["sample"] >= 5.0 and totals["train"] >= 2.0
     assert totals["total"] >= killed.now["total"] and set(totals) == {"sample", "train", "total", "runs"}
+
+
+def test_score_dither_is_checked_and_named_beside_the_reward(tmp_path):
+    from dp2osr.quickstart import QuickstartConfig, _guard_note
+
+    assert "dithered" not in _guard_note(QuickstartConfig(output=tmp_path))
+    assert "mean over 16 dithered copies" in _guard_note(QuickstartConfig(output=tmp_path, score_dither=16))
+    with pytest.raises(ValueError, match="score-dither"):
+        QuickstartConfig(output=tmp_path, score_dither=-1)

@@ -489,10 +489,11 @@ def summary_rows(cfg: QuickstartConfig, s: dict) -> list[tuple[str, str, float, 
 
 
 def _guard_note(cfg: QuickstartConfig) -> str:
+    dither = f", each scored as the mean over {cfg.score_dither} dithered copies" if cfg.score_dither else ""
     return (
         f"Guards: PSNR-Y, SSIM-Y and {', '.join(cfg.guards())} are not in the reward (hybrid of "
-        f"{', '.join(cfg.metrics)}): if the reward rises while the guards get worse, DP²O is exploiting the "
-        "reward."
+        f"{', '.join(cfg.metrics)}{dither}): if the reward rises while the guards get worse, DP²O is exploiting "
+        "the reward."
     )
 
 
