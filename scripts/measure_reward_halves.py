@@ -19,7 +19,7 @@ quickstart's 64 px crops), with the FR half fixed to ``--fr`` (default FSIM + GM
    of the ranking is the image and how much is the metric's reaction to the last bit (1: a stable ranking).
 
     python scripts/measure_reward_halves.py --runs RUN [RUN ...] [--nr piqe brisque] [--fr fsim gmsd] \\
-        [--detail 0.15 0.3 0.45 0.6] --work DIR --json docs/results/reward_halves.json
+        [--detail 0.15 0.3 0.45 0.6] [--dither 0 16] --work DIR --json docs/results/reward_halves.json
 
 RUN is a `dp2osr quickstart` output folder (or an ablation run's seed folder). DIR holds the scratch pools and
 scores (reruns resume).
