@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -285,3 +286,17 @@ def test_score_dither_is_checked_and_named_beside_the_reward(tmp_path):
     assert "mean over 16 dithered copies" in _guard_note(QuickstartConfig(output=tmp_path, score_dither=16))
     with pytest.raises(ValueError, match="score-dither"):
         QuickstartConfig(output=tmp_path, score_dither=-1)
+
+
+def test_score_dither_reaches_the_stored_scores(run, tmp_path):
+    """--score-dither K travels from the quickstart's options to every reward score it stores."""
+    from dp2osr import quickstart
+
+    out, _, _ = run
+    cfg = quickstart.QuickstartConfig(output=tmp_path / "q", backbone="sd2-tiny", score_dither=2)
+    dithered = quickstart.score_pool(out / "2_sample", tmp_path / "scores", cfg)
+    stored = pd.read_parquet(tmp_path / "scores" / "scores_parts" / "_merged.parquet")
+    assert set(stored.dither) == {2} and len(stored) == len(dithered)
+    plain = pd.read_parquet(out / "3_score" / "scores.parquet")  # the run itself: plain scores
+    both = plain.merge(dithered, on=["image_id", "seed", "metric"], suffixes=("_plain", "_dither"))
+    assert len(both) == len(plain) and not np.allclose(both.value_plain, both.value_dither)
