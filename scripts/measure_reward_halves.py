@@ -69,10 +69,11 @@ def halves(scores: pd.DataFrame, fr: list[str], nr: str, bounds: dict | None = N
 
 def conflict(runs: list[Path], fr: list[str], nrs: list[str], work: Path) -> dict:
     out: dict = {}
+    # each run's pool scored once with every metric (the folder `reliability` reads back); halves() picks its own
+    pools = [score(run / "2_sample", work / "conflict" / f"{run.name}_all", [*fr, *nrs]) for run in runs]
     for nr in nrs:
         rhos = []
-        for run in runs:
-            scores = score(run / "2_sample", work / "conflict" / run.name, [*fr, nr])
+        for scores in pools:
             r = halves(scores, fr, nr)
             for _, g in r.groupby("image_id"):
                 rho = spearmanr(g.fr_half, g.nr_half)[0]
