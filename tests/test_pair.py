@@ -1,6 +1,7 @@
 """Tests for dp2osr.pair: top-N × bottom-N curation and HPO weights (arXiv 2510.18851)."""
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -8,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from dp2osr import tables
 from dp2osr.backbones import backbone_class
 from dp2osr.cli import main
 from dp2osr.math.hpo import inter_weights, intra_weights, n_from_ratio, select_pairs
@@ -170,43 +172,54 @@ def test_pair_config_validation():
     assert PairConfig(rewards="r.parquet").ratio is None  # default: by the model family of the pool
 
 
-def test_default_ratio_follows_the_pool_model(tmp_path):
-    """No --n/--ratio: 1/4 for an SD2-sampled pool, 1/16 for a FLUX-sampled one (the paper's ratios)."""
-    from dp2osr.pair import pool_ratio
-
-    rewards = tmp_path / "rewards.parquet"
-    assert pool_ratio(rewards) == 0.25  # no candidates table: SD2-like
-    cases = (("flux|/m/flux|c.safetensors", 1 / 16), ("flux-tiny|base", 1 / 16), ("sd2-tiny|controlnet:default", 0.25),
-             ("embedded|step 0", 0.25))  # fmt: skip
-    for model, ratio in cases:
-        pd.DataFrame({"image_id": ["a"], "model": [model]}).to_parquet(tmp_path / "candidates.parquet")
-        assert pool_ratio(rewards) == ratio
-
-
 @pytest.fixture
 def argv_restored(monkeypatch):
     """cli.main overwrites sys.argv; restore it after the test."""
     monkeypatch.setattr(sys, "argv", list(sys.argv))
 
 
-def test_cli_writes_schema_with_lr_from_candidates(tmp_path, argv_restored, capsys):
-    """Rewards without lr_path: the LR path comes from candidates.parquet beside it. Default ratio 0.25 of
-    M = 4 -> N = 1, so 2 pairs; output pref_pairs.parquet beside the rewards, config beside it."""
-    df = _rewards_df().drop(columns="lr_path")
-    df.to_parquet(tmp_path / "rewards.parquet", index=False)
-    cands = _rewards_df()[["image_id", "seed", "path", "lr_path"]].assign(hr_path="", model="tiny")
-    cands.to_parquet(tmp_path / "candidates.parquet", index=False)
+def test_default_ratio_follows_the_pool_model(tmp_path, argv_restored):
+    """No --n/--ratio: the pair ratio the rewards table records for the model that sampled the pool (1/4 for
+    SD2, 1/16 for FLUX: the paper's), 1/4 when it records none. 16 candidates per image: N = 4 vs N = 1."""
+    big = pd.DataFrame(
+        {
+            "image_id": ["a"] * 16,
+            "seed": range(16),
+            "path": [f"/p/a/seed_{s:04d}.png" for s in range(16)],
+            "reward": np.linspace(0, 1, 16),
+            "lr_path": "/data/lr/a.png",
+        }
+    )
+    for meta, n in ((None, 4), ({"pair_ratio": backbone_class("flux").pair_ratio}, 1), ({"pair_ratio": 0.25}, 4)):
+        rewards = tables.write(tables.REWARDS, big, tmp_path / "rewards.parquet", meta)
+        assert main(["pair", "--rewards", str(rewards)]) == 0
+        assert len(pd.read_parquet(tmp_path / "pref_pairs.parquet")) == n * n
 
-    assert main(["pair", "--rewards", str(tmp_path / "rewards.parquet")]) == 0
+
+def test_pair_reads_everything_from_the_rewards_table(tmp_path, argv_restored, capsys):
+    """The rewards table alone is enough: LR paths and prompts come from it; no file beside it is read. Default
+    ratio 0.25 of M = 4 -> N = 1, so 2 pairs; output pref_pairs.parquet beside the rewards, config beside it.
+    Without an lr_path column (an older score) the error names the table."""
+    df = _rewards_df().assign(path=lambda d: [str(tmp_path / p) for p in d.path])  # as `tables.read` gives
+    tables.write(tables.REWARDS, df.assign(prompt=["cat"] * 4 + [""] * 4), tmp_path / "rewards.parquet")
+    assert main(["pair", "--rewards", str(tmp_path)]) == 0  # the folder holding rewards.parquet works too
     out = pd.read_parquet(tmp_path / "pref_pairs.parquet")
-    assert list(out.columns) == PAIR_COLUMNS
+    assert list(out.columns) == [*PAIR_COLUMNS, "prompt"]
+    assert out.prompt.tolist() == ["cat", ""]
     assert len(out) == 2
-    assert out.lr_path.tolist() == ["/data/lr/a.png", "/data/lr/b.png"]
+    assert out.lr_path.tolist() == [os.path.relpath(f"/data/lr/{x}.png", tmp_path) for x in "ab"]
     assert out.win_path.tolist() == ["a/seed_0000.png", "b/seed_0010.png"]
     assert str(out.win_seed.dtype) == "int64" and str(out.weight.dtype) == "float64"
     saved = yaml.safe_load((tmp_path / "pref_pairs.config.yaml").read_text())
-    assert saved["ratio"] is None and saved["hpo"] == "both"  # ratio taken from the pool's model: 0.25
+    assert saved["ratio"] is None and saved["hpo"] == "both"
     assert "2 pairs" in capsys.readouterr().out
+
+    tables.write(tables.REWARDS, df, tmp_path / "r2.parquet")  # no prompt: no prompt column
+    assert main(["pair", "--rewards", str(tmp_path / "r2.parquet"), "--output", str(tmp_path / "p2.parquet")]) == 0
+    assert list(pd.read_parquet(tmp_path / "p2.parquet").columns) == PAIR_COLUMNS
+    _rewards_df().drop(columns="lr_path").to_parquet(tmp_path / "old.parquet", index=False)
+    assert main(["pair", "--rewards", str(tmp_path / "old.parquet"), "--output", str(tmp_path / "p3.parquet")]) == 2
+    assert "old.parquet has no lr_path" in capsys.readouterr().err
 
 
 def test_cli_output_elsewhere_rebases_paths(tmp_path, argv_restored):

@@ -22,6 +22,7 @@ from dp2osr import metrics
 from dp2osr.cli import main as cli_main
 from dp2osr.errors import PartialFailure
 from dp2osr.score import ScoreConfig
+from dp2osr import tables
 from dp2osr.score import run as score
 
 FR_METRICS = ["psnr", "gmsd"]  # higher-better and lower-better FR; fast at 64 px
@@ -97,14 +98,21 @@ def test_scores_and_rewards_match_hand_computation(tmp_path):
         "string",
         "double",
     ]
+    # the rewards table carries what `pair` and `report` need: LR/HR, prompt, model (none in this fake pool)
     assert list(rewards.columns) == [
         "image_id",
         "seed",
         "path",
+        "lr_path",
+        "hr_path",
         "reward",
         *[f"norm_{m}" for m in TEST_METRICS],
     ]
     assert rewards[["image_id", "seed", "path"]].equals(cands[["image_id", "seed", "path"]])
+    read, meta = tables.read(tables.REWARDS, pool)
+    assert read.lr_path.tolist() == cands.lr_path.tolist() and read.hr_path.tolist() == cands.hr_path.tolist()
+    assert meta == {"metrics": TEST_METRICS, "w_fr": 0.5, "w_nr": 0.5, "scope": "pool", "dither": 0,
+                    "schema": "rewards", "version": tables.REWARDS.version}
 
     # FR only where there is an HR: img02 has NR scores only
     fr_rows = scores[scores.metric.isin(FR_METRICS)]

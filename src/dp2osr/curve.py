@@ -65,6 +65,9 @@ class CurveConfig(SamplingOptions):
     )
     metrics: list[str] | None = field(None, help="metric names (pyiqa names); overrides --preset")
     weights_dir: Path | None = field(None, help="folder with IQA metric weights (for weight-backed metrics)")
+    dither: int = field(
+        0, help="score each sample as the mean over K invisibly dithered copies (`dp2osr score --dither`); 0 = plain"
+    )
     upscale: int = field(4, help="LR -> output scale factor")
     limit: int | None = field(None, help="use only the first N held-out images (sorted by ID)")
 
@@ -72,6 +75,8 @@ class CurveConfig(SamplingOptions):
         super().__post_init__()
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        if self.dither < 0:
+            raise ValueError(f"--dither must be >= 0 (0 = plain scores), got {self.dither}")
 
 
 def with_run_model(cfg: CurveConfig) -> CurveConfig:
@@ -109,12 +114,13 @@ def run(cfg: CurveConfig) -> pd.DataFrame:
         save_config(cfg, out / CONFIG_NAME)
     ev = HeldoutEval(
         bb, cfg.heldout, out, cfg, samples=cfg.samples, seed=cfg.seed, metrics=names,
-        weights_dir=cfg.weights_dir, limit=cfg.limit, upscale=cfg.upscale,
+        weights_dir=cfg.weights_dir, limit=cfg.limit, upscale=cfg.upscale, dither=cfg.dither,
     )  # fmt: skip
     for step in [0, *sorted(checkpoints)]:
         if state.is_main_process:
             print(f"curve: step {step} -> {step_dir(out, step)}", file=sys.stderr)
-        ev.pool(step, None if step == 0 else controlnet_from(bb, checkpoints[step]), state)
+        net = None if step == 0 else controlnet_from(bb, checkpoints[step])
+        ev.pool(step, net, state, source=None if step == 0 else str(checkpoints[step]))
     if not state.is_main_process:
         return pd.DataFrame()
     table = ev.curve()

@@ -17,40 +17,19 @@ Conventions (our choices where the paper is silent):
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dp2osr.backbones import pair_ratio_for
+from dp2osr import tables
 from dp2osr.config import check_choice, field, save_config
-from dp2osr.images import write_parquet
 from dp2osr.math.hpo import HPO_MODES, inter_weights, intra_weights, n_from_ratio, select_pairs
 from dp2osr.paths import check_output_file
 
-PAIR_COLUMNS = [
-    "image_id",
-    "win_seed",
-    "lose_seed",
-    "win_path",
-    "lose_path",
-    "lr_path",
-    "win_reward",
-    "lose_reward",
-    "w_intra",
-    "w_inter",
-    "weight",
-]
-
-
-
-
-
-
-
-
+PAIR_COLUMNS = list(tables.PREF_PAIRS.columns)
+DEFAULT_RATIO = 0.25  # N/M when the pool's table names none (the paper's SD2 setting, N = 8 of M = 32)
 
 
 def build_pairs(
@@ -60,7 +39,7 @@ def build_pairs(
 
     Args:
         rewards_df: one row per candidate with columns ``image_id, seed, path, reward, lr_path`` (others are
-            ignored). ``pair`` fills ``lr_path`` from ``candidates.parquet`` when ``score`` did not keep it.
+            ignored), as `tables.read` gives the ``rewards.parquet`` that ``score`` writes.
         n: N winners and N losers per image; overrides ``ratio`` when given.
         ratio: N = :func:`n_from_ratio` (M, ratio) per image when ``n`` is None.
         hpo: one of :data:`HPO_MODES`; a disabled level's weight column is 1.
@@ -163,15 +142,15 @@ class PairConfig:
     Hierarchical Preference Optimization (w = w_intra · w_inter). Writes pref_pairs.parquet for `train`."""
 
     # RUF009: ruff cannot tell that config.field returns a dataclasses.field.
-    rewards: Path = field(help="rewards.parquet written by `dp2osr score`")
+    rewards: Path = field(help="rewards.parquet written by `dp2osr score` (or the folder holding it)")
     output: Path | None = field(None, help="output table (default: pref_pairs.parquet by --rewards)")
     n: int | None = field(
         None, help="winners and losers per image, N (N=1: best vs worst); overrides --ratio"
     )
     ratio: float | None = field(
         None,
-        help="N = max(1, round(ratio*M)) when --n is not given; default by the model that sampled the pool "
-        "(candidates.parquet): 0.25 for SD2-like (paper: N=8 of M=32), 0.0625 for FLUX (N=4 of M=64)",
+        help="N = max(1, round(ratio*M)) when --n is not given; default: the ratio of the model that sampled the "
+        "pool (recorded in the rewards table): 0.25 for SD2-like (paper: N=8 of M=32), 0.0625 for FLUX (N=4 of M=64)",
     )
     hpo: str = field(
         "both",
@@ -191,52 +170,6 @@ class PairConfig:
         if self.ratio is not None and not 0 < self.ratio <= 0.5:
             raise ValueError(f"ratio must be in (0, 0.5], got {self.ratio}")
         check_choice("hpo", self.hpo, HPO_MODES)
-
-
-def _rebase(path: str, src_dir: Path, dst_dir: Path) -> str:
-    """A path relative to ``src_dir`` re-expressed relative to ``dst_dir`` (absolute and empty kept)."""
-    if not path or os.path.isabs(path):
-        return path
-    return os.path.relpath(os.path.join(src_dir, path), dst_dir)
-
-
-def _with_lr_paths(rewards_df: pd.DataFrame, rewards_path: Path) -> pd.DataFrame:
-    """Add ``lr_path`` from ``candidates.parquet`` beside the rewards table when the rewards lack it."""
-    if "lr_path" in rewards_df.columns:
-        return rewards_df
-    candidates_path = rewards_path.parent / "candidates.parquet"
-    if not candidates_path.is_file():
-        raise FileNotFoundError(
-            f"{rewards_path} has no lr_path column and there is no {candidates_path} to take it from"
-        )
-    lr = pd.read_parquet(candidates_path, columns=["image_id", "lr_path"])
-    lr = lr.astype({"image_id": str}).drop_duplicates("image_id")
-    out = rewards_df.astype({"image_id": str}).merge(lr, on="image_id", how="left")
-    if out["lr_path"].isna().any():
-        missing = sorted(out.loc[out["lr_path"].isna(), "image_id"].unique())[:5]
-        raise ValueError(f"image(s) {missing} of {rewards_path} are not in {candidates_path}")
-    return out
-
-
-def pool_ratio(rewards_path: Path) -> float:
-    """N/M for the pool beside ``rewards_path``: the ratio of the backbone its candidates.parquet names
-    (paper: 1/4 for SD2, N = 8 of M = 32; 1/16 for FLUX, N = 4 of M = 64); SD2's when it names none."""
-    path = rewards_path.parent / "candidates.parquet"
-    model = ""
-    if path.is_file():
-        models = pd.read_parquet(path, columns=["model"])["model"].astype(str)
-        model = models.iloc[0] if len(models) else ""
-    return pair_ratio_for(model)
-
-
-def _prompts(rewards_path: Path) -> pd.DataFrame | None:
-    path = rewards_path.parent / "candidates.parquet"
-    if not path.is_file():
-        return None
-    df = pd.read_parquet(path)
-    if "prompt" not in df.columns:
-        return None
-    return df[["image_id", "prompt"]].astype({"image_id": str}).drop_duplicates("image_id")
 
 
 def _is_pairs_table(path: Path) -> bool:
@@ -260,25 +193,25 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def run(cfg: PairConfig) -> pd.DataFrame:
-    """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config."""
-    if not cfg.rewards.is_file():
-        raise FileNotFoundError(f"rewards table not found: {cfg.rewards}")
-    output = cfg.output if cfg.output is not None else cfg.rewards.parent / "pref_pairs.parquet"
+    """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config.
+
+    Everything comes from the rewards table: candidate and LR paths, prompts, and (for the default ratio)
+    the pair ratio of the model that sampled the pool, from the table's metadata.
+    """
+    rewards = tables.table_path(tables.REWARDS, cfg.rewards)
+    output = cfg.output if cfg.output is not None else rewards.parent / tables.PREF_PAIRS.filename
     check_output(output, cfg.overwrite)
-    rewards_df = _with_lr_paths(pd.read_parquet(cfg.rewards), cfg.rewards)
+    rewards_df, meta = tables.read(tables.REWARDS, rewards)
+    if "lr_path" not in rewards_df.columns:
+        raise ValueError(f"{rewards} has no lr_path column (written by an older dp2osr score); score again")
     ratio = cfg.ratio
     if cfg.n is None and ratio is None:
-        ratio = pool_ratio(cfg.rewards)
+        ratio = float(meta.get("pair_ratio", DEFAULT_RATIO))
     pairs = build_pairs(rewards_df, n=cfg.n, ratio=ratio, hpo=cfg.hpo)
-    prompts = _prompts(cfg.rewards)
-    if prompts is not None:  # the prompt each image was sampled with, for training
-        pairs = pairs.merge(prompts, on="image_id", how="left")
-    # Table paths are relative to the table's folder; the output may live elsewhere than the rewards.
-    src_dir, dst_dir = cfg.rewards.parent.resolve(), output.parent.resolve()
-    if src_dir != dst_dir:
-        for col in ("win_path", "lose_path", "lr_path"):
-            pairs[col] = [_rebase(p, src_dir, dst_dir) for p in pairs[col]]
-    write_parquet(pairs, output)
+    prompts = rewards_df.get("prompt", pd.Series(dtype=str))
+    if (prompts != "").any():  # the prompt each image was sampled with, for training (none: no column)
+        pairs = pairs.merge(rewards_df[["image_id", "prompt"]].drop_duplicates("image_id"), on="image_id")
+    tables.write(tables.PREF_PAIRS, pairs, output)
     save_config(cfg, output.with_name(output.stem + ".config.yaml"))
     groups = pairs["image_id"].nunique()
     n_values = sorted(set(pairs.groupby("image_id").size().map(lambda p: math.isqrt(p))))

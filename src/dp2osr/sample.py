@@ -14,8 +14,8 @@ from pathlib import Path
 
 from dp2osr.config import check_resume, field, save_config
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
-from dp2osr.engine.pools import read_inputs, sample_pool
-from dp2osr.engine.sampler import SamplingOptions, load_model, model_identity
+from dp2osr.engine.pools import model_fields, read_inputs, sample_pool
+from dp2osr.engine.sampler import SamplingOptions, load_model
 from dp2osr.errors import PartialFailure
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
@@ -76,7 +76,7 @@ def run(cfg: SampleConfig) -> None:
     state.wait_for_everyone()
     seeds = [cfg.seed + k for k in range(cfg.samples)]
     result, failed = sample_pool(
-        bb, images, out, seeds, cfg, model=model_identity(cfg), upscale=cfg.upscale, overwrite=cfg.overwrite,
+        bb, images, out, seeds, cfg, model=model_fields(cfg), upscale=cfg.upscale, overwrite=cfg.overwrite,
         state=state,
     )  # fmt: skip
     if state.is_main_process:

@@ -23,7 +23,7 @@ from dp2osr import metrics as metric_lib
 from dp2osr import plots
 from dp2osr.backbones import Backbone, cast, load_release_state
 from dp2osr.engine import scoring
-from dp2osr.engine.pools import read_candidates, read_inputs, sample_pool
+from dp2osr.engine.pools import model_fields, read_candidates, read_inputs, sample_pool
 from dp2osr.engine.sampler import SamplingOptions
 from dp2osr.engine.scoring import ScoreOptions
 from dp2osr.errors import StageError
@@ -140,7 +140,7 @@ def controlnet_from(bb: Backbone, model: Path) -> torch.nn.Module:
 
 
 def read_heldout(heldout: Path, metrics: list[str], limit: int | None = None) -> pd.DataFrame:
-    """The held-out images (`sample.read_inputs`), checked to be scorable by ``metrics``."""
+    """The held-out images (`pools.read_inputs`), checked to be scorable by ``metrics``."""
     images = read_inputs(heldout, limit)
     if images.empty:
         raise ValueError(f"{heldout}: no held-out images")
@@ -174,9 +174,10 @@ class HeldoutEval:
         weights_dir: Path | None = None,
         limit: int | None = None,
         upscale: int = 4,
+        dither: int = 0,
     ) -> None:
         self.bb, self.folder, self.opts = bb, Path(folder), opts
-        self.weights_dir, self.upscale = weights_dir, upscale
+        self.weights_dir, self.upscale, self.dither = weights_dir, upscale, dither
         self.metrics = metric_lib.resolve_names("offline", metrics)
         self.images = read_heldout(heldout, self.metrics, limit)
         self.seeds = [seed + k for k in range(samples)]
@@ -186,13 +187,18 @@ class HeldoutEval:
         done = [p for p in self.folder.glob("step_*") if (p / "scores.parquet").is_file()]
         return sorted(int(p.name.removeprefix("step_")) for p in done)
 
-    def pool(self, step: int, controlnet: torch.nn.Module | None = None, state=None) -> None:
+    def pool(
+        self, step: int, controlnet: torch.nn.Module | None = None, state=None, source: str | None = None
+    ) -> None:
         """Sample (with ``controlnet``; None: the backbone's own) and score the pool of ``step``.
 
+        ``source`` names where ``controlnet`` came from in the pool's table (default: "training step N").
         With ``state`` (see `sample_pool`) every process samples its share; the main process scores.
         """
         folder = step_dir(self.folder, step)
-        model = f"{self.opts.backbone}|step {step}"
+        model = model_fields(self.opts)
+        if controlnet is not None:
+            model["controlnet"] = source or f"training step {step}"
         _, failed = sample_pool(
             self.bb, self.images, folder, self.seeds, self.opts, model=model, upscale=self.upscale,
             controlnet=controlnet, state=state, desc="held-out",
@@ -200,7 +206,7 @@ class HeldoutEval:
         if failed:
             raise StageError(f"held-out images could not be sampled: {sorted(failed)}")
         if state is None or state.is_main_process:
-            score_pool(folder, folder, self.metrics, self.weights_dir, self.opts.device)
+            score_pool(folder, folder, self.metrics, self.weights_dir, self.opts.device, self.dither)
         if state is not None:
             state.wait_for_everyone()
 

@@ -7,6 +7,8 @@ functions only.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -17,39 +19,31 @@ from dp2osr.engine.sampler import (
     LR_SHA_KEY,
     OPTIONS_SHA_KEY,
     JobsResult,
+    ModelOptions,
     SamplingOptions,
     chunk_jobs,
     run_jobs,
 )
-from dp2osr.images import list_images, read_png_text, write_parquet
+from dp2osr import tables
+from dp2osr.images import list_images, read_png_text
 from dp2osr.paths import file_sha
 
-CANDIDATES_FILE = "candidates.parquet"
+CANDIDATES_FILE = tables.CANDIDATES.filename
 
 
 def read_candidates(folder: Path) -> pd.DataFrame:
-    """``candidates.parquet`` with ``path`` made absolute (``abs_path``) and ``hr_path`` empty where missing."""
-    table = pd.read_parquet(folder / CANDIDATES_FILE)
-    need = {"image_id", "seed", "path", "hr_path"}
-    if not need <= set(table.columns):
-        raise ValueError(
-            f"{folder / CANDIDATES_FILE}: needs columns {sorted(need)}, has {list(table.columns)}"
-        )
-    if table.empty:
-        raise ValueError(f"{folder / CANDIDATES_FILE} has no candidates")
-    table = table.reset_index(drop=True)
-    table["image_id"] = table["image_id"].astype(str)
-    table["seed"] = table["seed"].astype("int64")
-    table["path"] = table["path"].astype(str)
-    table["hr_path"] = table["hr_path"].fillna("").astype(str)
-    dup = table.duplicated(["image_id", "seed"])
-    if dup.any():
-        raise ValueError(
-            f"{folder / CANDIDATES_FILE}: duplicate (image_id, seed) rows, e.g. {table[dup].head(3)}"
-        )
-    table["abs_path"] = [str(folder / p) for p in table["path"]]
+    """``candidates.parquet`` of the pool in ``folder``: ``abs_path`` the candidate's absolute path, ``path`` as
+    stored (relative to the pool), ``lr_path`` / ``hr_path`` absolute (``hr_path`` empty without an HR)."""
+    table, _ = tables.read(tables.CANDIDATES, Path(folder))
+    table["abs_path"] = table["path"]
+    base = os.path.abspath(folder)
+    table["path"] = [os.path.relpath(p, base) for p in table["abs_path"]]
     return table
 
+
+def read_pool(folder: Path) -> tuple[pd.DataFrame, dict]:
+    """`read_candidates` and the pool's table metadata (e.g. the ``pair_ratio`` of the model that sampled it)."""
+    return read_candidates(folder), tables.read_meta(Path(folder) / CANDIDATES_FILE)
 
 
 def candidates_dir(path: Path) -> Path:
@@ -62,31 +56,28 @@ def candidates_dir(path: Path) -> Path:
 
 
 
-CANDIDATE_COLUMNS = [
-    "image_id", "seed", "path", "lr_path", "hr_path", "model", "prompt", "sha", "lr_sha", "hr_sha", "options_sha",
-]  # fmt: skip
+CANDIDATE_COLUMNS = [*tables.CANDIDATES.columns, *tables.CANDIDATES.optional]
+
+
+def model_fields(opts: ModelOptions) -> dict[str, str]:
+    """The model a pool was sampled with, as the candidates table stores it: backbone name, base and ControlNet
+    (as given; empty: the backbone's own)."""
+    return {"backbone": opts.backbone, "base": str(opts.base or ""), "controlnet": str(opts.controlnet or "")}
 
 
 def read_inputs(folder: Path, limit: int | None = None) -> pd.DataFrame:
     """(image_id, lr_path, hr_path) with absolute paths, from pairs.parquet or a plain folder of LR images."""
     folder = Path(folder)
-    manifest = folder / "pairs.parquet"
-    if manifest.is_file():
-        df = pd.read_parquet(manifest)
-        missing = {"image_id", "lr_path", "hr_path"} - set(df.columns)
-        if missing:
-            raise ValueError(f"{manifest} lacks column(s) {sorted(missing)}")
-        df = df.assign(
-            lr_path=[str((folder / p).resolve()) for p in df.lr_path],
-            hr_path=[str((folder / p).resolve()) if p else "" for p in df.hr_path],
-        )[["image_id", "lr_path", "hr_path"]]
+    if (folder / tables.PAIRS.filename).is_file():
+        df, _ = tables.read(tables.PAIRS, folder)
+        df = df[["image_id", "lr_path", "hr_path"]]
     else:
         files = list_images(folder)
         df = pd.DataFrame(
-            {"image_id": [p.stem for p in files], "lr_path": [str(p.resolve()) for p in files], "hr_path": ""}
+            {"image_id": [p.stem for p in files], "lr_path": [os.path.abspath(p) for p in files], "hr_path": ""}
         )
-    if df.image_id.duplicated().any():
-        raise ValueError(f"{folder}: duplicate image IDs {sorted(df.image_id[df.image_id.duplicated()])}")
+        if df.image_id.duplicated().any():
+            raise ValueError(f"{folder}: duplicate image IDs {sorted(df.image_id[df.image_id.duplicated()])}")
     df = df.sort_values("image_id").reset_index(drop=True)
     return df.head(limit) if limit else df
 
@@ -99,9 +90,12 @@ def _hr_sha(hr_path: str) -> str:
     return file_sha(Path(hr_path)) if hr_path and Path(hr_path).is_file() else ""
 
 
-def write_manifest(images: pd.DataFrame, out: Path, seeds: list[int], model: str) -> pd.DataFrame:
-    """candidates.parquet listing every (image, seed) with the content hashes of the candidate, of the LR and
-    options it records it was made from, and of the HR; errors if any candidate is missing or undecodable."""
+def write_manifest(
+    images: pd.DataFrame, out: Path, seeds: list[int], model: dict[str, str], meta: dict | None = None
+) -> pd.DataFrame:
+    """candidates.parquet listing every (image, seed) with the model, the content hashes of the candidate, of
+    the LR and options it records it was made from, and of the HR (``meta``: the table's metadata); errors if
+    any candidate is missing or undecodable."""
     rows, missing = [], []
     for row in images.itertuples():
         prompt_file = out / row.image_id / "prompt.txt"
@@ -113,12 +107,15 @@ def write_manifest(images: pd.DataFrame, out: Path, seeds: list[int], model: str
             if record is None:
                 missing.append(rel)
                 continue
-            rows.append((row.image_id, s, rel, row.lr_path, row.hr_path, model, prompt, file_sha(out / rel),
-                         record.get(LR_SHA_KEY, ""), hr_sha, record.get(OPTIONS_SHA_KEY, "")))  # fmt: skip
+            rows.append(
+                (row.image_id, s, str(out / rel), row.lr_path, row.hr_path, model["backbone"], model["base"],
+                 model["controlnet"], prompt, file_sha(out / rel), record.get(LR_SHA_KEY, ""), hr_sha,
+                 record.get(OPTIONS_SHA_KEY, ""))
+            )
     if missing:
         raise RuntimeError(f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish")
     df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
-    write_parquet(df, out / "candidates.parquet")
+    tables.write(tables.CANDIDATES, df, out, meta)
     return df
 
 
@@ -142,7 +139,7 @@ def sample_pool(
     seeds: list[int],
     opts: SamplingOptions,
     *,
-    model: str,
+    model: dict[str, str],
     upscale: int = 4,
     overwrite: bool = False,
     controlnet: torch.nn.Module | None = None,
@@ -163,14 +160,15 @@ def sample_pool(
     try:
         with torch.no_grad():
             result = run_jobs(bb, jobs, out, opts, upscale=upscale, overwrite=overwrite, desc=desc,
-                              show_progress=rank == 0, model=model)  # fmt: skip
+                              show_progress=rank == 0, model=json.dumps(model, sort_keys=True))  # fmt: skip
     finally:
         bb.controlnet = old
     failed = set(result.failed)
     if state is not None:
         failed = set().union(*state_gather(state, failed))
     if rank == 0:
-        write_manifest(images[~images.image_id.isin(failed)].reset_index(drop=True), out, seeds, model)
+        done = images[~images.image_id.isin(failed)].reset_index(drop=True)
+        write_manifest(done, out, seeds, model, {"pair_ratio": bb.pair_ratio})
     if state is not None:
         state.wait_for_everyone()
     return result, failed

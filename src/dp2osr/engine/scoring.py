@@ -25,7 +25,6 @@ made from one raw score is partly the metric's reaction to the last bit; the mea
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 import time
@@ -37,13 +36,14 @@ import pandas as pd
 import torch
 
 from dp2osr import metrics as metric_lib
-from dp2osr.engine.pools import read_candidates
+from dp2osr import tables
+from dp2osr.engine.pools import read_pool
 from dp2osr.images import ImageReadError, load_image, write_parquet
 from dp2osr.math.reward import hybrid_reward
 from dp2osr.paths import file_sha
 
-SCORES_FILE = "scores.parquet"
-REWARDS_FILE = "rewards.parquet"
+SCORES_FILE = tables.SCORES.filename
+REWARDS_FILE = tables.REWARDS.filename
 PARTS_DIR = "scores_parts"
 MERGED_PART = "_merged.parquet"
 _PART_COLUMNS = ["image_id", "seed", "metric", "value", "path", "sha", "ref_sha", "dither"]
@@ -273,29 +273,16 @@ def _merge(parts_dir: Path, needed: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _rewards(
-    scores: pd.DataFrame,
-    cands: pd.DataFrame,
-    specs: dict[str, metric_lib.MetricSpec],
-    cfg: ScoreOptions,
-    cand_dir: Path,
-    out_dir: Path,
-) -> pd.DataFrame:
-    """rewards.parquet: image_id, seed, path (relative to ``out_dir``), reward, norm_<metric> per metric."""
-    columns = ["image_id", "seed", "path", "reward", *[f"norm_{m}" for m in specs]]
+def _rewards(scores: pd.DataFrame, cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec], cfg: ScoreOptions):
+    """The rewards table: each candidate's absolute path, LR/HR, prompt and model (what `pair` and `report`
+    need), reward and norm_<metric> per metric."""
+    carried = ["image_id", "seed", "path", *[c for c in tables.REWARDS.optional if c in cands.columns]]
+    columns = [*carried, "reward", *[f"norm_{m}" for m in specs]]
+    info = cands.assign(path=cands["abs_path"])[carried]
     if scores.empty:
-        empty = {c: pd.Series(dtype="float64") for c in columns}
-        empty.update(
-            image_id=pd.Series(dtype=object), seed=pd.Series(dtype="int64"), path=pd.Series(dtype=object)
-        )
-        return pd.DataFrame(empty)[columns]
+        return pd.DataFrame({c: pd.Series(dtype="float64" if c not in info else info[c].dtype) for c in columns})
     rewards = hybrid_reward(scores, specs, w_fr=cfg.w_fr, w_nr=cfg.w_nr, scope=cfg.scope)
-    paths = cands[["image_id", "seed", "abs_path"]].copy()
-    if out_dir.resolve() == cand_dir.resolve():
-        paths["path"] = cands["path"]
-    else:
-        paths["path"] = [os.path.relpath(p, out_dir) for p in paths["abs_path"]]
-    table = paths.drop(columns="abs_path").merge(rewards, on=["image_id", "seed"], how="inner", sort=False)
+    table = info.merge(rewards, on=["image_id", "seed"], how="inner", sort=False)
     for m in specs:
         if f"norm_{m}" not in table:
             table[f"norm_{m}"] = np.nan
@@ -352,7 +339,8 @@ def score_pool(cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptio
 
     opts = opts or ScoreOptions()
     specs = metric_lib.catalogue(names)
-    cands = with_content_hashes(read_candidates(cand_dir))
+    pool, pool_meta = read_pool(cand_dir)
+    cands = with_content_hashes(pool)
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
     needed, todo_by_image, total = _todo(cands, specs, parts_dir, opts.dither)
@@ -377,9 +365,10 @@ def score_pool(cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptio
         print(f"score: {total} score(s) in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} scores/s)",
               file=sys.stderr)  # fmt: skip
     scores = _merge(parts_dir, needed)
-    write_parquet(scores, out_dir / SCORES_FILE)
-    rewards = _rewards(scores, cands, specs, opts, cand_dir, out_dir)
-    write_parquet(rewards, out_dir / REWARDS_FILE)
+    tables.write(tables.SCORES, scores, out_dir / SCORES_FILE)
+    rewards = _rewards(scores, cands, specs, opts)
+    meta = {"metrics": list(specs), "w_fr": opts.w_fr, "w_nr": opts.w_nr, "scope": opts.scope, "dither": opts.dither}
+    tables.write(tables.REWARDS, rewards, out_dir / REWARDS_FILE, {**pool_meta, **meta})
     print(f"score: {len(rewards)} candidate(s), {len(names)} metric(s) -> {out_dir / SCORES_FILE}, "
           f"{out_dir / REWARDS_FILE}", file=sys.stderr)  # fmt: skip
     return ScoreResult(scores, rewards, errors)

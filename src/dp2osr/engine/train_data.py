@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 
+from dp2osr import tables
 from dp2osr.backbones import Backbone, Cond
 from dp2osr.engine.sampler import resize
 from dp2osr.images import load_image
@@ -32,39 +32,23 @@ class Examples:
         return len(self.lr)
 
 
-def _abs(folder: Path, p: str) -> str:
-    return str(p) if Path(p).is_absolute() else str((folder / p).resolve())
-
-
 def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     """DPO: a ``pref_pairs.parquet`` (or a folder with one); SFT: a `dp2osr degrade` folder (pairs.parquet)."""
-    data = Path(data)
-    name = "pref_pairs.parquet" if mode == "dpo" else "pairs.parquet"
-    table = data / name if data.is_dir() else data
-    if not table.is_file():
-        raise FileNotFoundError(f"training data not found: {table} (--mode {mode} reads {name})")
-    df = pd.read_parquet(table)
-    folder = table.parent
-    need = {"win_path", "lose_path", "lr_path"} if mode == "dpo" else {"hr_path", "lr_path"}
-    missing = need - set(df.columns)
-    if missing:
-        raise ValueError(f"{table} lacks column(s) {sorted(missing)} needed for --mode {mode}")
-    if df.empty:
-        raise ValueError(f"{table} holds no rows")
-    prompts = list(df["prompt"].fillna("")) if "prompt" in df.columns else [""] * len(df)
-    lr = [_abs(folder, p) for p in df.lr_path]
+    schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
+    path = Path(data) / schema.filename if Path(data).is_dir() else Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data not found: {path} (--mode {mode} reads {schema.filename})")
+    df, _ = tables.read(schema, path)
+    prompts = list(df["prompt"]) if "prompt" in df.columns else [""] * len(df)
+    lr = list(df["lr_path"])
     if mode == "sft":
-        return Examples([[_abs(folder, p)] for p in df.hr_path], lr, prompts, torch.ones(len(df)))
+        return Examples([[p] for p in df["hr_path"]], lr, prompts, torch.ones(len(df)))
     if hpo == "none":
         w = torch.ones(len(df))
     else:
         col = {"both": ["w_intra", "w_inter"], "intra": ["w_intra"], "inter": ["w_inter"]}[hpo]
-        for c in col:
-            if c not in df.columns:
-                raise ValueError(f"{table} lacks column {c!r} needed for --hpo {hpo}")
         w = torch.tensor(df[col].prod(axis=1).to_numpy(), dtype=torch.float32)
-    images = [[_abs(folder, a), _abs(folder, b)] for a, b in zip(df.win_path, df.lose_path)]
-    return Examples(images, lr, prompts, w)
+    return Examples([[a, b] for a, b in zip(df["win_path"], df["lose_path"])], lr, prompts, w)
 
 
 def batch_indices(n: int, step: int, micro: int, rank: int, batch: int, accum: int, world: int, seed: int) -> list[int]:

@@ -1,0 +1,201 @@
+"""Every table the pipeline writes, in one place: columns, types, schema version, and read / validate / write.
+
+The stages hand their results to each other through these Parquet tables, and each table carries what the
+next stage needs, so no stage looks for a file beside another's output:
+
+    pairs.parquet       degrade -> sample, train --mode sft   LR/HR paths of the crops
+    candidates.parquet  sample  -> score                      candidate paths, LR/HR, prompt, model, hashes
+    scores.parquet      score   -> eval, report, curve        raw metric values (long: one row per metric)
+    rewards.parquet     score   -> pair, eval, report         hybrid reward, LR/HR, prompt, model
+    pref_pairs.parquet  pair    -> train --mode dpo           winner/loser paths, LR, HPO weights
+
+Paths are stored relative to the table's own folder (a folder of results can be moved) and read back as
+absolute paths. Facts about the whole table (the reward weights it was computed with, the pair ratio of the
+model that sampled it) travel in the Parquet file's key-value metadata under ``dp2osr``, together with the
+table's name and schema version; a table without that key is version 1 (written before versions existed).
+The column docs are in docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dp2osr.images import atomic_write
+
+META_KEY = b"dp2osr"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One table: its default file name, version, required and optional columns (name -> dtype), the columns
+    holding paths, and the columns that identify a row."""
+
+    name: str
+    filename: str
+    version: int
+    columns: dict[str, str]
+    optional: dict[str, str]
+    paths: tuple[str, ...] = ()
+    key: tuple[str, ...] = ()
+
+
+_MODEL = {"backbone": "str", "base": "str", "controlnet": "str"}
+
+PAIRS = Schema(
+    "pairs",
+    "pairs.parquet",
+    1,
+    {"image_id": "str", "hr_path": "str", "lr_path": "str"},
+    {"source": "str", "seed": "int64"},
+    paths=("hr_path", "lr_path"),
+    key=("image_id",),
+)
+CANDIDATES = Schema(
+    "candidates",
+    "candidates.parquet",
+    2,
+    {"image_id": "str", "seed": "int64", "path": "str", "lr_path": "str", "hr_path": "str"},
+    {**_MODEL, "prompt": "str", "sha": "str", "lr_sha": "str", "hr_sha": "str", "options_sha": "str"},
+    paths=("path", "lr_path", "hr_path"),
+    key=("image_id", "seed"),
+)
+SCORES = Schema(
+    "scores",
+    "scores.parquet",
+    1,
+    {"image_id": "str", "seed": "int64", "metric": "str", "value": "float64"},
+    {},
+    key=("image_id", "seed", "metric"),
+)
+REWARDS = Schema(
+    "rewards",
+    "rewards.parquet",
+    2,
+    {"image_id": "str", "seed": "int64", "path": "str", "reward": "float64"},
+    {"lr_path": "str", "hr_path": "str", "prompt": "str", **_MODEL},
+    paths=("path", "lr_path", "hr_path"),
+    key=("image_id", "seed"),
+)
+PREF_PAIRS = Schema(
+    "pref_pairs",
+    "pref_pairs.parquet",
+    1,
+    {
+        "image_id": "str",
+        "win_seed": "int64",
+        "lose_seed": "int64",
+        "win_path": "str",
+        "lose_path": "str",
+        "lr_path": "str",
+        "win_reward": "float64",
+        "lose_reward": "float64",
+        "w_intra": "float64",
+        "w_inter": "float64",
+        "weight": "float64",
+    },
+    {"prompt": "str"},
+    paths=("win_path", "lose_path", "lr_path"),
+)
+SCHEMAS = {s.name: s for s in (PAIRS, CANDIDATES, SCORES, REWARDS, PREF_PAIRS)}
+
+
+def table_path(schema: Schema, path: Path) -> Path:
+    """``path`` itself when it names a file, else ``path / schema.filename`` (a stage's output folder)."""
+    path = Path(path)
+    return path if path.suffix == ".parquet" else path / schema.filename
+
+
+def read_meta(path: Path) -> dict:
+    """The ``dp2osr`` metadata of a table (``{}`` for a table written without it)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
+def _absolute(folder: Path, values: pd.Series) -> list[str]:
+    """Stored paths made absolute against ``folder`` (empty stays empty; no per-row filesystem calls)."""
+    base = os.path.abspath(folder)
+    return [os.path.normpath(os.path.join(base, p)) if p else "" for p in values]
+
+
+def _relative(folder: Path, values: pd.Series) -> list[str]:
+    """Paths as the caller names them (absolute, or relative to the working folder) made relative to ``folder``."""
+    base = os.path.abspath(folder)
+    return [os.path.relpath(p, base) if p else "" for p in values]
+
+
+def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = False) -> pd.DataFrame:
+    """``df`` with the schema's columns typed (optional string columns filled with ""); a missing column, an
+    empty table (unless ``allow_empty``) or a duplicated key is a ValueError naming ``where``."""
+    missing = [c for c in schema.columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{where}: not a {schema.name} table: lacks column(s) {missing} (has {list(df.columns)})")
+    if df.empty and not allow_empty:
+        raise ValueError(f"{where}: the {schema.name} table is empty")
+    df = df.reset_index(drop=True)
+    for col, kind in {**schema.columns, **schema.optional}.items():
+        if col not in df.columns:
+            continue
+        if kind == "str":
+            df[col] = df[col].fillna("").astype(str)
+        else:
+            df[col] = df[col].astype(kind)
+    if schema.key:
+        dup = df.duplicated(list(schema.key))
+        if dup.any():
+            first = df.loc[dup, list(schema.key)].iloc[0].to_dict()
+            raise ValueError(f"{where}: duplicate {schema.name} row {first}")
+    return df
+
+
+def read(schema: Schema, path: Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """(the table at ``path`` (a file or a stage's output folder) validated, with absolute paths; its metadata).
+
+    A table of a newer schema version than this dp2osr knows is refused with the versions named.
+    """
+    path = table_path(schema, path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{schema.name} table not found: {path}")
+    meta = read_meta(path)
+    version = int(meta.get("version", 1))
+    if version > schema.version:
+        raise ValueError(
+            f"{path}: {schema.name} table of schema version {version}; this dp2osr reads up to "
+            f"{schema.version}: update dp2osr"
+        )
+    df = validate(schema, pd.read_parquet(path, columns=columns), str(path))
+    for col in schema.paths:
+        if col in df.columns:
+            df[col] = _absolute(path.parent, df[col])
+    return df, meta
+
+
+def write(schema: Schema, df: pd.DataFrame, path: Path, meta: dict | None = None) -> Path:
+    """Write ``df`` as the table ``path`` (a file or a folder), atomically; returns the file's path.
+
+    Path columns hold paths as the caller names them (absolute, or relative to the working folder); they are
+    stored relative to the table's folder. The schema's name and version (and ``meta``) go into the metadata;
+    version-1 tables without ``meta`` are written without metadata, as they always were.
+    """
+    path = table_path(schema, path)
+    df = validate(schema, df.copy(), str(path), allow_empty=True)
+    for col in schema.paths:
+        if col in df.columns:
+            df[col] = _relative(path.parent, df[col])
+    if schema.version == 1 and not meta:
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+        return path
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    info = {**(meta or {}), "schema": schema.name, "version": schema.version}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(info).encode()})
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    return path
