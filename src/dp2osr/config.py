@@ -45,6 +45,21 @@ def field(
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
+def nested(cls: type, help: str, fixed: tuple[str, ...], **values: Any) -> Any:
+    """A field holding a whole stage config (``cls``) inside a config that composes stages.
+
+    Its default is ``cls(**values)``; ``fixed`` names the options the composing config sets itself (paths,
+    the model, seeds): they get no flag and may not be given in YAML. Every other option of ``cls`` becomes a
+    flag ``--NAME.option`` (``NAME`` = this field's name) and a YAML key under ``NAME:``.
+    """
+    meta = {"help": help, "nested": cls, "fixed": tuple(fixed)}
+    return dataclasses.field(default_factory=lambda: cls(**values), metadata=meta)
+
+
+def _nested_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "nested" in f.metadata]
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_optional) for ``X | None`` / ``Optional[X]``."""
     origin = typing.get_origin(tp)
@@ -64,26 +79,41 @@ def _parse_bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per dataclass field, plus ``--config`` for a YAML file."""
+    """Add one flag per dataclass field, plus ``--config`` for a YAML file; a `nested` stage config gets a
+    group of ``--NAME.option`` flags."""
     parser.add_argument(
         "--config", type=Path, default=None, help="YAML file of options (flags given here override it)"
     )
+    _add_fields(parser, cls, "", ())
+    for f in _nested_fields(cls):
+        sub = f.metadata["nested"]
+        group = parser.add_argument_group(f"{f.name} options (--{f.name}.OPTION)", f.metadata["help"])
+        _add_fields(group, sub, f"{f.name}.", f.metadata["fixed"], f.default_factory())  # type: ignore[misc]
+
+
+def _add_fields(parser: Any, cls: type, prefix: str, skip: tuple[str, ...], instance: Any = None) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip or "nested" in f.metadata:
+            continue
         tp, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if instance is not None:
+            default = getattr(instance, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = None
         help_text = f.metadata.get("help", "")
-        required = default is None and not optional and f.default is dataclasses.MISSING
-        # Each default said once: not when the help states it, not for None (an option resolved elsewhere).
-        if not required and default is not None and "default" not in help_text.lower():
-            help_text += f" (default: {_shown(default)})"
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
+        required = instance is None and default is None and not optional and f.default is dataclasses.MISSING
+        # Each default said once: not when the help states it (unless a composing config changed it), not for
+        # None (an option resolved elsewhere).
+        changed = instance is not None and default != getattr(cls, f.name, default)
+        if not required and default is not None and ("default" not in help_text.lower() or changed):
+            help_text += f" (default{' here' if changed else ''}: {_shown(default)})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": prefix + f.name}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:
@@ -112,7 +142,12 @@ def build_config(cls: type[T], args: argparse.Namespace) -> T:
     if config_path is not None:
         values.update(load_yaml(cls, Path(config_path)))
     names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    for key, value in vars(args).items():
+        head, dot, tail = key.partition(".")
+        if dot and head in names:
+            values.setdefault(head, {})[tail] = value
+        elif key in names:
+            values[key] = value
     missing = [
         f.name
         for f in dataclasses.fields(cls)
@@ -138,13 +173,20 @@ def load_yaml(cls: type, path: Path) -> dict[str, Any]:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {unknown}; allowed: {sorted(names)}")
+    for f in _nested_fields(cls):
+        if f.name in data and not isinstance(data[f.name], dict):
+            raise ValueError(f"{path}: {f.name} must be a mapping of its options, got {data[f.name]!r}")
     return data
 
 
 def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     out = {}
+    nested = {f.name: f for f in _nested_fields(cls)}
     for name, value in values.items():
+        if name in nested and isinstance(value, dict):
+            out[name] = _nested_value(nested[name], value)
+            continue
         tp, _ = _base_type(hints[name])
         if value is not None and tp is Path and not isinstance(value, Path):
             value = Path(value)
@@ -152,9 +194,21 @@ def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _nested_value(f: dataclasses.Field, values: dict[str, Any]) -> Any:
+    """The default stage config of nested field ``f`` with ``values`` applied (validated by its own checks)."""
+    sub, fixed = f.metadata["nested"], f.metadata["fixed"]
+    allowed = {g.name for g in dataclasses.fields(sub)} - set(fixed)
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {f.name} option(s) {unknown}; allowed: {sorted(allowed)}")
+    return dataclasses.replace(f.default_factory(), **_coerce(sub, values))  # type: ignore[misc]
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     return v
@@ -165,15 +219,27 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: _plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _defaults(cls: type) -> dict[str, Any]:
-    """Each field's default, as `to_dict` writes it (fields without a default are left out)."""
+    """Each field's default, as `to_dict` writes it, flattened (fields without a default are left out)."""
     out = {}
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             out[f.name] = _plain(f.default)
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = _plain(f.default_factory())  # type: ignore[misc]
-    return out
+            value = f.default_factory()  # type: ignore[misc]
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
+    return _flat(out)
 
 
 def save_config(cfg: Any, path: Path) -> None:
@@ -193,8 +259,12 @@ def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
 
 
 def run_only_fields(cls: type) -> set[str]:
-    """Names of the fields marked ``run_only`` (options that may change when a run is resumed)."""
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("run_only")}
+    """Names of the fields marked ``run_only`` (options that may change when a run is resumed); those of a
+    `nested` stage config as ``NAME.option``."""
+    out = {f.name for f in dataclasses.fields(cls) if f.metadata.get("run_only")}
+    for f in _nested_fields(cls):
+        out |= {f"{f.name}.{name}" for name in run_only_fields(f.metadata["nested"])}
+    return out
 
 
 def check_resume(
@@ -208,8 +278,8 @@ def check_resume(
     run_only = run_only_fields(type(cfg))
     if getattr(cfg, "overwrite", False) or not Path(path).is_file():
         return
-    old = yaml.safe_load(Path(path).read_text()) or {}
-    new = to_dict(cfg)
+    old = _flat(yaml.safe_load(Path(path).read_text()) or {})
+    new = _flat(to_dict(cfg))
     # An option the saved config lacks came with a newer dp2osr: the earlier run used its default.
     old = {**{k: v for k, v in _defaults(type(cfg)).items() if k not in old}, **old}
     changed = sorted(k for k in new if k not in run_only and old.get(k) != new[k])
