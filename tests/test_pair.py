@@ -1,7 +1,6 @@
 """Tests for dp2osr.pair: top-N × bottom-N curation and HPO weights (arXiv 2510.18851)."""
 
 import math
-import sys
 
 import numpy as np
 import pandas as pd
@@ -183,13 +182,7 @@ def test_default_ratio_follows_the_pool_model(tmp_path):
         assert pool_ratio(rewards) == ratio
 
 
-@pytest.fixture
-def argv_restored(monkeypatch):
-    """cli.main overwrites sys.argv; restore it after the test."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-
-
-def test_cli_writes_schema_with_lr_from_candidates(tmp_path, argv_restored, capsys):
+def test_cli_writes_schema_with_lr_from_candidates(tmp_path, capsys):
     """Rewards without lr_path: the LR path comes from candidates.parquet beside it. Default ratio 0.25 of
     M = 4 -> N = 1, so 2 pairs; output pref_pairs.parquet beside the rewards, config beside it."""
     df = _rewards_df().drop(columns="lr_path")
@@ -209,7 +202,7 @@ def test_cli_writes_schema_with_lr_from_candidates(tmp_path, argv_restored, caps
     assert "2 pairs" in capsys.readouterr().out
 
 
-def test_cli_output_elsewhere_rebases_paths(tmp_path, argv_restored):
+def test_cli_output_elsewhere_rebases_paths(tmp_path):
     """Table paths are relative to the table's folder: writing to another folder rebases them."""
     (tmp_path / "cands").mkdir()
     df = _rewards_df().assign(lr_path=lambda d: "lr/" + d.image_id + ".png")
@@ -224,7 +217,7 @@ def test_cli_output_elsewhere_rebases_paths(tmp_path, argv_restored):
     assert (tmp_path / "train" / "pp.config.yaml").is_file()
 
 
-def test_cli_user_errors(tmp_path, argv_restored, capsys):
+def test_cli_user_errors(tmp_path, capsys):
     assert main(["pair", "--rewards", str(tmp_path / "missing.parquet")]) == 2
     assert "not found" in capsys.readouterr().err
     _rewards_df().to_parquet(tmp_path / "rewards.parquet", index=False)
