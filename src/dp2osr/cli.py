@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_distributed() -> None:
     """Under torchrun / accelerate launch, take the process group down before the interpreter exits: left to
-    the exit, one of two CPU (gloo) processes of `dp2osr sample` was seen to abort after finishing its work
-    ("terminate called without an active exception", exit code -6), failing the whole launch."""
+    the exit, a CPU (gloo) process can abort after finishing its work ("terminate called without an active
+    exception", exit code -6), which fails the whole launch."""
     dist = sys.modules.get("torch.distributed")  # never imported by a command: nothing to close
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
