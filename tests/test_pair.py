@@ -2,7 +2,6 @@
 
 import math
 import os
-import sys
 
 import numpy as np
 import pandas as pd
@@ -172,13 +171,7 @@ def test_pair_config_validation():
     assert PairConfig(rewards="r.parquet").ratio is None  # default: by the model family of the pool
 
 
-@pytest.fixture
-def argv_restored(monkeypatch):
-    """cli.main overwrites sys.argv; restore it after the test."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-
-
-def test_default_ratio_follows_the_pool_model(tmp_path, argv_restored):
+def test_default_ratio_follows_the_pool_model(tmp_path):
     """No --n/--ratio: the pair ratio the rewards table records for the model that sampled the pool (1/4 for
     SD2, 1/16 for FLUX: the paper's), 1/4 when it records none. 16 candidates per image: N = 4 vs N = 1."""
     big = pd.DataFrame(
@@ -196,7 +189,7 @@ def test_default_ratio_follows_the_pool_model(tmp_path, argv_restored):
         assert len(pd.read_parquet(tmp_path / "pref_pairs.parquet")) == n * n
 
 
-def test_pair_reads_everything_from_the_rewards_table(tmp_path, argv_restored, capsys):
+def test_pair_reads_everything_from_the_rewards_table(tmp_path, capsys):
     """The rewards table alone is enough: LR paths and prompts come from it; no file beside it is read. Default
     ratio 0.25 of M = 4 -> N = 1, so 2 pairs; output pref_pairs.parquet beside the rewards, config beside it.
     Without an lr_path column (an older score) the error names the table."""
@@ -222,7 +215,7 @@ def test_pair_reads_everything_from_the_rewards_table(tmp_path, argv_restored, c
     assert "old.parquet has no lr_path" in capsys.readouterr().err
 
 
-def test_cli_output_elsewhere_rebases_paths(tmp_path, argv_restored):
+def test_cli_output_elsewhere_rebases_paths(tmp_path):
     """Table paths are relative to the table's folder: writing to another folder rebases them."""
     (tmp_path / "cands").mkdir()
     df = _rewards_df().assign(lr_path=lambda d: "lr/" + d.image_id + ".png")
@@ -237,7 +230,7 @@ def test_cli_output_elsewhere_rebases_paths(tmp_path, argv_restored):
     assert (tmp_path / "train" / "pp.config.yaml").is_file()
 
 
-def test_cli_user_errors(tmp_path, argv_restored, capsys):
+def test_cli_user_errors(tmp_path, capsys):
     assert main(["pair", "--rewards", str(tmp_path / "missing.parquet")]) == 2
     assert "not found" in capsys.readouterr().err
     _rewards_df().to_parquet(tmp_path / "rewards.parquet", index=False)

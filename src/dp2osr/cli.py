@@ -18,7 +18,8 @@ from dp2osr.config import add_arguments, build_config
 from dp2osr.errors import StageError
 
 # name -> (module, config class, one-line help); each module's `run(cfg)` does the work
-COMMANDS: dict[str, tuple[str, str, str]] = {
+Spec = tuple[str, str, str]
+COMMANDS: dict[str, Spec] = {
     "upscale": ("dp2osr.upscale", "UpscaleConfig", "super-resolve image(s) with a ControlNet SR model"),
     "degrade": ("dp2osr.degrade", "DegradeConfig", "HR photos -> LR/HR training pairs (Real-ESRGAN-style)"),
     "sample": ("dp2osr.sample", "SampleConfig", "M seeded SR candidates per LR image (resumable)"),
@@ -43,7 +44,7 @@ and saves its resolved config beside its output. `dp2osr COMMAND --help` lists e
 """
 
 
-def _available() -> dict[str, tuple[str, str, str]]:
+def _available() -> dict[str, Spec]:
     """Commands whose module exists in this installation."""
     out = {}
     for name, spec in COMMANDS.items():
@@ -52,13 +53,13 @@ def _available() -> dict[str, tuple[str, str, str]]:
     return out
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, str]]]:
+def build_parser(wanted: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, Spec]]:
+    """The parser of every available command; only `wanted`'s options are added (its module imported)."""
     parser = argparse.ArgumentParser(
         prog="dp2osr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands = _available()
-    wanted = sys.argv[1] if len(sys.argv) > 1 else None
     for name, (module, cls_name, help_text) in commands.items():
         usage = None
         if name in POSITIONAL:  # the documented form first (argparse would list every option instead)
@@ -76,12 +77,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str, s
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = ["dp2osr", *argv]
-    if len(sys.argv) > 2 and sys.argv[1] in POSITIONAL and not sys.argv[2].startswith("-"):
-        sys.argv.insert(2, "--" + POSITIONAL[sys.argv[1]][0])
-    parser, commands = build_parser()
-    args = parser.parse_args(sys.argv[1:])
+    # A copy: the positional rewrite below leaves the caller's list and sys.argv as they are.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] in POSITIONAL and not argv[1].startswith("-"):
+        argv.insert(1, "--" + POSITIONAL[argv[0]][0])
+    parser, commands = build_parser(argv[0] if argv else None)
+    args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -113,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _close_distributed() -> None:
     """Under torchrun / accelerate launch, take the process group down before the interpreter exits: left to
-    the exit, one of two CPU (gloo) processes of `dp2osr sample` was seen to abort after finishing its work
-    ("terminate called without an active exception", exit code -6), failing the whole launch."""
+    the exit, a CPU (gloo) process can abort after finishing its work ("terminate called without an active
+    exception", exit code -6), which fails the whole launch."""
     dist = sys.modules.get("torch.distributed")  # never imported by a command: nothing to close
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -62,7 +62,8 @@ class ScoreConfig:
         0,
         help="K > 0: each score is the mean over K copies of the candidate with every 8-bit value moved by -1, 0 "
         "or +1 (invisible; the pattern is fixed by the file's hash). Steadies metrics whose ranking of a crop's "
-        "candidates reacts to the last bit (PIQE at 64 px); costs K times the scoring. 0 = plain scores",
+        "candidates reacts to the last bit (PIQE at 64 px; docs/IQA_OFFLINE.md); costs K times the scoring. "
+        "0 = plain scores",
     )
 
     def __post_init__(self) -> None:

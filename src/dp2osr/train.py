@@ -45,8 +45,8 @@ class TrainConfig(ModelOptions):
                         "the 1/2 is inside the sigmoid's argument (paper: 5000)")
     winner_sft: float = field(0.0, help="dpo: λ of an added supervised term on the winners, L = mean(w·(ℓ + λ·(e_θ(w) "
                               "− e_ref(w)))); not in the paper, 0 = off. ℓ pulls on e_θ(w) with β/4 at the start, "
-                              "so λ = β/4 pulls as hard; it keeps DPO from lowering ℓ by moving away from winners "
-                              "and losers alike")
+                              "so λ = β/4 pulls as hard; meant to stop DPO lowering ℓ by moving away from winners "
+                              "and losers alike (small-scale runs: docs/QUICKSTART.md)")
     hpo: str = field("both", help="pair weights: both = w_intra·w_inter (HPO), intra, inter, none = plain "
                      "Diffusion-DPO", choices=list(HPO_MODES))
     prompt_dropout: float = field(0.1, help="sft: probability of training a sample with the empty prompt")
@@ -57,7 +57,7 @@ class TrainConfig(ModelOptions):
                                  choices=["no", "fp16", "bf16"])
     gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory, slower)")
     use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW: the optimizer state of large tensors in 8 bits "
-                                "(bitsandbytes is installed with pyiqa; tested on the CPU)")
+                                "(bitsandbytes comes with pyiqa; memory: docs/PERFORMANCE.md)")
     lora_rank: int = field(0, help="train a LoRA of this rank on the ControlNet instead of all its weights; the "
                            "DPO reference is then the ControlNet with the adapter disabled (needs peft)")
     max_grad_norm: float = field(1.0, help="gradient clipping norm")
