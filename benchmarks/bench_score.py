@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dp2osr import metrics
 from dp2osr.images import load_image
+from dp2osr.runtime import resolve_device
 
 REALSR = Path(__file__).resolve().parents[2] / "shared" / "data" / "realsr"
 
@@ -108,7 +109,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = metrics._device(args.device)
+    device = resolve_device(args.device)
     cands, hr, source = make_inputs(args.n, args.size)
     gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     print(

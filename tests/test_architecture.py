@@ -128,3 +128,4 @@ def test_the_checks_catch_what_they_look_for():
     assert not MODEL_NAME_TEST.search("if bb.uses_negative_prompt:")
     assert _layer_of("dp2osr.math.loss") < _layer_of("dp2osr.engine.trainer") < _layer_of("dp2osr.train")
     assert _layer_of("dp2osr.train") < _layer_of("dp2osr.cli")
+    assert _layer_of("dp2osr.metrics.build") == _layer_of("dp2osr.metrics") == _layer_of("dp2osr.runtime")  # a base package

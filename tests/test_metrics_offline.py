@@ -15,7 +15,7 @@ from PIL import Image
 
 from dp2osr import metrics
 
-ASSET = Path(metrics.__file__).parent / "assets" / "astronaut_lr.png"
+ASSET = Path(metrics.__file__).parents[1] / "assets" / "astronaut_lr.png"
 
 # The authors' original implementations (MATLAB) on pyiqa's calibration images ResultsCalibra/dist_dir/*.bmp,
 # as published in pyiqa's ResultsCalibra/results_original.csv.

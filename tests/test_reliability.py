@@ -29,6 +29,7 @@ from dp2osr.images import (
     write_parquet,
 )
 from dp2osr.mdtext import md_escape
+from dp2osr.metrics.loading import load_clipiqa_prompts
 
 
 def _hwc(path) -> np.ndarray:
@@ -160,13 +161,13 @@ def test_clipiqa_prompts_loaded_weights_only(tmp_path):
     net = torch.nn.Module()
     net.prompt_learner = torch.nn.Module()
     net.prompt_learner.ctx = torch.nn.Parameter(torch.zeros(16, 512))
-    metrics._load_clipiqa_prompts(tmp_path / "prompts.pth")(net)
+    load_clipiqa_prompts(tmp_path / "prompts.pth")(net)
     assert torch.equal(net.prompt_learner.ctx.data, prompts)
 
     marker = tmp_path / "pwned"
     torch.save(_Payload(marker), tmp_path / "evil.pth")
     with pytest.raises(pickle.UnpicklingError):
-        metrics._load_clipiqa_prompts(tmp_path / "evil.pth")(net)
+        load_clipiqa_prompts(tmp_path / "evil.pth")(net)
     assert not marker.exists()
 
 

@@ -351,6 +351,21 @@ def test_catalogue_follows_pyiqa():
     assert metrics.get_spec("afine_fr").weights[1].url == _MODELS["ViT-B/32"]
 
 
+def test_catalogue_is_the_one_home_of_names_families_and_sizes():
+    from dp2osr.evaluate import DEFAULT_METRICS
+    from dp2osr.math.reward import FAMILIES
+
+    # evaluate's default is the offline preset, in evaluate's own column order (recorded in eval_config.json)
+    assert sorted(DEFAULT_METRICS) == sorted(metrics.PRESETS["offline"])
+    assert metrics.FAMILIES is FAMILIES
+    assert metrics.min_size("niqe") == metrics.get_spec("niqe").min_size == 96
+    assert metrics.min_size("ms_ssim") == 176 and metrics.min_size("psnr") == metrics.min_size(None) == 1
+    # reading the catalogue imports neither torch nor pyiqa
+    code = "import sys, dp2osr.metrics as m; m.get_spec('niqe'); print(sorted({'torch', 'pyiqa'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_names_and_random_weights_guard():
     assert metrics.resolve_names("offline") == ["fsim", "gmsd", "piqe"]
     assert metrics.resolve_names("paper", ["psnr", "psnr", "piqe"]) == ["psnr", "piqe"]

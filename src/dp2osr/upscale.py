@@ -37,7 +37,6 @@ CONFIG_NAME = "upscale_config.yaml"
 RUNS_NAME = "upscale_runs.jsonl"
 SELECT_MODES = ("none", "nr")
 SCORES_CSV = "scores.csv"
-NIQE_MIN_SIDE = 96  # NIQE needs one 96 px block; smaller outputs are selected by PIQE
 
 
 @dataclass(kw_only=True)
@@ -167,7 +166,7 @@ def select_metric_names(cfg: UpscaleConfig, short_side: int) -> list[str]:
     """``--select-metrics``, or the default for an output of this short side: niqe (>= 96 px) else piqe."""
     if cfg.select_metrics:
         return list(dict.fromkeys(cfg.select_metrics))
-    return ["niqe"] if short_side >= NIQE_MIN_SIDE else ["piqe"]
+    return ["niqe"] if short_side >= metric_lib.min_size("niqe") else ["piqe"]
 
 
 def score_candidates(
