@@ -17,7 +17,7 @@ LAYERS = [
     ("base", lambda m: m.split(".")[1] in {"config", "runtime", "errors", "images", "paths", "prompts", "plots", "metrics", "mdtext"}),
     ("backbones", lambda m: m.startswith("dp2osr.backbones")),
     ("engine", lambda m: m.startswith("dp2osr.engine")),
-    ("stages", lambda m: True),  # degrade, upscale, sample, score, pair, train, evaluate, curve, report, quickstart
+    ("stages", lambda m: True),  # the STAGES below and their helpers (eval_folders, eval_pools)
     ("cli", lambda m: m in {"dp2osr.cli", "dp2osr.__main__"}),
 ]
 STAGES = {"degrade", "upscale", "sample", "score", "pair", "train", "evaluate", "curve", "report", "quickstart"}

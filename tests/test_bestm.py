@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from dp2osr.math.bestm import best_mean_worst, default_ms, per_image_spread, rewards_matrix
+from dp2osr.math.change import change_sentence, pool_change
 
 POOL = np.array([[0.2, 0.8, 0.5, 0.1], [0.6, 0.4, 0.9, 0.3]])
 
@@ -120,3 +121,45 @@ def test_curve_plot_shades_noise_without_a_panel_for_it():
         for df in (base, base.assign(reward_se=[0.01, 0.02, 0.01]))
     ]
     assert heights[0] == heights[1]  # reward_se is drawn as a band on the reward panel, not as a panel
+
+
+def _pool_table(rewards):
+    """A rewards table from an (images, seeds) matrix."""
+    return pd.DataFrame(
+        [
+            {"image_id": f"im{i}", "seed": s, "reward": float(v)}
+            for i, row in enumerate(rewards)
+            for s, v in enumerate(row)
+        ]
+    )
+
+
+def test_change_sentence_improved_worse_and_within_noise():
+    base = _pool_table([[0.40, 0.50], [0.50, 0.60], [0.60, 0.70]])
+    # per-image changes .10, .12, .08: mean .10, std (ddof 1) .02, s.e. .02 / sqrt(3) = .011547, 2 df (t 4.30)
+    up = _pool_table([[0.50, 0.60], [0.62, 0.72], [0.68, 0.78]])
+    change = pool_change(base, up)
+    assert change == {"delta": pytest.approx(0.10), "se": pytest.approx(0.02 / np.sqrt(3)), "df": 2, "m": 2}
+    assert change_sentence(change, "base", "DP²O") == (
+        "DP²O improved the held-out reward beyond the noise: Mean@2 changed by +0.1000 (DP²O minus base); the "
+        "standard error of this change is 0.0115, so the change is 8.7 standard errors (beyond noise: more "
+        "than 4.30)."
+    )
+    assert change_sentence(pool_change(up, base), "a", "b").startswith(
+        "b lowered the held-out reward beyond the noise: Mean@2 changed by −0.1000"
+    )
+    # changes +.05, -.05, +.01: mean .00333, s.e. .0291 -> within noise
+    noisy = _pool_table([[0.45, 0.55], [0.45, 0.55], [0.61, 0.71]])
+    change = pool_change(base, noisy)
+    assert change["delta"] == pytest.approx(0.01 / 3)
+    assert change["se"] == pytest.approx(np.std([0.05, -0.05, 0.01], ddof=1) / np.sqrt(3))
+    assert change_sentence(change) == (
+        "Mean@2 changed by +0.0033 (DP²O minus the base model); the standard error of this change is 0.0291, so "
+        "this is within noise: no measurable change of the held-out reward."
+    )
+    # 8.7 s.e. is beyond noise with 3 images; 6 s.e. is not with 2 images (1 df: t threshold 12.7)
+    two = pool_change(base.iloc[:4], _pool_table([[0.50, 0.60], [0.64, 0.74]]))  # changes .10, .14: 6 s.e.
+    assert two["df"] == 1 and "within noise" in change_sentence(two)
+    tiny = {"delta": -4e-5, "se": 1e-5, "df": 7, "m": 8}
+    assert change_sentence(tiny).startswith("DP²O lowered the held-out reward beyond the noise: Mean@8 changed by "
+                                            "−4.0e−05")  # fmt: skip

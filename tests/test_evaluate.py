@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from dp2osr import cli
-from dp2osr.evaluate import EvalConfig, match_pairs
-from dp2osr.evaluate import run as evaluate
 from dp2osr.errors import PartialFailure
+from dp2osr.eval_folders import match_pairs
+from dp2osr.evaluate import EvalConfig
+from dp2osr.evaluate import run as evaluate
 from dp2osr.math.quality import psnr_y, ssim_y
 
 ROOT = Path(__file__).resolve().parents[1]

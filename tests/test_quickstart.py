@@ -13,9 +13,9 @@ import pytest
 
 from dp2osr.cli import main
 from dp2osr.degrade import DegradationParams
+from dp2osr.math.change import NOISE_METHOD, change_sentence
 from dp2osr.math.degradations import MILD
 from dp2osr.quickstart import PHOTOS, QuickstartConfig, RunClock, tiles
-from dp2osr.report import NOISE_METHOD, change_sentence
 
 TINY = [
     "--hr-size",

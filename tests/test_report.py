@@ -12,7 +12,7 @@ from PIL import Image
 
 from dp2osr.evaluate import EvalConfig
 from dp2osr.evaluate import run as evaluate
-from dp2osr.report import ReportConfig, change_sentence, pool_change
+from dp2osr.report import ReportConfig, build_html
 from dp2osr.report import run as report
 
 NASTY_ID = 'im<b>&"0'  # file names, model names and prompts must be escaped
@@ -178,48 +178,6 @@ def test_page_in_browser(results, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
-def _pool_table(rewards):
-    """A rewards table from an (images, seeds) matrix."""
-    return pd.DataFrame(
-        [
-            {"image_id": f"im{i}", "seed": s, "reward": float(v)}
-            for i, row in enumerate(rewards)
-            for s, v in enumerate(row)
-        ]
-    )
-
-
-def test_change_sentence_improved_worse_and_within_noise():
-    base = _pool_table([[0.40, 0.50], [0.50, 0.60], [0.60, 0.70]])
-    # per-image changes .10, .12, .08: mean .10, std (ddof 1) .02, s.e. .02 / sqrt(3) = .011547, 2 df (t 4.30)
-    up = _pool_table([[0.50, 0.60], [0.62, 0.72], [0.68, 0.78]])
-    change = pool_change(base, up)
-    assert change == {"delta": pytest.approx(0.10), "se": pytest.approx(0.02 / np.sqrt(3)), "df": 2, "m": 2}
-    assert change_sentence(change, "base", "DP²O") == (
-        "DP²O improved the held-out reward beyond the noise: Mean@2 changed by +0.1000 (DP²O minus base); the "
-        "standard error of this change is 0.0115, so the change is 8.7 standard errors (beyond noise: more "
-        "than 4.30)."
-    )
-    assert change_sentence(pool_change(up, base), "a", "b").startswith(
-        "b lowered the held-out reward beyond the noise: Mean@2 changed by −0.1000"
-    )
-    # changes +.05, -.05, +.01: mean .00333, s.e. .0291 -> within noise
-    noisy = _pool_table([[0.45, 0.55], [0.45, 0.55], [0.61, 0.71]])
-    change = pool_change(base, noisy)
-    assert change["delta"] == pytest.approx(0.01 / 3)
-    assert change["se"] == pytest.approx(np.std([0.05, -0.05, 0.01], ddof=1) / np.sqrt(3))
-    assert change_sentence(change) == (
-        "Mean@2 changed by +0.0033 (DP²O minus the base model); the standard error of this change is 0.0291, so "
-        "this is within noise: no measurable change of the held-out reward."
-    )
-    # 8.7 s.e. is beyond noise with 3 images; 6 s.e. is not with 2 images (1 df: t threshold 12.7)
-    two = pool_change(base.iloc[:4], _pool_table([[0.50, 0.60], [0.64, 0.74]]))  # changes .10, .14: 6 s.e.
-    assert two["df"] == 1 and "within noise" in change_sentence(two)
-    tiny = {"delta": -4e-5, "se": 1e-5, "df": 7, "m": 8}
-    assert change_sentence(tiny).startswith("DP²O lowered the held-out reward beyond the noise: Mean@8 changed by "
-                                            "−4.0e−05")  # fmt: skip
-
-
 def test_report_puts_scored_pools_on_one_scale_with_the_verdict(results):
     """Pools with raw scores are renormalised jointly (the stale rewards.parquet values are not used) and the
     page says, under the table, whether the last pool changed the reward beyond the noise (method in the
@@ -241,3 +199,17 @@ def test_report_puts_scored_pools_on_one_scale_with_the_verdict(results):
     assert verdict.group(2).startswith(
         "DP²O lowered the held-out reward beyond the noise: Mean@4 changed by −"
     )
+
+
+def test_extra_sections_follow_the_title(results):
+    """Fragments passed as ``sections`` sit right after the <h1>, in order, before the built sections; the page
+    is otherwise the page without them."""
+    cfg = ReportConfig(output=results["root"] / "page", pools=results["pools"], allow_separate_scales=True)
+    plain = build_html(cfg)
+    extra = ["<section><h2>Summary</h2><p>a &amp; b</p></section>", "<p>second</p>"]
+    page = build_html(cfg, sections=extra)
+    assert page == plain.replace("</h1>", "</h1>" + "".join(extra), 1)
+    assert page.index("</h1><section><h2>Summary</h2>") < page.index("<p>second</p><h2>Best / Mean / Worst@M")
+    assert report(cfg, sections=extra).read_text(encoding="utf-8") == page
+    with pytest.raises(ValueError, match="nothing to report"):
+        build_html(ReportConfig(output=results["root"] / "x.html"), sections=extra)  # fragments alone: no report

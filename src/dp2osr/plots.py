@@ -7,12 +7,13 @@ write a file (``write_png``) or embed it in HTML.
 from __future__ import annotations
 
 import io
-import os
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from dp2osr.images import atomic_write
 
 _STYLES = {"best": "-", "mean": "--", "worst": ":"}
 _MARKERS = {"best": "^", "mean": "o", "worst": "v"}
@@ -35,12 +36,8 @@ def _to_png(fig) -> bytes:
 
 
 def write_png(data: bytes, path: Path) -> None:
-    """Write PNG bytes atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write PNG bytes atomically (`images.atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def plot_bestm(table: pd.DataFrame, title: str = "Best / Mean / Worst@M", ylabel: str = "") -> bytes:

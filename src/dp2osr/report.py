@@ -14,8 +14,8 @@ import base64
 import html
 import io
 import json
-import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dp2osr import evaluate, plots
+from dp2osr import eval_pools, evaluate, plots
 from dp2osr.config import field, to_dict
-from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, load_image, to_uint8
+from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, atomic_write, load_image, to_uint8
 from dp2osr.math import bestm
+from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
 from dp2osr.paths import check_output_file
 
 
@@ -94,13 +95,6 @@ def image_uri(path: Path, max_side: int, fmt: str = "jpeg") -> str:
 
 
 # ------------------------------------------------------------------------------------------ pools
-def _resolve(base: Path, value) -> Path | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)) or str(value) == "":
-        return None
-    p = Path(str(value))
-    return p if p.is_absolute() else base / p
-
-
 def _find_by_stem(folder: Path | None, stem: str) -> Path | None:
     if folder is None:
         return None
@@ -111,98 +105,24 @@ def _find_by_stem(folder: Path | None, stem: str) -> Path | None:
     return None
 
 
-def _lr_hr_table(df: pd.DataFrame, table_path: Path) -> dict[str, tuple[Path | None, Path | None, str]]:
-    """``{image_id: (lr, hr, prompt)}`` from the rewards table, else a ``candidates.parquet`` beside it or
-    beside the candidate images (``ID/seed_0003.png`` -> two folders up)."""
-    folder = table_path.parent
-    sources = [(df, folder)]
-    for cand in dict.fromkeys(
-        [folder / "candidates.parquet"]
-        + [(folder / str(p)).parent.parent / "candidates.parquet" for p in df["path"].head(1)]
-    ):
-        if cand.is_file():
-            sources.append((pd.read_parquet(cand), cand.parent))
-    out: dict[str, tuple[Path | None, Path | None, str]] = {}
-    for table, base in sources:
-        if not {"lr_path", "hr_path"} & set(table.columns):
-            continue
-        for row in table.drop_duplicates("image_id").itertuples():
-            lr = _resolve(base, getattr(row, "lr_path", None))
-            hr = _resolve(base, getattr(row, "hr_path", None))
-            prompt = getattr(row, "prompt", "")
-            prompt = prompt if isinstance(prompt, str) else ""
-            old = out.get(str(row.image_id), (None, None, ""))
-            out[str(row.image_id)] = (old[0] or lr, old[1] or hr, old[2] or prompt)
-    return out
-
-
 def _pool(table_path: Path, df: pd.DataFrame, column: str) -> dict:
     for col in ("image_id", "seed", "path", column):
         if col not in df.columns:
             raise ValueError(f"{table_path}: no column {col!r}; columns: {list(df.columns)}")
-    return {"path": table_path, "df": df, "lrhr": _lr_hr_table(df, table_path)}
+    return {"path": table_path, "df": df, "lrhr": eval_pools.lr_hr_table(df, table_path)}
 
 
 def read_pools(cfg: ReportConfig) -> tuple[list[dict], list[str], str]:
-    """``(pools, labels, scale)``: the --pools on one scale (`evaluate.read_pools`)."""
-    paths = [evaluate.find_rewards(p) for p in cfg.pools]
-    labels = evaluate.unique_labels(paths, cfg.names, "pools", lambda p: p.parent.name)
-    tables, scale = evaluate.read_pools(paths, labels, cfg.allow_separate_scales)
+    """``(pools, labels, scale)``: the --pools on one scale (`eval_pools.read_pools`)."""
+    paths = [eval_pools.find_rewards(p) for p in cfg.pools]
+    labels = eval_pools.unique_labels(paths, cfg.names, "pools", lambda p: p.parent.name)
+    tables, scale = eval_pools.read_pools(paths, labels, cfg.allow_separate_scales)
     if cfg.reward_column != "reward" and not cfg.reward_column.startswith("norm_"):
         scale = f"{cfg.reward_column}, as stored in each pool"
     return [_pool(p, tables[label], cfg.reward_column) for p, label in zip(paths, labels)], labels, scale
 
 
 # ------------------------------------------------------------------------------------- the verdict
-NOISE_METHOD = (
-    "Standard error of the change of Mean@M: each held-out image's reward is averaged over its M seeds, the "
-    "change is after minus before per image (same images, same seeds), and the standard error is the std of "
-    "those per-image changes (ddof 1) over the square root of the number of images N; the seed-to-seed noise is "
-    "part of every per-image change. With one image: the seed-to-seed standard error of the per-seed changes. "
-    "Beyond noise means a change larger than the two-sided 95 % threshold of Student's t with N - 1 degrees of "
-    "freedom, in standard errors (2.36 for 8 images, 12.7 for 2, 1.96 for many)."
-)
-
-
-def _num(x: float, signed: bool = False) -> str:
-    text = f"{x:+.4f}" if signed else f"{x:.4f}"
-    if x != 0 and abs(x) < 0.001:  # too small for 4 decimals: 2 significant digits
-        text = f"{x:+.1e}" if signed else f"{x:.1e}"
-    return text.replace("-", "−")
-
-
-def change_sentence(change: dict, before: str = "the base model", after: str = "DP²O") -> str:
-    """One plain sentence: did ``after`` change the held-out Mean@M beyond the noise (see NOISE_METHOD)?
-
-    ``change`` is a `pool_change` dict: ``delta``, ``se`` (its standard error), ``df`` and ``m``.
-    """
-    delta, se, df = change["delta"], change["se"], change["df"]
-    head = f"Mean@{change['m']} changed by {_num(delta, True)} ({after} minus {before})"
-    threshold = bestm.t95(df)
-    if not (np.isfinite(se) and np.isfinite(threshold)):
-        return f"{head}; with one image and one seed there is no noise estimate, so this cannot be told from noise."
-    noise = f"the standard error of this change is {_num(se)}"
-    if abs(delta) <= threshold * se:
-        return f"{head}; {noise}, so this is within noise: no measurable change of the held-out reward."
-    verb = "improved" if delta > 0 else "lowered"
-    times = f"{abs(delta) / se:.1f} standard errors" if se > 0 else "a change with no spread at all"
-    return (
-        f"{after} {verb} the held-out reward beyond the noise: {head}; {noise}, so the change is {times} "
-        f"(beyond noise: more than {threshold:.2f})."
-    )
-
-
-def pool_change(before: pd.DataFrame, after: pd.DataFrame, column: str = "reward") -> dict:
-    """The change of Mean@M over the images and seeds both pools have: ``{delta, se, df, m}``
-    (`bestm.paired_change`)."""
-    keys = before[["image_id", "seed"]].merge(after[["image_id", "seed"]])
-    if keys.empty:
-        raise ValueError("the pools share no (image, seed)")
-    mats = [bestm.rewards_matrix(df.merge(keys), column)[2] for df in (before, after)]
-    delta, se, df = bestm.paired_change(*mats)
-    return {"delta": delta, "se": se, "df": df, "m": mats[0].shape[1]}
-
-
 def verdict_html(
     before: pd.DataFrame, after: pd.DataFrame, labels: tuple[str, str], column: str = "reward"
 ) -> str:
@@ -254,7 +174,7 @@ def _comparison_rows(pools: list[dict], labels: list[str], cfg: ReportConfig) ->
             worst = rows.loc[rows[cfg.reward_column].idxmin()]
             for kind, r in (("best", best), ("worst", worst)):
                 caption = f"{label} · {kind} · seed {int(r['seed'])} · {float(r[cfg.reward_column]):.3f}"
-                cells.append((caption, _resolve(p["path"].parent, r["path"])))
+                cells.append((caption, eval_pools.resolve_path(p["path"].parent, r["path"])))
         cells.append(("HR", hr))
         figs, options = [], []
         for k, (caption, path) in enumerate(cells):
@@ -361,7 +281,7 @@ def _bestm_section(pools: list[dict], labels: list[str], scale: str, column: str
     table = pd.concat(tables, ignore_index=True)
     png = plots.plot_bestm(table, "Best / Mean / Worst@M", ylabel=scale)
     verdict = ""
-    if len(pools) >= 2 and scale != evaluate.SEPARATE_SCALE:
+    if len(pools) >= 2 and scale != eval_pools.SEPARATE_SCALE:
         verdict = verdict_html(pools[0]["df"], pools[-1]["df"], (labels[0], labels[-1]), column)
     return (
         "<h2>Best / Mean / Worst@M</h2>" + _img(png, "Best/Mean/Worst@M plot") + _bestm_table_html(table)
@@ -412,9 +332,10 @@ document.querySelectorAll('.cmp').forEach(function (cmp) {
 """
 
 
-def build_html(cfg: ReportConfig) -> str:
-    """The report page as a string (see the module docstring)."""
-    sections = []
+def build_html(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> str:
+    """The report page as a string (see the module docstring). ``sections`` are extra HTML fragments, already
+    escaped, placed in order right after the page title, before the sections built from ``cfg``."""
+    body: list[str] = []
     bestm_done = curve_done = False
     eval_parts = []
     for folder in map(Path, cfg.eval_dirs):
@@ -424,12 +345,12 @@ def build_html(cfg: ReportConfig) -> str:
         if summary_path.is_file():
             eval_parts.append(_summary_html(json.loads(summary_path.read_text()), folder))
     if eval_parts:
-        sections.append("<h2>Image-quality metrics</h2>" + "\n".join(eval_parts))
+        body.append("<h2>Image-quality metrics</h2>" + "\n".join(eval_parts))
     pools: list[dict] = []
     labels: list[str] = []
     if cfg.pools:
         pools, labels, scale = read_pools(cfg)
-        sections.append(_bestm_section(pools, labels, scale, cfg.reward_column))
+        body.append(_bestm_section(pools, labels, scale, cfg.reward_column))
         bestm_done = True
     for folder in map(Path, cfg.eval_dirs):
         if not bestm_done and (folder / evaluate.BESTM_PNG).is_file():
@@ -437,25 +358,25 @@ def build_html(cfg: ReportConfig) -> str:
             if (folder / evaluate.BESTM_CSV).is_file():
                 table = pd.read_csv(folder / evaluate.BESTM_CSV)
                 parts.append(_bestm_table_html(table) + _scale_note(table.get("scale", pd.Series(dtype=str))))
-            sections.append("<h2>Best / Mean / Worst@M</h2>" + "".join(parts))
+            body.append("<h2>Best / Mean / Worst@M</h2>" + "".join(parts))
             bestm_done = True
     if cfg.reward_curve is not None:
         png = plots.plot_curve(plots.read_table(Path(cfg.reward_curve)))
-        sections.append("<h2>Reward curve</h2>" + _img(png, "reward curve"))
+        body.append("<h2>Reward curve</h2>" + _img(png, "reward curve"))
         curve_done = True
     for folder in map(Path, cfg.eval_dirs):
         if not curve_done and (folder / evaluate.CURVE_PNG).is_file():
-            sections.append(
+            body.append(
                 "<h2>Reward curve</h2>" + _img((folder / evaluate.CURVE_PNG).read_bytes(), "reward curve")
             )
             curve_done = True
     if pools:
-        sections.append(
+        body.append(
             '<h2>Per-image comparison</h2><p class="note">LR, each model\'s best and worst seed (by '
             f"{_esc(cfg.reward_column)}) and HR. The slider compares any two (default: the first and last model's "
             "worst seed).</p>" + _comparison_rows(pools, labels, cfg)
         )
-    if not sections:
+    if not body:
         raise ValueError(
             "nothing to report: give --eval-dirs with eval outputs, --pools and/or --reward-curve"
         )
@@ -463,24 +384,22 @@ def build_html(cfg: ReportConfig) -> str:
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(cfg.title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head><body>'
-        f"<h1>{_esc(cfg.title)}</h1>{''.join(sections)}"
+        f"<h1>{_esc(cfg.title)}</h1>{''.join([*sections, *body])}"
         f'<details class="note"><summary>report config</summary><pre>{config}</pre></details>'
         f"<script>{JS}</script></body></html>"
     )
 
 
-def run(cfg: ReportConfig) -> Path:
-    """Write the page to ``cfg.output`` (atomically); returns its path."""
+def run(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> Path:
+    """Write the page to ``cfg.output`` (atomically); returns its path. ``sections``: as for `build_html`."""
     if cfg.max_side < 16:
         raise ValueError(f"--max-side must be >= 16, got {cfg.max_side}")
     out = Path(cfg.output)
     if out.is_dir() or out.suffix.lower() not in (".html", ".htm"):
         out = out / "report.html"
     check_output_file(out)
-    page = build_html(cfg)
+    page = build_html(cfg, sections=sections)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp_{os.getpid()}_{out.name}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     print(f"report: wrote {out} ({len(page.encode()) / 1e6:.1f} MB)", file=sys.stderr)
     return out
