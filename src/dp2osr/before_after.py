@@ -4,7 +4,7 @@ The base model's pool (step 0) and the final checkpoint's pool hold the same hel
 same seeds. Their hybrid rewards are normalised jointly (`reward.fit_bounds` over both), and the table always
 shows guard metrics that are not in the reward — PSNR-Y, SSIM-Y and a no-reference metric — so a reward that
 rises while they fall (reward hacking) is visible; one sentence says whether the change of Mean@M is beyond
-its standard error (`report.change_sentence`). The joint tables go to ``joint/{base,dp2o}`` for `dp2osr eval`
+its standard error (`math.change.change_sentence`). The joint tables go to ``joint/{base,dp2o}`` for `dp2osr eval`
 and `dp2osr report`.
 """
 
@@ -19,9 +19,9 @@ import pandas as pd
 from dp2osr import metrics as metric_lib
 from dp2osr import score, tables
 from dp2osr.engine import heldout
-from dp2osr.engine.options import load_model
+from dp2osr.engine.sampler import load_model
 from dp2osr.math.reward import fit_bounds
-from dp2osr.report import NOISE_METHOD, change_sentence, pool_change
+from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
 
 BASE_LABEL, DPO_LABEL = "base ControlNet", "DP²O ControlNet"
 # Offline no-reference guards, in order of preference (NIQE needs >= 96 px; BRISQUE and PIQE work at any size).
@@ -80,7 +80,8 @@ def compare(cfg, pools: dict[str, Path], joint: Path) -> dict:
     means, frames = {}, {}
     for key, d in pools.items():
         df = heldout.pool_rewards(scores[key], d, bounds, metrics)
-        tables.write(tables.REWARDS, df.assign(path=df.pop("abs_path")), joint / key)
+        meta = {"metrics": metrics, "w_fr": 0.5, "w_nr": 0.5, "scope": "pool"}
+        tables.write(tables.REWARDS, df.assign(path=df.pop("abs_path")), joint / key, meta)
         tables.write(tables.SCORES, scores[key], joint / key)  # `dp2osr eval` re-derives the joint scale
         out[key] = heldout.pool_stats(df)
         raw = scores[key].groupby("metric")["value"].mean()

@@ -3,8 +3,8 @@ put on one reward scale, and their Best/Mean/Worst@M (`dp2osr.math.bestm`).
 
 A pool is a rewards.parquet (one row per image and seed). Several pools are compared on one scale: the hybrid
 reward is recomputed from the raw scores beside each table (scores.parquet, written by `dp2osr score`) with
-min-max bounds fitted on all pools together. The LR, HR and prompt of a pool's images come from the table or
-a candidates.parquet near it (`lr_hr_table`).
+min-max bounds fitted on all pools together, with the reward weights and scope the table records. The LR,
+HR and prompt of a pool's images come from the table (`lr_hr_table`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from dp2osr import tables
 from dp2osr.math import bestm
 from dp2osr.math.reward import joint_rewards
 from dp2osr.mdtext import md_escape
 
 SCORES_FILE = "scores.parquet"  # raw metric values beside a pool's rewards.parquet (written by `dp2osr score`)
-SCORE_CONFIG = "score_config.yaml"  # the reward weights and scope it was scored with
 SEPARATE_SCALE = "hybrid reward, each pool min-max normalised separately: NOT comparable across pools"
 
 
@@ -46,9 +45,8 @@ def unique_labels(paths: list[Path], names: list[str], what: str, default) -> li
 
 
 def find_rewards(p: Path) -> Path:
-    p = Path(p)
-    if p.is_dir():
-        p = p / "rewards.parquet"
+    """The rewards table ``p`` names (a file, or a folder holding rewards.parquet); missing: FileNotFoundError."""
+    p = tables.table_path(tables.REWARDS, p)
     if not p.is_file():
         raise FileNotFoundError(f"rewards table not found: {p}")
     return p
@@ -62,44 +60,28 @@ def resolve_path(base: Path, value) -> Path | None:
     return p if p.is_absolute() else base / p
 
 
-def lr_hr_table(df: pd.DataFrame, table_path: Path) -> dict[str, tuple[Path | None, Path | None, str]]:
-    """``{image_id: (lr, hr, prompt)}`` from the rewards table, else a ``candidates.parquet`` beside it or
-    beside the candidate images (``ID/seed_0003.png`` -> two folders up)."""
-    folder = table_path.parent
-    sources = [(df, folder)]
-    for cand in dict.fromkeys(
-        [folder / "candidates.parquet"]
-        + [(folder / str(p)).parent.parent / "candidates.parquet" for p in df["path"].head(1)]
-    ):
-        if cand.is_file():
-            sources.append((pd.read_parquet(cand), cand.parent))
+def lr_hr_table(df: pd.DataFrame) -> dict[str, tuple[Path | None, Path | None, str]]:
+    """``{image_id: (lr, hr, prompt)}`` from a rewards table (`tables.read`: absolute paths; a column the table
+    lacks gives None / "")."""
     out: dict[str, tuple[Path | None, Path | None, str]] = {}
-    for table, base in sources:
-        if not {"lr_path", "hr_path"} & set(table.columns):
-            continue
-        for row in table.drop_duplicates("image_id").itertuples():
-            lr = resolve_path(base, getattr(row, "lr_path", None))
-            hr = resolve_path(base, getattr(row, "hr_path", None))
-            prompt = getattr(row, "prompt", "")
-            prompt = prompt if isinstance(prompt, str) else ""
-            old = out.get(str(row.image_id), (None, None, ""))
-            out[str(row.image_id)] = (old[0] or lr, old[1] or hr, old[2] or prompt)
+    for row in df.drop_duplicates("image_id").itertuples():
+        lr, hr = getattr(row, "lr_path", ""), getattr(row, "hr_path", "")
+        out[str(row.image_id)] = (Path(lr) if lr else None, Path(hr) if hr else None, getattr(row, "prompt", ""))
     return out
 
 
-def _reward_settings(folder: Path) -> tuple[float, float, str]:
-    """``(w_fr, w_nr, scope)`` a pool was scored with (its score_config.yaml; the defaults without one)."""
-    path = folder / SCORE_CONFIG
-    data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-    return float(data.get("w_fr", 0.5)), float(data.get("w_nr", 0.5)), str(data.get("scope", "pool"))
+def _reward_settings(meta: dict) -> tuple[float, float, str]:
+    """``(w_fr, w_nr, scope)`` a pool was scored with, from its table's metadata (a table written without it:
+    the defaults of `dp2osr score`)."""
+    return float(meta.get("w_fr", 0.5)), float(meta.get("w_nr", 0.5)), str(meta.get("scope", "pool"))
 
 
-def _joint(tables: dict[str, pd.DataFrame], paths: list[Path]) -> dict[str, pd.DataFrame]:
+def _joint(pools: dict[str, pd.DataFrame], paths: list[Path], metas: list[dict]) -> dict[str, pd.DataFrame]:
     """The tables with ``reward`` and ``norm_*`` recomputed from the raw scores under bounds fitted on all pools."""
     from dp2osr import metrics as metric_lib
 
-    scores = {label: pd.read_parquet(p.parent / SCORES_FILE) for label, p in zip(tables, paths)}
-    settings = {_reward_settings(p.parent) for p in paths}
+    scores = {label: pd.read_parquet(p.parent / SCORES_FILE) for label, p in zip(pools, paths)}
+    settings = {_reward_settings(meta) for meta in metas}
     if len(settings) > 1:
         raise ValueError(f"the pools were scored with different reward weights or scopes {sorted(settings)}")
     (w_fr, w_nr, scope), = settings
@@ -113,7 +95,7 @@ def _joint(tables: dict[str, pd.DataFrame], paths: list[Path]) -> dict[str, pd.D
     catalogue = metric_lib.catalogue(list(next(iter(names.values()))))
     out = {}
     for label, new in joint_rewards(scores, catalogue, w_fr, w_nr).items():
-        old = tables[label]
+        old = pools[label]
         keep = [c for c in old.columns if c != "reward" and not c.startswith("norm_")]
         out[label] = old[keep].merge(new, on=["image_id", "seed"], how="left")
     return out
@@ -128,19 +110,20 @@ def read_pools(
     Without the raw scores: a ValueError, or with ``allow_separate`` the tables as stored, labelled as
     normalised separately.
     """
-    tables = {label: pd.read_parquet(p) for label, p in zip(labels, paths)}
+    read = [tables.read(tables.REWARDS, p) for p in paths]
+    pools = {label: df for label, (df, _) in zip(labels, read)}
     if len(paths) < 2:
-        return tables, f"hybrid reward, min-max normalised over pool {labels[0]}"
+        return pools, f"hybrid reward, min-max normalised over pool {labels[0]}"
     missing = [str(p.parent / SCORES_FILE) for p in paths if not (p.parent / SCORES_FILE).is_file()]
     if missing:
         if allow_separate:
-            return tables, SEPARATE_SCALE
+            return pools, SEPARATE_SCALE
         raise ValueError(
             f"cannot put the pools on one scale: no raw scores {missing} (written by `dp2osr score` beside "
             "rewards.parquet); give pools scored by `dp2osr score`, or pass --allow-separate-scales to plot "
             "each pool on its own scale, labelled as such"
         )
-    return _joint(tables, paths), f"hybrid reward, min-max normalised jointly over pools {', '.join(labels)}"
+    return _joint(pools, paths, [meta for _, meta in read]), f"hybrid reward, min-max normalised jointly over pools {', '.join(labels)}"
 
 
 def evaluate_pools(cfg: PoolOptions) -> tuple[pd.DataFrame, pd.DataFrame, str]:

@@ -40,7 +40,12 @@ import torch
 
 from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
 from dp2osr.config import check_resume, field, nested, save_config
-from dp2osr.engine.options import SamplingOptions
+from dp2osr.degrade import DegradeConfig
+from dp2osr.pair import PairConfig
+from dp2osr.sample import SampleConfig
+from dp2osr.score import ScoreConfig
+from dp2osr.train import TrainConfig
+from dp2osr.engine.sampler import SamplingOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.images import atomic_write, list_images, load_image, save_image
 from dp2osr.math.degradations import MILD
@@ -86,27 +91,28 @@ class QuickstartConfig:
     seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
     device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"], run_only=True)
     overwrite: bool = field(False, help="delete an earlier quickstart in --output first", run_only=True)
-    degrade: degrade.DegradeConfig = nested(
-        degrade.DegradeConfig, "the LR degradation of the crops (default here: the embedded model's training "
+    degrade: DegradeConfig = nested(
+        DegradeConfig, "the LR degradation of the crops (default here: the embedded model's training "
         "range; `dp2osr degrade` defaults to Real-ESRGAN x4plus)", fixed=("input", "output", "hr_size", "scale",
         "crop", "seed", "device", "overwrite"), input=_HERE, output=_HERE, **MILD,
     )  # fmt: skip
-    sample: sample.SampleConfig = nested(
-        sample.SampleConfig, "sampling of every pool (training and held-out)",
+    sample: SampleConfig = nested(
+        SampleConfig, "sampling of every pool (training and held-out)",
         fixed=(*_MODEL, "input", "output", "upscale", "process_size", "limit", "overwrite"),
         input=_HERE, output=_HERE, samples=8, batch_size=8,
     )  # fmt: skip
-    score: score.ScoreConfig = nested(
-        score.ScoreConfig, "the reward of the training pool (held-out pools: the same metrics, hybrid 0.5/0.5)",
+    score: ScoreConfig = nested(
+        ScoreConfig, "the reward of the training pool (held-out pools: the same metrics, hybrid 0.5/0.5)",
         fixed=("candidates", "output", "device"), candidates=_HERE,
     )  # fmt: skip
-    pair: pair.PairConfig = nested(
-        pair.PairConfig, "preference pairs", fixed=("rewards", "output", "overwrite"), rewards=_HERE, ratio=0.25
+    pair: PairConfig = nested(
+        PairConfig, "preference pairs", fixed=("rewards", "output", "overwrite"), rewards=_HERE, ratio=0.25
     )
-    train: train.TrainConfig = nested(
-        train.TrainConfig, "DPO training (paper: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; the defaults here "
+    train: TrainConfig = nested(
+        TrainConfig, "DPO training (paper: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; the defaults here "
         "fit a CPU, docs/QUICKSTART.md)", fixed=(*_MODEL, "mode", "data", "output", "hpo", "keep_checkpoints",
-        "resume", "eval_data"), mode="dpo", data=_HERE, output=_HERE, steps=60, lr=3e-5, batch_size=32,
+        "resume", "upscale", "eval_data", "eval_every", "eval_samples", "eval_metrics", "eval_sample_steps",
+        "eval_process_size"), mode="dpo", data=_HERE, output=_HERE, steps=60, lr=3e-5, batch_size=32,
         beta=500.0, checkpoint_every=20, keep_checkpoints=0, log_every=1,
     )  # fmt: skip
 
@@ -128,16 +134,16 @@ class QuickstartConfig:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each stage writes."""
+    """Where each stage writes, under ``root``."""
 
     root: Path
 
-    def __getattr__(self, name: str) -> Path:
-        folders = {"degrade": "1_degrade", "sample": "2_sample", "score": "3_score", "pair": "4_pair"}
-        folders.update(train="5_train", eval="6_eval")
-        if name not in folders:
-            raise AttributeError(name)
-        return self.root / folders[name]
+    degrade = property(lambda self: self.root / "1_degrade")
+    sample = property(lambda self: self.root / "2_sample")
+    score = property(lambda self: self.root / "3_score")
+    pair = property(lambda self: self.root / "4_pair")
+    train = property(lambda self: self.root / "5_train")
+    eval = property(lambda self: self.root / "6_eval")
 
 
 def resolved(cfg: QuickstartConfig, lay: Layout) -> QuickstartConfig:
@@ -252,17 +258,18 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
         ("train", f"{cfg.train.steps} DPO steps of {cfg.train.batch_size} pairs", lambda: train_dpo(cfg.train)),
         ("eval", "held-out crops at step 0 and every checkpoint", lambda: curve.run(curve_config(cfg, lay))),
     ]  # fmt: skip
+    done = {}
     for n, (name, text, work) in enumerate(steps, 1):
         print(f"[quickstart {n}/7] {name}: {text}", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        work()
+        done[name] = work()
         clock.lap(name, t)
     t = time.perf_counter()
     print("[quickstart 7/7] report: guards, before/after, report.html", file=sys.stderr, flush=True)
     pools = before_after.score_guards(cfg, lay.eval, cfg.train.steps)
     summary = before_after.compare(cfg, pools, lay.eval / "joint")
-    summary["pairs"] = len(before_after.read_pairs(cfg.pair.output))
-    summary["curve"] = before_after.read_curve(lay.eval).to_dict(orient="list")
+    summary["pairs"] = len(done["pair"])
+    summary["curve"] = done["eval"].to_dict(orient="list")
     clock.lap("report", t)
     summary["timings"] = clock.totals()
     (lay.eval / "summary.json").write_text(json.dumps(summary, indent=2))

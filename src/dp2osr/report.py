@@ -109,7 +109,7 @@ def _pool(table_path: Path, df: pd.DataFrame, column: str) -> dict:
     for col in ("image_id", "seed", "path", column):
         if col not in df.columns:
             raise ValueError(f"{table_path}: no column {col!r}; columns: {list(df.columns)}")
-    return {"path": table_path, "df": df, "lrhr": eval_pools.lr_hr_table(df, table_path)}
+    return {"path": table_path, "df": df, "lrhr": eval_pools.lr_hr_table(df)}
 
 
 def read_pools(cfg: ReportConfig) -> tuple[list[dict], list[str], str]:

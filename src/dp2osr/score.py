@@ -78,6 +78,18 @@ class ScoreConfig:
             w = getattr(self, name)
             if not np.isfinite(w) or w < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {w}")
+        if self.w_fr + self.w_nr == 0:
+            raise ValueError("w_fr and w_nr are both 0: every reward would be 0")
+        families = {s.family for s in metric_lib.catalogue(resolved_metrics(self)).values()}  # unknown names fail
+        for family in ("fr", "nr"):
+            weight, other = (self.w_fr, self.w_nr) if family == "fr" else (self.w_nr, self.w_fr)
+            if weight > 0 and other == 0 and family not in families:
+                raise ValueError(f"w_{family} > 0 alone needs at least one {family.upper()} metric in --metrics")
+
+
+def resolved_metrics(cfg: ScoreConfig) -> list[str]:
+    """The metric names a config scores with: ``metrics``, else its ``preset``'s."""
+    return metric_lib.resolve_names(cfg.preset, cfg.metrics)
 
 
 def run(cfg: ScoreConfig) -> ScoreResult:
@@ -92,8 +104,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     cand_dir = candidates_dir(cfg.candidates)
     out_dir = Path(cfg.output) if cfg.output is not None else cand_dir
     check_output_dir(out_dir)
-    names = metric_lib.resolve_names(cfg.preset, cfg.metrics)
-    metric_lib.catalogue(names)  # unknown names fail here
+    names = resolved_metrics(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     # the resolved config: the exact metric list and output folder this run used
     save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
