@@ -15,7 +15,7 @@
 
        python scripts/train_embedded.py --photos PHOTOS --work WORK --out MODEL --minutes 5 --device cuda
 
-   - the photos in ``HOLDOUT`` are never trained on (``scripts/eval_embedded.py`` evaluates on them);
+   - the photos in ``HOLDOUT`` are never trained on (``research/eval_embedded.py`` evaluates on them);
    - ``--crops`` random HR crops (``--crop-size``, random scale in [0.5, 1], flips and 90° turns) of the others,
      each degraded to ×4 LR by ``dp2osr.degrade.degrade_image`` with ``MILD`` parameters (a milder version of
      Real-ESRGAN's second-order pipeline, the range of inputs `dp2osr upscale` meets in everyday photos),

@@ -1,4 +1,5 @@
-"""The scripts that make shipped artefacts (scripts/): each runs, on tiny inputs, and writes what it promises."""
+"""The scripts that make shipped artefacts (scripts/): each runs, on tiny inputs, and writes what it promises;
+the measurement scripts (research/) start."""
 
 import io
 import json
@@ -104,3 +105,23 @@ def test_train_embedded_tiny_run_writes_a_loadable_model(tmp_path):
 
     bb = load_backbone("embedded", base=out)
     assert list(bb.unet.config.block_out_channels) == [48, 64]
+
+
+def test_research_scripts_start(tmp_path):
+    """Every research/ script finds its imports from any working directory and answers --help."""
+    scripts = sorted((ROOT / "research").glob("*.py"))
+    code = (
+        "import runpy, sys\n"
+        "for path in sys.argv[1:]:\n"
+        "    sys.argv = [path, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(path, run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), (path, e.code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code, *map(str, scripts)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(scripts) >= 8
+    assert [line.split()[1] for line in res.stdout.splitlines() if line.startswith("usage:")] == [p.name for p in scripts]

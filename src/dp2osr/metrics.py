@@ -15,7 +15,7 @@ Presets (``PRESETS``):
   quality: PIQE, BRISQUE and NIQE all score OSEDiff's outputs above RealSR's HR images, and PIQE and BRISQUE
   score added luma noise as better. PIQE is the NR half because, of the two that work at 64 px, its hybrid
   reward does not ask the embedded model for more grain than it makes, while BRISQUE's does (measured with
-  ``scripts/measure_reward_halves.py``; docs/IQA_OFFLINE.md). ``ms_ssim`` (an FR metric for images of at
+  ``research/measure_reward_halves.py``; docs/IQA_OFFLINE.md). ``ms_ssim`` (an FR metric for images of at
   least 176 px) can be added by name.
 
 NIQE and BRISQUE also work offline, by name (``niqe``, ``brisque``): their parameters ship with this package
