@@ -10,6 +10,7 @@ those of the real model at 1/width_div² of its parameters.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -286,6 +287,23 @@ def build_flux(div: int = 1, *, text_encoders: bool = False, tiny: bool = False)
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---- the naive DPO objective ------------------------------------------------------------------------------
+def naive_dpo_objective(bb, policy, ref_predict, nb, weights, *, beta: float, autocast=contextlib.nullcontext):
+    """The DPO loss the naive way, the baseline for ``dp2osr.engine.objectives.dpo_objective``: the policy's
+    whole forward first, then the reference's own whole forward ``ref_predict(noisy, timesteps, cond, control)``
+    (no shared trunk), in the order of the Diffusion-DPO authors' training script. ``nb`` is a
+    ``dp2osr.engine.objectives.NoisedBatch``; returns the loss."""
+    from dp2osr.math.loss import dpo_loss, mse_per_sample
+
+    b = nb.examples
+    with autocast():
+        pred = bb.predict(nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy)
+    err = mse_per_sample(pred.float(), nb.target.float())
+    with torch.no_grad(), autocast():
+        ref_err = mse_per_sample(ref_predict(nb.noisy, nb.timesteps, nb.cond, nb.control).float(), nb.target.float())
+    return dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta, weights).loss
 
 
 # ---- measuring -------------------------------------------------------------------------------------------

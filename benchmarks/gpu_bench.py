@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import json
 import math
@@ -406,39 +407,24 @@ def fast_sampling(bb, name: str, args, size: int, device, dtype, peak: float, re
             del variant
 
 
-def dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast, shared: bool) -> float:
-    """One DP²O step + optimizer update. ``shared`` (ours, as dp2osr.train's ``step()``): the denoiser's trunk
-    (SD2: UNet down + mid blocks) once for both passes, the reference pass first; otherwise (naive) the policy
-    pass, then the reference's own whole forward (see benchmarks/run.py)."""
-    from dp2osr.math.loss import dpo_loss, mse_per_sample
+def dpo_step(bb, net, ref_net, ref_predict, targets, control, cond, w, g, opt, autocast, shared: bool) -> float:
+    """One DP²O step + optimizer update. ``shared`` (ours): the product's ``noise_batch`` and ``dpo_objective``
+    (the denoiser's trunk, SD2: UNet down + mid blocks, once for both passes; the reference pass first, with
+    the ControlNet ``ref_net``); otherwise (naive) ``common.naive_dpo_objective``: the policy pass, then the
+    reference's own whole forward ``ref_predict`` (see benchmarks/run.py)."""
+    from dp2osr.engine.objectives import dpo_objective, noise_batch
 
-    b = targets.shape[1]
-    hw = tuple(targets.shape[-2:])
-    noise = torch.randn(targets.shape[1:], generator=g).to(bb.device, targets.dtype)
-    t = bb.sample_timesteps(b, hw, g)
-    k = targets.shape[0]
-    x0, noise, t = targets.flatten(0, 1), noise.repeat(k, 1, 1, 1), t.repeat(k)
-    control = control.repeat(k, *([1] * (control.dim() - 1)))
-    cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
-    noisy, target = bb.noisy_and_target(x0, noise, t)
-    trunk = None
+    nb = noise_batch(bb, targets, control, cond, g)
     if shared:
-        with torch.no_grad(), autocast():
-            trunk = bb.trunk(noisy, t, cond)
-            ref_err = mse_per_sample(ref_predict(noisy, t, cond, control, trunk).float(), target.float())
-    with autocast():
-        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=net, trunk=trunk)
-    del trunk
-    err = mse_per_sample(pred.float(), target.float())
-    if not shared:
-        with torch.no_grad(), autocast():
-            ref_err = mse_per_sample(ref_predict(noisy, t, cond, control, None).float(), target.float())
-    o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], 5000.0, w)
-    o.loss.backward()
+        reference = functools.partial(contextlib.nullcontext, ref_net)
+        loss = dpo_objective(bb, net, reference, nb, w, beta=5000.0, autocast=autocast)[0]
+    else:
+        loss = common.naive_dpo_objective(bb, net, ref_predict, nb, w, beta=5000.0, autocast=autocast)
+    loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
     opt.step()
     opt.zero_grad()
-    return float(o.loss.detach())
+    return float(loss.detach())
 
 
 def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, device, dtype, steps: int) -> dict:
@@ -473,10 +459,8 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
         setattr(ref_bb, name, copy.deepcopy(getattr(bb, name)))
         extra = [getattr(ref_bb, name)]
 
-    def ref_predict(noisy, t, cond_, control_, trunk):
-        return ref_bb.predict(
-            noisy, t, cond_, control_, guidance=bb.train_guidance, controlnet=ref_net, trunk=trunk
-        )
+    def ref_predict(noisy, t, cond_, control_):
+        return ref_bb.predict(noisy, t, cond_, control_, guidance=bb.train_guidance, controlnet=ref_net)
 
     def step():
         nonlocal targets, control
@@ -486,7 +470,8 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
                     [bb.encode_images(images[0], lr_up), bb.encode_images(images[1], lr_up)]
                 )
                 control = bb.prepare_control(lr_up)
-        return dpo_step(bb, net, ref_predict, targets, control, cond, w, g, opt, autocast, variant == "ours")
+        ours = variant == "ours"
+        return dpo_step(bb, net, ref_net, ref_predict, targets, control, cond, w, g, opt, autocast, ours)
 
     if variant == "naive":
         targets = control = None

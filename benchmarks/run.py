@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import json
 import os
@@ -303,13 +304,11 @@ def denoiser_name(bb) -> str:
 
 
 class OursTrainer:
-    """The DPO step of ``dp2osr.train`` (its ``step()`` closure plus the optimizer update, line for line):
-    one frozen UNet/transformer shared by policy and reference (SD2: its down and mid blocks run once for both,
-    ``Backbone.trunk``), a frozen copy of only the ControlNet, and latents, control and prompt embeddings cached
-    by ``train_data.FrozenCache`` (encoded once, on first use). The reference pass runs before the policy's, so
-    its activations are gone before the policy's graph is built."""
-
-    reference_first = True
+    """The DPO step of ``dp2osr train``: the product's ``noise_batch`` and ``dpo_objective`` plus the optimizer
+    update. One frozen UNet/transformer shared by policy and reference (SD2: its down and mid blocks run once
+    for both, ``Backbone.trunk``), a frozen copy of only the ControlNet, and latents, control and prompt
+    embeddings cached by ``train_data.FrozenCache`` (encoded once, on first use); the reference pass runs
+    before the policy's, so its activations are gone before the policy's graph is built."""
 
     def __init__(self, family: str, base: Path, data: Path, batch: int, checkpointing: bool) -> None:
         from dp2osr.backbones import load_backbone
@@ -345,67 +344,48 @@ class OursTrainer:
     def inputs(self, idx: list[int]):
         return self.cache.batch(self.ex, idx, None)
 
-    def trunk(self, noisy, t, cond):
-        with torch.no_grad():
-            return self.bb.trunk(noisy, t, cond)
+    def objective(self, nb, w: torch.Tensor) -> torch.Tensor:
+        from dp2osr.engine.objectives import dpo_objective
 
-    def reference(self, noisy, t, cond, control, trunk):
-        return self.bb.predict(
-            noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref, trunk=trunk
-        )
+        reference = functools.partial(contextlib.nullcontext, self.ref)
+        return dpo_objective(self.bb, self.net, reference, nb, w, beta=5000.0)[0]
 
     def step(self) -> float:
-        from dp2osr.math.loss import dpo_loss, mse_per_sample
+        from dp2osr.engine.objectives import noise_batch
         from dp2osr.engine.train_data import batch_indices
 
-        bb, b = self.bb, self.batch
-        idx = batch_indices(len(self.ex), self.s, 0, 0, b, 1, 1, 0)
+        idx = batch_indices(len(self.ex), self.s, 0, 0, self.batch, 1, 1, 0)
         g = torch.Generator().manual_seed(self.s * 10_007)
         self.s += 1
         targets, control, cond, w = self.inputs(idx)
-        hw = tuple(targets.shape[-2:])
-        noise = torch.randn(targets.shape[1:], generator=g).to(bb.device, targets.dtype)
-        t = bb.sample_timesteps(b, hw, g)
-        k = targets.shape[0]
-        x0, noise, t = targets.flatten(0, 1), noise.repeat(k, 1, 1, 1), t.repeat(k)
-        control = control.repeat(k, *([1] * (control.dim() - 1)))
-        cond = {key: v.repeat(k, *([1] * (v.dim() - 1))) for key, v in cond.items()}
-        noisy, target = bb.noisy_and_target(x0, noise, t)
-        trunk = self.trunk(noisy, t, cond)
-        if self.reference_first:
-            with torch.no_grad():
-                ref_err = mse_per_sample(self.reference(noisy, t, cond, control, trunk).float(), target.float())
-        pred = bb.predict(noisy, t, cond, control, guidance=bb.train_guidance, controlnet=self.net, trunk=trunk)
-        del trunk
-        err = mse_per_sample(pred.float(), target.float())
-        if not self.reference_first:
-            with torch.no_grad():
-                ref_err = mse_per_sample(self.reference(noisy, t, cond, control, trunk=None).float(), target.float())
-        o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], 5000.0, w)
-        o.loss.backward()
+        loss = self.objective(noise_batch(self.bb, targets, control, cond, g), w)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad()
-        return o.loss.item()
+        return loss.item()
 
 
 class UnsharedTrainer(OursTrainer):
-    """Our step with the whole UNet run in each pass (no shared trunk), reference after policy: what the
-    trunk sharing and the pass order add on top of caching."""
+    """Our step with the whole UNet run in each pass (no shared trunk), reference after policy
+    (``common.naive_dpo_objective``): what the trunk sharing and the pass order add on top of caching."""
 
-    reference_first = False
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.ref_bb = self.bb  # the backbone whose denoiser the reference pass runs
 
-    def trunk(self, noisy, t, cond):
-        return None
+    def objective(self, nb, w: torch.Tensor) -> torch.Tensor:
+        def ref_predict(noisy, t, cond, control):
+            return self.ref_bb.predict(noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref)
+
+        return common.naive_dpo_objective(self.bb, self.net, ref_predict, nb, w, beta=5000.0)
 
 
-class NaiveTrainer(OursTrainer):
+class NaiveTrainer(UnsharedTrainer):
     """The same step done naively: the reference is a deep copy of the UNet/transformer *and* the ControlNet
     (two full model copies), and every step the images are read from disk and VAE-encoded (FLUX: the control
     image too) and the prompts text-encoded -- nothing cached. The reference pass follows the policy's, as in
     the Diffusion-DPO authors' training script."""
-
-    reference_first = False
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -424,8 +404,8 @@ class NaiveTrainer(OursTrainer):
         ]
 
     def inputs(self, idx: list[int]):
-        from dp2osr.images import load_image
         from dp2osr.engine.sampler import resize
+        from dp2osr.images import load_image
 
         bb, ex = self.bb, self.ex
         with torch.no_grad():
@@ -440,14 +420,6 @@ class NaiveTrainer(OursTrainer):
             control = bb.prepare_control(lr_up)
             cond = bb.encode_prompts([ex.prompts[i] for i in idx])
         return targets, control, cond, ex.weights[idx]
-
-    def trunk(self, noisy, t, cond):
-        return None  # each model copy runs its whole forward
-
-    def reference(self, noisy, t, cond, control, trunk):
-        return self.ref_bb.predict(
-            noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref
-        )
 
 
 def peak_tensor_memory(trainer) -> tuple[float, float]:

@@ -15,7 +15,7 @@
 
        python scripts/train_embedded.py --photos PHOTOS --work WORK --out MODEL --minutes 5 --device cuda
 
-   - the photos in ``HOLDOUT`` are never trained on (``scripts/eval_embedded.py`` evaluates on them);
+   - the photos in ``HOLDOUT`` are never trained on (``research/eval_embedded.py`` evaluates on them);
    - ``--crops`` random HR crops (``--crop-size``, random scale in [0.5, 1], flips and 90° turns) of the others,
      each degraded to ×4 LR by ``dp2osr.degrade.degrade_image`` with ``MILD`` parameters (a milder version of
      Real-ESRGAN's second-order pipeline, the range of inputs `dp2osr upscale` meets in everyday photos),
@@ -61,8 +61,9 @@ if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from dp2osr.degrade import PAIRS_COLUMNS, DegradationParams, degrade_image, image_seed
-from dp2osr.images import list_images, load_image, save_image, write_parquet
 from dp2osr.engine.sampler import resize
+from dp2osr.images import list_images, load_image, save_image, write_parquet
+from dp2osr.math.degradations import PRESETS
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 # name -> path under usr/share/doc/opencv-doc/examples/ (Debian opencv-doc 4.6.0): colour photos >= 256 px;
@@ -120,27 +121,9 @@ HOLDOUT = (
     "baboon", "building", "fruits", "leuvenA", "scenetext04", "squirrel_cls",
 )  # fmt: skip
 
-# Milder than Real-ESRGAN x4plus (dp2osr.degrade defaults): lighter blur, noise and JPEG, smaller resize
-# swings — what the everyday photos `dp2osr upscale` meets look like; a 10M-parameter model learns it quickly.
-MILD = DegradationParams(
-    kernel_range=[7, 15],
-    sinc_prob=0.05,
-    blur_sigma=[0.2, 1.5],
-    resize_prob=[0.2, 0.5, 0.3],
-    resize_range=[0.5, 1.5],
-    noise_range=[1.0, 8.0],
-    poisson_scale_range=[0.05, 1.0],
-    jpeg_range=[60, 95],
-    second_blur_prob=0.5,
-    sinc_prob2=0.05,
-    blur_sigma2=[0.2, 1.0],
-    resize_range2=[0.5, 1.2],
-    noise_range2=[1.0, 5.0],
-    poisson_scale_range2=[0.05, 0.5],
-    jpeg_range2=[70, 95],
-    final_sinc_prob=0.3,
-)
-REALESRGAN = DegradationParams()  # `dp2osr degrade`'s defaults (Real-ESRGAN x4plus)
+# The degradations of the training crops: `dp2osr degrade`'s presets (``dp2osr.math.degradations``).
+MILD = DegradationParams(**PRESETS["mild"])  # lighter blur, noise and JPEG than Real-ESRGAN x4plus
+REALESRGAN = DegradationParams(**PRESETS["realesrgan"])  # `dp2osr degrade`'s defaults (Real-ESRGAN x4plus)
 SCALE = 4
 EVAL_HR = 256  # held-out HR crops: 256 px (ms_ssim needs >= 176), from the photo resized to short side 384
 EVAL_SHORT_SIDE = 384
@@ -299,25 +282,6 @@ def eval_pairs(photos: list[Path]) -> list[tuple[str, torch.Tensor, torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------- training
-def _fast_batch_indices():
-    """``dp2osr.engine.train_data.batch_indices`` with each epoch's permutation computed once, same indices.
-
-    The library draws ``randperm(n)`` once per *example* (``O(n)`` each, and ~100x slower from n = 2^15 on),
-    which at GPU speed costs more than the model; this memoised copy returns exactly the same indices.
-    """
-    import functools
-
-    @functools.lru_cache(maxsize=4)
-    def perm(n: int, seed: int, epoch: int) -> list[int]:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-
-    def batch_indices(n, step, micro, rank, batch, accum, world, seed):
-        start = step * batch * accum * world + (micro * world + rank) * batch
-        return [perm(n, seed, pos // n)[pos % n] for pos in range(start, start + batch)]
-
-    return batch_indices
-
-
 def _log(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
@@ -510,15 +474,12 @@ def export_model(init: Path, controlnet: Path, out: Path, dtype: str = "fp16") -
 
 def train_model(args: argparse.Namespace) -> Path:
     import pandas as pd
-
     from safetensors.torch import load_file, save_file
 
-    import dp2osr.engine.trainer
     from dp2osr.backbones.embedded import Sharpener, build_embedded
     from dp2osr.train import TrainConfig
     from dp2osr.train import run as train
 
-    dp2osr.engine.trainer.batch_indices = _fast_batch_indices()
     work, out = Path(args.work), Path(args.out)
     train_photos, held = split_photos(Path(args.photos))
     print(f"photos: {len(train_photos)} for training, {len(held)} held out ({', '.join(p.stem for p in held)})")

@@ -5,16 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from dp2osr.cli import main
-from dp2osr.degrade import DegradationParams
 from dp2osr.math.change import NOISE_METHOD, change_sentence
-from dp2osr.math.degradations import MILD
 from dp2osr.quickstart import PHOTOS, QuickstartConfig, RunClock, tiles
 
 TINY = [
@@ -245,25 +242,6 @@ def test_default_backbone_is_the_embedded_model(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == str((out / "report.html").resolve())
     assert pd.read_csv(out / "6_eval" / "reward_curve.csv")["step"].tolist() == [0, 1]
-
-
-def test_mild_degradation_is_the_embedded_models_training_range():
-    """The quickstart's copy of MILD must match the one the embedded model was trained with."""
-    import dataclasses
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "train_embedded.py"
-    if not path.is_file():
-        pytest.skip("scripts/train_embedded.py not in this checkout")
-    spec = importlib.util.spec_from_file_location("_train_embedded", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    trained = dataclasses.asdict(module.MILD)
-    assert {k: trained[k] for k in MILD} == MILD
-    defaults = dataclasses.asdict(DegradationParams())
-    assert {k: v for k, v in trained.items() if k not in MILD} == {
-        k: defaults[k] for k in trained if k not in MILD
-    }
 
 
 def test_run_clock_keeps_the_time_of_a_killed_run(tmp_path):

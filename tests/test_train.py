@@ -381,3 +381,24 @@ def test_resumed_run_logs_every_step_once(data, tmp_path, monkeypatch):
         assert got == pytest.approx([r[key] for r in ref if key in r], rel=1e-5, abs=1e-7)
     assert _tb_steps(part / "tb", "train/loss") == [1, 2, 3, 4]
     assert _tb_steps(part / "tb", "eval/reward") == [0, 1, 2, 3, 4]
+
+
+def test_batch_indices_slice_the_seeded_epoch_permutations():
+    """Each index is position ``pos % n`` of epoch ``pos // n``'s seeded permutation (drawn once per epoch),
+    and the (step, micro, rank) slices of one step are disjoint."""
+    from dp2osr.engine.train_data import batch_indices
+
+    n, seed, batch, accum, world = 7, 3, 3, 2, 2
+
+    def perm(epoch):
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+    stream = [i for epoch in range(6) for i in perm(epoch)]
+    for step in range(3):
+        got = [
+            batch_indices(n, step, micro, rank, batch, accum, world, seed)
+            for micro in range(accum)
+            for rank in range(world)
+        ]
+        start = step * batch * accum * world
+        assert [i for part in got for i in part] == stream[start : start + batch * accum * world]

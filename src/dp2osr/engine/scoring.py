@@ -19,7 +19,7 @@ Dithered scoring (``ScoreOptions.dither`` K > 0): each score is the mean over K 
 hash and k, so reruns give the same numbers). Some hand-crafted metrics rank a crop's candidates very
 differently after such a change (PIQE at 64 px: within-crop Spearman 0.64 before vs after), so a preference pair
 made from one raw score is partly the metric's reaction to the last bit; the mean over K copies is steadier
-(PIQE, K = 16: 0.82; measured with scripts/measure_reward_halves.py). Scores are keyed by K as well.
+(PIQE, K = 16: 0.82; measured with research/measure_reward_halves.py). Scores are keyed by K as well.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     return Examples([[a, b] for a, b in zip(df["win_path"], df["lose_path"])], lr, prompts, w)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """One epoch's permutation of the ``n`` examples, drawn once (every micro-batch of the epoch reads it)."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist())
+
+
 def batch_indices(n: int, step: int, micro: int, rank: int, batch: int, accum: int, world: int, seed: int) -> list[int]:
     """Example indices for (optimizer step, micro-batch, process): a slice of concatenated epoch permutations.
 
@@ -59,12 +66,7 @@ def batch_indices(n: int, step: int, micro: int, rank: int, batch: int, accum: i
     """
     per_step = batch * accum * world
     start = step * per_step + (micro * world + rank) * batch
-    out = []
-    for pos in range(start, start + batch):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        out.append(int(perm[i]))
-    return out
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + batch)]
 
 
 class FrozenCache:

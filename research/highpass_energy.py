@@ -4,12 +4,12 @@ For each RUN (a `dp2osr quickstart` output folder, or a seed folder of `scripts/
 the held-out candidates of the standard deviation of Y − Gaussian(Y, σ = 1 px) (BT.601 luma, 0..255), for the
 first evaluated pool (the base ControlNet) and the last (DP²O), and for the held-out HR crops:
 
-    python scripts/highpass_energy.py RUN [RUN ...]
+    python research/highpass_energy.py RUN [RUN ...]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,10 @@ def energy(path: Path) -> float:
     return float((y - gaussian_filter(y, 1.0)).std())
 
 
-def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
-    for run in map(Path, sys.argv[1:]):
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    for run in p.parse_args(argv).runs:
         steps = sorted((run / "6_eval").glob("step_*"))
         if not steps:
             raise SystemExit(f"{run}: no 6_eval/step_* folders (not a quickstart output?)")

@@ -1,6 +1,6 @@
 """Evaluate an embedded SR model against bicubic on the held-out photos of ``scripts/train_embedded.py``.
 
-    python scripts/eval_embedded.py --photos PHOTOS --model MODEL --out eval.json [--seeds 0 1 2 3]
+    python research/eval_embedded.py --photos PHOTOS --model MODEL --out eval.json [--seeds 0 1 2 3]
 
 Test set: one 256² HR crop per held-out photo (``train_embedded.HOLDOUT``, never trained on), degraded to a
 64² LR with the training degradation (``MILD``); bicubic = the LR upsampled ×4, the model = `dp2osr upscale`'s
@@ -30,13 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # train_embedded: photos, degradation
 import train_embedded as T
 
 from dp2osr.backbones import load_backbone
-from dp2osr.math.quality import psnr_y, ssim_y, y_channel
-from dp2osr.images import save_image
 from dp2osr.engine.sampler import resize, super_resolve
+from dp2osr.images import save_image
+from dp2osr.math.quality import psnr_y, ssim_y, y_channel
 
 REWARD_METRICS = ("ms_ssim", "fsim", "gmsd", "piqe")  # the offline preset plus ms_ssim (these crops are 256 px)
 EXTRA_METRICS = ("entropy",)  # NR, not in the reward
@@ -116,8 +116,8 @@ def score(outputs, pairs, use_pyiqa: bool, device: str) -> pd.DataFrame:
 
 def add_reward(table: pd.DataFrame) -> pd.DataFrame:
     """Append the hybrid reward, normalised with bounds fitted on all methods together."""
-    from dp2osr.metrics import catalogue
     from dp2osr.math.reward import fit_bounds, hybrid_reward
+    from dp2osr.metrics import catalogue
 
     part = table[table.metric.isin(REWARD_METRICS)].copy()
     part["image_id"] = part.method + "|" + part.image_id  # one candidate = (method, image, seed)

@@ -8,7 +8,7 @@ selection) and with the mean over the M seeds (a random pick): mean over images,
 difference, its standard error over images (std / sqrt(n), ddof=1) and the number of images where the
 selected sample is better. Raw per-image, per-seed values go to ``--json``.
 
-    python scripts/measure_select_nr.py [--realsr DIR] [--n 20] [--samples 4] [--work /tmp/select_nr] \
+    python research/measure_select_nr.py [--realsr DIR] [--n 20] [--samples 4] [--work /tmp/select_nr] \
         [--json docs/results/select_nr.json]
 
 ``--realsr`` defaults to ``$DP2OSR_REALSR``, else ``shared/data/realsr`` beside the repository. The upscales
@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dp2osr import metrics
-from dp2osr import upscale
+from dp2osr import metrics, upscale
 from dp2osr.images import load_image
 from dp2osr.math.quality import psnr_y, ssim_y
 

@@ -1,6 +1,6 @@
 """The embedded model (or any `dp2osr upscale` model) against bicubic and OSEDiff on RealSR ×4.
 
-    python scripts/eval_realsr.py --realsr DIR [--limit N] [--every K] [--out results.json] [--crops DIR] [model options]
+    python research/eval_realsr.py --realsr DIR [--limit N] [--every K] [--out results.json] [--crops DIR] [model options]
 
 DIR is the RealSR test set as the Real-ISR literature uses it: ``test_LR/`` (128² LR), ``test_HR/`` (512² HR)
 and ``results_osediff/`` (OSEDiff's published outputs, same names; optional). Default: the environment variable
@@ -35,11 +35,11 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from dp2osr import metrics  # noqa: E402
-from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve  # noqa: E402
-from dp2osr.images import load_image, save_image  # noqa: E402
-from dp2osr.math.geometry import resize  # noqa: E402
-from dp2osr.math.quality import psnr_y, ssim_y  # noqa: E402
+from dp2osr import metrics
+from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve
+from dp2osr.images import load_image, save_image
+from dp2osr.math.geometry import resize
+from dp2osr.math.quality import psnr_y, ssim_y
 
 _YCBCR = torch.tensor(
     [[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=torch.float64

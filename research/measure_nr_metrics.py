@@ -9,7 +9,7 @@ It reports, per metric and crop size, the mean score per condition, whether the 
 HR > OSEDiff > bicubic (better to worse) and whether each noise is penalised (noisy worse than bicubic), plus the
 fraction of images for which each of those holds. Raw per-image values go to ``--json``.
 
-    python scripts/measure_nr_metrics.py [--realsr DIR] [--n 25] [--json docs/results/nr_metrics.json]
+    python research/measure_nr_metrics.py [--realsr DIR] [--n 25] [--json docs/results/nr_metrics.json]
 
 ``--realsr`` defaults to ``$DP2OSR_REALSR``, else ``shared/data/realsr`` beside the repository.
 """

@@ -6,7 +6,7 @@ of each crop. It tests whether removing the pairs that trade fidelity against te
 direction on the embedded model (docs/QUICKSTART.md, "Measured": it did not). Every option of ablations.py
 applies, e.g.
 
-    python scripts/dominant_pairs.py --mode seeds --seeds 0 1 2 3 4 --output runs/seeds_dominant
+    python research/dominant_pairs.py --mode seeds --seeds 0 1 2 3 4 --output runs/seeds_dominant
 """
 
 import sys
@@ -40,7 +40,7 @@ def dominant_pairs(cfg, scores, cands, out):
 
 if __name__ == "__main__":
     qs.make_pairs = dominant_pairs  # quickstart.run_stages looks it up at call time
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import ablations
 
     sys.exit(ablations.main())

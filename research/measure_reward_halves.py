@@ -18,7 +18,7 @@ quickstart's 64 px crops), with the FR half fixed to ``--fr`` (default FSIM + GM
    scored again; the Spearman correlation, within each crop, between the rewards before and after says how much
    of the ranking is the image and how much is the metric's reaction to the last bit (1: a stable ranking).
 
-    python scripts/measure_reward_halves.py --runs RUN [RUN ...] [--nr piqe brisque] [--fr fsim gmsd] \\
+    python research/measure_reward_halves.py --runs RUN [RUN ...] [--nr piqe brisque] [--fr fsim gmsd] \\
         [--detail 0.15 0.3 0.45 0.6] [--dither 0 16] --work DIR --json docs/results/reward_halves.json
 
 RUN is a `dp2osr quickstart` output folder (or an ablation run's seed folder). DIR holds the scratch pools and
@@ -42,11 +42,11 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from dp2osr import metrics as metric_lib  # noqa: E402
-from dp2osr import sample as sample_stage  # noqa: E402
-from dp2osr import score as score_stage  # noqa: E402
-from dp2osr.backbones.embedded import SHIPPED  # noqa: E402
-from dp2osr.math.reward import fit_bounds, hybrid_reward  # noqa: E402
+from dp2osr import metrics as metric_lib
+from dp2osr import sample as sample_stage
+from dp2osr import score as score_stage
+from dp2osr.backbones.embedded import SHIPPED
+from dp2osr.math.reward import fit_bounds, hybrid_reward
 
 GUARDS = ("psnry", "ssim")  # shown beside the detail axis, not in any reward
 

@@ -1,11 +1,11 @@
 """Side-by-side crops of embedded models against bicubic (and OSEDiff, and the HR) for docs/EMBEDDED.md.
 
-    python scripts/embedded_crops.py --realsr DIR --models OLD NEW --names v1 v2 --out docs/embedded_crops.png
+    python research/embedded_crops.py --realsr DIR --models OLD NEW --names v1 v2 --out docs/embedded_crops.png
 
 Rows: text and foliage/buildings from RealSR (real camera LR, 128 px; OSEDiff's published outputs beside), and a
-face from the bundled astronaut photo (degraded like the training data, ``train_embedded.MILD``; no OSEDiff
-output exists for it, so that cell is grey). Each model upscales only the LR region of its crop (32 px -> 128
-px, one tile), seed 0, its default steps; crops are shown at 2x.
+face from the bundled astronaut photo (degraded like the training data, the ``mild`` preset of
+``dp2osr.math.degradations``; no OSEDiff output exists for it, so that cell is grey). Each model upscales only
+the LR region of its crop (32 px -> 128 px, one tile), seed 0, its default steps; crops are shown at 2x.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import torch.nn.functional as F
 SRC = Path(__file__).resolve().parent.parent / "src"
 if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train_embedded as T  # noqa: E402
-
-from dp2osr.degrade import degrade_image  # noqa: E402
-from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve  # noqa: E402
-from dp2osr.images import load_image, save_image  # noqa: E402
-from dp2osr.math.geometry import resize  # noqa: E402
+from dp2osr.degrade import DegradationParams, degrade_image
+from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve
+from dp2osr.images import load_image, save_image
+from dp2osr.math.degradations import PRESETS
+from dp2osr.math.geometry import resize
 
 # (RealSR file, top, left) of a 128 px HR crop (LR: /4)
 REALSR_CROPS = [("Canon_004_LR4.png", 200, 200), ("Canon_005_LR4.png", 96, 256), ("Nikon_012_LR4.png", 192, 192)]
@@ -43,7 +41,7 @@ def cases(realsr: Path) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Ten
         out.append((name, lr[..., y // 4 : y // 4 + 32, x // 4 : x // 4 + 32], hr[crop],
                     load_image(ose)[crop] if ose.is_file() else None))  # fmt: skip
     face = load_image(SRC / "dp2osr" / "assets" / "photos" / "astronaut.png")[..., 20:148, 80:208]
-    lr = degrade_image(face, 4, T.MILD, torch.Generator().manual_seed(0))
+    lr = degrade_image(face, 4, DegradationParams(**PRESETS["mild"]), torch.Generator().manual_seed(0))
     out.append(("astronaut (MILD)", lr, face, None))
     return out
 
