@@ -1,6 +1,7 @@
 """`dp2osr quickstart` in miniature: the whole loop end to end, and the honesty rules it promises."""
 
 import html
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,9 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dp2osr.cli import main
+from dp2osr import score as score_stage
+from dp2osr.before_after import guard_note, guards
+from dp2osr.cli import build_parser, main
+from dp2osr.config import build_config
+from dp2osr.score import ScoreConfig
 from dp2osr.math.change import NOISE_METHOD, change_sentence
-from dp2osr.quickstart import PHOTOS, QuickstartConfig, RunClock, tiles
+from dp2osr.quickstart import PHOTOS, Layout, QuickstartConfig, RunClock, curve_config, resolved, tiles
 
 TINY = [
     "--hr-size",
@@ -21,15 +26,15 @@ TINY = [
     "2",
     "--heldout",
     "2",
-    "--samples",
+    "--sample.samples",
     "4",
-    "--steps",
+    "--train.steps",
     "2",
-    "--eval-every",
+    "--train.checkpoint-every",
     "1",
-    "--batch-size",
+    "--train.batch-size",
     "2",
-    "--sample-batch",
+    "--sample.batch-size",
     "4",
 ]
 
@@ -117,14 +122,15 @@ def test_guard_metrics_and_verdict_beside_the_reward(run):
 
 
 def test_guard_defaults_follow_the_crop_size_and_the_reward():
-    assert QuickstartConfig().guards() == ["brisque"]  # 64 px crops: NIQE needs 96 px
-    assert QuickstartConfig(hr_size=128).guards() == ["niqe"]
-    assert QuickstartConfig(metrics=["fsim", "brisque"]).guards() == ["piqe"]
-    assert QuickstartConfig(guard_metrics=["niqe", "brisque"], hr_size=128).guards() == ["niqe", "brisque"]
+    offline = ["fsim", "gmsd", "piqe"]
+    assert guards(None, offline, 64) == ["brisque"]  # 64 px crops: NIQE needs 96 px
+    assert guards(None, offline, 128) == ["niqe"]
+    assert guards(None, ["fsim", "brisque"], 64) == ["piqe"]
+    assert guards(["niqe", "brisque"], offline, 128) == ["niqe", "brisque"]
     with pytest.raises(ValueError, match="guard-metrics.*in the reward"):
         QuickstartConfig(guard_metrics=["piqe"])
     with pytest.raises(ValueError, match="give --guard-metrics"):
-        QuickstartConfig(metrics=["fsim", "brisque", "piqe"])
+        QuickstartConfig(score=ScoreConfig(candidates=".", metrics=["fsim", "brisque", "piqe"]))
 
 
 def test_reward_curve_csv_has_every_evaluated_step(run):
@@ -173,8 +179,8 @@ def test_rerun_resumes_and_changed_options_are_refused(run, capsys):
     page = (out / "report.html").read_text()
     assert f"Run time {second['total']:.0f} s over 2 runs (resumed)" in page
     assert "All 2 images shown." in page
-    assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY, "--beta", "7"]) == 2
-    assert "other options (beta)" in capsys.readouterr().err
+    assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY, "--train.beta", "7"]) == 2
+    assert "other options (train.beta)" in capsys.readouterr().err
 
 
 def test_tiles_split_in_a_checkerboard_without_shared_pixels(tmp_path):
@@ -194,13 +200,41 @@ def test_bundled_photos_are_small_and_licensed():
     assert all(f.name in readme for f in files) and "public domain" in readme and "CC0" in readme
 
 
-def test_bad_options_are_value_errors():
-    with pytest.raises(ValueError, match="--samples"):
-        QuickstartConfig(samples=1)
+def test_bad_options_are_value_errors(tmp_path, capsys):
+    assert main(["quickstart", "--output", str(tmp_path / "a"), "--sample.samples", "1"]) == 2
+    assert "--sample.samples must be >= 2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="hr-size"):
         QuickstartConfig(hr_size=100)
-    with pytest.raises(ValueError, match="pair_reward"):
-        QuickstartConfig(pair_reward="both")
+    # each stage's options are checked by the stage's own config
+    assert main(["quickstart", "--output", str(tmp_path / "b"), "--train.beta", "-1"]) == 2
+    assert "--beta and --lr must be > 0" in capsys.readouterr().err
+    assert main(["quickstart", "--output", str(tmp_path / "c"), "--score.w-fr", "1", "--score.w-nr", "0",
+                 "--score.metrics", "piqe"]) == 2  # fmt: skip
+    assert "at least one FR metric" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # checked before any work
+
+
+def test_stage_options_nest_in_flags_and_yaml(tmp_path, capsys):
+    """--STAGE.OPTION and a YAML mapping under the stage's name set the stage's own config; the options the
+    quickstart sets itself (paths, model, seeds) are neither flags nor YAML keys."""
+    yaml_file = tmp_path / "q.yaml"
+    yaml_file.write_text("images: 3\ntrain:\n  beta: 250\n  steps: 5\nsample:\n  samples: 6\n")
+    args = build_parser("quickstart")[0].parse_args(["quickstart", "--config", str(yaml_file), "--train.steps", "7"])
+    cfg = build_config(QuickstartConfig, args)
+    assert (cfg.images, cfg.train.beta, cfg.train.steps, cfg.sample.samples) == (3, 250.0, 7, 6)
+    assert cfg.train.lr == 3e-5 and cfg.pair.ratio == 0.25  # the quickstart's defaults, not the stages'
+    r = resolved(cfg, Layout(tmp_path / "out"))
+    assert r.train.data == tmp_path / "out" / "4_pair" / "pref_pairs.parquet" and r.sample.seed == 0
+    assert r.sample.input == tmp_path / "out" / "1_degrade" / "train" and r.train.hpo == r.pair.hpo
+    assert curve_config(r, Layout(tmp_path / "out")).samples == 6
+    yaml_file.write_text("train:\n  output: /elsewhere\n")
+    with pytest.raises(ValueError, match="unknown train option"):
+        build_config(QuickstartConfig, build_parser("quickstart")[0].parse_args(["quickstart", "--config", str(yaml_file)]))
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--train.output", "x"])
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    assert "train options (--train.OPTION)" in capsys.readouterr().out
 
 
 def test_too_many_crops_asked_is_a_clear_error(tmp_path, capsys):
@@ -228,13 +262,13 @@ def test_default_backbone_is_the_embedded_model(tmp_path):
         "1",
         "--heldout",
         "1",
-        "--samples",
+        "--sample.samples",
         "2",
-        "--steps",
+        "--train.steps",
         "1",
-        "--batch-size",
+        "--train.batch-size",
         "1",
-        "--sample-steps",
+        "--sample.steps",
         "2",
     ]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
@@ -258,23 +292,23 @@ def test_run_clock_keeps_the_time_of_a_killed_run(tmp_path):
 
 
 def test_score_dither_is_checked_and_named_beside_the_reward(tmp_path):
-    from dp2osr.quickstart import QuickstartConfig, _guard_note
-
-    assert "dithered" not in _guard_note(QuickstartConfig(output=tmp_path))
-    assert "mean over 16 dithered copies" in _guard_note(QuickstartConfig(output=tmp_path, score_dither=16))
-    with pytest.raises(ValueError, match="score-dither"):
-        QuickstartConfig(output=tmp_path, score_dither=-1)
+    dithered = QuickstartConfig(output=tmp_path, score=ScoreConfig(candidates=".", dither=16))
+    assert "dithered" not in guard_note(QuickstartConfig(output=tmp_path))
+    assert "mean over 16 dithered copies" in guard_note(dithered)
+    assert curve_config(dithered, Layout(tmp_path)).dither == 16  # the held-out pools too
+    with pytest.raises(ValueError, match="dither"):
+        ScoreConfig(candidates=".", dither=-1)
 
 
 def test_score_dither_reaches_the_stored_scores(run, tmp_path):
-    """--score-dither K travels from the quickstart's options to every reward score it stores."""
-    from dp2osr import quickstart
-
+    """--score.dither K travels from the quickstart's options to every reward score it stores."""
     out, _, _ = run
-    cfg = quickstart.QuickstartConfig(output=tmp_path / "q", backbone="sd2-tiny", score_dither=2)
-    dithered = quickstart.score_pool(out / "2_sample", tmp_path / "scores", cfg)
+    cfg = QuickstartConfig(output=out, backbone="sd2-tiny", score=ScoreConfig(candidates=".", dither=2))
+    stage = resolved(cfg, Layout(out)).score
+    assert stage.candidates == out / "2_sample" and stage.dither == 2
+    result = score_stage.run(dataclasses.replace(stage, output=tmp_path / "scores"))
     stored = pd.read_parquet(tmp_path / "scores" / "scores_parts" / "_merged.parquet")
-    assert set(stored.dither) == {2} and len(stored) == len(dithered)
+    assert set(stored.dither) == {2} and len(stored) == len(result.scores)
     plain = pd.read_parquet(out / "3_score" / "scores.parquet")  # the run itself: plain scores
-    both = plain.merge(dithered, on=["image_id", "seed", "metric"], suffixes=("_plain", "_dither"))
+    both = plain.merge(result.scores, on=["image_id", "seed", "metric"], suffixes=("_plain", "_dither"))
     assert len(both) == len(plain) and not np.allclose(both.value_plain, both.value_dither)
