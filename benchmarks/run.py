@@ -90,7 +90,8 @@ def bench_sampling(args) -> list[dict]:
     from diffusers import StableDiffusionControlNetPipeline
 
     from dp2osr.backbones.tiny import build_sd2_tiny
-    from dp2osr.engine.sampler import generate, super_resolve, tile_starts
+    from dp2osr.engine.sampler import generate, super_resolve
+    from dp2osr.math.geometry import tile_starts
 
     bb = build_sd2_tiny()
     steps, guidance, size = args.steps, bb.default_guidance, bb.default_process_size
@@ -425,7 +426,7 @@ class NaiveTrainer(OursTrainer):
 
     def inputs(self, idx: list[int]):
         from dp2osr.images import load_image
-        from dp2osr.engine.sampler import resize
+        from dp2osr.math.geometry import resize
 
         bb, ex = self.bb, self.ex
         with torch.no_grad():

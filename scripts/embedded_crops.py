@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_embedded as T  # noqa: E402
 
 from dp2osr.degrade import degrade_image  # noqa: E402
-from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve  # noqa: E402
+from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings  # noqa: E402
+from dp2osr.engine.sampler import super_resolve
 from dp2osr.images import load_image, save_image  # noqa: E402
 from dp2osr.math.geometry import resize  # noqa: E402
 

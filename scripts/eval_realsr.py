@@ -36,7 +36,8 @@ if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from dp2osr import metrics  # noqa: E402
-from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve  # noqa: E402
+from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings  # noqa: E402
+from dp2osr.engine.sampler import super_resolve
 from dp2osr.images import load_image, save_image  # noqa: E402
 from dp2osr.math.geometry import resize  # noqa: E402
 from dp2osr.math.quality import psnr_y, ssim_y  # noqa: E402

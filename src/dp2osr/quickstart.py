@@ -54,8 +54,8 @@ from dp2osr import train as train_stage
 from dp2osr.backbones import Backbone
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.engine import heldout, pools
+from dp2osr.engine.options import SamplingOptions, load_model
 from dp2osr.engine.pools import read_candidates, read_inputs
-from dp2osr.engine.sampler import SamplingOptions, load_model
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import StageError
 from dp2osr.images import list_images, load_image, save_image, write_parquet

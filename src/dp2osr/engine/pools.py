@@ -13,14 +13,9 @@ import pandas as pd
 import torch
 
 from dp2osr.backbones import Backbone
-from dp2osr.engine.sampler import (
-    LR_SHA_KEY,
-    OPTIONS_SHA_KEY,
-    JobsResult,
-    SamplingOptions,
-    chunk_jobs,
-    run_jobs,
-)
+from dp2osr.engine.jobs import JobsResult, chunk_jobs, run_jobs
+from dp2osr.engine.options import SamplingOptions
+from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
 from dp2osr.images import list_images, read_png_text, write_parquet
 from dp2osr.paths import file_sha
 
