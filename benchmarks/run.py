@@ -91,7 +91,8 @@ def bench_sampling(args) -> list[dict]:
     from diffusers import StableDiffusionControlNetPipeline
 
     from dp2osr.backbones.tiny import build_sd2_tiny
-    from dp2osr.engine.sampler import generate, super_resolve, tile_starts
+    from dp2osr.engine.sampler import generate, super_resolve
+    from dp2osr.math.geometry import tile_starts
 
     bb = build_sd2_tiny()
     steps, guidance, size = args.steps, bb.default_guidance, bb.default_process_size
@@ -404,8 +405,8 @@ class NaiveTrainer(UnsharedTrainer):
         ]
 
     def inputs(self, idx: list[int]):
-        from dp2osr.engine.sampler import resize
         from dp2osr.images import load_image
+        from dp2osr.math.geometry import resize
 
         bb, ex = self.bb, self.ex
         with torch.no_grad():

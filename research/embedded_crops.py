@@ -22,7 +22,8 @@ if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from dp2osr.degrade import DegradationParams, degrade_image
-from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve
+from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings
+from dp2osr.engine.sampler import super_resolve
 from dp2osr.images import load_image, save_image
 from dp2osr.math.degradations import PRESETS
 from dp2osr.math.geometry import resize

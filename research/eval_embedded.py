@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # trai
 import train_embedded as T
 
 from dp2osr.backbones import load_backbone
-from dp2osr.engine.sampler import resize, super_resolve
+from dp2osr.engine.sampler import super_resolve
 from dp2osr.images import save_image
+from dp2osr.math.geometry import resize
 from dp2osr.math.quality import psnr_y, ssim_y, y_channel
 
 REWARD_METRICS = ("ms_ssim", "fsim", "gmsd", "piqe")  # the offline preset plus ms_ssim (these crops are 256 px)

@@ -61,9 +61,9 @@ if SRC.is_dir() and str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from dp2osr.degrade import PAIRS_COLUMNS, DegradationParams, degrade_image, image_seed
-from dp2osr.engine.sampler import resize
 from dp2osr.images import list_images, load_image, save_image, write_parquet
 from dp2osr.math.degradations import PRESETS
+from dp2osr.math.geometry import resize
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 # name -> path under usr/share/doc/opencv-doc/examples/ (Debian opencv-doc 4.6.0): colour photos >= 256 px;

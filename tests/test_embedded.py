@@ -162,7 +162,8 @@ def test_shipped_model_adds_no_colour_speckle():
     """The shipped model diffuses brightness detail only (luma_only) over a sharpened base: the chroma high-pass
     of its output stays near the bicubic's (the first model's speckle put it at about 15x), and its luma gains
     detail over the bicubic. 32 px LR crop of the bundled demo image, default steps, seed 0."""
-    from dp2osr.engine.sampler import SamplingOptions, load_model, sampling_settings, super_resolve
+    from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings
+    from dp2osr.engine.sampler import super_resolve
     from dp2osr.math.geometry import resize
 
     bb = load_model(SamplingOptions(device="cpu"))

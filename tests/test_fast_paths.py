@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from dp2osr.backbones import load_backbone
-from dp2osr.engine.sampler import SamplingOptions, generate, load_model, options_sha
+from dp2osr.engine.options import SamplingOptions, load_model
+from dp2osr.engine.provenance import options_sha
+from dp2osr.engine.sampler import generate
 
 SEEDS = [0, 1]
 
@@ -76,10 +78,10 @@ def test_options_select_fast_paths_and_hash():
     sha_plain = options_sha(bb_plain, plain, 4, "m")
     assert sha_plain != options_sha(bb_fast, fast, 4, "m")
     # Off, they add nothing to the hash: pools sampled before the options existed stay current.
-    from dp2osr.engine import sampler
+    from dp2osr.engine import provenance
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sampler, "fast_paths", lambda opts: {})
+        mp.setattr(provenance, "fast_paths", lambda opts: {})
         assert options_sha(bb_plain, plain, 4, "m") == sha_plain
 
 

@@ -261,13 +261,13 @@ def test_degrade_refuses_lr_below_minimum(tmp_path):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: output paths must be refused before."""
-    import dp2osr.engine.sampler as sampler_mod
+    import dp2osr.engine.options as options_mod
     import dp2osr.engine.trainer as trainer_mod
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the output path was checked")
 
-    monkeypatch.setattr(sampler_mod, "load_backbone", refuse)
+    monkeypatch.setattr(options_mod, "load_backbone", refuse)
     monkeypatch.setattr(trainer_mod, "load_backbone", refuse)
 
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from dp2osr.cli import main
+from dp2osr.engine.jobs import chunk_jobs
 from dp2osr.engine.pools import read_inputs
-from dp2osr.engine.sampler import chunk_jobs
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ARGS = ["--backbone", "sd2-tiny", "--samples", "6", "--batch-size", "2", "--steps", "2"]

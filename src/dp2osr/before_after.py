@@ -19,7 +19,7 @@ import pandas as pd
 from dp2osr import metrics as metric_lib
 from dp2osr import score, tables
 from dp2osr.engine import heldout
-from dp2osr.engine.sampler import load_model
+from dp2osr.engine.options import load_model
 from dp2osr.math.reward import fit_bounds
 from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
 

@@ -26,7 +26,7 @@ from dp2osr.engine.heldout import (
     run_checkpoints,
     step_dir,
 )
-from dp2osr.engine.sampler import SamplingOptions, load_model
+from dp2osr.engine.options import SamplingOptions, load_model
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 from dp2osr.train import CONFIG_NAME as TRAIN_CONFIG

@@ -41,11 +41,11 @@ import torch
 from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
 from dp2osr.config import check_resume, field, nested, save_config
 from dp2osr.degrade import DegradeConfig
+from dp2osr.engine.options import SamplingOptions
 from dp2osr.pair import PairConfig
 from dp2osr.sample import SampleConfig
 from dp2osr.score import ScoreConfig
 from dp2osr.train import TrainConfig
-from dp2osr.engine.sampler import SamplingOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.images import atomic_write, list_images, load_image, save_image
 from dp2osr.math.degradations import MILD

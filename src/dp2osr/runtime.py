@@ -25,6 +25,7 @@ def process_state(device: str):
     `accelerate launch` / torchrun with ``--device auto``: each process's own device."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-    own = state.device if device == "auto" and state.num_processes > 1 else resolve_device(device)
+    resolved = resolve_device(device)
+    state = PartialState(cpu=resolved.type == "cpu")
+    own = state.device if device == "auto" and state.num_processes > 1 else resolved
     return state, own

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from dp2osr.config import check_resume, field, save_config
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
-from dp2osr.engine.pools import model_fields, read_inputs, sample_pool
-from dp2osr.engine.sampler import SamplingOptions, load_model
+from dp2osr.engine.options import SamplingOptions, load_model
+from dp2osr.engine.pools import read_inputs, sample_pool
+from dp2osr.engine.provenance import model_fields
 from dp2osr.errors import PartialFailure
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state

@@ -13,11 +13,12 @@ import torch
 
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.engine import trainer
-from dp2osr.engine.sampler import ModelOptions
+from dp2osr.engine.options import ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
 from dp2osr.paths import check_output_dir
+from dp2osr.runtime import resolve_device
 
 CONFIG_NAME = "train_config.yaml"
 
@@ -105,7 +106,7 @@ def run(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
 
     check_output_dir(cfg.output)
-    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    cpu = resolve_device(cfg.device).type == "cpu"
     if not cpu:
         # The cuDNN attention backend hit "illegal memory access" in the FLUX DPO backward (torch 2.11, H200);
         # the flash / memory-efficient backends ran the same step fine.

@@ -26,7 +26,8 @@ from dp2osr import metrics as metric_lib
 from dp2osr.backbones import DTYPES, default_model_note
 from dp2osr.config import check_choice, field, save_config, to_dict
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
-from dp2osr.engine.sampler import SamplingOptions, chunk_jobs, load_model, output_path, run_jobs, sampling_settings
+from dp2osr.engine.jobs import chunk_jobs, output_path, run_jobs
+from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings
 from dp2osr.errors import PartialFailure
 from dp2osr.images import atomic_write, list_images, load_image
 from dp2osr.math.reward import hybrid_reward

@@ -9,7 +9,6 @@ from dp2osr.backbones.loading import (
     backbone_class,
     default_model_note,
     load_backbone,
-    pair_ratio_for,
     size_traits,
     trait_defaults,
 )
@@ -25,7 +24,6 @@ __all__ = [
     "default_model_note",
     "load_backbone",
     "load_release_state",
-    "pair_ratio_for",
     "save_release",
     "size_traits",
     "trait_defaults",

@@ -1,6 +1,7 @@
 """The backbone interface: everything that differs between SD2 and FLUX, behind one small class.
 
-`sampling`, `sample`, `train` and `eval` only call these methods, so they never branch on the model.
+The engine (the sampler, the job runner, the trainer and its objectives) and the stages only call these methods,
+so they never branch on the model.
 Latents are always handled *unpacked*, ``(B, C, h, w)``; FLUX packs them into tokens inside `predict`.
 """
 

@@ -6,7 +6,7 @@
 The ControlNet is either the published release format (one ``model.safetensors`` state dict, loaded strictly
 into the class's ``controlnet_for(denoiser)``) or a diffusers ControlNet folder (``config.json`` + weights).
 Nothing outside this package tests a model name: stages ask the registry (``backbone_class``, ``auto_dtype``,
-``pair_ratio_for``, ``default_model_note``) or read a loaded backbone's traits.
+``default_model_note``) or read a loaded backbone's traits.
 """
 
 from __future__ import annotations
@@ -107,12 +107,6 @@ def trait_defaults(trait: str) -> str:
 def auto_dtype(name: str, device: torch.device) -> str:
     """``--dtype auto``: fp32 on the CPU, the family's preferred half precision on an accelerator."""
     return "fp32" if device.type == "cpu" else backbone_class(name).preferred_dtype
-
-
-def pair_ratio_for(model: str) -> float:
-    """N/M for a pool whose candidates.parquet ``model`` is ``model`` (``NAME|...``); SD2's 1/4 if unknown."""
-    name = str(model).split("|", 1)[0]
-    return REGISTRY[name].cls.pair_ratio if name in REGISTRY else SD2Backbone.pair_ratio
 
 
 def default_model_note(name: str, base: Path | None, controlnet: Path | None) -> str | None:

@@ -23,8 +23,9 @@ from dp2osr import metrics as metric_lib
 from dp2osr import plots
 from dp2osr.backbones import Backbone, cast, load_release_state
 from dp2osr.engine import scoring
-from dp2osr.engine.pools import model_fields, read_candidates, read_inputs, sample_pool
-from dp2osr.engine.sampler import SamplingOptions
+from dp2osr.engine.options import SamplingOptions
+from dp2osr.engine.pools import read_candidates, read_inputs, sample_pool
+from dp2osr.engine.provenance import model_fields
 from dp2osr.engine.scoring import ScoreOptions
 from dp2osr.errors import StageError
 from dp2osr.images import load_image, write_parquet
@@ -140,7 +141,7 @@ def controlnet_from(bb: Backbone, model: Path) -> torch.nn.Module:
 
 
 def read_heldout(heldout: Path, metrics: list[str], limit: int | None = None) -> pd.DataFrame:
-    """The held-out images (`pools.read_inputs`), checked to be scorable by ``metrics``."""
+    """The held-out images (`engine.pools.read_inputs`), checked to be scorable by ``metrics``."""
     images = read_inputs(heldout, limit)
     if images.empty:
         raise ValueError(f"{heldout}: no held-out images")

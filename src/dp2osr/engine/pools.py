@@ -15,16 +15,10 @@ import pandas as pd
 import torch
 
 from dp2osr.backbones import Backbone
-from dp2osr.engine.sampler import (
-    LR_SHA_KEY,
-    OPTIONS_SHA_KEY,
-    JobsResult,
-    ModelOptions,
-    SamplingOptions,
-    chunk_jobs,
-    run_jobs,
-)
 from dp2osr import tables
+from dp2osr.engine.jobs import JobsResult, chunk_jobs, run_jobs
+from dp2osr.engine.options import SamplingOptions
+from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
 from dp2osr.images import list_images, read_png_text
 from dp2osr.paths import file_sha
 
@@ -57,12 +51,6 @@ def candidates_dir(path: Path) -> Path:
 
 
 CANDIDATE_COLUMNS = [*tables.CANDIDATES.columns, *tables.CANDIDATES.optional]
-
-
-def model_fields(opts: ModelOptions) -> dict[str, str]:
-    """The model a pool was sampled with, as the candidates table stores it: backbone name, base and ControlNet
-    (as given; empty: the backbone's own)."""
-    return {"backbone": opts.backbone, "base": str(opts.base or ""), "controlnet": str(opts.controlnet or "")}
 
 
 def read_inputs(folder: Path, limit: int | None = None) -> pd.DataFrame:

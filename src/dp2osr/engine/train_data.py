@@ -16,8 +16,8 @@ import torch
 
 from dp2osr import tables
 from dp2osr.backbones import Backbone, Cond
-from dp2osr.engine.sampler import resize
 from dp2osr.images import load_image
+from dp2osr.math.geometry import resize
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dp2osr.backbones import Backbone, load_backbone, save_release
 from dp2osr.engine.heldout import HeldoutEval
 from dp2osr.engine.objectives import dpo_objective, noise_batch, sft_objective
-from dp2osr.engine.sampler import SamplingOptions
+from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, read_examples
 from dp2osr.errors import TrainingDiverged
 from dp2osr.images import atomic_write

@@ -1,0 +1,155 @@
+"""The resumable job runner behind upscale, sample, curve and the quickstart: (image, seed chunk) jobs sampled
+with `engine.sampler.super_resolve` into ``OUT/ID/seed_XXXX.png``, skipping the samples a rerun finds current.
+
+It sits in the engine above the sampler, the options (`engine.options`) and the provenance hashes
+(`engine.provenance`); the stages and `engine.pools` call `run_jobs`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dp2osr.backbones import Backbone
+from dp2osr.engine.options import SamplingOptions, sampling_settings
+from dp2osr.engine.provenance import (
+    LR_SHA_KEY,
+    OPTIONS_SHA_KEY,
+    lr_file_sha,
+    model_identity,
+    options_sha,
+    sample_is_current,
+)
+from dp2osr.engine.sampler import super_resolve
+from dp2osr.images import ImageReadError, check_min_side, load_image, save_image
+from dp2osr.math.geometry import resize
+from dp2osr.prompts import make_prompt_fn
+
+
+@dataclass
+class Job:
+    """One unit of sampling work: an LR image and a chunk of seeds sampled together in one batched call."""
+
+    image_id: str
+    lr_path: Path
+    seeds: list[int]
+
+
+@dataclass
+class JobsResult:
+    """What `run_jobs` did: samples written, images finished / already finished, failures by image ID."""
+
+    written: int = 0
+    images_done: int = 0
+    images_skipped: int = 0
+    failed: dict[str, str] = dataclass_field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def chunk_jobs(images: list[tuple[str, Path]], seeds: list[int], batch: int) -> list[Job]:
+    """(image, seed chunk) jobs in a fixed order that every process computes identically."""
+    return [Job(i, Path(p), seeds[k : k + batch]) for i, p in images for k in range(0, len(seeds), batch)]
+
+
+def output_path(out_dir: Path, image_id: str, seed: int, flat: bool = False) -> Path:
+    """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png`` (``flat``: ``OUT/ID.png``,
+    one sample per image)."""
+    return Path(out_dir) / (f"{image_id}.png" if flat else f"{image_id}/seed_{seed:04d}.png")
+
+
+def prompt_path(out_dir: Path, image_id: str, flat: bool = False) -> Path:
+    """Where the prompt of image ``image_id`` is recorded: ``OUT/ID/prompt.txt`` (``flat``: ``OUT/ID.txt``)."""
+    return Path(out_dir) / (f"{image_id}.txt" if flat else f"{image_id}/prompt.txt")
+
+
+def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
+    """The job's image read, checked, upsampled, with its prompt and text condition (raises ImageReadError)."""
+    lr = load_image(job.lr_path)
+    check_min_side(lr, job.lr_path)
+    h, w = lr.shape[-2:]
+    prompt = prompt_fn(job.lr_path, lr)
+    return {
+        "id": job.image_id,
+        "lr_up": resize(lr, (h * upscale, w * upscale)),
+        "prompt": prompt,
+        "cond": bb.encode_prompts([prompt], negative_prompt),
+    }
+
+
+def run_jobs(
+    bb: Backbone,
+    jobs: list[Job],
+    out_dir: Path,
+    opts: SamplingOptions,
+    *,
+    upscale: int = 4,
+    overwrite: bool = False,
+    desc: str = "sample",
+    show_progress: bool = True,
+    model: str | None = None,
+    flat: bool = False,
+) -> JobsResult:
+    """Sample every job into ``out_dir/ID/seed_XXXX.png`` (``flat``: ``out_dir/ID.png``): the one loop behind
+    upscale, sample, curve and the quickstart.
+
+    Every sample records in its PNG the hash of the LR it was made from and of the options (`options_sha`, with
+    ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
+    missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
+    composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
+    bits). Consecutive
+    jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
+    out of memory) is reported on stderr by name and skipped; the others go on.
+    """
+    settings = sampling_settings(bb, opts)
+    prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
+    opt_sha = options_sha(bb, opts, upscale, model or model_identity(opts))
+    lr_paths = {j.image_id: j.lr_path for j in jobs}  # an image's seed chunks share one LR: hash it once
+    lr_shas = {i: lr_file_sha(path) for i, path in lr_paths.items()}
+    todo = [
+        j for j in jobs
+        if overwrite or not all(sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
+                                for s in j.seeds)
+    ]  # fmt: skip
+    result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
+    bar = tqdm(total=sum(len(j.seeds) for j in todo), desc=desc, unit="sample", disable=not show_progress,
+               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    cache: dict = {}
+    for job in todo:
+        if job.image_id in result.failed:
+            continue
+        start = time.perf_counter()
+        try:
+            if cache.get("id") != job.image_id:
+                cache = _prepared(bb, job, upscale, prompt_fn, settings["negative_prompt"])
+            steps = tqdm(total=settings["steps"], desc=f"  {job.image_id}", unit="step", leave=False,
+                         disable=not show_progress, file=sys.stderr)  # fmt: skip
+            with steps:  # closed on an error too
+                sr = super_resolve(
+                    bb, cache["lr_up"], cache["cond"], job.seeds,
+                    steps=settings["steps"], guidance=settings["guidance"], process_size=settings["process_size"],
+                    tile_overlap=opts.tile_overlap, color_fix_method=opts.color_fix, tile_batch=opts.tile_batch,
+                    progress=steps.update,
+                )  # fmt: skip
+        except (ImageReadError, torch.OutOfMemoryError) as exc:
+            result.failed[job.image_id] = str(exc)
+            tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
+            continue
+        record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: opt_sha}
+        for seed, image in zip(job.seeds, sr):
+            save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
+        if cache["prompt"]:
+            prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")
+        result.written += len(job.seeds)
+        result.seconds += time.perf_counter() - start
+        bar.update(len(job.seeds))
+        bar.set_postfix(s_per_sample=f"{result.seconds / result.written:.2f}")
+    bar.close()
+    finished = {j.image_id for j in todo} - set(result.failed)
+    result.images_done = len(finished)
+    return result
