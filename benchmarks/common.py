@@ -290,7 +290,9 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 # ---- the naive DPO objective ------------------------------------------------------------------------------
-def naive_dpo_objective(bb, policy, ref_predict, nb, weights, *, beta: float, autocast=contextlib.nullcontext):
+def naive_dpo_objective(
+    bb, policy, ref_predict, nb, weights, *, beta: float, autocast=contextlib.nullcontext
+):
     """The DPO loss the naive way, the baseline for ``dp2osr.engine.objectives.dpo_objective``: the policy's
     whole forward first, then the reference's own whole forward ``ref_predict(noisy, timesteps, cond, control)``
     (no shared trunk), in the order of the Diffusion-DPO authors' training script. ``nb`` is a
@@ -299,10 +301,14 @@ def naive_dpo_objective(bb, policy, ref_predict, nb, weights, *, beta: float, au
 
     b = nb.examples
     with autocast():
-        pred = bb.predict(nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy)
+        pred = bb.predict(
+            nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy
+        )
     err = mse_per_sample(pred.float(), nb.target.float())
     with torch.no_grad(), autocast():
-        ref_err = mse_per_sample(ref_predict(nb.noisy, nb.timesteps, nb.cond, nb.control).float(), nb.target.float())
+        ref_err = mse_per_sample(
+            ref_predict(nb.noisy, nb.timesteps, nb.cond, nb.control).float(), nb.target.float()
+        )
     return dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta, weights).loss
 
 

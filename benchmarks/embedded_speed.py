@@ -42,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         for bb, s, times in runs:
             t0 = time.perf_counter()
             with torch.no_grad():
-                super_resolve(bb, up, bb.encode_prompts([""]), [0], steps=s["steps"], guidance=s["guidance"],
-                              process_size=s["process_size"], tile_batch=4)  # fmt: skip
+                super_resolve(
+                    bb,
+                    up,
+                    bb.encode_prompts([""]),
+                    [0],
+                    steps=s["steps"],
+                    guidance=s["guidance"],
+                    process_size=s["process_size"],
+                    tile_batch=4,
+                )
             times.append(time.perf_counter() - t0)
     medians = [statistics.median(t) for _, _, t in runs]
     for folder, m in zip(args.models, medians):

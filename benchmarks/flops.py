@@ -127,7 +127,9 @@ def count(family: str, size: int) -> dict:
     ours = trunk_flop + tflop(lambda: policy(trunk)) + tflop(lambda: reference(trunk))
     encodes = 2 + (1 if family == "flux" else 0)  # winner, loser (+ FLUX's control, which enters as latents)
     naive = (
-        tflop(policy) + tflop(reference) + encodes * fw["vae encode"]
+        tflop(policy)
+        + tflop(reference)
+        + encodes * fw["vae encode"]
         + sum(v for k, v in fw.items() if k.startswith("text_encoder"))
     )
     steps = bb.default_steps

@@ -386,7 +386,9 @@ def fast_variant(bb, fast: dict):
     return v.optimize(**fast)
 
 
-def fast_sampling(bb, name: str, args, size: int, device, dtype, peak: float, res: dict, within_budget) -> None:
+def fast_sampling(
+    bb, name: str, args, size: int, device, dtype, peak: float, res: dict, within_budget
+) -> None:
     """Sampling with each fast path of ``args.fast_paths`` beside the plain rows in ``res["sampling"]``."""
     plain = {r["M"]: r for r in res.get("sampling", [])}
     if not plain:
@@ -399,15 +401,23 @@ def fast_sampling(bb, name: str, args, size: int, device, dtype, peak: float, re
         with guarded(f"{name}: sampling {path}"):
             t = time.perf_counter()
             variant = fast_variant(bb, FAST_PATHS[path])
-            ms = sorted(plain) if not FAST_PATHS[path].get("compile") else [m for m in args.compile_ms if m in plain]
-            rows = sampling(variant, ms, size, args.sample_steps, device, dtype, peak, flops_max * max(ms) / max(plain))
+            ms = (
+                sorted(plain)
+                if not FAST_PATHS[path].get("compile")
+                else [m for m in args.compile_ms if m in plain]
+            )
+            rows = sampling(
+                variant, ms, size, args.sample_steps, device, dtype, peak, flops_max * max(ms) / max(plain)
+            )
             for r in rows:
                 r["speedup_vs_plain"] = round(r["images_per_s"] / plain[r["M"]]["images_per_s"], 3)
             out[path] = {"rows": rows, "part_s": round(time.perf_counter() - t, 1)}
             del variant
 
 
-def dpo_step(bb, net, ref_net, ref_predict, targets, control, cond, w, g, opt, autocast, shared: bool) -> float:
+def dpo_step(
+    bb, net, ref_net, ref_predict, targets, control, cond, w, g, opt, autocast, shared: bool
+) -> float:
     """One DP²O step + optimizer update. ``shared`` (ours): the product's ``noise_batch`` and ``dpo_objective``
     (the denoiser's trunk, SD2: UNet down + mid blocks, once for both passes; the reference pass first, with
     the ControlNet ``ref_net``); otherwise (naive) ``common.naive_dpo_objective``: the policy pass, then the

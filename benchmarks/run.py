@@ -203,7 +203,11 @@ def bench_sampling(args) -> list[dict]:
     for name, model, side, steps_t in (("tiny SD2", bb, 256, steps), ("embedded", emb, 512, 4)):
         lr_up = torch.rand(1, 3, side, side, generator=g)
         c = model.encode_prompts([""], model.default_negative_prompt if model.uses_negative_prompt else None)
-        kw_t = {"steps": steps_t, "guidance": model.default_guidance, "process_size": model.default_process_size}
+        kw_t = {
+            "steps": steps_t,
+            "guidance": model.default_guidance,
+            "process_size": model.default_process_size,
+        }
         fns = {
             "ours": lambda m=model, x=lr_up, c=c, k=kw_t: super_resolve(m, x, c, [0], **k, tile_batch=4),
             "one": lambda m=model, x=lr_up, c=c, k=kw_t: super_resolve(m, x, c, [0], **k, tile_batch=1),
@@ -377,7 +381,9 @@ class UnsharedTrainer(OursTrainer):
 
     def objective(self, nb, w: torch.Tensor) -> torch.Tensor:
         def ref_predict(noisy, t, cond, control):
-            return self.ref_bb.predict(noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref)
+            return self.ref_bb.predict(
+                noisy, t, cond, control, guidance=self.bb.train_guidance, controlnet=self.ref
+            )
 
         return common.naive_dpo_objective(self.bb, self.net, ref_predict, nb, w, beta=5000.0)
 

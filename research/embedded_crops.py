@@ -29,7 +29,11 @@ from dp2osr.math.degradations import PRESETS
 from dp2osr.math.geometry import resize
 
 # (RealSR file, top, left) of a 128 px HR crop (LR: /4)
-REALSR_CROPS = [("Canon_004_LR4.png", 200, 200), ("Canon_005_LR4.png", 96, 256), ("Nikon_012_LR4.png", 192, 192)]
+REALSR_CROPS = [
+    ("Canon_004_LR4.png", 200, 200),
+    ("Canon_005_LR4.png", 96, 256),
+    ("Nikon_012_LR4.png", 192, 192),
+]
 
 
 def cases(realsr: Path) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -39,8 +43,14 @@ def cases(realsr: Path) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Ten
         lr, hr = load_image(realsr / "test_LR" / name), load_image(realsr / "test_HR" / name)
         ose = realsr / "results_osediff" / name
         crop = (..., slice(y, y + 128), slice(x, x + 128))
-        out.append((name, lr[..., y // 4 : y // 4 + 32, x // 4 : x // 4 + 32], hr[crop],
-                    load_image(ose)[crop] if ose.is_file() else None))  # fmt: skip
+        out.append(
+            (
+                name,
+                lr[..., y // 4 : y // 4 + 32, x // 4 : x // 4 + 32],
+                hr[crop],
+                load_image(ose)[crop] if ose.is_file() else None,
+            )
+        )
     face = load_image(SRC / "dp2osr" / "assets" / "photos" / "astronaut.png")[..., 20:148, 80:208]
     lr = degrade_image(face, 4, DegradationParams(**PRESETS["mild"]), torch.Generator().manual_seed(0))
     out.append(("astronaut (MILD)", lr, face, None))
@@ -63,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         for k, (_, lr, hr, _) in enumerate(data):
             up = resize(lr, tuple(hr.shape[-2:]))
             with torch.no_grad():
-                sr = super_resolve(bb, up, bb.encode_prompts([""]), [0], steps=s["steps"], guidance=s["guidance"],
-                                   process_size=s["process_size"])  # fmt: skip
+                sr = super_resolve(
+                    bb,
+                    up,
+                    bb.encode_prompts([""]),
+                    [0],
+                    steps=s["steps"],
+                    guidance=s["guidance"],
+                    process_size=s["process_size"],
+                )
             outputs[k].append(sr)
     for (label, lr, hr, ose), srs in zip(data, outputs):
         up = resize(lr, tuple(hr.shape[-2:]))

@@ -78,7 +78,9 @@ def summarise(rows: dict, names: list[str], seconds: float, s: dict, args, final
     """Means over the images done so far; the table when ``final``; the JSON (``--out``) every time, so an
     interrupted run keeps what it measured."""
     done = len(rows["model"])
-    means = {k: {m: float(np.mean([r[m] for r in v])) for m in v[0] if m != "image"} for k, v in rows.items() if v}
+    means = {
+        k: {m: float(np.mean([r[m] for r in v])) for m in v[0] if m != "image"} for k, v in rows.items() if v
+    }
     hr_chroma = means["hr"]["chroma_hp"]
     for v in means.values():
         v["chroma_vs_hr"] = v["chroma_hp"] / hr_chroma
@@ -88,8 +90,10 @@ def summarise(rows: dict, names: list[str], seconds: float, s: dict, args, final
     print(f"| {done} RealSR images | PSNR-Y ↑ | SSIM-Y ↑ | NIQE ↓ | chroma HP (× HR) | luma HP |")
     print("|---|---|---|---|---|---|")
     for k, v in means.items():
-        print(f"| {k} | {v['psnr_y']:.2f} | {v['ssim_y']:.4f} | {v['niqe']:.2f} | {v['chroma_hp']:.2f} "
-              f"({v['chroma_vs_hr']:.2f}×) | {v['luma_hp']:.2f} |")  # fmt: skip
+        print(
+            f"| {k} | {v['psnr_y']:.2f} | {v['ssim_y']:.4f} | {v['niqe']:.2f} | {v['chroma_hp']:.2f} "
+            f"({v['chroma_vs_hr']:.2f}×) | {v['luma_hp']:.2f} |"
+        )
     print(f"model: {seconds / done:.1f} s per image (sampling only)")
 
 
@@ -97,17 +101,35 @@ def _write(args, rows: dict, means: dict, s: dict, seconds: float, done: int) ->
     if not args.out:
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {**s, "backbone": args.backbone, "base": str(args.base), "controlnet": str(args.controlnet),
-                "color_fix": args.color_fix, "seed": args.seed}  # fmt: skip
-    args.out.write_text(json.dumps({"settings": settings, "images": done, "means": means, "per_image": rows,
-                                    "seconds_per_image": seconds / done}, indent=1))  # fmt: skip
+    settings = {
+        **s,
+        "backbone": args.backbone,
+        "base": str(args.base),
+        "controlnet": str(args.controlnet),
+        "color_fix": args.color_fix,
+        "seed": args.seed,
+    }
+    args.out.write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "images": done,
+                "means": means,
+                "per_image": rows,
+                "seconds_per_image": seconds / done,
+            },
+            indent=1,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--realsr", type=Path, default=os.environ.get("DP2OSR_REALSR"), help="RealSR folder")
     p.add_argument("--limit", type=int, default=None, help="first N images (sorted by name)")
-    p.add_argument("--every", type=int, default=1, help="every K-th image (sorted by name), to spread a subset")
+    p.add_argument(
+        "--every", type=int, default=1, help="every K-th image (sorted by name), to spread a subset"
+    )
     p.add_argument("--out", type=Path, help="JSON output")
     p.add_argument("--crops", type=Path, help="folder for side-by-side crops of the first images")
     p.add_argument("--backbone", default="embedded")
@@ -120,8 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.realsr is None or not (args.realsr / "test_LR").is_dir():
         p.error("give --realsr DIR (with test_LR/, test_HR/) or set DP2OSR_REALSR")
     names = sorted(x.name for x in (args.realsr / "test_LR").glob("*.png"))[:: args.every][: args.limit]
-    opts = SamplingOptions(backbone=args.backbone, base=args.base, controlnet=args.controlnet, steps=args.steps,
-                           color_fix=args.color_fix, device="cpu")  # fmt: skip
+    opts = SamplingOptions(
+        backbone=args.backbone,
+        base=args.base,
+        controlnet=args.controlnet,
+        steps=args.steps,
+        color_fix=args.color_fix,
+        device="cpu",
+    )
     bb = load_model(opts)
     s = sampling_settings(bb, opts)
     niqe = metrics.create("niqe", "cpu")
@@ -133,8 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         cond = bb.encode_prompts([""], s["negative_prompt"])
         t0 = time.perf_counter()
         with torch.no_grad():
-            sr = super_resolve(bb, up, cond, [args.seed], steps=s["steps"], guidance=s["guidance"],
-                               process_size=s["process_size"], color_fix_method=args.color_fix, tile_batch=4)
+            sr = super_resolve(
+                bb,
+                up,
+                cond,
+                [args.seed],
+                steps=s["steps"],
+                guidance=s["guidance"],
+                process_size=s["process_size"],
+                color_fix_method=args.color_fix,
+                tile_batch=4,
+            )
         seconds += time.perf_counter() - t0
         outs = {"bicubic": q8(up), "model": q8(sr), "hr": hr}
         ose = args.realsr / "results_osediff" / name
@@ -144,11 +181,19 @@ def main(argv: list[str] | None = None) -> int:
             rows[key].append({"image": name, **measure(img, hr, niqe)})
         if args.crops and i < 3:
             y, x = hr.shape[-2] // 2 - 64, hr.shape[-1] // 2 - 64
-            tiles = [outs[k][..., y : y + 128, x : x + 128] for k in ("bicubic", "model", "osediff", "hr") if k in outs]
+            tiles = [
+                outs[k][..., y : y + 128, x : x + 128]
+                for k in ("bicubic", "model", "osediff", "hr")
+                if k in outs
+            ]
             save_image(torch.cat(tiles, dim=-1), args.crops / f"{Path(name).stem}.png")
-        print(f"{i + 1}/{len(names)} {name}: model PSNR-Y {rows['model'][-1]['psnr_y']:.2f} "
-              f"(bicubic {rows['bicubic'][-1]['psnr_y']:.2f}), NIQE {rows['model'][-1]['niqe']:.2f} "
-              f"(bicubic {rows['bicubic'][-1]['niqe']:.2f})", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"{i + 1}/{len(names)} {name}: model PSNR-Y {rows['model'][-1]['psnr_y']:.2f} "
+            f"(bicubic {rows['bicubic'][-1]['psnr_y']:.2f}), NIQE {rows['model'][-1]['niqe']:.2f} "
+            f"(bicubic {rows['bicubic'][-1]['niqe']:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
         summarise(rows, names, seconds, s, args, final=False)
     summarise(rows, names, seconds, s, args, final=True)
     return 0

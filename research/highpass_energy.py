@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{run}: no 6_eval/step_* folders (not a quickstart output?)")
         base, final = ([energy(p) for p in s.glob("*/seed_*.png")] for s in (steps[0], steps[-1]))
         hr = [energy(p) for p in (run / "1_degrade" / "heldout" / "hr").glob("*.png")]
-        print(f"{run}: base {np.mean(base):.3f}, DP²O {np.mean(final):.3f} ({np.mean(final) / np.mean(base) - 1:+.1%}), "
-              f"HR {np.mean(hr):.3f}")
+        print(
+            f"{run}: base {np.mean(base):.3f}, DP²O {np.mean(final):.3f} ({np.mean(final) / np.mean(base) - 1:+.1%}), "
+            f"HR {np.mean(hr):.3f}"
+        )
 
 
 if __name__ == "__main__":

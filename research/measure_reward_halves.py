@@ -113,8 +113,12 @@ def reliability(runs: list[Path], fr: list[str], nrs: list[str], work: Path, dit
     for run in runs:
         names = [*fr, *nrs]
         a = score(run / "2_sample", work / "conflict" / f"{run.name}_all", names, dither)
-        b = score(perturbed_pool(run / "2_sample", work / "perturbed" / run.name), work / "perturbed_score" / run.name,
-                  names, dither)  # fmt: skip
+        b = score(
+            perturbed_pool(run / "2_sample", work / "perturbed" / run.name),
+            work / "perturbed_score" / run.name,
+            names,
+            dither,
+        )
         for key, metrics in [(f"hybrid with {nr}", [*fr, nr]) for nr in nrs] + [(m, [m]) for m in names]:
             cat = metric_lib.catalogue(metrics)
             ra = hybrid_reward(a[a.metric.isin(metrics)], cat).set_index(["image_id", "seed"])
@@ -126,7 +130,9 @@ def reliability(runs: list[Path], fr: list[str], nrs: list[str], work: Path, dit
     return {k: {"crops": len(v), "mean_spearman": float(np.mean(v))} for k, v in out.items()}
 
 
-def detail_axis(run: Path, details: list[float], fr: list[str], nrs: list[str], work: Path, samples: int) -> dict:
+def detail_axis(
+    run: Path, details: list[float], fr: list[str], nrs: list[str], work: Path, samples: int
+) -> dict:
     cand = pd.read_parquet(run / "2_sample" / "candidates.parquet")
     seed0 = int(cand.seed.min())
     pools = {}
@@ -138,10 +144,18 @@ def detail_axis(run: Path, details: list[float], fr: list[str], nrs: list[str], 
             cfg["autoencoder"]["detail"] = d
             (model / "dp2osr.json").write_text(json.dumps(cfg, indent=2))
         pool = work / f"pool_detail_{d}"
-        sample_stage.run(sample_stage.SampleConfig(
-            backbone="embedded", base=model, input=run / "1_degrade" / "train", output=pool, samples=samples,
-            seed=seed0, process_size=64, color_fix="adain",
-        ))  # fmt: skip
+        sample_stage.run(
+            sample_stage.SampleConfig(
+                backbone="embedded",
+                base=model,
+                input=run / "1_degrade" / "train",
+                output=pool,
+                samples=samples,
+                seed=seed0,
+                process_size=64,
+                color_fix="adain",
+            )
+        )
         pools[d] = score(pool, work / f"score_detail_{d}", [*fr, *nrs, *GUARDS])
     table: dict = {}
     union = pd.concat(pools.values())
@@ -160,8 +174,13 @@ def main() -> None:
     p.add_argument("--nr", nargs="+", default=["piqe", "brisque"])
     p.add_argument("--detail", type=float, nargs="*", default=[0.15, 0.3, 0.45, 0.6])
     p.add_argument("--samples", type=int, default=8, help="seeds per crop on the detail axis")
-    p.add_argument("--dither", type=int, nargs="*", default=[0, 16],
-                   help="label reliability with `score --dither K` for each K (0: plain scores)")
+    p.add_argument(
+        "--dither",
+        type=int,
+        nargs="*",
+        default=[0, 16],
+        help="label reliability with `score --dither K` for each K (0: plain scores)",
+    )
     p.add_argument("--work", type=Path, required=True, help="scratch folder (pools and scores)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -169,12 +188,17 @@ def main() -> None:
     print("| NR metric | crops | mean within-crop Spearman(FR half, NR half) | crops with negative |")
     print("|---|---|---|---|")
     for nr, c in result["conflict"].items():
-        print(f"| {nr} | {c['crops']} | {c['mean_spearman']:+.3f} ± {c['se']:.3f} | {c['frac_negative']:.0%} |")
+        print(
+            f"| {nr} | {c['crops']} | {c['mean_spearman']:+.3f} ± {c['se']:.3f} | {c['frac_negative']:.0%} |"
+        )
     rel = {k: reliability(a.runs, a.fr, a.nr, a.work, k) for k in a.dither}
     result["reliability"] = rel[a.dither[0]] if a.dither else {}
     result["reliability_by_dither"] = {str(k): v for k, v in rel.items()}
-    print("\n| reward or metric | crops | " + " | ".join(f"Spearman before vs after ±1 LSB, dither {k}" for k in rel)
-          + " |")  # fmt: skip
+    print(
+        "\n| reward or metric | crops | "
+        + " | ".join(f"Spearman before vs after ±1 LSB, dither {k}" for k in rel)
+        + " |"
+    )
     print("|---|---|" + "---|" * len(rel))
     for key in next(iter(rel.values()), {}):
         cells = [f"{rel[k][key]['mean_spearman']:.3f}" for k in rel]

@@ -115,18 +115,29 @@ def main() -> None:
     run_upscale(args.realsr, names, args.work, args.samples)
     models = {m: metrics.create(m) for m in ("brisque", "piqe")}
     table = pd.concat([score_image(args.realsr, n, args.work, models) for n in names], ignore_index=True)
-    selector = [c for c in table.columns if c not in ("image", "seed", "file", "reward", "chosen", *GUARDS)][0]
+    selector = [c for c in table.columns if c not in ("image", "seed", "file", "reward", "chosen", *GUARDS)][
+        0
+    ]
     summary = summarise(table, selector)
-    result = {"images": len(names), "samples": args.samples, "selector": selector, "summary": summary,
-              "per_seed": table.to_dict(orient="records")}  # fmt: skip
+    result = {
+        "images": len(names),
+        "samples": args.samples,
+        "selector": selector,
+        "summary": summary,
+        "per_seed": table.to_dict(orient="records"),
+    }
     print(f"{len(names)} images x {args.samples} seeds, selected by {selector}")
-    print("| metric | seed 0 | mean of seeds | selected | selected − seed 0 (± s.e.) | better / worse images |")
+    print(
+        "| metric | seed 0 | mean of seeds | selected | selected − seed 0 (± s.e.) | better / worse images |"
+    )
     print("|---|---|---|---|---|---|")
     for m, s in summary.items():
         v = s["vs_seed0"]
         arrow = "↑" if s["higher_better"] else "↓"
-        print(f"| {m} {arrow} | {s['seed0']:.4f} | {s['seed_mean']:.4f} | {s['selected']:.4f} | "
-              f"{v['mean_diff']:+.4f} ± {v['se']:.4f} | {v['images_better']} / {v['images_worse']} |")  # fmt: skip
+        print(
+            f"| {m} {arrow} | {s['seed0']:.4f} | {s['seed_mean']:.4f} | {s['selected']:.4f} | "
+            f"{v['mean_diff']:+.4f} ± {v['se']:.4f} | {v['images_better']} / {v['images_worse']} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

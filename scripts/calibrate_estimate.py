@@ -36,8 +36,16 @@ def main() -> None:
     image = torch.rand(1, 3, ps, 2 * ps)  # tiled: two-three tiles side by side
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
-    super_resolve(bb, image, cond, list(range(args.batch)), steps=args.steps, guidance=bb.default_guidance,
-                  process_size=ps, tile_batch=1)  # fmt: skip
+    super_resolve(
+        bb,
+        image,
+        cond,
+        list(range(args.batch)),
+        steps=args.steps,
+        guidance=bb.default_guidance,
+        process_size=ps,
+        tile_batch=1,
+    )
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     tile_px = (ps // f) ** 2

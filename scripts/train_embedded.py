@@ -104,10 +104,33 @@ OPENCV_PHOTOS = {
 }
 # Photos of Debian's mate-backgrounds (usr/share/backgrounds/mate/nature/, all 12) and plasma-workspace-wallpapers
 # (usr/share/wallpapers/NAME/contents/images/, the largest file; only the photographs, not the renderings).
-MATE_PHOTOS = ("Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
-               "TwoWings", "Wood", "YellowFlower")  # fmt: skip
-PLASMA_PHOTOS = ("BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey",
-                 "Kite", "OneStandsOut", "Path", "summer_1am")  # fmt: skip
+MATE_PHOTOS = (
+    "Aqua",
+    "Blinds",
+    "Dune",
+    "FreshFlower",
+    "Garden",
+    "GreenMeadow",
+    "LadyBird",
+    "RainDrops",
+    "Storm",
+    "TwoWings",
+    "Wood",
+    "YellowFlower",
+)
+PLASMA_PHOTOS = (
+    "BytheWater",
+    "ColdRipple",
+    "ColorfulCups",
+    "DarkestHour",
+    "EveningGlow",
+    "FallenLeaf",
+    "Grey",
+    "Kite",
+    "OneStandsOut",
+    "Path",
+    "summer_1am",
+)
 WALLPAPER_SIDE = 1600  # wallpapers (up to 5120 px) are shrunk to this long side: more detail per pixel
 SOURCES = {
     "scikit-image": "scikit-image's bundled sample images (skimage.data; BSD-3-Clause / public domain, see its docs)",
@@ -117,9 +140,17 @@ SOURCES = {
 }
 # Never trained on: the quickstart's four bundled photos (src/dp2osr/assets/photos) and six more.
 HOLDOUT = (
-    "astronaut", "coffee", "chelsea", "rocket",
-    "baboon", "building", "fruits", "leuvenA", "scenetext04", "squirrel_cls",
-)  # fmt: skip
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "baboon",
+    "building",
+    "fruits",
+    "leuvenA",
+    "scenetext04",
+    "squirrel_cls",
+)
 
 # The degradations of the training crops: `dp2osr degrade`'s presets (``dp2osr.math.degradations``).
 MILD = DegradationParams(**PRESETS["mild"])  # lighter blur, noise and JPEG than Real-ESRGAN x4plus
@@ -141,7 +172,9 @@ def _wallpapers(root: Path, out: Path) -> list[tuple[Path, str]]:
         written.append((out / f"{name}.jpg", "mate-backgrounds"))
     plasma = root / "usr/share/wallpapers"
     for name in PLASMA_PHOTOS if plasma.is_dir() else ():
-        files = sorted((plasma / name / "contents" / "images").iterdir(), key=lambda f: int(f.name.split("x")[0]))
+        files = sorted(
+            (plasma / name / "contents" / "images").iterdir(), key=lambda f: int(f.name.split("x")[0])
+        )
         with Image.open(files[-1]) as im:
             im = im.convert("RGB")
             im.thumbnail((WALLPAPER_SIDE, WALLPAPER_SIDE), Image.Resampling.LANCZOS)
@@ -170,7 +203,9 @@ def export_photos(out: Path, opencv_doc: Path | None, debian: Path | None = None
                 root = root / sub
                 break
         else:
-            raise FileNotFoundError(f"{opencv_doc}: no opencv-doc examples folder (dpkg-deb -x the .deb there)")
+            raise FileNotFoundError(
+                f"{opencv_doc}: no opencv-doc examples folder (dpkg-deb -x the .deb there)"
+            )
         for name, rel in OPENCV_PHOTOS.items():
             dst = out / f"{name}{Path(rel).suffix}"
             shutil.copyfile(root / rel, dst)
@@ -233,7 +268,9 @@ def _make_crops(job: tuple[str, list[str], int, str, float]) -> list[tuple]:
     return rows
 
 
-def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: int = 0, harsh: float = 0.0) -> Path:
+def make_training_pairs(
+    photos: list[Path], out: Path, n: int, size: int, seed: int = 0, harsh: float = 0.0
+) -> Path:
     """``n`` HR crops spread over ``photos`` (in proportion to the square root of their areas) + their LR."""
     import pandas as pd
     from PIL import Image
@@ -252,7 +289,9 @@ def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: 
     jobs, k = [], 0
     for p, c in zip(photos, counts):
         ids = [f"{p.stem}_{seed}_{k + i:06d}" for i in range(c)]
-        jobs += [(str(p), ids[i : i + 200], size, str(out), harsh) for i in range(0, c, 200)]  # balanced workers
+        jobs += [
+            (str(p), ids[i : i + 200], size, str(out), harsh) for i in range(0, c, 200)
+        ]  # balanced workers
         k += c
     t0 = time.time()
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
@@ -261,7 +300,9 @@ def make_training_pairs(photos: list[Path], out: Path, n: int, size: int, seed: 
     rows.sort()
     table = pd.DataFrame(rows, columns=PAIRS_COLUMNS).astype({"seed": "int64"})
     write_parquet(table, out / "pairs.parquet")
-    print(f"training pairs: {len(rows)} crops of {size} px from {len(photos)} photos in {time.time() - t0:.0f} s")
+    print(
+        f"training pairs: {len(rows)} crops of {size} px from {len(photos)} photos in {time.time() - t0:.0f} s"
+    )
     return out
 
 
@@ -335,8 +376,9 @@ def load_pairs(bb, data: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(latents), torch.cat(controls)
 
 
-def train_sharpener(data: Path, args: argparse.Namespace, device: str, seconds: float | None,
-                    steps: int | None) -> tuple[torch.nn.Module, dict]:
+def train_sharpener(
+    data: Path, args: argparse.Namespace, device: str, seconds: float | None, steps: int | None
+) -> tuple[torch.nn.Module, dict]:
     """Stage 0: the deterministic SR branch (`dp2osr.backbones.embedded.Sharpener`), L1 to the HR.
 
     It turns the bicubic-upsampled LR into a sharper base image; the diffusion model (stages 1 and 2) then
@@ -379,7 +421,12 @@ def train_sharpener(data: Path, args: argparse.Namespace, device: str, seconds: 
         bicubic_l1 = (up - hr).abs().mean().item()
     print(f"sharpener: {step} steps in {time.time() - start:.0f} s (bicubic L1 {bicubic_l1:.4f})", flush=True)
     ema.requires_grad_(False).eval().to("cpu")
-    return ema, {"steps": step, "seconds": round(time.time() - start, 1), "bicubic_l1": bicubic_l1, "loss_curve": log}
+    return ema, {
+        "steps": step,
+        "seconds": round(time.time() - start, 1),
+        "bicubic_l1": bicubic_l1,
+        "loss_curve": log,
+    }
 
 
 def with_sharpener(init: Path, sharpener: torch.nn.Module, out: Path, detail: float) -> Path:
@@ -394,8 +441,15 @@ def with_sharpener(init: Path, sharpener: torch.nn.Module, out: Path, detail: fl
     return out
 
 
-def pretrain_base(init: Path, data: Path, out: Path, args: argparse.Namespace, device: str, seconds: float | None,
-                  steps: int | None) -> dict:
+def pretrain_base(
+    init: Path,
+    data: Path,
+    out: Path,
+    args: argparse.Namespace,
+    device: str,
+    seconds: float | None,
+    steps: int | None,
+) -> dict:
     """Stage 1, the base model's pretraining: the UNet *and* the ControlNet trained together.
 
     ``dp2osr train`` trains only the ControlNet, as the method prescribes for SD2/FLUX, whose UNet/transformer
@@ -446,7 +500,10 @@ def pretrain_base(init: Path, data: Path, out: Path, args: argparse.Namespace, d
         if step % 10 == 0:
             log.append({"step": step, "loss": loss.item(), "seconds": round(time.time() - start, 2)})
         if step % 500 == 0:
-            print(f"base pretraining: step {step}, loss {loss.item():.4f}, {time.time() - start:.0f} s", flush=True)
+            print(
+                f"base pretraining: step {step}, loss {loss.item():.4f}, {time.time() - start:.0f} s",
+                flush=True,
+            )
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -482,7 +539,9 @@ def train_model(args: argparse.Namespace) -> Path:
 
     work, out = Path(args.work), Path(args.out)
     train_photos, held = split_photos(Path(args.photos))
-    print(f"photos: {len(train_photos)} for training, {len(held)} held out ({', '.join(p.stem for p in held)})")
+    print(
+        f"photos: {len(train_photos)} for training, {len(held)} held out ({', '.join(p.stem for p in held)})"
+    )
     data = make_training_pairs(train_photos, work / "data", args.crops, args.crop_size, args.seed, args.harsh)
     device = args.device
     if device == "auto":
@@ -499,7 +558,10 @@ def train_model(args: argparse.Namespace) -> Path:
     elif args.sharpener_steps or args.sharpener_minutes:
         seconds = args.sharpener_minutes * 60 if args.sharpener_minutes else None
         sharpener, stage0 = train_sharpener(data, args, device, seconds, args.sharpener_steps)
-        save_file({k: v.contiguous() for k, v in sharpener.state_dict().items()}, str(work / "sharpener.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in sharpener.state_dict().items()},
+            str(work / "sharpener.safetensors"),
+        )
         if args.sharpener_only:
             print(f"sharpener -> {work / 'sharpener.safetensors'}")
             return work / "sharpener.safetensors"
@@ -551,20 +613,29 @@ def train_model(args: argparse.Namespace) -> Path:
         n_examples = len(pd.read_parquet(sft_data / "pairs.parquet"))
         left = args.minutes * 60 - (time.time() - t0) - n_examples * per_example - 20  # 20 s: start, save
         steps = max(args.calibration_steps, int(left / per_step))
-        print(f"calibration: {per_step * 1000:.1f} ms/step, {per_example * 1000:.2f} ms to load an example "
-              f"({n_examples} examples) -> {steps} steps", flush=True)
+        print(
+            f"calibration: {per_step * 1000:.1f} ms/step, {per_example * 1000:.2f} ms to load an example "
+            f"({n_examples} examples) -> {steps} steps",
+            flush=True,
+        )
     run = work / "run"
     train(config(steps, sft_data, run))  # raises TrainingDiverged
     log = _log(run)
     print(f"trained {steps} steps in {time.time() - t0:.0f} s ({_seconds_per_step(run) * 1000:.1f} ms/step)")
     export_model(init, run / "final" / "controlnet", out, args.save_dtype)
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    recipe.update(steps=steps, seconds=round(time.time() - t0, 1), device=device,
-                  degradation=f"MILD, or with probability {args.harsh} Real-ESRGAN x4plus (scripts/train_embedded.py)",
-                  holdout=list(HOLDOUT))
+    recipe.update(
+        steps=steps,
+        seconds=round(time.time() - t0, 1),
+        device=device,
+        degradation=f"MILD, or with probability {args.harsh} Real-ESRGAN x4plus (scripts/train_embedded.py)",
+        holdout=list(HOLDOUT),
+    )
     every = max(1, len(log) // 300)  # loss curves of at most ~300 points
-    result = {"recipe": recipe, "sft_loss_curve": [{k: r[k] for k in ("step", "loss", "seconds") if k in r}
-                                                   for r in log[::every]]}
+    result = {
+        "recipe": recipe,
+        "sft_loss_curve": [{k: r[k] for k in ("step", "loss", "seconds") if k in r} for r in log[::every]],
+    }
     if stage0 is not None:
         curve = stage0.pop("loss_curve")
         result["sharpener"] = {**stage0, "loss_curve": curve[:: max(1, len(curve) // 300)]}
@@ -579,45 +650,75 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--export-photos", type=Path, help="write the photo folder (needs scikit-image) and exit")
     p.add_argument("--opencv-doc", type=Path, help="with --export-photos: the unpacked opencv-doc package")
-    p.add_argument("--debian", type=Path, help="with --export-photos: a folder where mate-backgrounds and "
-                   "plasma-workspace-wallpapers were unpacked (dpkg-deb -x)")
+    p.add_argument(
+        "--debian",
+        type=Path,
+        help="with --export-photos: a folder where mate-backgrounds and "
+        "plasma-workspace-wallpapers were unpacked (dpkg-deb -x)",
+    )
     p.add_argument("--photos", type=Path, help="photo folder (from --export-photos)")
     p.add_argument("--work", type=Path, help="working folder (training pairs, untrained model, run)")
     p.add_argument("--out", type=Path, help="output model folder")
     p.add_argument("--init", type=Path, help="start from this embedded model folder instead of a new one")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget of both stages (default 5)")
-    p.add_argument("--base-fraction", type=float, default=0.6,
-                   help="share of --minutes for stage 1, the base pretraining (UNet + ControlNet); 0 = none: "
-                   "only `dp2osr train` trains, the ControlNet over the random UNet")
+    p.add_argument(
+        "--minutes", type=float, default=5.0, help="training time budget of both stages (default 5)"
+    )
+    p.add_argument(
+        "--base-fraction",
+        type=float,
+        default=0.6,
+        help="share of --minutes for stage 1, the base pretraining (UNet + ControlNet); 0 = none: "
+        "only `dp2osr train` trains, the ControlNet over the random UNet",
+    )
     p.add_argument("--base-steps", type=int, help="stage 1: exactly this many steps (0 = skip stage 1)")
     p.add_argument("--steps", type=int, help="stage 2 (`dp2osr train --mode sft`): exactly this many steps")
     p.add_argument("--calibration-steps", type=int, default=40, help="steps of the speed measurement")
     p.add_argument("--crops", type=int, default=4000, help="number of training crops")
     p.add_argument("--crop-size", type=int, default=64, help="HR crop side (pixels, multiple of 4)")
-    p.add_argument("--sft-crops", type=int, default=8000,
-                   help="stage 2 trains on N of the crops, drawn at random (`dp2osr train` encodes each one on "
-                   "first use, which costs time at GPU speed); 0 = all")
+    p.add_argument(
+        "--sft-crops",
+        type=int,
+        default=8000,
+        help="stage 2 trains on N of the crops, drawn at random (`dp2osr train` encodes each one on "
+        "first use, which costs time at GPU speed); 0 = all",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-4, help="stage 1 learning rate")
     p.add_argument("--sft-lr", type=float, default=1e-4, help="stage 2 (`dp2osr train`) learning rate")
     p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--widths", type=int, nargs="+", default=[64, 96, 128], help="UNet block widths of a new model")
-    p.add_argument("--residual-scale", type=float, default=10.0, help="latent = scale x (HR - bicubic LR), new model")
-    p.add_argument("--harsh", type=float, default=0.0,
-                   help="fraction of crops degraded with Real-ESRGAN x4plus instead of MILD")
-    p.add_argument("--sharpener-minutes", type=float, default=0.0,
-                   help="stage 0: train the deterministic SR branch for this long (0 = no sharpener)")
+    p.add_argument(
+        "--widths", type=int, nargs="+", default=[64, 96, 128], help="UNet block widths of a new model"
+    )
+    p.add_argument(
+        "--residual-scale", type=float, default=10.0, help="latent = scale x (HR - bicubic LR), new model"
+    )
+    p.add_argument(
+        "--harsh",
+        type=float,
+        default=0.0,
+        help="fraction of crops degraded with Real-ESRGAN x4plus instead of MILD",
+    )
+    p.add_argument(
+        "--sharpener-minutes",
+        type=float,
+        default=0.0,
+        help="stage 0: train the deterministic SR branch for this long (0 = no sharpener)",
+    )
     p.add_argument("--sharpener-steps", type=int, help="stage 0: exactly this many steps")
     p.add_argument("--sharpener", type=Path, help="skip stage 0: use this trained sharpener (safetensors)")
-    p.add_argument("--sharpener-only", action="store_true", help="stop after stage 0 (WORK/sharpener.safetensors)")
+    p.add_argument(
+        "--sharpener-only", action="store_true", help="stop after stage 0 (WORK/sharpener.safetensors)"
+    )
     p.add_argument("--sharpener-channels", type=int, default=48)
     p.add_argument("--sharpener-blocks", type=int, default=6)
     p.add_argument("--sharpener-lr", type=float, default=1e-3)
     p.add_argument("--detail", type=float, default=1.0, help="decode's scale of the generated residual")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--save-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved weights")
+    p.add_argument(
+        "--save-dtype", default="fp16", choices=["fp16", "fp32"], help="dtype of the saved weights"
+    )
     args = p.parse_args(argv)
     if args.export_photos is not None:
         export_photos(args.export_photos, args.opencv_doc, args.debian)

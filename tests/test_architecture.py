@@ -14,13 +14,30 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "dp2osr"
 # Lowest layer first; a module may import its own layer and the layers below, never one above.
 LAYERS = [
     ("math", lambda m: m.startswith("dp2osr.math")),
-    ("base", lambda m: m.split(".")[1] in {"config", "runtime", "errors", "images", "paths", "prompts", "plots", "metrics", "mdtext"}),
+    (
+        "base",
+        lambda m: (
+            m.split(".")[1]
+            in {"config", "runtime", "errors", "images", "paths", "prompts", "plots", "metrics", "mdtext"}
+        ),
+    ),
     ("backbones", lambda m: m.startswith("dp2osr.backbones")),
     ("engine", lambda m: m.startswith("dp2osr.engine")),
     ("stages", lambda m: True),  # the STAGES below and their helpers (eval_folders, eval_pools)
     ("cli", lambda m: m in {"dp2osr.cli", "dp2osr.__main__"}),
 ]
-STAGES = {"degrade", "upscale", "sample", "score", "pair", "train", "evaluate", "curve", "report", "quickstart"}
+STAGES = {
+    "degrade",
+    "upscale",
+    "sample",
+    "score",
+    "pair",
+    "train",
+    "evaluate",
+    "curve",
+    "report",
+    "quickstart",
+}
 MODEL_NAME_TEST = re.compile(
     r"""(==|!=|startswith\(|endswith\(|\bin\s*[(\[{])\s*["'](sd2|flux|embedded|sd2-tiny|flux-tiny)["']"""
     r"""|\.(kind|name)\s*(==|!=)\s*["']"""
@@ -115,7 +132,8 @@ def test_no_function_longer_than_80_lines():
         f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
         for path in SRC.rglob("*.py")
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > 80
     ]
     assert not long, "\n".join(long)
 
@@ -128,4 +146,6 @@ def test_the_checks_catch_what_they_look_for():
     assert not MODEL_NAME_TEST.search("if bb.uses_negative_prompt:")
     assert _layer_of("dp2osr.math.loss") < _layer_of("dp2osr.engine.trainer") < _layer_of("dp2osr.train")
     assert _layer_of("dp2osr.train") < _layer_of("dp2osr.cli")
-    assert _layer_of("dp2osr.metrics.build") == _layer_of("dp2osr.metrics") == _layer_of("dp2osr.runtime")  # a base package
+    assert (
+        _layer_of("dp2osr.metrics.build") == _layer_of("dp2osr.metrics") == _layer_of("dp2osr.runtime")
+    )  # a base package

@@ -161,5 +161,6 @@ def test_change_sentence_improved_worse_and_within_noise():
     two = pool_change(base.iloc[:4], _pool_table([[0.50, 0.60], [0.64, 0.74]]))  # changes .10, .14: 6 s.e.
     assert two["df"] == 1 and "within noise" in change_sentence(two)
     tiny = {"delta": -4e-5, "se": 1e-5, "df": 7, "m": 8}
-    assert change_sentence(tiny).startswith("DP²O lowered the held-out reward beyond the noise: Mean@8 changed by "
-                                            "−4.0e−05")  # fmt: skip
+    assert change_sentence(tiny).startswith(
+        "DP²O lowered the held-out reward beyond the noise: Mean@8 changed by −4.0e−05"
+    )

@@ -29,7 +29,11 @@ def test_help_is_self_contained_and_says_each_default_once(command, capsys):
     parser = argparse.ArgumentParser()
     add_arguments(parser, getattr(importlib.import_module(module), cls_name))
     for action in parser._actions:
-        assert (action.help or "").lower().count("default") <= 1, (command, action.option_strings, action.help)
+        assert (action.help or "").lower().count("default") <= 1, (
+            command,
+            action.option_strings,
+            action.help,
+        )
 
 
 def test_per_backbone_defaults_come_from_the_backbone_classes(capsys):

@@ -90,9 +90,25 @@ def test_upscale_cli_with_saved_model(saved, tmp_path):
     _, path = saved
     g = torch.Generator().manual_seed(1)
     save_image(torch.rand((1, 3, 12, 20), generator=g), tmp_path / "in" / "photo.png")
-    rc = main(["upscale", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-               "--backbone", "embedded", "--base", str(path), "--steps", "2", "--samples", "2",
-               "--device", "cpu"])  # fmt: skip
+    rc = main(
+        [
+            "upscale",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--backbone",
+            "embedded",
+            "--base",
+            str(path),
+            "--steps",
+            "2",
+            "--samples",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     a, b = (load_image(tmp_path / "out" / "photo" / f"seed_{s:04d}.png") for s in (0, 1))
     assert a.shape == (1, 3, 48, 80)
@@ -157,7 +173,9 @@ def test_sharpener_base_round_trips_through_a_saved_folder(tmp_path):
         load_backbone("embedded", base=tmp_path)
 
 
-@pytest.mark.skipif(not (emb.SHIPPED / "dp2osr.json").is_file(), reason="the shipped embedded model is not installed")
+@pytest.mark.skipif(
+    not (emb.SHIPPED / "dp2osr.json").is_file(), reason="the shipped embedded model is not installed"
+)
 def test_shipped_model_adds_no_colour_speckle():
     """The shipped model diffuses brightness detail only (luma_only) over a sharpened base: the chroma high-pass
     of its output stays near the bicubic's (the first model's speckle put it at about 15x), and its luma gains
@@ -172,8 +190,15 @@ def test_shipped_model_adds_no_colour_speckle():
     up = resize(lr, (128, 128))
     s = sampling_settings(bb, SamplingOptions(device="cpu"))
     with torch.no_grad():
-        sr = super_resolve(bb, up, bb.encode_prompts([""]), [0], steps=s["steps"], guidance=s["guidance"],
-                           process_size=s["process_size"])  # fmt: skip
+        sr = super_resolve(
+            bb,
+            up,
+            bb.encode_prompts([""]),
+            [0],
+            steps=s["steps"],
+            guidance=s["guidance"],
+            process_size=s["process_size"],
+        )
 
     def highpass(x: torch.Tensor) -> torch.Tensor:
         return (x[..., 1:-1, 1:-1] - torch.nn.functional.avg_pool2d(x, 3, stride=1)).std(dim=(-2, -1))

@@ -213,8 +213,23 @@ def test_eval_reads_upscale_seed_folders_per_seed_or_one_seed(tmp_path):
     _seed_layout(tmp_path / "up", ["a", "b"], [0, 1], rng)
     _seed_layout(tmp_path / "one", ["a", "b"], [7], rng)
     out = tmp_path / "eval"
-    rc = cli.main(["eval", "--sr", str(tmp_path / "up"), str(tmp_path / "one"), "--names", "base", "dpo",
-                   "--hr", str(tmp_path / "hr"), "--metrics", "none", "--output", str(out)])  # fmt: skip
+    rc = cli.main(
+        [
+            "eval",
+            "--sr",
+            str(tmp_path / "up"),
+            str(tmp_path / "one"),
+            "--names",
+            "base",
+            "dpo",
+            "--hr",
+            str(tmp_path / "hr"),
+            "--metrics",
+            "none",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "eval_summary.json").read_text())
     assert list(summary["models"]) == ["base seed 0", "base seed 1", "dpo"]
@@ -224,8 +239,21 @@ def test_eval_reads_upscale_seed_folders_per_seed_or_one_seed(tmp_path):
     sr = np.asarray(Image.open(tmp_path / "up" / "b" / "seed_0001.png")).astype(np.float64) / 255
     hr = np.asarray(Image.open(tmp_path / "hr" / "b.png")).astype(np.float64) / 255
     assert row.psnr == pytest.approx(psnr_y(sr, hr), abs=1e-5)  # matched to HR b.png by its folder name
-    rc = cli.main(["eval", "--sr", str(tmp_path / "up"), "--sr-seed", "1", "--hr", str(tmp_path / "hr"),
-                   "--metrics", "none", "--output", str(tmp_path / "eval1")])  # fmt: skip
+    rc = cli.main(
+        [
+            "eval",
+            "--sr",
+            str(tmp_path / "up"),
+            "--sr-seed",
+            "1",
+            "--hr",
+            str(tmp_path / "hr"),
+            "--metrics",
+            "none",
+            "--output",
+            str(tmp_path / "eval1"),
+        ]
+    )
     assert rc == 0
     one = json.loads((tmp_path / "eval1" / "eval_summary.json").read_text())["models"]
     assert list(one) == ["up"] and one["up"]["metrics"]["psnr"]["mean"] == pytest.approx(

@@ -108,4 +108,6 @@ def test_checkpoint_controlnet_gets_fast_paths(tmp_path):
     state, want = net.state_dict(), trained.controlnet.state_dict()
     assert all(torch.equal(state[k], v) for k, v in want.items())
     fused = [m for m in net.modules() if hasattr(m, "to_qkv")][0]  # fused from the loaded weights
-    torch.testing.assert_close(fused.to_qkv.weight, torch.cat([fused.to_q.weight, fused.to_k.weight, fused.to_v.weight]))
+    torch.testing.assert_close(
+        fused.to_qkv.weight, torch.cat([fused.to_q.weight, fused.to_k.weight, fused.to_v.weight])
+    )

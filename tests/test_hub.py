@@ -86,15 +86,28 @@ def test_resolve_prefers_local_paths_and_finds_cached_refs(in_cache, tmp_path, m
 
 
 def test_missing_hub_model_is_one_line_naming_id_cache_and_fetch(in_cache, tmp_path, capsys):
-    rc = main(["upscale", "--input", str(_inputs(tmp_path / "in", 1)), "--output", str(tmp_path / "o"),
-               "--backbone", "sd2", "--base", "acme/absent-model"])  # fmt: skip
+    rc = main(
+        [
+            "upscale",
+            "--input",
+            str(_inputs(tmp_path / "in", 1)),
+            "--output",
+            str(tmp_path / "o"),
+            "--backbone",
+            "sd2",
+            "--base",
+            "acme/absent-model",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2
     line = [x for x in err.splitlines() if "error" in x]
     assert len(line) == 1 and line[0] == err.splitlines()[-1]
     assert "acme/absent-model" in err and str(in_cache / "hub") in err
     assert "hf download acme/absent-model" in err
-    with pytest.raises(FileNotFoundError, match="release/none.safetensors of Hugging Face model acme/tiny-sd2"):
+    with pytest.raises(
+        FileNotFoundError, match="release/none.safetensors of Hugging Face model acme/tiny-sd2"
+    ):
         resolve_model_ref("acme/tiny-sd2:release/none.safetensors", "ControlNet")
     with pytest.raises(FileNotFoundError, match="acme/tiny-sd2@v9"):
         resolve_model_ref("acme/tiny-sd2@v9", "base model")
@@ -103,12 +116,31 @@ def test_missing_hub_model_is_one_line_naming_id_cache_and_fetch(in_cache, tmp_p
 def test_upstream_flux_command_with_hub_ids(in_cache, tmp_path):
     """The upstream C-FLUX / DP²O-FLUX command, translated (README table), on a tiny FLUX in the cache."""
     out = tmp_path / "test_oup_c_flux"
-    rc = main([
-        "upscale", "--backbone", "flux", "--base", "acme/tiny-flux",
-        "--controlnet", "acme/tiny-flux:release/model.safetensors",
-        "--input", str(_inputs(tmp_path / "test_inp")), "--output", str(out),
-        "--color-fix", "adain", "--guidance", "2.5", "--steps", "2", "--dtype", "fp32", "--layout", "flat",
-    ])  # fmt: skip
+    rc = main(
+        [
+            "upscale",
+            "--backbone",
+            "flux",
+            "--base",
+            "acme/tiny-flux",
+            "--controlnet",
+            "acme/tiny-flux:release/model.safetensors",
+            "--input",
+            str(_inputs(tmp_path / "test_inp")),
+            "--output",
+            str(out),
+            "--color-fix",
+            "adain",
+            "--guidance",
+            "2.5",
+            "--steps",
+            "2",
+            "--dtype",
+            "fp32",
+            "--layout",
+            "flat",
+        ]
+    )
     assert rc == 0
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["im0.png", "im1.png"]
 
@@ -124,9 +156,28 @@ def test_upscale_offline_with_hf_home_in_a_fresh_process(hf_home, tmp_path):
     inp = _inputs(tmp_path / "in")
     for k, controlnet in enumerate([str(controlnet_dir), "acme/tiny-sd2:release/model.safetensors"]):
         out = tmp_path / f"out{k}"
-        cmd = [sys.executable, "-m", "dp2osr", "upscale", "--backbone", "sd2", "--base", "acme/tiny-sd2",
-               "--controlnet", controlnet, "--input", str(inp), "--output", str(out), "--steps", "2",
-               "--guidance", "3.5", "--color-fix", "adain"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "dp2osr",
+            "upscale",
+            "--backbone",
+            "sd2",
+            "--base",
+            "acme/tiny-sd2",
+            "--controlnet",
+            controlnet,
+            "--input",
+            str(inp),
+            "--output",
+            str(out),
+            "--steps",
+            "2",
+            "--guidance",
+            "3.5",
+            "--color-fix",
+            "adain",
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert len(list(out.rglob("seed_0000.png"))) == 2

@@ -130,7 +130,8 @@ def test_winner_sft_term_hand_values():
     assert init.loss.item() == pytest.approx(math.log(2), rel=1e-12)
     pw2, pl2, rw2, rl2 = _errs(b=5, seed=3)
     assert torch.equal(
-        dpo_loss(pw2, pl2, rw2, rl2, beta=BETA, winner_sft=0.0).loss, dpo_loss(pw2, pl2, rw2, rl2, beta=BETA).loss
+        dpo_loss(pw2, pl2, rw2, rl2, beta=BETA, winner_sft=0.0).loss,
+        dpo_loss(pw2, pl2, rw2, rl2, beta=BETA).loss,
     )
     with pytest.raises(ValueError, match="winner_sft"):
         dpo_loss(pw2, pl2, rw2, rl2, beta=BETA, winner_sft=-1.0)

@@ -60,7 +60,9 @@ def test_dpo_loss_is_ln2_at_policy_equal_reference(bb, weights):
     reference = copy.deepcopy(policy)
     targets, control, cond = _batch(bb)
     nb = noise_batch(bb, targets, control, cond, torch.Generator().manual_seed(0))
-    loss, stats = dpo_objective(bb, policy, lambda: contextlib.nullcontext(reference), nb, weights, beta=500.0)
+    loss, stats = dpo_objective(
+        bb, policy, lambda: contextlib.nullcontext(reference), nb, weights, beta=500.0
+    )
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert stats["reward_margin"] == pytest.approx(0.0, abs=1e-9)
     assert stats["policy_err_w"] == pytest.approx(stats["ref_err_w"], rel=1e-6)

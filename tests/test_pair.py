@@ -53,9 +53,15 @@ def test_hand_computed_two_groups():
     out = build_pairs(_rewards_df(), n=None, ratio=0.5, hpo="both")
     assert list(out.columns) == PAIR_COLUMNS
     assert list(zip(out.win_seed, out.lose_seed)) == [
-        (0, 3), (0, 1), (2, 3), (2, 1),
-        (10, 11), (10, 13), (12, 11), (12, 13),
-    ]  # fmt: skip
+        (0, 3),
+        (0, 1),
+        (2, 3),
+        (2, 1),
+        (10, 11),
+        (10, 13),
+        (12, 11),
+        (12, 13),
+    ]
     assert out.w_intra.tolist() == pytest.approx([1.1, 1.3, 0.7, 0.9, 1, 1, 1, 1])
     mu_sigma = (SIGMA_A + 0.1) / 2
     assert out.w_inter.tolist() == pytest.approx([1.0979019945774904] * 4 + [0.9020980054225096] * 4)
@@ -183,7 +189,11 @@ def test_default_ratio_follows_the_pool_model(tmp_path):
             "lr_path": "/data/lr/a.png",
         }
     )
-    for meta, n in ((None, 4), ({"pair_ratio": backbone_class("flux").pair_ratio}, 1), ({"pair_ratio": 0.25}, 4)):
+    for meta, n in (
+        (None, 4),
+        ({"pair_ratio": backbone_class("flux").pair_ratio}, 1),
+        ({"pair_ratio": 0.25}, 4),
+    ):
         rewards = tables.write(tables.REWARDS, big, tmp_path / "rewards.parquet", meta)
         assert main(["pair", "--rewards", str(rewards)]) == 0
         assert len(pd.read_parquet(tmp_path / "pref_pairs.parquet")) == n * n
@@ -208,10 +218,16 @@ def test_pair_reads_everything_from_the_rewards_table(tmp_path, capsys):
     assert "2 pairs" in capsys.readouterr().out
 
     tables.write(tables.REWARDS, df, tmp_path / "r2.parquet")  # no prompt: no prompt column
-    assert main(["pair", "--rewards", str(tmp_path / "r2.parquet"), "--output", str(tmp_path / "p2.parquet")]) == 0
+    assert (
+        main(["pair", "--rewards", str(tmp_path / "r2.parquet"), "--output", str(tmp_path / "p2.parquet")])
+        == 0
+    )
     assert list(pd.read_parquet(tmp_path / "p2.parquet").columns) == PAIR_COLUMNS
     _rewards_df().drop(columns="lr_path").to_parquet(tmp_path / "old.parquet", index=False)
-    assert main(["pair", "--rewards", str(tmp_path / "old.parquet"), "--output", str(tmp_path / "p3.parquet")]) == 2
+    assert (
+        main(["pair", "--rewards", str(tmp_path / "old.parquet"), "--output", str(tmp_path / "p3.parquet")])
+        == 2
+    )
     assert "old.parquet has no lr_path" in capsys.readouterr().err
 
 

@@ -26,8 +26,24 @@ def degraded(tmp_path):
     for i in range(2):
         _png(tmp_path / "photos" / f"p{i}.png", 80, i)
     out = tmp_path / "deg"
-    assert main(["degrade", "--input", str(tmp_path / "photos"), "--output", str(out), "--hr-size", "64",
-                 "--crop", "center", "--seed", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "degrade",
+                "--input",
+                str(tmp_path / "photos"),
+                "--output",
+                str(out),
+                "--hr-size",
+                "64",
+                "--crop",
+                "center",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -86,8 +102,25 @@ def test_changed_lr_remakes_the_pool(degraded, tmp_path):
     assert _sample(degraded, out) == 0
     old = _pngs(out)
     old_lr = file_sha(degraded / "lr" / "p0.png")
-    assert main(["degrade", "--input", str(tmp_path / "photos"), "--output", str(degraded), "--hr-size", "64",
-                 "--crop", "center", "--seed", "7", "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "degrade",
+                "--input",
+                str(tmp_path / "photos"),
+                "--output",
+                str(degraded),
+                "--hr-size",
+                "64",
+                "--crop",
+                "center",
+                "--seed",
+                "7",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert file_sha(degraded / "lr" / "p0.png") != old_lr
     assert _sample(degraded, out) == 0
     fresh = tmp_path / "fresh"
@@ -101,7 +134,9 @@ def test_changed_lr_remakes_the_pool(degraded, tmp_path):
 
 def _score(pool: Path, out: Path | None = None) -> int:
     extra = ["--output", str(out)] if out is not None else []
-    return main(["score", "--candidates", str(pool), "--metrics", "psnr", "gmsd", "piqe", "--device", "cpu", *extra])
+    return main(
+        ["score", "--candidates", str(pool), "--metrics", "psnr", "gmsd", "piqe", "--device", "cpu", *extra]
+    )
 
 
 def test_score_follows_resampled_candidates(degraded, tmp_path):
@@ -127,5 +162,6 @@ def test_score_follows_a_replaced_hr(degraded, tmp_path):
     assert _sample(degraded, pool) == 0 and _score(pool) == 0
     _png(degraded / "hr" / "p0.png", 64, 99)
     assert _score(pool) == 0 and _score(pool, tmp_path / "fresh") == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(pool / "scores.parquet"),
-                                  pd.read_parquet(tmp_path / "fresh" / "scores.parquet"))  # fmt: skip
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(pool / "scores.parquet"), pd.read_parquet(tmp_path / "fresh" / "scores.parquet")
+    )

@@ -1,7 +1,7 @@
 """`dp2osr quickstart` in miniature: the whole loop end to end, and the honesty rules it promises."""
 
-import html
 import dataclasses
+import html
 import json
 import os
 import subprocess
@@ -15,9 +15,9 @@ from dp2osr import score as score_stage
 from dp2osr.before_after import guard_note, guards
 from dp2osr.cli import build_parser, main
 from dp2osr.config import build_config
-from dp2osr.score import ScoreConfig
 from dp2osr.math.change import NOISE_METHOD, change_sentence
 from dp2osr.quickstart import PHOTOS, Layout, QuickstartConfig, RunClock, curve_config, resolved, tiles
+from dp2osr.score import ScoreConfig
 
 TINY = [
     "--hr-size",
@@ -179,7 +179,9 @@ def test_rerun_resumes_and_changed_options_are_refused(run, capsys):
     page = (out / "report.html").read_text()
     assert f"Run time {second['total']:.0f} s over 2 runs (resumed)" in page
     assert "All 2 images shown." in page
-    assert main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY, "--train.beta", "7"]) == 2
+    assert (
+        main(["quickstart", "--backbone", "sd2-tiny", "--output", str(out), *TINY, "--train.beta", "7"]) == 2
+    )
     assert "other options (train.beta)" in capsys.readouterr().err
 
 
@@ -208,8 +210,22 @@ def test_bad_options_are_value_errors(tmp_path, capsys):
     # each stage's options are checked by the stage's own config
     assert main(["quickstart", "--output", str(tmp_path / "b"), "--train.beta", "-1"]) == 2
     assert "--beta and --lr must be > 0" in capsys.readouterr().err
-    assert main(["quickstart", "--output", str(tmp_path / "c"), "--score.w-fr", "1", "--score.w-nr", "0",
-                 "--score.metrics", "piqe"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "quickstart",
+                "--output",
+                str(tmp_path / "c"),
+                "--score.w-fr",
+                "1",
+                "--score.w-nr",
+                "0",
+                "--score.metrics",
+                "piqe",
+            ]
+        )
+        == 2
+    )
     assert "at least one FR metric" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # checked before any work
 
@@ -219,7 +235,9 @@ def test_stage_options_nest_in_flags_and_yaml(tmp_path, capsys):
     quickstart sets itself (paths, model, seeds) are neither flags nor YAML keys."""
     yaml_file = tmp_path / "q.yaml"
     yaml_file.write_text("images: 3\ntrain:\n  beta: 250\n  steps: 5\nsample:\n  samples: 6\n")
-    args = build_parser("quickstart")[0].parse_args(["quickstart", "--config", str(yaml_file), "--train.steps", "7"])
+    args = build_parser("quickstart")[0].parse_args(
+        ["quickstart", "--config", str(yaml_file), "--train.steps", "7"]
+    )
     cfg = build_config(QuickstartConfig, args)
     assert (cfg.images, cfg.train.beta, cfg.train.steps, cfg.sample.samples) == (3, 250.0, 7, 6)
     assert cfg.train.lr == 3e-5 and cfg.pair.ratio == 0.25  # the quickstart's defaults, not the stages'
@@ -229,7 +247,10 @@ def test_stage_options_nest_in_flags_and_yaml(tmp_path, capsys):
     assert curve_config(r, Layout(tmp_path / "out")).samples == 6
     yaml_file.write_text("train:\n  output: /elsewhere\n")
     with pytest.raises(ValueError, match="unknown train option"):
-        build_config(QuickstartConfig, build_parser("quickstart")[0].parse_args(["quickstart", "--config", str(yaml_file)]))
+        build_config(
+            QuickstartConfig,
+            build_parser("quickstart")[0].parse_args(["quickstart", "--config", str(yaml_file)]),
+        )
     with pytest.raises(SystemExit):
         main(["quickstart", "--train.output", "x"])
     with pytest.raises(SystemExit):

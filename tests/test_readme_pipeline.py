@@ -20,9 +20,24 @@ SMALLER = {
     "degrade": ["--hr-size", "64"],
     "sample": ["--samples", "4", "--steps", "2"],
     "score": ["--metrics", *METRICS],
-    "train": ["--steps", "2", "--batch-size", "2", "--eval-every", "1", "--eval-samples", "2",
-              "--eval-sample-steps", "2", "--eval-metrics", *METRICS, "--checkpoint-every", "1",
-              "--keep-checkpoints", "0"],  # fmt: skip
+    "train": [
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-samples",
+        "2",
+        "--eval-sample-steps",
+        "2",
+        "--eval-metrics",
+        *METRICS,
+        "--checkpoint-every",
+        "1",
+        "--keep-checkpoints",
+        "0",
+    ],
     "curve": ["--samples", "2", "--steps", "2", "--metrics", *METRICS],
     "upscale": ["--steps", "2"],
     "eval": ["--metrics", *METRICS],
@@ -50,8 +65,19 @@ def _photos(folder: Path, n: int, seed: int) -> None:
 
 def test_readme_pipeline_runs_as_written(tmp_path, monkeypatch):
     commands = readme_pipeline()
-    assert [c[0] for c in commands] == ["degrade", "degrade", "sample", "score", "pair", "train", "curve",
-                                        "upscale", "upscale", "eval", "report"]  # fmt: skip
+    assert [c[0] for c in commands] == [
+        "degrade",
+        "degrade",
+        "sample",
+        "score",
+        "pair",
+        "train",
+        "curve",
+        "upscale",
+        "upscale",
+        "eval",
+        "report",
+    ]
     monkeypatch.chdir(tmp_path)
     bb = load_backbone("sd2-tiny")
     bb.save_pretrained(tmp_path / "tiny_sd2")

@@ -242,8 +242,21 @@ def test_sample_rejects_tiny_inputs_by_name(tmp_path, capsys):
     Image.fromarray(np.zeros((5, 3, 3), np.uint8)).save(folder / "tiny.png")  # 3 wide, 5 high
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(folder / "dot.png")
     out = tmp_path / "pool"
-    rc = main(["sample", "--input", str(folder), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "1",
-               "--samples", "1"])  # fmt: skip
+    rc = main(
+        [
+            "sample",
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+            "--backbone",
+            "sd2-tiny",
+            "--steps",
+            "1",
+            "--samples",
+            "1",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "tiny.png: image is 3x5; the smallest supported side is 8 px" in err
@@ -343,8 +356,15 @@ def test_file_output_that_is_a_folder_is_refused(inputs, capsys):
 
 def test_pair_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
     rewards = tmp_path / "rewards.parquet"
-    pd.DataFrame({"image_id": ["a"] * 4, "seed": [0, 1, 2, 3], "path": [f"a/seed_{s:04d}.png" for s in range(4)],
-                  "reward": [0.9, 0.1, 0.5, 0.3], "lr_path": ["/lr/a.png"] * 4}).to_parquet(rewards)  # fmt: skip
+    pd.DataFrame(
+        {
+            "image_id": ["a"] * 4,
+            "seed": [0, 1, 2, 3],
+            "path": [f"a/seed_{s:04d}.png" for s in range(4)],
+            "reward": [0.9, 0.1, 0.5, 0.3],
+            "lr_path": ["/lr/a.png"] * 4,
+        }
+    ).to_parquet(rewards)
     mine = tmp_path / "existing.txt"
     mine.write_text("my notes")
     args = ["pair", "--rewards", str(rewards), "--output", str(mine), "--n", "1"]
@@ -362,13 +382,26 @@ def test_large_input_refused_with_estimate_before_model_loads(tmp_path, no_model
     assert main(["upscale", str(big), "--output", str(tmp_path / "out"), "--backbone", "sd2-tiny"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "big.png" in err
-    assert "24000x16000" in err and "GiB peak memory" in err and "latent tiles" in err and "s on this CPU" in err
+    assert (
+        "24000x16000" in err and "GiB peak memory" in err and "latent tiles" in err and "s on this CPU" in err
+    )
     assert "--max-pixels 0" in err
     lr = tmp_path / "lr"
     lr.mkdir()
     Image.new("RGB", (48, 32), (80, 90, 100)).save(lr / "x.png")
-    args = ["sample", "--input", str(lr), "--output", str(tmp_path / "pool"), "--backbone", "sd2-tiny",
-            "--steps", "1", "--samples", "1"]  # fmt: skip
+    args = [
+        "sample",
+        "--input",
+        str(lr),
+        "--output",
+        str(tmp_path / "pool"),
+        "--backbone",
+        "sd2-tiny",
+        "--steps",
+        "1",
+        "--samples",
+        "1",
+    ]
     assert main([*args, "--max-pixels", str(192 * 128 - 1)]) == 2
     assert "192x128" in capsys.readouterr().err
     assert not (tmp_path / "pool").exists()
@@ -378,8 +411,21 @@ def test_max_pixels_zero_lifts_the_limit(tmp_path, capsys):
     lr = tmp_path / "lr"
     lr.mkdir()
     Image.new("RGB", (48, 32), (80, 90, 100)).save(lr / "x.png")
-    args = ["sample", "--input", str(lr), "--output", str(tmp_path / "pool"), "--backbone", "sd2-tiny",
-            "--steps", "1", "--samples", "1", "--max-pixels", "0"]  # fmt: skip
+    args = [
+        "sample",
+        "--input",
+        str(lr),
+        "--output",
+        str(tmp_path / "pool"),
+        "--backbone",
+        "sd2-tiny",
+        "--steps",
+        "1",
+        "--samples",
+        "1",
+        "--max-pixels",
+        "0",
+    ]
     assert main(args) == 0
     assert "largest image x.png: output 192x128" in capsys.readouterr().err  # tiled: its estimate is shown
 
@@ -390,10 +436,17 @@ def test_size_traits_match_the_loaded_model(name):
 
     bb, t = load_backbone(name), size_traits(name)
     assert (t.latent_factor, t.latent_channels, t.pixel_multiple, t.process_size, t.steps) == (
-        bb.latent_factor, bb.latent_channels, bb.pixel_multiple, bb.default_process_size, bb.default_steps)
+        bb.latent_factor,
+        bb.latent_channels,
+        bb.pixel_multiple,
+        bb.default_process_size,
+        bb.default_steps,
+    )
 
 
-@pytest.mark.parametrize("name, lr_hw", [("sd2-tiny", (12, 20)), ("flux-tiny", (20, 12)), ("sd2-tiny", (8, 8))])
+@pytest.mark.parametrize(
+    "name, lr_hw", [("sd2-tiny", (12, 20)), ("flux-tiny", (20, 12)), ("sd2-tiny", (8, 8))]
+)
 def test_tile_plan_is_what_the_sampler_runs(name, lr_hw):
     """The estimate's tile count is the number of denoiser calls per step (tile batch 1), and progress moves
     after every tile, summing to the steps."""
@@ -406,8 +459,16 @@ def test_tile_plan_is_what_the_sampler_runs(name, lr_hw):
     real = bb.predict
     bb.predict = lambda *a, **k: calls.append(1) or real(*a, **k)
     lr_up = torch.rand(1, 3, lr_hw[0] * 4, lr_hw[1] * 4)
-    super_resolve(bb, lr_up, bb.encode_prompts([""], None), [0], steps=2, guidance=1.0,
-                  process_size=bb.default_process_size, progress=ticks.append)  # fmt: skip
+    super_resolve(
+        bb,
+        lr_up,
+        bb.encode_prompts([""], None),
+        [0],
+        steps=2,
+        guidance=1.0,
+        process_size=bb.default_process_size,
+        progress=ticks.append,
+    )
     est = estimate(lr_hw, name, upscale=4, samples=1, batch_size=1, tile_batch=1)
     assert len(calls) == 2 * est.tiles and est.out_hw == (lr_hw[0] * 4, lr_hw[1] * 4)
     assert len(ticks) == 2 * est.tiles and sum(ticks) == pytest.approx(2)

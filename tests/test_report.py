@@ -187,8 +187,9 @@ def test_report_puts_scored_pools_on_one_scale_with_the_verdict(results):
         raw = (
             30 + 10 * k + 2 * df["seed"] + df.index % 3
         )  # piqe: lower is better, so the second pool is worse
-        pd.DataFrame({"image_id": df.image_id, "seed": df.seed, "metric": "piqe", "value": raw.astype(float)}
-                     ).to_parquet(path.parent / "scores.parquet")  # fmt: skip
+        pd.DataFrame(
+            {"image_id": df.image_id, "seed": df.seed, "metric": "piqe", "value": raw.astype(float)}
+        ).to_parquet(path.parent / "scores.parquet")
     text = _write(results, allow_separate_scales=False).read_text(encoding="utf-8")
     assert (
         "Scale: hybrid reward, min-max normalised jointly over pools base &lt;i&gt;SD2&lt;/i&gt;, DP²O."
@@ -212,4 +213,6 @@ def test_extra_sections_follow_the_title(results):
     assert page.index("</h1><section><h2>Summary</h2>") < page.index("<p>second</p><h2>Best / Mean / Worst@M")
     assert report(cfg, sections=extra).read_text(encoding="utf-8") == page
     with pytest.raises(ValueError, match="nothing to report"):
-        build_html(ReportConfig(output=results["root"] / "x.html"), sections=extra)  # fragments alone: no report
+        build_html(
+            ReportConfig(output=results["root"] / "x.html"), sections=extra
+        )  # fragments alone: no report

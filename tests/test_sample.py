@@ -39,10 +39,18 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_killed_run_resumes_to_identical_pool(lr_folder, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    subprocess.run(_cli("--input", str(lr_folder), "--output", str(full), *ARGS), env=ENV, check=True,
-                   capture_output=True)
-    proc = subprocess.Popen(_cli("--input", str(lr_folder), "--output", str(resumed), *ARGS), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        _cli("--input", str(lr_folder), "--output", str(full), *ARGS),
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        _cli("--input", str(lr_folder), "--output", str(resumed), *ARGS),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(resumed.rglob("seed_*.png"))) < 3:
         time.sleep(0.05)
@@ -50,8 +58,12 @@ def test_killed_run_resumes_to_identical_pool(lr_folder, tmp_path):
     proc.wait()
     partial = len(list(resumed.rglob("seed_*.png")))
     assert 0 < partial < 12, "the run should have been killed part-way"
-    subprocess.run(_cli("--input", str(lr_folder), "--output", str(resumed), *ARGS), env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli("--input", str(lr_folder), "--output", str(resumed), *ARGS),
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
     assert _files(full) == _files(resumed)
     assert not list(resumed.rglob(".tmp_*"))  # a half-written file of the killed run was cleaned up
     a = pd.read_parquet(full / "candidates.parquet")
@@ -72,17 +84,34 @@ def test_jobs_partition_exactly():
 @pytest.mark.slow
 def test_two_processes_cover_every_candidate_once(lr_folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_cli("--input", str(lr_folder), "--output", str(one), *ARGS), env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run(
+        _cli("--input", str(lr_folder), "--output", str(one), *ARGS), env=ENV, check=True, capture_output=True
+    )
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--standalone", "-m", "dp2osr", "sample",
-         "--input", str(lr_folder), "--output", str(two), *ARGS],
-        env=ENV, capture_output=True, text=True,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "dp2osr",
+            "sample",
+            "--input",
+            str(lr_folder),
+            "--output",
+            str(two),
+            *ARGS,
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     # Each process reports how many it wrote: 6 + 6 = all 12, none twice.
-    written = [int(line.split("(")[1].split()[0]) for line in res.stderr.splitlines() if "new on process" in line]
+    written = [
+        int(line.split("(")[1].split()[0]) for line in res.stderr.splitlines() if "new on process" in line
+    ]
     assert written == [6] or sum(written) == 12
     a, b = _files(one), _files(two)
     assert a.keys() == b.keys() and len(a) == 12
@@ -98,13 +127,25 @@ def test_pairs_manifest_input_and_option_change_refused(tmp_path, capsys):
     rng = np.random.default_rng(1)
     Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "deg/lr/x.png")
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "deg/hr/x.png")
-    pd.DataFrame({"image_id": ["x"], "hr_path": ["hr/x.png"], "lr_path": ["lr/x.png"], "source": [""],
-                  "seed": [0]}).to_parquet(tmp_path / "deg/pairs.parquet")
+    pd.DataFrame(
+        {"image_id": ["x"], "hr_path": ["hr/x.png"], "lr_path": ["lr/x.png"], "source": [""], "seed": [0]}
+    ).to_parquet(tmp_path / "deg/pairs.parquet")
     inputs = read_inputs(tmp_path / "deg")
     assert inputs.hr_path[0] == str((tmp_path / "deg/hr/x.png").resolve())
     out = tmp_path / "pool"
-    base = ["sample", "--input", str(tmp_path / "deg"), "--output", str(out), "--backbone", "sd2-tiny",
-            "--steps", "1", "--samples", "2"]
+    base = [
+        "sample",
+        "--input",
+        str(tmp_path / "deg"),
+        "--output",
+        str(out),
+        "--backbone",
+        "sd2-tiny",
+        "--steps",
+        "1",
+        "--samples",
+        "2",
+    ]
     assert main(base) == 0
     df = pd.read_parquet(out / "candidates.parquet")
     assert list(df.path) == ["x/seed_0000.png", "x/seed_0001.png"]
@@ -118,8 +159,21 @@ def test_unreadable_lr_is_reported_and_skipped(tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "good.png")
     (folder / "bad.png").write_bytes(b"not an image")
     out = tmp_path / "pool"
-    rc = main(["sample", "--input", str(folder), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "1",
-               "--samples", "2"])
+    rc = main(
+        [
+            "sample",
+            "--input",
+            str(folder),
+            "--output",
+            str(out),
+            "--backbone",
+            "sd2-tiny",
+            "--steps",
+            "1",
+            "--samples",
+            "2",
+        ]
+    )
     assert rc == 1
     assert "bad.png" in capsys.readouterr().err
     assert list(pd.read_parquet(out / "candidates.parquet").image_id.unique()) == ["good"]

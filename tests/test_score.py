@@ -18,11 +18,10 @@ import torch
 import yaml
 from PIL import Image
 
-from dp2osr import metrics
+from dp2osr import metrics, tables
 from dp2osr.cli import main as cli_main
 from dp2osr.errors import PartialFailure
 from dp2osr.score import ScoreConfig
-from dp2osr import tables
 from dp2osr.score import run as score
 
 FR_METRICS = ["psnr", "gmsd"]  # higher-better and lower-better FR; fast at 64 px
@@ -111,8 +110,15 @@ def test_scores_and_rewards_match_hand_computation(tmp_path):
     assert rewards[["image_id", "seed", "path"]].equals(cands[["image_id", "seed", "path"]])
     read, meta = tables.read(tables.REWARDS, pool)
     assert read.lr_path.tolist() == cands.lr_path.tolist() and read.hr_path.tolist() == cands.hr_path.tolist()
-    assert meta == {"metrics": TEST_METRICS, "w_fr": 0.5, "w_nr": 0.5, "scope": "pool", "dither": 0,
-                    "schema": "rewards", "version": tables.REWARDS.version}
+    assert meta == {
+        "metrics": TEST_METRICS,
+        "w_fr": 0.5,
+        "w_nr": 0.5,
+        "scope": "pool",
+        "dither": 0,
+        "schema": "rewards",
+        "version": tables.REWARDS.version,
+    }
 
     # FR only where there is an HR: img02 has NR scores only
     fr_rows = scores[scores.metric.isin(FR_METRICS)]
@@ -243,9 +249,7 @@ def test_batched_equals_one_at_a_time(tmp_path):
     pool = make_pool(tmp_path, n_images=2, seeds=(0, 1, 2, 3))
     one = tmp_path / "one"
     score(ScoreConfig(candidates=pool, metrics=TEST_METRICS, device="cpu", batch_size=4))
-    assert (
-        score(ScoreConfig(candidates=pool, output=one, metrics=TEST_METRICS, device="cpu", batch_size=1))
-    )
+    assert score(ScoreConfig(candidates=pool, output=one, metrics=TEST_METRICS, device="cpu", batch_size=1))
     a = pd.read_parquet(pool / "scores.parquet")
     b = pd.read_parquet(one / "scores.parquet")
     pd.testing.assert_frame_equal(a[["image_id", "seed", "metric"]], b[["image_id", "seed", "metric"]])
@@ -428,8 +432,12 @@ def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
     x = load_image(pool / row.path)
     hr = load_image(Path(row.hr_path))
     model = metrics.create("psnr", "cpu")
-    want = np.mean([metrics.score_batch(model, dithered(x, [file_sha(pool / row.path)], k), hr)[0] for k in range(3)])
-    got = dith[(dith.metric == "psnr") & (dith.seed == row.seed) & (dith.image_id == row.image_id)].value.item()
+    want = np.mean(
+        [metrics.score_batch(model, dithered(x, [file_sha(pool / row.path)], k), hr)[0] for k in range(3)]
+    )
+    got = dith[
+        (dith.metric == "psnr") & (dith.seed == row.seed) & (dith.image_id == row.image_id)
+    ].value.item()
     assert got == pytest.approx(want, rel=1e-6)  # float32 metric, batched vs one at a time
     # the plain scores are still there and unchanged (a rerun without --dither reads them back)
     score(ScoreConfig(candidates=pool, metrics=["psnr", "piqe"], device="cpu"))

@@ -38,12 +38,36 @@ def data(tmp_path_factory):
         rows.append((name, f"hr/{name}.png", f"lr/{name}.png", "", i))
         for s in range(4):
             _png(root / "pool" / name / f"seed_{s:04d}.png", 64, 64, 100 + 10 * i + s)
-        for w, l, wi in ((0, 3, 1.2), (1, 2, 0.8), (0, 2, 1.1), (1, 3, 0.9)):
-            pairs.append((name, w, l, f"{name}/seed_{w:04d}.png", f"{name}/seed_{l:04d}.png",
-                          str(root / "lr" / f"{name}.png"), 0.9, 0.1, wi, 1.0 + (0.1 if i else -0.1)))
-    pd.DataFrame(rows, columns=["image_id", "hr_path", "lr_path", "source", "seed"]).to_parquet(root / "pairs.parquet")
-    cols = ["image_id", "win_seed", "lose_seed", "win_path", "lose_path", "lr_path", "win_reward", "lose_reward",
-            "w_intra", "w_inter"]
+        for w, lo, wi in ((0, 3, 1.2), (1, 2, 0.8), (0, 2, 1.1), (1, 3, 0.9)):
+            pairs.append(
+                (
+                    name,
+                    w,
+                    lo,
+                    f"{name}/seed_{w:04d}.png",
+                    f"{name}/seed_{lo:04d}.png",
+                    str(root / "lr" / f"{name}.png"),
+                    0.9,
+                    0.1,
+                    wi,
+                    1.0 + (0.1 if i else -0.1),
+                )
+            )
+    pd.DataFrame(rows, columns=["image_id", "hr_path", "lr_path", "source", "seed"]).to_parquet(
+        root / "pairs.parquet"
+    )
+    cols = [
+        "image_id",
+        "win_seed",
+        "lose_seed",
+        "win_path",
+        "lose_path",
+        "lr_path",
+        "win_reward",
+        "lose_reward",
+        "w_intra",
+        "w_inter",
+    ]
     df = pd.DataFrame(pairs, columns=cols)
     df["weight"] = df.w_intra * df.w_inter
     df.to_parquet(root / "pool" / "pref_pairs.parquet")
@@ -52,8 +76,26 @@ def data(tmp_path_factory):
 
 def _args(backbone, data, out, mode="dpo", steps=3, *extra):
     src = data / "pool" if mode == "dpo" else data
-    return ["train", "--mode", mode, "--data", str(src), "--output", str(out), "--backbone", backbone,
-            "--steps", str(steps), "--batch-size", "2", "--lr", "1e-3", "--beta", "500", *extra]
+    return [
+        "train",
+        "--mode",
+        mode,
+        "--data",
+        str(src),
+        "--output",
+        str(out),
+        "--backbone",
+        backbone,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--beta",
+        "500",
+        *extra,
+    ]
 
 
 def _metrics(out):
@@ -67,8 +109,9 @@ def test_dpo_trains_controlnet_only_and_checkpoint_upscales(backbone, data, tmp_
 
     def spy(*a, **k):
         captured["bb"] = bb = real_load(*a, **k)
-        captured["frozen"] = {n: {k: v.clone() for k, v in m.state_dict().items()}
-                              for n, m in bb.frozen_modules().items()}
+        captured["frozen"] = {
+            n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in bb.frozen_modules().items()
+        }
         captured["init"] = {k: v.clone() for k, v in bb.controlnet.state_dict().items()}
         return bb
 
@@ -92,8 +135,24 @@ def test_dpo_trains_controlnet_only_and_checkpoint_upscales(backbone, data, tmp_
     assert unchanged <= expected, f"trainable tensors that did not change: {sorted(unchanged - expected)[:5]}"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000003"]
     sr = tmp_path / "sr"
-    assert main(["upscale", "--input", str(data / "lr" / "a.png"), "--output", str(sr), "--backbone", backbone,
-                 "--controlnet", str(out / "checkpoint-000002" / "controlnet"), "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "upscale",
+                "--input",
+                str(data / "lr" / "a.png"),
+                "--output",
+                str(sr),
+                "--backbone",
+                backbone,
+                "--controlnet",
+                str(out / "checkpoint-000002" / "controlnet"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert (sr / "a" / "seed_0000.png").is_file()
 
 
@@ -146,9 +205,22 @@ def test_gradient_checkpointing_and_bf16_autocast(backbone, data, tmp_path):
         runs[name] = _metrics(tmp_path / name)
     # accelerate fixes the precision once per process, so the bf16 run gets its own
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "dp2osr", *_args(backbone, data, tmp_path / "bf16", "dpo", 3),
-                          "--controlnet", str(start), "--mixed-precision", "bf16"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dp2osr",
+            *_args(backbone, data, tmp_path / "bf16", "dpo", 3),
+            "--controlnet",
+            str(start),
+            "--mixed-precision",
+            "bf16",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     runs["bf16"] = _metrics(tmp_path / "bf16")
     for a, b in zip(runs["plain"], runs["ckpt"], strict=True):
@@ -197,7 +269,10 @@ def test_cache_accumulation_and_tensorboard(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "_make_optimizer", counted_optimizer)
     monkeypatch.setattr(trainer_mod, "batch_indices", lambda *a: batches.append(real_idx(*a)) or batches[-1])
-    assert main(_args("sd2-tiny", data, tmp_path / "accum", "dpo", 3, "--grad-accum", "2", "--batch-size", "1")) == 0
+    assert (
+        main(_args("sd2-tiny", data, tmp_path / "accum", "dpo", 3, "--grad-accum", "2", "--batch-size", "1"))
+        == 0
+    )
     assert len(updates) == 3 and len(batches) == 6
     assert all(batches[2 * i] != batches[2 * i + 1] for i in range(3))
     assert len(_metrics(tmp_path / "accum")) == 3
@@ -241,7 +316,9 @@ def test_lora_reference_is_adapter_disabled(data, tmp_path):
 
 
 def test_non_finite_loss_stops_without_checkpoint(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(objectives_mod, "mse_per_sample", lambda p, t: torch.full((p.shape[0],), float("nan")))
+    monkeypatch.setattr(
+        objectives_mod, "mse_per_sample", lambda p, t: torch.full((p.shape[0],), float("nan"))
+    )
     out = tmp_path / "nan"
     assert main(_args("sd2-tiny", data, out, "dpo", 2, "--checkpoint-every", "1")) == 3
     assert "non-finite loss" in capsys.readouterr().err
@@ -256,25 +333,74 @@ def test_two_process_ddp_on_cpu(data, tmp_path):
     out, curve = tmp_path / "ddp", tmp_path / "curve"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     sampling = ["--eval-samples", "3", "--eval-sample-steps", "3", "--eval-metrics", "fsim", "gmsd", "piqe"]
-    res = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "dp2osr",
-                          *_args("sd2-tiny", data, out, "dpo", 2, "--checkpoint-every", "1", "--keep-checkpoints",
-                                 "0", "--eval-data", str(data), "--eval-every", "1", *sampling)],
-                         env=env, capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "dp2osr",
+            *_args(
+                "sd2-tiny",
+                data,
+                out,
+                "dpo",
+                2,
+                "--checkpoint-every",
+                "1",
+                "--keep-checkpoints",
+                "0",
+                "--eval-data",
+                str(data),
+                "--eval-every",
+                "1",
+                *sampling,
+            ),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert len([r for r in _metrics(out) if "loss" in r]) == 2 and (out / "final" / "model.safetensors").is_file()
+    assert (
+        len([r for r in _metrics(out) if "loss" in r]) == 2
+        and (out / "final" / "model.safetensors").is_file()
+    )
     assert [r["step"] for r in _metrics(out) if "eval_reward" in r] == [0, 1, 2]
     for step in (0, 1, 2):
         pool = pd.read_parquet(out / "eval" / f"step_{step:06d}" / "candidates.parquet")
         assert len(pool) == 6 and not pool.duplicated(["image_id", "seed"]).any()
     expected = pd.read_csv(out / "eval" / "reward_curve.csv")
-    args = ["-m", "dp2osr", "curve", "--run-dir", str(out), "--heldout", str(data), "--samples", "3", "--steps", "3",
-            "--metrics", "fsim", "gmsd", "piqe"]
-    for launcher, folder in (([sys.executable], curve),
-                             ([torchrun, "--nproc_per_node", "2", "--standalone"], tmp_path / "curve2")):
-        res = subprocess.run([*launcher, *args, "--output", str(folder)], env=env, capture_output=True, text=True,
-                             check=False)
+    args = [
+        "-m",
+        "dp2osr",
+        "curve",
+        "--run-dir",
+        str(out),
+        "--heldout",
+        str(data),
+        "--samples",
+        "3",
+        "--steps",
+        "3",
+        "--metrics",
+        "fsim",
+        "gmsd",
+        "piqe",
+    ]
+    for launcher, folder in (
+        ([sys.executable], curve),
+        ([torchrun, "--nproc_per_node", "2", "--standalone"], tmp_path / "curve2"),
+    ):
+        res = subprocess.run(
+            [*launcher, *args, "--output", str(folder)], env=env, capture_output=True, text=True, check=False
+        )
         assert res.returncode == 0, res.stderr[-3000:]
-        pd.testing.assert_frame_equal(pd.read_csv(folder / "reward_curve.csv"), expected, rtol=1e-5, atol=1e-6)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(folder / "reward_curve.csv"), expected, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
@@ -284,13 +410,34 @@ def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
     plain, run, out = tmp_path / "plain", tmp_path / "run", tmp_path / "curve"
     sampling = ["--eval-samples", "2", "--eval-sample-steps", "4", "--eval-metrics", "fsim", "gmsd", "piqe"]
     assert main(_args("sd2-tiny", data, plain, "dpo", 3, "--checkpoint-every", "2")) == 0
-    assert main(_args("sd2-tiny", data, run, "dpo", 3, "--checkpoint-every", "2", "--keep-checkpoints", "0",
-                      "--eval-data", str(data), "--eval-every", "2", *sampling)) == 0
+    assert (
+        main(
+            _args(
+                "sd2-tiny",
+                data,
+                run,
+                "dpo",
+                3,
+                "--checkpoint-every",
+                "2",
+                "--keep-checkpoints",
+                "0",
+                "--eval-data",
+                str(data),
+                "--eval-every",
+                "2",
+                *sampling,
+            )
+        )
+        == 0
+    )
     rows = _metrics(run)
     evals = [r for r in rows if "eval_reward" in r]
     assert [r["step"] for r in evals] == [0, 2, 3]
     steps = [r for r in rows if "loss" in r]
-    assert [r["loss"] for r in steps] == [r["loss"] for r in _metrics(plain)]  # evaluation did not touch training
+    assert [r["loss"] for r in steps] == [
+        r["loss"] for r in _metrics(plain)
+    ]  # evaluation did not touch training
     assert all(r["eval_seconds"] > 0 for r in evals)  # timed apart from the training clock ("seconds")
     curve = pd.read_csv(run / "eval" / "reward_curve.csv")
     assert curve.step.tolist() == [0, 2, 3] and (run / "eval" / "reward_curve.png").stat().st_size > 1000
@@ -300,8 +447,28 @@ def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
     for step in (0, 2, 3):
         assert len(list((run / "eval" / f"step_{step:06d}").glob("*/seed_*.png"))) == 4  # 2 images x 2 seeds
 
-    assert main(["curve", "--run-dir", str(run), "--heldout", str(data), "--output", str(out), "--samples", "2",
-                 "--steps", "4", "--metrics", "fsim", "gmsd", "piqe"]) == 0
+    assert (
+        main(
+            [
+                "curve",
+                "--run-dir",
+                str(run),
+                "--heldout",
+                str(data),
+                "--output",
+                str(out),
+                "--samples",
+                "2",
+                "--steps",
+                "4",
+                "--metrics",
+                "fsim",
+                "gmsd",
+                "piqe",
+            ]
+        )
+        == 0
+    )
     again = pd.read_csv(out / "reward_curve.csv")
     pd.testing.assert_frame_equal(again, curve, rtol=1e-4, atol=1e-5)
     assert (out / "reward_curve.png").is_file()
@@ -312,14 +479,18 @@ def test_heldout_reward_in_train_and_curve_command(data, tmp_path):
     assert main(_args("sd2-tiny", data, part, "dpo", 2, *args)) == 0
     assert main(_args("sd2-tiny", data, part, "dpo", 3, *args, "--resume")) == 0
     assert [r["step"] for r in _metrics(part) if "eval_reward" in r] == [0, 2, 3]
-    pd.testing.assert_frame_equal(pd.read_csv(part / "eval" / "reward_curve.csv"), curve, rtol=1e-4, atol=1e-5)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(part / "eval" / "reward_curve.csv"), curve, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_heldout_eval_bad_input(data, tmp_path, capsys):
     lr_only = tmp_path / "lr_only"
     shutil.copytree(data / "lr", lr_only)
     out = tmp_path / "run"
-    args = _args("sd2-tiny", data, out, "dpo", 1, "--eval-data", str(lr_only), "--eval-metrics", "fsim", "piqe")
+    args = _args(
+        "sd2-tiny", data, out, "dpo", 1, "--eval-data", str(lr_only), "--eval-metrics", "fsim", "piqe"
+    )
     assert main(args) == 2
     err = capsys.readouterr().err
     assert str(lr_only) in err and "without HR" in err
@@ -339,7 +510,9 @@ def test_resume_of_a_run_saved_before_an_option_existed(data, tmp_path, capsys):
     assert main(_args("sd2-tiny", data, out, "dpo", 1)) == 0
     path = out / train_mod.CONFIG_NAME
     saved = yaml.safe_load(path.read_text())
-    path.write_text(yaml.safe_dump({k: v for k, v in saved.items() if not k.startswith("eval_")}, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({k: v for k, v in saved.items() if not k.startswith("eval_")}, sort_keys=False)
+    )
     assert main(_args("sd2-tiny", data, out, "dpo", 2, "--resume", "--eval-samples", "5")) == 2
     assert "eval_samples" in capsys.readouterr().err
     assert main(_args("sd2-tiny", data, out, "dpo", 2, "--resume")) == 0
@@ -357,8 +530,21 @@ def _tb_steps(folder: Path, tag: str) -> list[int]:
 def test_resumed_run_logs_every_step_once(data, tmp_path, monkeypatch):
     """Interrupted in step 4 (steps 3 and the eval of step 3 logged, checkpoint at 2) and resumed: metrics.jsonl
     and TensorBoard hold each training and eval step once, with the values of an uninterrupted run."""
-    sampling = ["--eval-data", str(data), "--eval-every", "1", "--eval-samples", "1", "--eval-sample-steps", "1",
-                "--eval-metrics", "gmsd", "piqe", "--checkpoint-every", "2"]  # fmt: skip
+    sampling = [
+        "--eval-data",
+        str(data),
+        "--eval-every",
+        "1",
+        "--eval-samples",
+        "1",
+        "--eval-sample-steps",
+        "1",
+        "--eval-metrics",
+        "gmsd",
+        "piqe",
+        "--checkpoint-every",
+        "2",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args("sd2-tiny", data, full, "dpo", 4, *sampling)) == 0
     real_step = trainer_mod.optimizer_step

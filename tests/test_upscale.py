@@ -10,9 +10,9 @@ from PIL import Image
 
 from dp2osr.backbones import load_backbone
 from dp2osr.cli import main
+from dp2osr.engine.sampler import generate, super_resolve
 from dp2osr.images import load_image
 from dp2osr.prompts import make_prompt_fn
-from dp2osr.engine.sampler import generate, super_resolve
 
 
 def _png(path, h, w, mode="RGB", seed=0):
@@ -148,8 +148,21 @@ def test_bad_inputs_reported_and_others_done(tmp_path, capsys):
 def test_resume_skips_finished_files(tmp_path):
     inp = _png(tmp_path / "x.png", 12, 12)
     out = tmp_path / "out"
-    args = ["upscale", "--input", str(inp), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "1",
-            "--samples", "2", "--batch-size", "1"]  # fmt: skip
+    args = [
+        "upscale",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--backbone",
+        "sd2-tiny",
+        "--steps",
+        "1",
+        "--samples",
+        "2",
+        "--batch-size",
+        "1",
+    ]
     assert main(args) == 0
     target = out / "x" / "seed_0001.png"
     before = target.stat().st_mtime_ns
@@ -247,7 +260,10 @@ def test_upscale_records_resolved_config_once_per_run(tmp_path):
     first, second = _png(inp / "a.png", 12, 12), _png(inp / "b.png", 12, 12, seed=1)
     out = tmp_path / "out"
     for image in (first, second):
-        assert main(["upscale", str(image), "--output", str(out), "--backbone", "sd2-tiny", "--device", "cpu"]) == 0
+        assert (
+            main(["upscale", str(image), "--output", str(out), "--backbone", "sd2-tiny", "--device", "cpu"])
+            == 0
+        )
     cfg = yaml.safe_load((out / "upscale_config.yaml").read_text())
     bb = load_backbone("sd2-tiny")
     assert (cfg["steps"], cfg["process_size"]) == (bb.default_steps, bb.default_process_size)
@@ -256,7 +272,10 @@ def test_upscale_records_resolved_config_once_per_run(tmp_path):
     runs = [json.loads(line) for line in (out / "upscale_runs.jsonl").read_text().splitlines()]
     assert [r["input"] for r in runs] == [str(first), str(second)]
     assert all(r["steps"] == bb.default_steps and r["images_done"] == 1 for r in runs)
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a/seed_0000.png", "b/seed_0000.png"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        "a/seed_0000.png",
+        "b/seed_0000.png",
+    ]
 
 
 def test_flat_layout_in_a_fresh_process_prints_no_third_party_warnings(tmp_path):
@@ -272,8 +291,21 @@ def test_flat_layout_in_a_fresh_process_prints_no_third_party_warnings(tmp_path)
     _png(inp / "b.png", 12, 16, seed=1)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
-    cmd = [sys.executable, "-m", "dp2osr", "upscale", str(inp), "--output", str(out), "--backbone", "flux-tiny",
-           "--steps", "2", "--layout", "flat"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dp2osr",
+        "upscale",
+        str(inp),
+        "--output",
+        str(out),
+        "--backbone",
+        "flux-tiny",
+        "--steps",
+        "2",
+        "--layout",
+        "flat",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "b.png"]
@@ -296,8 +328,23 @@ def test_select_nr_writes_the_best_scoring_seed(tmp_path):
     _png(inp / "a.png", 12, 12)
     _png(inp / "b.png", 12, 16, seed=1)
     out = tmp_path / "out"
-    args = ["upscale", "--input", str(inp), "--output", str(out), "--backbone", "sd2-tiny", "--steps", "2",
-            "--samples", "3", "--seed", "7", "--select", "nr"]  # fmt: skip
+    args = [
+        "upscale",
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--backbone",
+        "sd2-tiny",
+        "--steps",
+        "2",
+        "--samples",
+        "3",
+        "--seed",
+        "7",
+        "--select",
+        "nr",
+    ]
     assert main(args) == 0
     piqe = metrics.create("piqe")
     for name in ("a", "b"):
@@ -321,10 +368,19 @@ def test_select_nr_several_metrics_and_bad_metric(tmp_path, capsys):
     from dp2osr.upscale import choose
 
     scores = pd.DataFrame(
-        [("x", s, m, v) for s, m, v in [(0, "piqe", 10.0), (1, "piqe", 30.0), (2, "piqe", 20.0),
-                                       (0, "brisque", 50.0), (1, "brisque", 10.0), (2, "brisque", 20.0)]],
+        [
+            ("x", s, m, v)
+            for s, m, v in [
+                (0, "piqe", 10.0),
+                (1, "piqe", 30.0),
+                (2, "piqe", 20.0),
+                (0, "brisque", 50.0),
+                (1, "brisque", 10.0),
+                (2, "brisque", 20.0),
+            ]
+        ],
         columns=["image_id", "seed", "metric", "value"],
-    )  # fmt: skip
+    )
     table = choose(scores)
     # lower is better for both: piqe n = (30 - v) / 20 -> 1, 0, .5; brisque n = (50 - v) / 40 -> 0, 1, .75
     np.testing.assert_allclose(table["reward"], [0.5, 0.5, 0.625])
@@ -332,7 +388,16 @@ def test_select_nr_several_metrics_and_bad_metric(tmp_path, capsys):
     tie = choose(scores[scores.seed < 2])  # seeds 0 and 1 tie at 0.5: the lower seed wins
     assert tie["chosen"].tolist() == [True, False]
     img = _png(tmp_path / "x.png", 12, 12)
-    args = ["upscale", "--input", str(img), "--output", str(tmp_path / "o"), "--select", "nr",
-            "--select-metrics", "psnr"]  # fmt: skip
+    args = [
+        "upscale",
+        "--input",
+        str(img),
+        "--output",
+        str(tmp_path / "o"),
+        "--select",
+        "nr",
+        "--select-metrics",
+        "psnr",
+    ]
     assert main(args) == 2
     assert "--select-metrics must be no-reference" in capsys.readouterr().err

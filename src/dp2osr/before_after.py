@@ -20,8 +20,8 @@ from dp2osr import metrics as metric_lib
 from dp2osr import score, tables
 from dp2osr.engine import heldout
 from dp2osr.engine.options import load_model
-from dp2osr.math.reward import fit_bounds
 from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
+from dp2osr.math.reward import fit_bounds
 
 BASE_LABEL, DPO_LABEL = "base ControlNet", "DP²O ControlNet"
 # Offline no-reference guards, in order of preference (NIQE needs >= 96 px; BRISQUE and PIQE work at any size).
@@ -35,12 +35,16 @@ def guards(given: list[str] | None, reward: list[str], size: int) -> list[str]:
     if given:
         both = sorted(set(given) & set(reward))
         if both:
-            raise ValueError(f"--guard-metrics {both} are in the reward (--score.metrics); a guard must not be")
+            raise ValueError(
+                f"--guard-metrics {both} are in the reward (--score.metrics); a guard must not be"
+            )
         metric_lib.catalogue(given)  # unknown names fail here
         return list(dict.fromkeys(given))
     usable = [m for m in GUARD_CHOICES if m not in reward and size >= metric_lib.get_spec(m).min_size]
     if not usable:
-        raise ValueError(f"the reward's metrics {reward} use every offline guard {list(GUARD_CHOICES)}; give --guard-metrics")
+        raise ValueError(
+            f"the reward's metrics {reward} use every offline guard {list(GUARD_CHOICES)}; give --guard-metrics"
+        )
     return usable[:1]
 
 
@@ -54,7 +58,9 @@ def score_guards(cfg, eval_dir: Path, final_step: int) -> dict[str, Path]:
     pools = {"base": heldout.step_dir(eval_dir, 0), "dp2o": heldout.step_dir(eval_dir, final_step)}
     for pool in pools.values():
         options = {"weights_dir": cfg.score.weights_dir, "device": cfg.device}
-        score.run(score.ScoreConfig(candidates=pool, output=pool / "guard", metrics=cfg_guards(cfg), **options))
+        score.run(
+            score.ScoreConfig(candidates=pool, output=pool / "guard", metrics=cfg_guards(cfg), **options)
+        )
     return pools
 
 
@@ -116,7 +122,9 @@ def summary_rows(cfg, s: dict) -> list[tuple[str, str, float, float, float]]:
         *[(f"guard_{x}", f"{x} (raw value) {_arrow(x)}", _GUARD) for x in cfg_guards(cfg)],
         *[(f"raw_{x}", f"{x} (raw value) {_arrow(x)}", f"in the {_REWARD}") for x in cfg.reward_metrics],
     ]
-    return [(label, role, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label, role in keys if k in s["base"]]
+    return [
+        (label, role, s["base"][k], s["dp2o"][k], s["delta"][k]) for k, label, role in keys if k in s["base"]
+    ]
 
 
 def guard_note(cfg) -> str:
@@ -139,7 +147,10 @@ def summary_markdown(cfg, s: dict) -> str:
         f"| held-out | role | {BASE_LABEL} | {DPO_LABEL} | Δ |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {label} | {role} | {b:.4f} | {d:.4f} | {x:+.4f} |" for label, role, b, d, x in summary_rows(cfg, s)]
+    lines += [
+        f"| {label} | {role} | {b:.4f} | {d:.4f} | {x:+.4f} |"
+        for label, role, b, d, x in summary_rows(cfg, s)
+    ]
     rose = f"Held-out crops whose mean reward rose: {s['improved_images']} of {s['images']}."
     lines += ["", guard_note(cfg), "", rose]
     if "change" in s:
@@ -156,7 +167,9 @@ def summary_html(cfg, s: dict) -> str:
     )
     change = s.get("change")
     verdict = (
-        f'<p class="verdict" title="{html.escape(NOISE_METHOD)}">{html.escape(change["sentence"])}</p>' if change else ""
+        f'<p class="verdict" title="{html.escape(NOISE_METHOD)}">{html.escape(change["sentence"])}</p>'
+        if change
+        else ""
     )
     t, tr = s.get("timings", {}), cfg.train
     return (

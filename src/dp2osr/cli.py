@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in POSITIONAL and POSITIONAL[args.command][0] not in vars(args) and args.config is None:
         name, meta = POSITIONAL[args.command]
-        print(f"dp2osr {args.command}: error: nothing to do; call it as `dp2osr {args.command} {meta} [options]` "
-              f"(or --{name} {meta}); `dp2osr {args.command} --help` lists the options", file=sys.stderr)  # fmt: skip
+        print(
+            f"dp2osr {args.command}: error: nothing to do; call it as `dp2osr {args.command} {meta} [options]` "
+            f"(or --{name} {meta}); `dp2osr {args.command} --help` lists the options",
+            file=sys.stderr,
+        )
         return 2
     module, cls_name, _ = commands[args.command]
     mod = importlib.import_module(module)

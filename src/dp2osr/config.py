@@ -45,13 +45,18 @@ def field(
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
-def nested(cls: type, help: str, fixed: tuple[str, ...], **values: Any) -> Any:
+def nested(cls: type, help: str, fixed: list[str] | tuple[str, ...], **values: Any) -> Any:
     """A field holding a whole stage config (``cls``) inside a config that composes stages.
 
-    Its default is ``cls(**values)``; ``fixed`` names the options the composing config sets itself (paths,
-    the model, seeds): they get no flag and may not be given in YAML. Every other option of ``cls`` becomes a
-    flag ``--NAME.option`` (``NAME`` = this field's name) and a YAML key under ``NAME:``.
+    Its default is ``cls(**values)``; ``fixed`` names the options the composing config sets itself before it
+    runs the stage (paths, the model, seeds; a required path holds ``.`` until then): they get no flag and may
+    not be given in YAML. Every other option of ``cls`` becomes a flag ``--NAME.option`` (``NAME`` = this
+    field's name) and a YAML key under ``NAME:``.
     """
+    required = [
+        f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING
+    ]
+    values = {**{name: Path(".") for name in required if name in fixed}, **values}
     meta = {"help": help, "nested": cls, "fixed": tuple(fixed)}
     return dataclasses.field(default_factory=lambda: cls(**values), metadata=meta)
 

@@ -66,7 +66,8 @@ class CurveConfig(SamplingOptions):
     metrics: list[str] | None = field(None, help="metric names (pyiqa names); overrides --preset")
     weights_dir: Path | None = field(None, help="folder with IQA metric weights (for weight-backed metrics)")
     dither: int = field(
-        0, help="score each sample as the mean over K invisibly dithered copies (`dp2osr score --dither`); 0 = plain"
+        0,
+        help="score each sample as the mean over K invisibly dithered copies (`dp2osr score --dither`); 0 = plain",
     )
     upscale: int = field(4, help="LR -> output scale factor")
     limit: int | None = field(None, help="use only the first N held-out images (sorted by ID)")
@@ -113,9 +114,18 @@ def run(cfg: CurveConfig) -> pd.DataFrame:
     if state.is_main_process:
         save_config(cfg, out / CONFIG_NAME)
     ev = HeldoutEval(
-        bb, cfg.heldout, out, cfg, samples=cfg.samples, seed=cfg.seed, metrics=names,
-        weights_dir=cfg.weights_dir, limit=cfg.limit, upscale=cfg.upscale, dither=cfg.dither,
-    )  # fmt: skip
+        bb,
+        cfg.heldout,
+        out,
+        cfg,
+        samples=cfg.samples,
+        seed=cfg.seed,
+        metrics=names,
+        weights_dir=cfg.weights_dir,
+        limit=cfg.limit,
+        upscale=cfg.upscale,
+        dither=cfg.dither,
+    )
     for step in [0, *sorted(checkpoints)]:
         if state.is_main_process:
             print(f"curve: step {step} -> {step_dir(out, step)}", file=sys.stderr)

@@ -132,7 +132,9 @@ class DegradationParams:
 @dataclass
 class _PairOptions:
     input: Path = field(help="HR image folder (non-recursive) or one HR image", run_only=True)
-    output: Path = field(help="output folder: hr/ID.png, lr/ID.png, pairs.parquet, degrade_config.yaml", run_only=True)
+    output: Path = field(
+        help="output folder: hr/ID.png, lr/ID.png, pairs.parquet, degrade_config.yaml", run_only=True
+    )
     hr_size: int = field(512, help="HR crop size (square, pixels); a multiple of --scale")
     scale: int = field(4, help="downscaling factor: the LR is hr_size/scale pixels")
     crop: str = field(
@@ -140,10 +142,14 @@ class _PairOptions:
     )
     seed: int = field(0, help="base seed; an image's seed is seed + CRC-32 of its ID (file stem)")
     device: str = field(
-        "cpu", help="torch device (auto: cuda when available)", choices=["cpu", "cuda", "auto"],
+        "cpu",
+        help="torch device (auto: cuda when available)",
+        choices=["cpu", "cuda", "auto"],
         run_only=True,
     )
-    overwrite: bool = field(False, help="recompute pairs that exist (default: keep them and resume)", run_only=True)
+    overwrite: bool = field(
+        False, help="recompute pairs that exist (default: keep them and resume)", run_only=True
+    )
 
 
 # Base order puts _PairOptions' fields (input, output, ...) first in --help, then the degradation ranges.

@@ -73,14 +73,17 @@ def _pyiqa_metrics(names: list[str], cfg: FolderOptions, have_hr: bool) -> tuple
 
 # -------------------------------------------------------------------------------------------- matching
 def match_pairs(
-    sr_dir: Path, hr_dir: Path, pattern: str | None = None, replace: str = "",
+    sr_dir: Path,
+    hr_dir: Path,
+    pattern: str | None = None,
+    replace: str = "",
     items: list[tuple[str, Path]] | None = None,
 ) -> tuple[list[tuple[str, Path, Path]], list[str]]:
     """``([(name, sr_path, hr_path)], problems)``: SR files matched to HR files by (mapped) stem.
 
     ``items`` (``[(stem, path)]``) replaces the image files of ``sr_dir`` (e.g. one seed of a seed layout).
     An SR file without an HR file and an HR file without an SR file are problems (by name).
-    """  # fmt: skip
+    """
     try:
         rx = re.compile(pattern) if pattern else None
     except re.error as exc:
@@ -103,7 +106,9 @@ def match_pairs(
             problems.append(f"ambiguous: several SR files in {sr_dir} map to HR stem {stem!r}")
             continue
         used.add(stem)
-        pairs.append((sp.relative_to(sr_dir).as_posix() if items is not None else sp.name, sp, hr_by_stem[stem]))
+        pairs.append(
+            (sp.relative_to(sr_dir).as_posix() if items is not None else sp.name, sp, hr_by_stem[stem])
+        )
     for stem in sorted(set(hr_by_stem) - used):
         problems.append(f"missing SR: HR {hr_by_stem[stem].name} has no SR file in {sr_dir}")
     return pairs, problems
@@ -128,7 +133,9 @@ def sr_sets(folder: Path, label: str, seed: int | None) -> list[tuple[str, list[
     """The image sets of one --sr folder: ``[(label, items)]``; items None = the folder's image files, else
     ``[(stem, path)]`` of one seed of a NAME/seed_XXXX.png layout (label ``LABEL seed N`` when it has several)."""
     folder = Path(folder)
-    if not folder.is_dir() or any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+    if not folder.is_dir() or any(
+        p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()
+    ):
         return [(label, None)]  # an image file, or a folder of images (list_images reports a missing one)
     seeds = seed_layout(folder)
     if not seeds:
@@ -143,7 +150,6 @@ def sr_sets(folder: Path, label: str, seed: int | None) -> list[tuple[str, list[
     if len(seeds) == 1:
         return [(label, next(iter(seeds.values())))]
     return [(f"{label} seed {s}", items) for s, items in sorted(seeds.items())]
-
 
 
 def _score_image(name: str, sp: Path, hp: Path | None, cfg: FolderOptions, iqa: dict) -> dict | str:
@@ -176,7 +182,9 @@ def _score_image(name: str, sp: Path, hp: Path | None, cfg: FolderOptions, iqa: 
     return row
 
 
-def _evaluate_set(label: str, folder: Path, items, cfg: FolderOptions, iqa: dict) -> tuple[list[dict], list[str]]:
+def _evaluate_set(
+    label: str, folder: Path, items, cfg: FolderOptions, iqa: dict
+) -> tuple[list[dict], list[str]]:
     """Rows and problems of one SR set (a folder's images, or ``items`` of one seed)."""
     problems = []
     if cfg.hr is not None:
@@ -200,8 +208,11 @@ def _evaluate_set(label: str, folder: Path, items, cfg: FolderOptions, iqa: dict
 def evaluate_folders(cfg: FolderOptions) -> tuple[pd.DataFrame, dict, list[str]]:
     """Mode A: ``(per-image table, summary dict, problems)``."""
     labels = unique_labels(cfg.sr, cfg.names, "SR folders", lambda p: Path(p).name)
-    sets = [(lab, Path(folder), items) for label, folder in zip(labels, cfg.sr)
-            for lab, items in sr_sets(folder, label, cfg.sr_seed)]  # fmt: skip
+    sets = [
+        (lab, Path(folder), items)
+        for label, folder in zip(labels, cfg.sr)
+        for lab, items in sr_sets(folder, label, cfg.sr_seed)
+    ]
     have_hr = cfg.hr is not None
     if have_hr and not Path(cfg.hr).is_dir():
         raise FileNotFoundError(f"HR folder not found: {cfg.hr}")
@@ -287,5 +298,9 @@ def summary_markdown(summary: dict) -> str:
         f"pyiqa {proto['pyiqa']}, torch {proto['torch']}.",
     ]
     if summary["problems"]:
-        lines += ["", f"**{len(summary['problems'])} problem(s)**:", *[f"- {md_escape(p)}" for p in summary["problems"]]]
+        lines += [
+            "",
+            f"**{len(summary['problems'])} problem(s)**:",
+            *[f"- {md_escape(p)}" for p in summary["problems"]],
+        ]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,9 @@ from dp2osr.math import bestm
 from dp2osr.math.reward import joint_rewards
 from dp2osr.mdtext import md_escape
 
-SCORES_FILE = "scores.parquet"  # raw metric values beside a pool's rewards.parquet (written by `dp2osr score`)
+SCORES_FILE = (
+    "scores.parquet"  # raw metric values beside a pool's rewards.parquet (written by `dp2osr score`)
+)
 SEPARATE_SCALE = "hybrid reward, each pool min-max normalised separately: NOT comparable across pools"
 
 
@@ -66,7 +68,11 @@ def lr_hr_table(df: pd.DataFrame) -> dict[str, tuple[Path | None, Path | None, s
     out: dict[str, tuple[Path | None, Path | None, str]] = {}
     for row in df.drop_duplicates("image_id").itertuples():
         lr, hr = getattr(row, "lr_path", ""), getattr(row, "hr_path", "")
-        out[str(row.image_id)] = (Path(lr) if lr else None, Path(hr) if hr else None, getattr(row, "prompt", ""))
+        out[str(row.image_id)] = (
+            Path(lr) if lr else None,
+            Path(hr) if hr else None,
+            getattr(row, "prompt", ""),
+        )
     return out
 
 
@@ -84,7 +90,7 @@ def _joint(pools: dict[str, pd.DataFrame], paths: list[Path], metas: list[dict])
     settings = {_reward_settings(meta) for meta in metas}
     if len(settings) > 1:
         raise ValueError(f"the pools were scored with different reward weights or scopes {sorted(settings)}")
-    (w_fr, w_nr, scope), = settings
+    ((w_fr, w_nr, scope),) = settings
     if scope != "pool":
         raise ValueError(
             f"pools scored with --scope {scope} cannot be put on one scale; score them with --scope pool"
@@ -123,7 +129,9 @@ def read_pools(
             "rewards.parquet); give pools scored by `dp2osr score`, or pass --allow-separate-scales to plot "
             "each pool on its own scale, labelled as such"
         )
-    return _joint(pools, paths, [meta for _, meta in read]), f"hybrid reward, min-max normalised jointly over pools {', '.join(labels)}"
+    return _joint(
+        pools, paths, [meta for _, meta in read]
+    ), f"hybrid reward, min-max normalised jointly over pools {', '.join(labels)}"
 
 
 def evaluate_pools(cfg: PoolOptions) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -168,4 +176,3 @@ def bestm_markdown(table: pd.DataFrame, spread: pd.DataFrame, column: str = "rew
             f"{part['std'].mean():.4f} | {(part['max'] - part['min']).mean():.4f} |"
         )
     return "\n".join(lines) + "\n"
-

@@ -174,3 +174,25 @@ def read_png_text(path: Path) -> dict[str, str] | None:
 def write_parquet(df, path: Path) -> None:
     """Write a pandas DataFrame to Parquet atomically (temp file + rename)."""
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def checkerboard_tiles(
+    photos: list[Path], size: int
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """Cut each photo into non-overlapping ``size`` tiles (grid centred); split them in a checkerboard.
+
+    Returns ``(training tiles, held-out tiles)`` as (id, ``(1, 3, size, size)``) lists: a tile at grid
+    (row, col) is held out when row + col is odd, so both sets cover every photo and share no pixel.
+    """
+    train_tiles, held = [], []
+    for path in photos:
+        img = load_image(path)
+        h, w = img.shape[-2:]
+        rows, cols = h // size, w // size
+        top, left = (h - rows * size) // 2, (w - cols * size) // 2
+        for r in range(rows):
+            for c in range(cols):
+                y, x = top + r * size, left + c * size
+                tile = img[..., y : y + size, x : x + size]
+                (held if (r + c) % 2 else train_tiles).append((f"{path.stem}_r{r}c{c}", tile))
+    return train_tiles, held

@@ -188,8 +188,10 @@ def check_output(output: Path, overwrite: bool) -> None:
     (unless ``overwrite``)."""
     check_output_file(output)
     if output.exists() and not overwrite and not _is_pairs_table(output):
-        raise ValueError(f"--output {output} exists and is not a pairs table written by pair; pass --overwrite "
-                         "to replace it, or choose another --output")  # fmt: skip
+        raise ValueError(
+            f"--output {output} exists and is not a pairs table written by pair; pass --overwrite "
+            "to replace it, or choose another --output"
+        )
 
 
 def run(cfg: PairConfig) -> pd.DataFrame:

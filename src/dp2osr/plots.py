@@ -120,8 +120,14 @@ def _noise_bands(ax, df: pd.DataFrame) -> None:
         shaded = True
     if "reward_se" in df.columns and df["reward_se"].notna().any():
         y, se = df["reward"].to_numpy(dtype=np.float64), df["reward_se"].to_numpy(dtype=np.float64)
-        ax.fill_between(x, y - 1.96 * se, y + 1.96 * se, color="C0", alpha=0.25,
-                        label="±1.96 s.e. over seeds (evaluation noise)")  # fmt: skip
+        ax.fill_between(
+            x,
+            y - 1.96 * se,
+            y + 1.96 * se,
+            color="C0",
+            alpha=0.25,
+            label="±1.96 s.e. over seeds (evaluation noise)",
+        )
         shaded = True
     if shaded:
         ax.legend(fontsize=8)

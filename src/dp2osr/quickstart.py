@@ -36,48 +36,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
 from dp2osr.config import check_resume, field, nested, save_config
 from dp2osr.degrade import DegradeConfig
 from dp2osr.engine.options import SamplingOptions
+from dp2osr.engine.trainer import latest_checkpoint
+from dp2osr.images import checkerboard_tiles, list_images, save_image
+from dp2osr.math.degradations import MILD
 from dp2osr.pair import PairConfig
+from dp2osr.paths import check_output_dir
+from dp2osr.runtime import RunClock
 from dp2osr.sample import SampleConfig
 from dp2osr.score import ScoreConfig
 from dp2osr.train import TrainConfig
-from dp2osr.engine.trainer import latest_checkpoint
-from dp2osr.images import atomic_write, list_images, load_image, save_image
-from dp2osr.math.degradations import MILD
-from dp2osr.paths import check_output_dir
 
 CONFIG_NAME = "quickstart_config.yaml"
 TIMINGS_NAME = "timings.json"  # seconds per stage, summed over the runs into one --output
 PHOTOS = Path(__file__).parent / "assets" / "photos"
-_HERE = Path(".")  # the paths the quickstart sets itself (`fixed` options)
-_MODEL = ("backbone", "base", "controlnet", "device", "seed")
+# The options of each stage that the quickstart sets itself (`fixed`): no flags, no YAML keys.
+_MODEL = "backbone base controlnet device seed".split()
+_FIXED_SAMPLE = [*_MODEL, *"input output upscale process_size limit overwrite".split()]
+_FIXED_DEGRADE = "input output hr_size scale crop seed device overwrite".split()
+_FIXED_TRAIN = [*_MODEL, *"mode data output hpo keep_checkpoints resume upscale eval_data eval_every".split()]
+_FIXED_TRAIN += "eval_samples eval_metrics eval_sample_steps eval_process_size".split()
 
 
 @dataclass
 class QuickstartConfig:
     """Run the whole DP²O-SR loop on the embedded model and bundled photos, then write an HTML report.
 
-    degrade -> sample M candidates per training crop -> score (hybrid reward) -> pair (top-N x bottom-N,
-    HPO) -> DPO training of the ControlNet -> sample and score held-out crops (never in the pairs) at every
-    checkpoint -> eval and report: Best/Mean/Worst@M before vs after (same crops, same seeds, rewards
-    normalised jointly), the reward curve, guard metrics outside the reward. Each stage's options are the
-    sub-command's own, as --STAGE.OPTION (e.g. --train.beta 5000, --sample.samples 16). With the defaults it
-    takes a few minutes on 2 CPU cores. Rerun the same command to resume an interrupted run.
+    degrade -> sample -> score -> pair -> DPO training -> held-out pools at every checkpoint -> eval, report:
+    Best/Mean/Worst@M before vs after on held-out crops, the reward curve, guard metrics outside the reward.
+    Each stage's options are its sub-command's, as --STAGE.OPTION (e.g. --train.beta 5000, --sample.samples
+    16). A few minutes on 2 CPU cores; rerun the same command to resume an interrupted run.
     """
 
-    output: Path = field(Path("quickstart_out"), help="output folder (stage subfolders, report.html)", run_only=True)
+    output: Path = field(Path("quickstart_out"), help="output folder (stages, report.html)", run_only=True)
     backbone: str = field(
         "embedded",
-        help="model: embedded (the small SR model shipped in the package) or any --backbone of `dp2osr sample` "
-        "(sd2-tiny: random weights, for tests)",
+        help="embedded (the small SR model shipped in the package) or a `dp2osr sample --backbone`",
     )
     base: Path | None = field(None, help="base model folder (default: the backbone's own)")
-    controlnet: Path | None = field(None, help="ControlNet to start from, the DPO reference (default: the base's)")
+    controlnet: Path | None = field(
+        None, help="the starting ControlNet, DPO's reference (default: the base's)"
+    )
     photos: Path | None = field(None, help="folder of HR photos to cut into crops (default: the 4 bundled)")
     hr_size: int = field(64, help="HR crop side (the LR is hr_size/4); photos are cut into tiles this big")
     images: int = field(10, help="training crops: the DPO pairs come from these only")
@@ -92,29 +95,26 @@ class QuickstartConfig:
     device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"], run_only=True)
     overwrite: bool = field(False, help="delete an earlier quickstart in --output first", run_only=True)
     degrade: DegradeConfig = nested(
-        DegradeConfig, "the LR degradation of the crops (default here: the embedded model's training "
-        "range; `dp2osr degrade` defaults to Real-ESRGAN x4plus)", fixed=("input", "output", "hr_size", "scale",
-        "crop", "seed", "device", "overwrite"), input=_HERE, output=_HERE, **MILD,
-    )  # fmt: skip
-    sample: SampleConfig = nested(
-        SampleConfig, "sampling of every pool (training and held-out)",
-        fixed=(*_MODEL, "input", "output", "upscale", "process_size", "limit", "overwrite"),
-        input=_HERE, output=_HERE, samples=8, batch_size=8,
-    )  # fmt: skip
-    score: ScoreConfig = nested(
-        ScoreConfig, "the reward of the training pool (held-out pools: the same metrics, hybrid 0.5/0.5)",
-        fixed=("candidates", "output", "device"), candidates=_HERE,
-    )  # fmt: skip
-    pair: PairConfig = nested(
-        PairConfig, "preference pairs", fixed=("rewards", "output", "overwrite"), rewards=_HERE, ratio=0.25
+        DegradeConfig, "the LR degradation (here: the mild preset)", _FIXED_DEGRADE, **MILD
     )
+    sample: SampleConfig = nested(
+        SampleConfig, "every pool's sampling", _FIXED_SAMPLE, samples=8, batch_size=8
+    )
+    score: ScoreConfig = nested(ScoreConfig, "the training pool's reward", ["candidates", "output", "device"])
+    pair: PairConfig = nested(PairConfig, "preference pairs", ["rewards", "output", "overwrite"], ratio=0.25)
     train: TrainConfig = nested(
-        TrainConfig, "DPO training (paper: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; the defaults here "
-        "fit a CPU, docs/QUICKSTART.md)", fixed=(*_MODEL, "mode", "data", "output", "hpo", "keep_checkpoints",
-        "resume", "upscale", "eval_data", "eval_every", "eval_samples", "eval_metrics", "eval_sample_steps",
-        "eval_process_size"), mode="dpo", data=_HERE, output=_HERE, steps=60, lr=3e-5, batch_size=32,
-        beta=500.0, checkpoint_every=20, keep_checkpoints=0, log_every=1,
-    )  # fmt: skip
+        TrainConfig,
+        "DPO training (paper: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; here: a CPU's, docs/QUICKSTART.md)",
+        _FIXED_TRAIN,
+        mode="dpo",
+        steps=60,
+        lr=3e-5,
+        batch_size=32,
+        beta=500.0,
+        checkpoint_every=20,
+        keep_checkpoints=0,
+        log_every=1,
+    )
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)
@@ -122,7 +122,9 @@ class QuickstartConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.sample.samples < 2 or (self.eval_samples is not None and self.eval_samples < 1):
-            raise ValueError(f"--sample.samples must be >= 2 (a winner and a loser), got {self.sample.samples}")
+            raise ValueError(
+                f"--sample.samples must be >= 2 (a winner and a loser), got {self.sample.samples}"
+            )
         if self.hr_size < 16 or self.hr_size % 16:
             raise ValueError(f"--hr-size must be a multiple of 16 (>= 16), got {self.hr_size}")
         before_after.guards(self.guard_metrics, self.reward_metrics, self.hr_size)
@@ -153,15 +155,25 @@ def resolved(cfg: QuickstartConfig, lay: Layout) -> QuickstartConfig:
         cfg,
         degrade=dataclasses.replace(cfg.degrade, hr_size=cfg.hr_size, scale=4, crop="center", seed=cfg.seed),
         sample=dataclasses.replace(
-            cfg.sample, **model, input=lay.degrade / "train", output=lay.sample, seed=cfg.seed * 100_000,
+            cfg.sample,
+            **model,
+            input=lay.degrade / "train",
+            output=lay.sample,
+            seed=cfg.seed * 100_000,
             process_size=cfg.hr_size,
-        ),  # fmt: skip
+        ),
         score=dataclasses.replace(cfg.score, candidates=lay.sample, output=lay.score, device=cfg.device),
-        pair=dataclasses.replace(cfg.pair, rewards=lay.score / "rewards.parquet", output=lay.pair / "pref_pairs.parquet"),
+        pair=dataclasses.replace(
+            cfg.pair, rewards=lay.score / "rewards.parquet", output=lay.pair / "pref_pairs.parquet"
+        ),
         train=dataclasses.replace(
-            cfg.train, **model, seed=cfg.seed, data=lay.pair / "pref_pairs.parquet", output=lay.train,
+            cfg.train,
+            **model,
+            seed=cfg.seed,
+            data=lay.pair / "pref_pairs.parquet",
+            output=lay.train,
             hpo=cfg.pair.hpo,
-        ),  # fmt: skip
+        ),
     )
 
 
@@ -169,37 +181,23 @@ def curve_config(cfg: QuickstartConfig, lay: Layout) -> curve.CurveConfig:
     """`dp2osr curve` of the run's checkpoints on the held-out crops, sampled as the training pool was."""
     sampling = {f.name: getattr(cfg.sample, f.name) for f in dataclasses.fields(SamplingOptions)}
     return curve.CurveConfig(
-        **sampling, run_dir=lay.train, heldout=lay.degrade / "heldout", output=lay.eval,
-        samples=cfg.eval_samples or cfg.sample.samples, seed=cfg.seed * 100_000 + 50_000, preset=cfg.score.preset,
-        metrics=cfg.reward_metrics, weights_dir=cfg.score.weights_dir, dither=cfg.score.dither,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------- data
-def tiles(photos: list[Path], size: int) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
-    """Cut each photo into non-overlapping ``size`` tiles (grid centred); split them in a checkerboard.
-
-    Returns ``(training tiles, held-out tiles)`` as (id, ``(1, 3, size, size)``) lists: a tile at grid
-    (row, col) is held out when row + col is odd, so both sets cover every photo and share no pixel.
-    """
-    train_tiles, held = [], []
-    for path in photos:
-        img = load_image(path)
-        h, w = img.shape[-2:]
-        rows, cols = h // size, w // size
-        top, left = (h - rows * size) // 2, (w - cols * size) // 2
-        for r in range(rows):
-            for c in range(cols):
-                y, x = top + r * size, left + c * size
-                tile = img[..., y : y + size, x : x + size]
-                (held if (r + c) % 2 else train_tiles).append((f"{path.stem}_r{r}c{c}", tile))
-    return train_tiles, held
+        **sampling,
+        run_dir=lay.train,
+        heldout=lay.degrade / "heldout",
+        output=lay.eval,
+        samples=cfg.eval_samples or cfg.sample.samples,
+        seed=cfg.seed * 100_000 + 50_000,
+        preset=cfg.score.preset,
+        metrics=cfg.reward_metrics,
+        weights_dir=cfg.score.weights_dir,
+        dither=cfg.score.dither,
+    )
 
 
 def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
     """Stage 1: tiles of the photos -> `dp2osr degrade` into ``folder``/train and ``folder``/heldout."""
     photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
-    train_tiles, held = tiles(photos, cfg.hr_size)
+    train_tiles, held = checkerboard_tiles(photos, cfg.hr_size)
     rng = np.random.default_rng(cfg.seed)
     for name, pool, n in (("train", train_tiles, cfg.images), ("heldout", held, cfg.heldout)):
         if len(pool) < n:
@@ -222,42 +220,17 @@ def train_dpo(cfg: train.TrainConfig) -> None:
     train.run(dataclasses.replace(cfg, resume=last is not None))
 
 
-# -------------------------------------------------------------------------------------------- main
-class RunClock:
-    """Seconds per stage and in total, summed over every run into one output folder: a resumed run adds its
-    own time to what the earlier runs spent (kept in ``path`` after every stage, so a killed run counts too)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.prior = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.now: dict[str, float] = {}
-        self.t0 = time.perf_counter()
-
-    def lap(self, name: str, start: float) -> None:
-        """Add the time since ``start`` to stage ``name`` and save the totals."""
-        self.now[name] = self.now.get(name, 0.0) + time.perf_counter() - start
-        self.now["total"] = time.perf_counter() - self.t0
-        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(self.totals(), indent=2)))
-
-    def totals(self) -> dict:
-        """``{stage: seconds, "total": seconds, "runs": n}`` over the earlier runs and this one."""
-        keys = dict.fromkeys([*self.prior, *self.now])
-        out = {k: self.prior.get(k, 0.0) + self.now.get(k, 0.0) for k in keys if k != "runs"}
-        return {**out, "runs": int(self.prior.get("runs", 0)) + 1}
-
-
 def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
     """Every stage in order (each resumes from what ``lay`` already holds); returns the summary dict."""
     clock = RunClock(lay.root / TIMINGS_NAME)
     steps = [
-        ("degrade", f"cut photos into {cfg.hr_size}px crops ({cfg.images} train, {cfg.heldout} held-out)",
-         lambda: prepare_data(cfg, lay.degrade)),
-        ("sample", f"{cfg.sample.samples} candidates per training crop", lambda: sample.run(cfg.sample)),
+        ("degrade", f"{cfg.images} + {cfg.heldout} crops", lambda: prepare_data(cfg, lay.degrade)),
+        ("sample", f"M = {cfg.sample.samples}", lambda: sample.run(cfg.sample)),
         ("score", f"{', '.join(cfg.reward_metrics)} -> reward", lambda: score.run(cfg.score)),
         ("pair", f"top-N x bottom-N, HPO {cfg.pair.hpo}", lambda: pair.run(cfg.pair)),
-        ("train", f"{cfg.train.steps} DPO steps of {cfg.train.batch_size} pairs", lambda: train_dpo(cfg.train)),
-        ("eval", "held-out crops at step 0 and every checkpoint", lambda: curve.run(curve_config(cfg, lay))),
-    ]  # fmt: skip
+        ("train", f"{cfg.train.steps} DPO steps", lambda: train_dpo(cfg.train)),
+        ("eval", "held-out pools of every checkpoint", lambda: curve.run(curve_config(cfg, lay))),
+    ]
     done = {}
     for n, (name, text, work) in enumerate(steps, 1):
         print(f"[quickstart {n}/7] {name}: {text}", file=sys.stderr, flush=True)
@@ -279,9 +252,14 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
     curve_csv = lay.eval / curve.CURVE_CSV
     evaluate.run(evaluate.EvalConfig(output=lay.eval, pools=joint, pool_names=names, reward_curve=curve_csv))
     page = report.ReportConfig(
-        output=lay.root / "report.html", pools=joint, names=names, reward_curve=curve_csv, max_images=6,
-        select="first", title="dp2osr quickstart: DP²O on held-out crops",
-    )  # fmt: skip
+        output=lay.root / "report.html",
+        pools=joint,
+        names=names,
+        reward_curve=curve_csv,
+        max_images=6,
+        select="first",
+        title="dp2osr quickstart: DP²O on held-out crops",
+    )
     summary["report"] = str(report.run(page, sections=[before_after.summary_html(cfg, summary)]))
     return summary
 

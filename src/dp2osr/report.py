@@ -284,9 +284,12 @@ def _bestm_section(pools: list[dict], labels: list[str], scale: str, column: str
     if len(pools) >= 2 and scale != eval_pools.SEPARATE_SCALE:
         verdict = verdict_html(pools[0]["df"], pools[-1]["df"], (labels[0], labels[-1]), column)
     return (
-        "<h2>Best / Mean / Worst@M</h2>" + _img(png, "Best/Mean/Worst@M plot") + _bestm_table_html(table)
-        + _scale_note([scale]) + verdict
-    )  # fmt: skip
+        "<h2>Best / Mean / Worst@M</h2>"
+        + _img(png, "Best/Mean/Worst@M plot")
+        + _bestm_table_html(table)
+        + _scale_note([scale])
+        + verdict
+    )
 
 
 def _img(png: bytes, alt: str) -> str:

@@ -77,11 +77,23 @@ def run(cfg: SampleConfig) -> None:
     state.wait_for_everyone()
     seeds = [cfg.seed + k for k in range(cfg.samples)]
     result, failed = sample_pool(
-        bb, images, out, seeds, cfg, model=model_fields(cfg), upscale=cfg.upscale, overwrite=cfg.overwrite,
+        bb,
+        images,
+        out,
+        seeds,
+        cfg,
+        model=model_fields(cfg),
+        upscale=cfg.upscale,
+        overwrite=cfg.overwrite,
         state=state,
-    )  # fmt: skip
+    )
     if state.is_main_process:
-        print(f"sample: {len(images) - len(failed)} images x {len(seeds)} seeds in {out} ({result.written} new on "
-              f"process 0); {len(failed)} unreadable images skipped", file=sys.stderr)  # fmt: skip
+        print(
+            f"sample: {len(images) - len(failed)} images x {len(seeds)} seeds in {out} ({result.written} new on "
+            f"process 0); {len(failed)} unreadable images skipped",
+            file=sys.stderr,
+        )
     if failed:
-        raise PartialFailure(f"{len(failed)} image(s) could not be sampled (reported above): {sorted(failed)[:5]}")
+        raise PartialFailure(
+            f"{len(failed)} image(s) could not be sampled (reported above): {sorted(failed)[:5]}"
+        )

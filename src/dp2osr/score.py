@@ -80,11 +80,15 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {w}")
         if self.w_fr + self.w_nr == 0:
             raise ValueError("w_fr and w_nr are both 0: every reward would be 0")
-        families = {s.family for s in metric_lib.catalogue(resolved_metrics(self)).values()}  # unknown names fail
+        families = {
+            s.family for s in metric_lib.catalogue(resolved_metrics(self)).values()
+        }  # unknown names fail
         for family in ("fr", "nr"):
             weight, other = (self.w_fr, self.w_nr) if family == "fr" else (self.w_nr, self.w_fr)
             if weight > 0 and other == 0 and family not in families:
-                raise ValueError(f"w_{family} > 0 alone needs at least one {family.upper()} metric in --metrics")
+                raise ValueError(
+                    f"w_{family} > 0 alone needs at least one {family.upper()} metric in --metrics"
+                )
 
 
 def resolved_metrics(cfg: ScoreConfig) -> list[str]:
@@ -108,7 +112,9 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     # the resolved config: the exact metric list and output folder this run used
     save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
-    opts = ScoreOptions(cfg.weights_dir, cfg.device, cfg.batch_size, cfg.w_fr, cfg.w_nr, cfg.scope, cfg.dither)
+    opts = ScoreOptions(
+        cfg.weights_dir, cfg.device, cfg.batch_size, cfg.w_fr, cfg.w_nr, cfg.scope, cfg.dither
+    )
     result = score_pool(cand_dir, out_dir, names, opts)
     if result.errors:
         raise PartialFailure(

@@ -135,7 +135,9 @@ def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = F
     empty table (unless ``allow_empty``) or a duplicated key is a ValueError naming ``where``."""
     missing = [c for c in schema.columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{where}: not a {schema.name} table: lacks column(s) {missing} (has {list(df.columns)})")
+        raise ValueError(
+            f"{where}: not a {schema.name} table: lacks column(s) {missing} (has {list(df.columns)})"
+        )
     if df.empty and not allow_empty:
         raise ValueError(f"{where}: the {schema.name} table is empty")
     df = df.reset_index(drop=True)
@@ -196,6 +198,8 @@ def write(schema: Schema, df: pd.DataFrame, path: Path, meta: dict | None = None
 
     table = pa.Table.from_pandas(df, preserve_index=False)
     info = {**(meta or {}), "schema": schema.name, "version": schema.version}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(info).encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), META_KEY: json.dumps(info).encode()}
+    )
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path

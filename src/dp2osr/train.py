@@ -42,46 +42,78 @@ class TrainConfig(ModelOptions):
     warmup_steps: int = field(0, help="linear learning-rate warm-up steps")
     batch_size: int = field(4, help="pairs (dpo) or images (sft) per micro-batch per process")
     grad_accum: int = field(1, help="micro-batches per optimizer step (paper: effective batch 1024 pairs)")
-    beta: float = field(5000.0, help="DPO β in ℓ = −log σ(−β/2 · Δ), Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)); "
-                        "the 1/2 is inside the sigmoid's argument (paper: 5000)")
-    winner_sft: float = field(0.0, help="dpo: λ of an added supervised term on the winners, L = mean(w·(ℓ + λ·(e_θ(w) "
-                              "− e_ref(w)))); not in the paper, 0 = off. ℓ pulls on e_θ(w) with β/4 at the start, "
-                              "so λ = β/4 pulls as hard; meant to stop DPO lowering ℓ by moving away from winners "
-                              "and losers alike (small-scale runs: docs/QUICKSTART.md)")
-    hpo: str = field("both", help="pair weights: both = w_intra·w_inter (HPO), intra, inter, none = plain "
-                     "Diffusion-DPO", choices=list(HPO_MODES))
+    beta: float = field(
+        5000.0,
+        help="DPO β in ℓ = −log σ(−β/2 · Δ), Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)); "
+        "the 1/2 is inside the sigmoid's argument (paper: 5000)",
+    )
+    winner_sft: float = field(
+        0.0,
+        help="dpo: λ of an added supervised term on the winners, L = mean(w·(ℓ + λ·(e_θ(w) "
+        "− e_ref(w)))); not in the paper, 0 = off. ℓ pulls on e_θ(w) with β/4 at the start, "
+        "so λ = β/4 pulls as hard; meant to stop DPO lowering ℓ by moving away from winners "
+        "and losers alike (small-scale runs: docs/QUICKSTART.md)",
+    )
+    hpo: str = field(
+        "both",
+        help="pair weights: both = w_intra·w_inter (HPO), intra, inter, none = plain Diffusion-DPO",
+        choices=list(HPO_MODES),
+    )
     prompt_dropout: float = field(0.1, help="sft: probability of training a sample with the empty prompt")
     upscale: int = field(4, help="LR -> training image scale factor")
-    mixed_precision: str = field("no", help="autocast dtype for the forward passes; the trained weights and DPO's "
-                                 "frozen reference ControlNet stay fp32, the frozen UNet/transformer, VAE and text "
-                                 "encoders take this dtype",
-                                 choices=["no", "fp16", "bf16"])
-    gradient_checkpointing: bool = field(False, help="recompute activations in backward (less memory, slower)")
-    use_8bit_adam: bool = field(False, help="bitsandbytes 8-bit AdamW: the optimizer state of large tensors in 8 bits "
-                                "(bitsandbytes comes with pyiqa; memory: docs/PERFORMANCE.md)")
-    lora_rank: int = field(0, help="train a LoRA of this rank on the ControlNet instead of all its weights; the "
-                           "DPO reference is then the ControlNet with the adapter disabled (needs peft)")
+    mixed_precision: str = field(
+        "no",
+        help="autocast dtype for the forward passes; the trained weights and DPO's "
+        "frozen reference ControlNet stay fp32, the frozen UNet/transformer, VAE and text "
+        "encoders take this dtype",
+        choices=["no", "fp16", "bf16"],
+    )
+    gradient_checkpointing: bool = field(
+        False, help="recompute activations in backward (less memory, slower)"
+    )
+    use_8bit_adam: bool = field(
+        False,
+        help="bitsandbytes 8-bit AdamW: the optimizer state of large tensors in 8 bits "
+        "(bitsandbytes comes with pyiqa; memory: docs/PERFORMANCE.md)",
+    )
+    lora_rank: int = field(
+        0,
+        help="train a LoRA of this rank on the ControlNet instead of all its weights; the "
+        "DPO reference is then the ControlNet with the adapter disabled (needs peft)",
+    )
     max_grad_norm: float = field(1.0, help="gradient clipping norm")
-    ema_decay: float = field(0.0, help="keep an exponential moving average of the trained weights with this decay "
-                             "(e.g. 0.999) and save it as the model; 0 = off")
-    cache: bool = field(True, help="cache VAE latents, control images and prompt embeddings (off: re-encode "
-                        "every step, for benchmarks)")
+    ema_decay: float = field(
+        0.0,
+        help="keep an exponential moving average of the trained weights with this decay "
+        "(e.g. 0.999) and save it as the model; 0 = off",
+    )
+    cache: bool = field(
+        True,
+        help="cache VAE latents, control images and prompt embeddings (off: re-encode "
+        "every step, for benchmarks)",
+    )
     seed: int = field(0, help="seed of data order, noise and timesteps")
     checkpoint_every: int = field(100, help="save a checkpoint every K steps (and at the end)", run_only=True)
     keep_checkpoints: int = field(2, help="keep only the newest K checkpoints (0 = all)", run_only=True)
     log_every: int = field(1, help="log metrics every K steps", run_only=True)
     resume: bool = field(False, help="continue from the newest checkpoint in OUTPUT", run_only=True)
-    eval_data: Path | None = field(None, help="held-out images (a `dp2osr degrade` folder, never in the training "
-                                   "data): their hybrid reward is evaluated at step 0 and every --eval-every steps "
-                                   "-> OUTPUT/eval/reward_curve.{csv,png}, TensorBoard eval/* (the reward curve)")
+    eval_data: Path | None = field(
+        None,
+        help="held-out images (a `dp2osr degrade` folder, never in the training "
+        "data): their hybrid reward is evaluated at step 0 and every --eval-every steps "
+        "-> OUTPUT/eval/reward_curve.{csv,png}, TensorBoard eval/* (the reward curve)",
+    )
     eval_every: int = field(0, help="evaluate every K steps (0 = at every checkpoint)")
     eval_samples: int = field(4, help="seeds per held-out image (the same seeds at every evaluation)")
-    eval_metrics: list[str] | None = field(None, help="IQA metrics of the held-out reward (default: the offline "
-                                           "preset, fsim gmsd piqe)")
-    eval_sample_steps: int | None = field(None, help="denoising steps of the held-out samples (default: the "
-                                          "backbone's)")
-    eval_process_size: int | None = field(None, help="process size of the held-out samples (default: the "
-                                          "backbone's)")
+    eval_metrics: list[str] | None = field(
+        None, help="IQA metrics of the held-out reward (default: the offline preset, fsim gmsd piqe)"
+    )
+    eval_sample_steps: int | None = field(
+        None, help="denoising steps of the held-out samples (default: the backbone's)"
+    )
+    eval_process_size: int | None = field(
+        None, help="process size of the held-out samples (default: the backbone's)"
+    )
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, ["sft", "dpo"])
@@ -111,7 +143,9 @@ def run(cfg: TrainConfig) -> Path:
         # The cuDNN attention backend hit "illegal memory access" in the FLUX DPO backward (torch 2.11, H200);
         # the flash / memory-efficient backends ran the same step fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu
+    )
     out = Path(cfg.output)
     resume_from = trainer._resume_point(cfg, out)
     if resume_from:

@@ -60,7 +60,9 @@ class UpscaleConfig(SamplingOptions):
     )
     samples: int = field(1, help="outputs per image (M); sample k uses seed SEED+k")
     seed: int = field(0, help="seed of the first sample")
-    overwrite: bool = field(False, help="redo outputs that already exist (otherwise they are skipped: resume)")
+    overwrite: bool = field(
+        False, help="redo outputs that already exist (otherwise they are skipped: resume)"
+    )
     layout: str = field(
         "seeds",
         help="seeds: OUTPUT/NAME/seed_XXXX.png (any --samples); flat: OUTPUT/NAME.png (one sample per image, "
@@ -144,9 +146,16 @@ def run(cfg: UpscaleConfig) -> None:
     jobs = chunk_jobs(mine, seeds, cfg.batch_size)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
     result = run_jobs(
-        bb, jobs, cfg.output, cfg, upscale=cfg.upscale, overwrite=cfg.overwrite, desc="upscale",
-        show_progress=state.is_local_main_process, flat=cfg.layout == "flat",
-    )  # fmt: skip
+        bb,
+        jobs,
+        cfg.output,
+        cfg,
+        upscale=cfg.upscale,
+        overwrite=cfg.overwrite,
+        desc="upscale",
+        show_progress=state.is_local_main_process,
+        flat=cfg.layout == "flat",
+    )
     done, failed = result.images_done, len(result.failed)
     if state.is_main_process:
         record_run(resolved_config(cfg, bb, device), Path(cfg.output), done)

@@ -179,7 +179,9 @@ class Backbone(ABC):
         return self.controlnet_for(self.denoiser)
 
     # ---- sampling fast paths --------------------------------------------------------------------------
-    def optimize(self, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool = False) -> Backbone:
+    def optimize(
+        self, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool = False
+    ) -> Backbone:
         """Make the denoiser and the ControlNet faster for sampling, in place (inference only: not for training).
 
         ``channels_last``: 4-D weights in ``torch.channels_last`` memory format (the convolutions of a UNet and
@@ -223,7 +225,9 @@ class Backbone(ABC):
             return copy.deepcopy(self.controlnet)
         net = type(self.controlnet).from_config(self.controlnet.config)
         plain = set(net.state_dict())
-        net.load_state_dict({k: v for k, v in self.controlnet.state_dict().items() if k in plain}, strict=True)
+        net.load_state_dict(
+            {k: v for k, v in self.controlnet.state_dict().items() if k in plain}, strict=True
+        )
         return net.to(memory_format=torch.contiguous_format)
 
     @contextlib.contextmanager
@@ -244,7 +248,10 @@ class Backbone(ABC):
             vae.tile_sample_min_size, vae.tile_latent_min_size = old
 
     def to(
-        self, device: str | torch.device, dtype: torch.dtype = torch.float32, controlnet_dtype: torch.dtype | None = None
+        self,
+        device: str | torch.device,
+        dtype: torch.dtype = torch.float32,
+        controlnet_dtype: torch.dtype | None = None,
     ) -> Backbone:
         """Move everything to ``dtype``, the ControlNet to ``controlnet_dtype`` if given (training keeps its
         float32 master weights as loaded, not rounded through ``dtype``)."""

@@ -107,7 +107,9 @@ class ResidualSpaceToDepth(torch.nn.Module):
     ) -> None:
         super().__init__()
         if factor < 1 or scale <= 0 or detail < 0:
-            raise ValueError(f"factor must be >= 1, scale > 0 and detail >= 0, got {factor}, {scale}, {detail}")
+            raise ValueError(
+                f"factor must be >= 1, scale > 0 and detail >= 0, got {factor}, {scale}, {detail}"
+            )
         self.factor, self.scale = int(factor), float(scale)
         self.sharpener = sharpener
         self.luma_only, self.detail = bool(luma_only), float(detail)
@@ -133,8 +135,13 @@ class ResidualSpaceToDepth(torch.nn.Module):
         return self.base(control) + self.detail * residual
 
     def config(self) -> dict:
-        out = {"type": "residual_space_to_depth", "factor": self.factor, "scale": self.scale,
-               "luma_only": self.luma_only, "detail": self.detail}  # fmt: skip
+        out = {
+            "type": "residual_space_to_depth",
+            "factor": self.factor,
+            "scale": self.scale,
+            "luma_only": self.luma_only,
+            "detail": self.detail,
+        }
         if self.sharpener is not None:
             out["sharpener"] = self.sharpener.config()
         return out
@@ -182,7 +189,9 @@ class EmbeddedBackbone(SD2Backbone):
                 f"got in {unet.config.in_channels} / out {unet.config.out_channels}"
             )
         if prompt_embeds.dim() != 3 or prompt_embeds.shape[0] != 1:
-            raise ValueError(f"prompt_embeds must have shape (1, tokens, dim), got {tuple(prompt_embeds.shape)}")
+            raise ValueError(
+                f"prompt_embeds must have shape (1, tokens, dim), got {tuple(prompt_embeds.shape)}"
+            )
         self.prompt_embeds = prompt_embeds.detach().clone()
         super().__init__(
             name=name,
@@ -230,7 +239,10 @@ class EmbeddedBackbone(SD2Backbone):
         return load_embedded(base, dtype, make_controlnet, name)
 
     def to(
-        self, device: str | torch.device, dtype: torch.dtype = torch.float32, controlnet_dtype: torch.dtype | None = None
+        self,
+        device: str | torch.device,
+        dtype: torch.dtype = torch.float32,
+        controlnet_dtype: torch.dtype | None = None,
     ) -> Backbone:
         super().to(device, dtype, controlnet_dtype)
         self.prompt_embeds = self.prompt_embeds.to(self.device, dtype)
@@ -240,11 +252,15 @@ class EmbeddedBackbone(SD2Backbone):
     def save_pretrained(self, path: Path) -> None:
         path = Path(path)
         super().save_pretrained(path)
-        save_file({"prompt_embeds": self.prompt_embeds.detach().float().cpu().contiguous()}, str(path / PROMPT_FILE))
+        save_file(
+            {"prompt_embeds": self.prompt_embeds.detach().float().cpu().contiguous()}, str(path / PROMPT_FILE)
+        )
         meta = json.loads((path / "dp2osr.json").read_text())
         meta["autoencoder"] = self.vae.config()
         if self.vae.sharpener is not None:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in self.vae.sharpener.state_dict().items()}
+            state = {
+                k: v.detach().float().cpu().contiguous() for k, v in self.vae.sharpener.state_dict().items()
+            }
             save_file(state, str(path / SHARPENER_FILE))
         (path / "dp2osr.json").write_text(json.dumps(meta, indent=2))
 
@@ -260,7 +276,9 @@ def build_embedded(
     """
     widths = tuple(int(w) for w in widths)
     if len(widths) < 2 or widths[0] < 48 or any(w % 16 for w in widths):
-        raise ValueError(f"widths must be >= 2 multiples of 16, the first >= 48 (latent channels), got {widths}")
+        raise ValueError(
+            f"widths must be >= 2 multiples of 16, the first >= 48 (latent channels), got {widths}"
+        )
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -287,7 +305,11 @@ def build_embedded(
     )
     prompt_embeds = torch.randn((1, 4, 64), generator=gen)
     return EmbeddedBackbone(
-        name="embedded", unet=unet, scheduler=scheduler, prompt_embeds=prompt_embeds, residual_scale=residual_scale
+        name="embedded",
+        unet=unet,
+        scheduler=scheduler,
+        prompt_embeds=prompt_embeds,
+        residual_scale=residual_scale,
     )
 
 
@@ -329,6 +351,9 @@ def load_autoencoder(base: Path, ae: dict) -> ResidualSpaceToDepth:
         sharpener.load_state_dict(load_file(str(path)), strict=True)
         sharpener.requires_grad_(False).eval()
     return ResidualSpaceToDepth(
-        int(ae.get("factor", 4)), float(ae.get("scale", 10.0)), sharpener, bool(ae.get("luma_only", False)),
+        int(ae.get("factor", 4)),
+        float(ae.get("scale", 10.0)),
+        sharpener,
+        bool(ae.get("luma_only", False)),
         float(ae.get("detail", 1.0)),
     )

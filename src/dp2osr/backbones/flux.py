@@ -50,7 +50,15 @@ class FluxBackbone(Backbone):
     preferred_dtype = "bf16"
     train_guidance = 2.5
     denoiser_name = "transformer"
-    base_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    base_parts = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    )
     base_description = "a FLUX.1-dev model (black-forest-labs/FLUX.1-dev)"
     controlnet_description = (
         "FluxControlNetModel.from_transformer(<this transformer>, num_layers=4, num_single_layers=0)"
@@ -224,7 +232,9 @@ class FluxBackbone(Backbone):
         return {"tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2}
 
     @classmethod
-    def controlnet_for(cls, denoiser: FluxTransformer2DModel, load_weights: bool = True) -> FluxControlNetModel:
+    def controlnet_for(
+        cls, denoiser: FluxTransformer2DModel, load_weights: bool = True
+    ) -> FluxControlNetModel:
         return flux_controlnet_from(denoiser, load_weights)
 
     @classmethod

@@ -39,7 +39,12 @@ def cache_folder() -> str:
 
 def fetch_command(repo: str, revision: str | None, file: str | None) -> str:
     """The command that puts ``repo`` (or one file of it) in the cache, on a machine with network."""
-    parts = ["hf download", repo, *([file] if file else []), *([f"--revision {revision}"] if revision else [])]
+    parts = [
+        "hf download",
+        repo,
+        *([file] if file else []),
+        *([f"--revision {revision}"] if revision else []),
+    ]
     return " ".join(parts)
 
 

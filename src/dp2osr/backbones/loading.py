@@ -62,10 +62,16 @@ REGISTRY: dict[str, Entry] = {
     "sd2": Entry(SD2Backbone, SizeTraits(8, 4, 8, 512, 50)),
     "flux": Entry(FluxBackbone, SizeTraits(8, 16, 16, 512, 25)),
     "sd2-tiny": Entry(
-        SD2Backbone, SizeTraits(8, 4, 8, 64, 4, 34816, 4.7e-4), build=build_sd2_tiny, note="using the built-in sd2-tiny test model (random weights): outputs are not real SR"
+        SD2Backbone,
+        SizeTraits(8, 4, 8, 64, 4, 34816, 4.7e-4),
+        build=build_sd2_tiny,
+        note="using the built-in sd2-tiny test model (random weights): outputs are not real SR",
     ),
     "flux-tiny": Entry(
-        FluxBackbone, SizeTraits(8, 4, 16, 64, 4, 16384, 2.3e-4), build=build_flux_tiny, note="using the built-in flux-tiny test model (random weights): outputs are not real SR"
+        FluxBackbone,
+        SizeTraits(8, 4, 16, 64, 4, 16384, 2.3e-4),
+        build=build_flux_tiny,
+        note="using the built-in flux-tiny test model (random weights): outputs are not real SR",
     ),
     "embedded": Entry(
         EmbeddedBackbone,
@@ -92,12 +98,16 @@ def backbone_class(name: str) -> type[Backbone]:
 def size_traits(name: str) -> SizeTraits:
     """The geometry and calibrated costs of backbone ``name``, known without loading it."""
     return entry(name).size
+
+
 def trait_defaults(trait: str) -> str:
     """``embedded 20, sd2 50, flux 25, tiny test models 4``: a trait of each backbone, for help texts."""
     tiny = {"default_steps": TINY_STEPS, "default_process_size": TINY_PROCESS_SIZE}
     real = [(name, spec.cls) for name, spec in REGISTRY.items() if spec.build is None]
     if trait == "default_negative_prompt":  # only the families that guide against one
-        return ", ".join(f"{name} {cls.default_negative_prompt!r}" for name, cls in real if cls.uses_negative_prompt)
+        return ", ".join(
+            f"{name} {cls.default_negative_prompt!r}" for name, cls in real if cls.uses_negative_prompt
+        )
     parts = [f"{name} {getattr(cls, trait):g}" for name, cls in real]
     if trait in tiny:
         parts.append(f"tiny test models {tiny[trait]}")
@@ -139,7 +149,9 @@ def load_controlnet(name: str, path: Path, denoiser: torch.nn.Module, dtype: tor
         if path.joinpath("config.json").is_file():
             return cls.controlnet_from_folder(path, dtype)
         if not path.joinpath("model.safetensors").is_file():
-            raise ValueError(f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors")
+            raise ValueError(
+                f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors"
+            )
         path = path / "model.safetensors"  # a release folder holding only model.safetensors
     if not path.is_file():
         raise FileNotFoundError(f"ControlNet checkpoint not found: {path}")

@@ -175,8 +175,13 @@ class SD2Backbone(Backbone):
             if i < len(u.up_blocks) - 1 and trunk["odd_size"]:
                 size = skips[-1].shape[2:]
             if getattr(block, "has_cross_attention", False):
-                h = block(hidden_states=h, temb=temb, res_hidden_states_tuple=res, encoder_hidden_states=emb,
-                          upsample_size=size)  # fmt: skip
+                h = block(
+                    hidden_states=h,
+                    temb=temb,
+                    res_hidden_states_tuple=res,
+                    encoder_hidden_states=emb,
+                    upsample_size=size,
+                )
             else:
                 h = block(hidden_states=h, temb=temb, res_hidden_states_tuple=res, upsample_size=size)
         if u.conv_norm_out is not None:
@@ -217,7 +222,9 @@ class SD2Backbone(Backbone):
     @classmethod
     def load(cls, base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2Backbone:
         """Load an SD2-base folder in diffusers layout; ``make_controlnet(unet)`` gives the ControlNet."""
-        return load_sd2(require_parts(base, cls.base_parts, "Stable Diffusion 2 base"), dtype, make_controlnet, name)
+        return load_sd2(
+            require_parts(base, cls.base_parts, "Stable Diffusion 2 base"), dtype, make_controlnet, name
+        )
 
 
 def load_sd2(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2Backbone:

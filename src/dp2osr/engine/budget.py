@@ -69,14 +69,18 @@ def estimate(
     ov = int(round(tile * tile_overlap / align)) * align if tiled else 0
     tiles = len(tile_starts(h, th, th - ov, align)) * len(tile_starts(w, tw, tw - ov, align))
     b = min(batch_size, samples)
-    image = 3 * 4 * (height * width * (2 + 2 * b) + 2 * hp * wp)  # lr_up, samples + fixed copies, work, control
+    image = (
+        3 * 4 * (height * width * (2 + 2 * b) + 2 * hp * wp)
+    )  # lr_up, samples + fixed copies, work, control
     latents = 4 * 4 * b * t.latent_channels * h * w  # latents, prediction, its sum and the step's output
     calls = min(tile_batch, tiles) * b if tiled else b
     act = calls * th * tw * (t.act_bytes_per_latent_px or 0.0)
     seconds = None
     if cpu and t.cpu_s_per_latent_px is not None:
         seconds = (steps or t.steps) * tiles * samples * th * tw * t.cpu_s_per_latent_px
-    return Estimate((height, width), tiles, th * tw, image + latents + act, seconds, t.act_bytes_per_latent_px is not None)
+    return Estimate(
+        (height, width), tiles, th * tw, image + latents + act, seconds, t.act_bytes_per_latent_px is not None
+    )
 
 
 def image_hw(path: Path) -> tuple[int, int] | None:
@@ -91,7 +95,9 @@ def image_hw(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def check_sizes(paths: list[Path], max_pixels: int, flag: str = "--max-pixels", **plan) -> dict[Path, Estimate]:
+def check_sizes(
+    paths: list[Path], max_pixels: int, flag: str = "--max-pixels", **plan
+) -> dict[Path, Estimate]:
     """The estimate of every readable image; a one-line ValueError (before any model loads) naming the first
     image whose output exceeds ``max_pixels`` (0: no limit), with its estimate and how to override."""
     found = {}
@@ -113,10 +119,18 @@ def check_inputs(paths: list[Path], cfg, cpu: bool, desc: str) -> None:
     """`check_sizes` with the options of an `upscale` / `sample` config ``cfg`` (``max_pixels``, ``upscale``,
     ``samples`` and the sampling options); prints the estimate of the largest image when it is tiled."""
     found = check_sizes(
-        paths, cfg.max_pixels, backbone=cfg.backbone, upscale=cfg.upscale, samples=cfg.samples,
-        batch_size=cfg.batch_size, tile_batch=cfg.tile_batch, tile_overlap=cfg.tile_overlap,
-        process_size=cfg.process_size, steps=cfg.steps, cpu=cpu,
-    )  # fmt: skip
+        paths,
+        cfg.max_pixels,
+        backbone=cfg.backbone,
+        upscale=cfg.upscale,
+        samples=cfg.samples,
+        batch_size=cfg.batch_size,
+        tile_batch=cfg.tile_batch,
+        tile_overlap=cfg.tile_overlap,
+        process_size=cfg.process_size,
+        steps=cfg.steps,
+        cpu=cpu,
+    )
     if found:
         path, est = max(found.items(), key=lambda kv: kv[1].out_hw[0] * kv[1].out_hw[1])
         if est.tiles > 1:

@@ -201,9 +201,17 @@ class HeldoutEval:
         if controlnet is not None:
             model["controlnet"] = source or f"training step {step}"
         _, failed = sample_pool(
-            self.bb, self.images, folder, self.seeds, self.opts, model=model, upscale=self.upscale,
-            controlnet=controlnet, state=state, desc="held-out",
-        )  # fmt: skip
+            self.bb,
+            self.images,
+            folder,
+            self.seeds,
+            self.opts,
+            model=model,
+            upscale=self.upscale,
+            controlnet=controlnet,
+            state=state,
+            desc="held-out",
+        )
         if failed:
             raise StageError(f"held-out images could not be sampled: {sorted(failed)}")
         if state is None or state.is_main_process:
@@ -214,11 +222,7 @@ class HeldoutEval:
     def curve(self) -> pd.DataFrame:
         """The curve of every step evaluated so far, written to FOLDER/reward_curve.{csv,png}."""
         table = curve_from_pools({s: step_dir(self.folder, s) for s in self.steps()}, self.metrics)
-        write_curve(table, self.folder, f"Held-out reward, {len(self.images)} images x {len(self.seeds)} seeds")
+        write_curve(
+            table, self.folder, f"Held-out reward, {len(self.images)} images x {len(self.seeds)} seeds"
+        )
         return table
-
-
-
-
-
-

@@ -112,13 +112,23 @@ def run_jobs(
     lr_paths = {j.image_id: j.lr_path for j in jobs}  # an image's seed chunks share one LR: hash it once
     lr_shas = {i: lr_file_sha(path) for i, path in lr_paths.items()}
     todo = [
-        j for j in jobs
-        if overwrite or not all(sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
-                                for s in j.seeds)
-    ]  # fmt: skip
+        j
+        for j in jobs
+        if overwrite
+        or not all(
+            sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
+            for s in j.seeds
+        )
+    ]
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
-    bar = tqdm(total=sum(len(j.seeds) for j in todo), desc=desc, unit="sample", disable=not show_progress,
-               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(len(j.seeds) for j in todo),
+        desc=desc,
+        unit="sample",
+        disable=not show_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     cache: dict = {}
     for job in todo:
         if job.image_id in result.failed:
@@ -127,15 +137,28 @@ def run_jobs(
         try:
             if cache.get("id") != job.image_id:
                 cache = _prepared(bb, job, upscale, prompt_fn, settings["negative_prompt"])
-            steps = tqdm(total=settings["steps"], desc=f"  {job.image_id}", unit="step", leave=False,
-                         disable=not show_progress, file=sys.stderr)  # fmt: skip
+            steps = tqdm(
+                total=settings["steps"],
+                desc=f"  {job.image_id}",
+                unit="step",
+                leave=False,
+                disable=not show_progress,
+                file=sys.stderr,
+            )
             with steps:  # closed on an error too
                 sr = super_resolve(
-                    bb, cache["lr_up"], cache["cond"], job.seeds,
-                    steps=settings["steps"], guidance=settings["guidance"], process_size=settings["process_size"],
-                    tile_overlap=opts.tile_overlap, color_fix_method=opts.color_fix, tile_batch=opts.tile_batch,
+                    bb,
+                    cache["lr_up"],
+                    cache["cond"],
+                    job.seeds,
+                    steps=settings["steps"],
+                    guidance=settings["guidance"],
+                    process_size=settings["process_size"],
+                    tile_overlap=opts.tile_overlap,
+                    color_fix_method=opts.color_fix,
+                    tile_batch=opts.tile_batch,
                     progress=steps.update,
-                )  # fmt: skip
+                )
         except (ImageReadError, torch.OutOfMemoryError) as exc:
             result.failed[job.image_id] = str(exc)
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)

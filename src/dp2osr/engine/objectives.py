@@ -56,7 +56,9 @@ def sft_objective(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Supervised loss: the mean squared error of the policy's prediction, and its diagnostics."""
     with autocast():
-        pred = bb.predict(nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy)
+        pred = bb.predict(
+            nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy
+        )
     err = mse_per_sample(pred.float(), nb.target.float())
     return err.mean(), {"loss": err.mean().item()}
 
@@ -84,20 +86,36 @@ def dpo_objective(
         trunk = bb.trunk(nb.noisy, nb.timesteps, nb.cond)
         with reference() as ref:
             ref_pred = bb.predict(
-                nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=ref, trunk=trunk
+                nb.noisy,
+                nb.timesteps,
+                nb.cond,
+                nb.control,
+                guidance=bb.train_guidance,
+                controlnet=ref,
+                trunk=trunk,
             )
         ref_err = mse_per_sample(ref_pred.float(), nb.target.float())
         del ref_pred
     with autocast():
         pred = bb.predict(
-            nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy, trunk=trunk
+            nb.noisy,
+            nb.timesteps,
+            nb.cond,
+            nb.control,
+            guidance=bb.train_guidance,
+            controlnet=policy,
+            trunk=trunk,
         )
     del trunk
     err = mse_per_sample(pred.float(), nb.target.float())
     o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta, weights, winner_sft)
     stats = {
-        "loss": o.loss.item(), "accuracy": o.accuracy.item(), "reward_margin": o.reward_margin.item(),
-        "policy_err_w": o.policy_err_w.item(), "policy_err_l": o.policy_err_l.item(),
-        "ref_err_w": o.ref_err_w.item(), "ref_err_l": o.ref_err_l.item(),
-    }  # fmt: skip
+        "loss": o.loss.item(),
+        "accuracy": o.accuracy.item(),
+        "reward_margin": o.reward_margin.item(),
+        "policy_err_w": o.policy_err_w.item(),
+        "policy_err_l": o.policy_err_l.item(),
+        "ref_err_w": o.ref_err_w.item(),
+        "ref_err_l": o.ref_err_l.item(),
+    }
     return o.loss, stats

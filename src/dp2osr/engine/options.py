@@ -48,7 +48,8 @@ class ModelOptions:
         choices=["auto", "fp32", "fp16", "bf16"],
     )
     device: str = field(
-        "auto", help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)",
+        "auto",
+        help="auto | cpu | cuda | cuda:N (under accelerate launch: each process's own GPU)",
         run_only=True,
     )
 
@@ -98,7 +99,8 @@ class SamplingOptions(ModelOptions):
     # Fast paths (Backbone.optimize): outputs equal the plain path's up to float rounding, not bit for bit, so
     # they are part of a pool's options (a resumed pool does not mix them).
     channels_last: bool = field(
-        False, help="denoiser and ControlNet in torch.channels_last memory format (helps UNet convolutions on GPUs)"
+        False,
+        help="denoiser and ControlNet in torch.channels_last memory format (helps UNet convolutions on GPUs)",
     )
     fuse_qkv: bool = field(
         False,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dp2osr.backbones import Backbone
 from dp2osr import tables
+from dp2osr.backbones import Backbone
 from dp2osr.engine.jobs import JobsResult, chunk_jobs, run_jobs
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
@@ -49,7 +49,6 @@ def candidates_dir(path: Path) -> Path:
     return path
 
 
-
 CANDIDATE_COLUMNS = [*tables.CANDIDATES.columns, *tables.CANDIDATES.optional]
 
 
@@ -62,7 +61,11 @@ def read_inputs(folder: Path, limit: int | None = None) -> pd.DataFrame:
     else:
         files = list_images(folder)
         df = pd.DataFrame(
-            {"image_id": [p.stem for p in files], "lr_path": [os.path.abspath(p) for p in files], "hr_path": ""}
+            {
+                "image_id": [p.stem for p in files],
+                "lr_path": [os.path.abspath(p) for p in files],
+                "hr_path": "",
+            }
         )
         if df.image_id.duplicated().any():
             raise ValueError(f"{folder}: duplicate image IDs {sorted(df.image_id[df.image_id.duplicated()])}")
@@ -96,12 +99,26 @@ def write_manifest(
                 missing.append(rel)
                 continue
             rows.append(
-                (row.image_id, s, str(out / rel), row.lr_path, row.hr_path, model["backbone"], model["base"],
-                 model["controlnet"], prompt, file_sha(out / rel), record.get(LR_SHA_KEY, ""), hr_sha,
-                 record.get(OPTIONS_SHA_KEY, ""))
+                (
+                    row.image_id,
+                    s,
+                    str(out / rel),
+                    row.lr_path,
+                    row.hr_path,
+                    model["backbone"],
+                    model["base"],
+                    model["controlnet"],
+                    prompt,
+                    file_sha(out / rel),
+                    record.get(LR_SHA_KEY, ""),
+                    hr_sha,
+                    record.get(OPTIONS_SHA_KEY, ""),
+                )
             )
     if missing:
-        raise RuntimeError(f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish")
+        raise RuntimeError(
+            f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish"
+        )
     df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
     tables.write(tables.CANDIDATES, df, out, meta)
     return df
@@ -117,7 +134,6 @@ def state_gather(state, items: set[str]) -> list[set[str]]:
     gathered: list = [None] * state.num_processes
     dist.all_gather_object(gathered, items)
     return gathered
-
 
 
 def sample_pool(
@@ -147,8 +163,17 @@ def sample_pool(
     bb.controlnet = controlnet if controlnet is not None else old
     try:
         with torch.no_grad():
-            result = run_jobs(bb, jobs, out, opts, upscale=upscale, overwrite=overwrite, desc=desc,
-                              show_progress=rank == 0, model=json.dumps(model, sort_keys=True))  # fmt: skip
+            result = run_jobs(
+                bb,
+                jobs,
+                out,
+                opts,
+                upscale=upscale,
+                overwrite=overwrite,
+                desc=desc,
+                show_progress=rank == 0,
+                model=json.dumps(model, sort_keys=True),
+            )
     finally:
         bb.controlnet = old
     failed = set(result.failed)

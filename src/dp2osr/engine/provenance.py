@@ -45,9 +45,15 @@ def options_sha(bb: Backbone, opts: SamplingOptions, upscale: int, model: str) -
     settings = {k: v for k, v in sampling_settings(bb, opts).items() if k != "tile_batch"}
     settings.update({k: True for k, on in fast_paths(opts).items() if on})  # absent when off: old hashes hold
     record = {
-        "model": model, **settings, "upscale": upscale, "dtype": str(bb.dtype), "prompt_source": opts.prompt_source,
-        "prompt": opts.prompt, "ram_path": str(opts.ram_path or ""), "dape_path": str(opts.dape_path or ""),
-    }  # fmt: skip
+        "model": model,
+        **settings,
+        "upscale": upscale,
+        "dtype": str(bb.dtype),
+        "prompt_source": opts.prompt_source,
+        "prompt": opts.prompt,
+        "ram_path": str(opts.ram_path or ""),
+        "dape_path": str(opts.dape_path or ""),
+    }
     return text_sha(json.dumps(record, sort_keys=True, default=str))
 
 

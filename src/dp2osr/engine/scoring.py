@@ -47,13 +47,15 @@ REWARDS_FILE = tables.REWARDS.filename
 PARTS_DIR = "scores_parts"
 MERGED_PART = "_merged.parquet"
 _PART_COLUMNS = ["image_id", "seed", "metric", "value", "path", "sha", "ref_sha", "dither"]
-_KEY = ["image_id", "seed", "metric", "path", "sha", "ref_sha", "dither"]  # a score's identity: candidate + content
-
-
-
-
-
-
+_KEY = [
+    "image_id",
+    "seed",
+    "metric",
+    "path",
+    "sha",
+    "ref_sha",
+    "dither",
+]  # a score's identity: candidate + content
 
 
 def _sha_or_none(path: str) -> str:
@@ -93,7 +95,9 @@ def _read_parts(parts_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
     table = pd.concat(frames, ignore_index=True)
     for col in ("sha", "ref_sha"):  # parts written before scores were keyed by content: never matched
         table[col] = table[col].fillna("") if col in table else ""
-    table["dither"] = table["dither"].fillna(0).astype("int64") if "dither" in table else 0  # older parts: plain
+    table["dither"] = (
+        table["dither"].fillna(0).astype("int64") if "dither" in table else 0
+    )  # older parts: plain
     table = table[_PART_COLUMNS].drop_duplicates(_KEY, keep="last").reset_index(drop=True)
     return table, parts
 
@@ -252,8 +256,6 @@ def _score_image(
     return pd.concat(results, ignore_index=True)
 
 
-
-
 def _merge(parts_dir: Path, needed: pd.DataFrame) -> pd.DataFrame:
     """Fold the parts into the merged file; return this run's scores table (needed order, scored rows only)."""
     stored, parts = _read_parts(parts_dir)
@@ -273,14 +275,18 @@ def _merge(parts_dir: Path, needed: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _rewards(scores: pd.DataFrame, cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec], cfg: ScoreOptions):
+def _rewards(
+    scores: pd.DataFrame, cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec], cfg: ScoreOptions
+):
     """The rewards table: each candidate's absolute path, LR/HR, prompt and model (what `pair` and `report`
     need), reward and norm_<metric> per metric."""
     carried = ["image_id", "seed", "path", *[c for c in tables.REWARDS.optional if c in cands.columns]]
     columns = [*carried, "reward", *[f"norm_{m}" for m in specs]]
     info = cands.assign(path=cands["abs_path"])[carried]
     if scores.empty:
-        return pd.DataFrame({c: pd.Series(dtype="float64" if c not in info else info[c].dtype) for c in columns})
+        return pd.DataFrame(
+            {c: pd.Series(dtype="float64" if c not in info else info[c].dtype) for c in columns}
+        )
     rewards = hybrid_reward(scores, specs, w_fr=cfg.w_fr, w_nr=cfg.w_nr, scope=cfg.scope)
     table = info.merge(rewards, on=["image_id", "seed"], how="inner", sort=False)
     for m in specs:
@@ -323,13 +329,17 @@ def _todo(
     stored, _ = _read_parts(parts_dir)
     merged = needed.merge(stored[_KEY], on=_KEY, how="left", indicator=True)
     missing = merged[merged["_merge"] == "left_only"]
-    todo_by_image = {img: list(dict.fromkeys(g["metric"])) for img, g in missing.groupby("image_id", sort=False)}
+    todo_by_image = {
+        img: list(dict.fromkeys(g["metric"])) for img, g in missing.groupby("image_id", sort=False)
+    }
     pending = missing[["image_id", "metric"]].drop_duplicates()
     total = len(needed.merge(pending, on=["image_id", "metric"]))  # whole (image, metric) stacks are redone
     return needed, todo_by_image, total
 
 
-def score_pool(cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptions | None = None) -> ScoreResult:
+def score_pool(
+    cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptions | None = None
+) -> ScoreResult:
     """Score every candidate of the pool in ``cand_dir`` with the metrics ``names`` into ``out_dir``.
 
     Resumes from ``out_dir/scores_parts``; writes scores.parquet and rewards.parquet. Unreadable files are
@@ -362,13 +372,24 @@ def score_pool(cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptio
                 write_parquet(part, parts_dir / _part_name(image_id, todo))
     if total:
         elapsed = time.perf_counter() - start
-        print(f"score: {total} score(s) in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} scores/s)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"score: {total} score(s) in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} scores/s)",
+            file=sys.stderr,
+        )
     scores = _merge(parts_dir, needed)
     tables.write(tables.SCORES, scores, out_dir / SCORES_FILE)
     rewards = _rewards(scores, cands, specs, opts)
-    meta = {"metrics": list(specs), "w_fr": opts.w_fr, "w_nr": opts.w_nr, "scope": opts.scope, "dither": opts.dither}
+    meta = {
+        "metrics": list(specs),
+        "w_fr": opts.w_fr,
+        "w_nr": opts.w_nr,
+        "scope": opts.scope,
+        "dither": opts.dither,
+    }
     tables.write(tables.REWARDS, rewards, out_dir / REWARDS_FILE, {**pool_meta, **meta})
-    print(f"score: {len(rewards)} candidate(s), {len(names)} metric(s) -> {out_dir / SCORES_FILE}, "
-          f"{out_dir / REWARDS_FILE}", file=sys.stderr)  # fmt: skip
+    print(
+        f"score: {len(rewards)} candidate(s), {len(names)} metric(s) -> {out_dir / SCORES_FILE}, "
+        f"{out_dir / REWARDS_FILE}",
+        file=sys.stderr,
+    )
     return ScoreResult(scores, rewards, errors)

@@ -58,7 +58,9 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist())
 
 
-def batch_indices(n: int, step: int, micro: int, rank: int, batch: int, accum: int, world: int, seed: int) -> list[int]:
+def batch_indices(
+    n: int, step: int, micro: int, rank: int, batch: int, accum: int, world: int, seed: int
+) -> list[int]:
     """Example indices for (optimizer step, micro-batch, process): a slice of concatenated epoch permutations.
 
     Every (step, micro, rank) gets a disjoint slice of one stream, so processes never see the same example in

@@ -76,8 +76,14 @@ def _trainable(bb: Backbone, cfg) -> tuple[torch.nn.Module, torch.nn.Module | No
         from peft import LoraConfig
 
         net.requires_grad_(False)
-        net.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+        net.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_rank,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
     elif cfg.mode == "dpo":
         # In fp32 like the policy's master weights: a reference stored in bf16/fp16 holds rounded weights and
         # runs the ops autocast leaves alone (norms, element-wise products with weights) in another precision,
@@ -89,7 +95,9 @@ def _trainable(bb: Backbone, cfg) -> tuple[torch.nn.Module, torch.nn.Module | No
     if cfg.gradient_checkpointing:
         net.enable_gradient_checkpointing()
         for m in bb.frozen_modules().values():
-            if hasattr(m, "enable_gradient_checkpointing") and getattr(m, "_supports_gradient_checkpointing", False):
+            if hasattr(m, "enable_gradient_checkpointing") and getattr(
+                m, "_supports_gradient_checkpointing", False
+            ):
                 m.enable_gradient_checkpointing()
     return net, reference
 
@@ -99,7 +107,9 @@ def _resume_point(cfg, out: Path) -> Path | None:
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no checkpoint in {out}")
     if not resume_from and latest_checkpoint(out) is not None:
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue or choose another --output")
+        raise ValueError(
+            f"{out} already holds checkpoints; pass --resume to continue or choose another --output"
+        )
     return resume_from
 
 
@@ -130,8 +140,22 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         if ema is not None:
             ema.load_state_dict(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
             ema.to(accelerator.device)
-    run = Run(accelerator, bb, net, reference, params, optimizer, scheduler, ema, examples,
-              FrozenCache(bb, cfg.upscale, enabled=cfg.cache), out, start, None, None)  # fmt: skip
+    run = Run(
+        accelerator,
+        bb,
+        net,
+        reference,
+        params,
+        optimizer,
+        scheduler,
+        ema,
+        examples,
+        FrozenCache(bb, cfg.upscale, enabled=cfg.cache),
+        out,
+        start,
+        None,
+        None,
+    )
     if cfg.cache:  # every prompt's embedding now; then the text encoders leave the GPU (FLUX's T5: ~9 GiB)
         for prompt in sorted(set(examples.prompts) | {""}):
             run.cache.cond(prompt)
@@ -142,13 +166,23 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
 def heldout_eval(cfg, bb: Backbone, out: Path) -> HeldoutEval:
     """The held-out evaluator of --eval-data, sampling with the backbone's defaults."""
     opts = SamplingOptions(
-        backbone=cfg.backbone, base=cfg.base, controlnet=cfg.controlnet, device=cfg.device,
-        steps=cfg.eval_sample_steps, process_size=cfg.eval_process_size,
-    )  # fmt: skip
+        backbone=cfg.backbone,
+        base=cfg.base,
+        controlnet=cfg.controlnet,
+        device=cfg.device,
+        steps=cfg.eval_sample_steps,
+        process_size=cfg.eval_process_size,
+    )
     return HeldoutEval(
-        bb, cfg.eval_data, out / "eval", opts, samples=cfg.eval_samples, seed=50_000 + cfg.seed,
-        metrics=cfg.eval_metrics, upscale=cfg.upscale,
-    )  # fmt: skip
+        bb,
+        cfg.eval_data,
+        out / "eval",
+        opts,
+        samples=cfg.eval_samples,
+        seed=50_000 + cfg.seed,
+        metrics=cfg.eval_metrics,
+        upscale=cfg.upscale,
+    )
 
 
 # -------------------------------------------------------------------------------------------- steps
@@ -175,7 +209,14 @@ def micro_step(run: Run, cfg, idx: list[int], g: torch.Generator) -> tuple[torch
     if cfg.mode == "sft":
         return sft_objective(run.bb, run.net, nb, autocast)
     return dpo_objective(
-        run.bb, run.net, lambda: reference_mode(run), nb, w, beta=cfg.beta, winner_sft=cfg.winner_sft, autocast=autocast
+        run.bb,
+        run.net,
+        lambda: reference_mode(run),
+        nb,
+        w,
+        beta=cfg.beta,
+        winner_sft=cfg.winner_sft,
+        autocast=autocast,
     )
 
 
@@ -184,7 +225,9 @@ def optimizer_step(run: Run, cfg, s: int) -> dict[str, float]:
     acc, sums = run.accelerator, {}
     rank, world = acc.process_index, acc.num_processes
     for micro in range(cfg.grad_accum):
-        idx = batch_indices(len(run.examples), s, micro, rank, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
+        idx = batch_indices(
+            len(run.examples), s, micro, rank, cfg.batch_size, cfg.grad_accum, world, cfg.seed
+        )
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s * 10_007 + micro * 101 + rank)
         with acc.accumulate(run.net):
             loss, stats = micro_step(run, cfg, idx, g)
@@ -211,8 +254,14 @@ def train_loop(run: Run, cfg) -> None:
     """Steps ``run.start`` .. ``cfg.steps``: log, checkpoint and evaluate as configured."""
     acc = run.accelerator
     eval_every = cfg.eval_every or cfg.checkpoint_every
-    bar = tqdm(range(run.start, cfg.steps), initial=run.start, total=cfg.steps, desc=f"train {cfg.mode}",
-               disable=not acc.is_local_main_process, file=sys.stderr)  # fmt: skip
+    bar = tqdm(
+        range(run.start, cfg.steps),
+        initial=run.start,
+        total=cfg.steps,
+        desc=f"train {cfg.mode}",
+        disable=not acc.is_local_main_process,
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     if run.start % eval_every == 0:
         evaluate(run, run.start)
@@ -221,9 +270,14 @@ def train_loop(run: Run, cfg) -> None:
         done = s + 1
         if acc.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
             seconds = time.perf_counter() - t0 - run.eval_seconds
-            log_row(run, {"step": done, "lr": run.scheduler.get_last_lr()[0], **sums, "seconds": seconds},
-                    lambda key: f"train/{key}")  # fmt: skip
-            bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "accuracy", "grad_norm")})
+            log_row(
+                run,
+                {"step": done, "lr": run.scheduler.get_last_lr()[0], **sums, "seconds": seconds},
+                lambda key: f"train/{key}",
+            )
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "accuracy", "grad_norm")}
+            )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(acc, run.net, cfg, done, run.out / f"checkpoint-{done:06d}", run.ema, run.params)
             acc.wait_for_everyone()
@@ -264,8 +318,11 @@ def _log_eval(run: Run, done: int, seconds: float) -> None:
     keys = ("reward", "best", "worst", "psnr", "ssim")
     record = {"step": done, **{f"eval_{k}": float(row[k]) for k in keys}, "eval_seconds": seconds}
     log_row(run, record, lambda key: key.replace("eval_", "eval/"))
-    tqdm.write(f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
-               f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {run.out / 'eval'}", file=sys.stderr)  # fmt: skip
+    tqdm.write(
+        f"eval step {done}: held-out reward {row['reward']:.4f} (best {row['best']:.4f}, worst "
+        f"{row['worst']:.4f}, PSNR-Y {row['psnr']:.2f} dB) -> {run.out / 'eval'}",
+        file=sys.stderr,
+    )
 
 
 def evaluate(run: Run, done: int) -> None:
@@ -346,8 +403,10 @@ def finish(out: Path, steps: int) -> Path:
     final.mkdir(parents=True)
     shutil.copy2(src / "model.safetensors", final / "model.safetensors")
     shutil.copytree(src / "controlnet", final / "controlnet")
-    print(f"train: {steps} steps done -> {final} (load with --controlnet {final / 'model.safetensors'})",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"train: {steps} steps done -> {final} (load with --controlnet {final / 'model.safetensors'})",
+        file=sys.stderr,
+    )
     return final
 
 

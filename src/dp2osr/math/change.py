@@ -57,4 +57,3 @@ def pool_change(before: pd.DataFrame, after: pd.DataFrame, column: str = "reward
     mats = [bestm.rewards_matrix(df.merge(keys), column)[2] for df in (before, after)]
     delta, se, df = bestm.paired_change(*mats)
     return {"delta": delta, "se": se, "df": df, "m": mats[0].shape[1]}
-

@@ -30,4 +30,3 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     shrink = size[0] < image.shape[-2] or size[1] < image.shape[-1]
     out = F.interpolate(image.float(), size=size, mode="bicubic", align_corners=False, antialias=shrink)
     return out.clamp(0, 1)
-

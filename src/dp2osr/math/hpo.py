@@ -91,4 +91,3 @@ def inter_weights(group_stds: np.ndarray) -> np.ndarray:
     if stds.ndim != 1 or len(stds) == 0:
         raise ValueError(f"group_stds must be a non-empty (G,) vector, got shape {stds.shape}")
     return stds + (1.0 - stds.mean())
-

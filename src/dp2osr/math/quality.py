@@ -42,4 +42,3 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray) -> float:
     s11, s22, s12 = xx - mu1 * mu1, yy - mu2 * mu2, xy - mu1 * mu2
     cs = np.maximum((2 * s12 + c2) / (s11 + s22 + c2), 0.0)
     return float(np.mean((2 * mu1 * mu2 + c1) / (mu1 * mu1 + mu2 * mu2 + c1) * cs))
-

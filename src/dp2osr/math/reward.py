@@ -145,7 +145,9 @@ def hybrid_reward(
     return out
 
 
-def fit_bounds(scores_long: pd.DataFrame, catalogue: Mapping[str, MetricMeta]) -> dict[str, tuple[float, float]]:
+def fit_bounds(
+    scores_long: pd.DataFrame, catalogue: Mapping[str, MetricMeta]
+) -> dict[str, tuple[float, float]]:
     """Each metric's oriented (min, max) over ``scores_long``: fit on the union of pools to compare them."""
     out = {}
     for m, group in scores_long.groupby("metric", sort=False):

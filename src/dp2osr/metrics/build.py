@@ -64,7 +64,9 @@ class _Plan:
     """How one metric is built: ``pyiqa.create_metric``'s keyword arguments and what runs around and after it."""
 
     kwargs: dict[str, Any]
-    served: dict[str, Path] = dataclasses.field(default_factory=dict)  # torchvision backbones from local files
+    served: dict[str, Path] = dataclasses.field(
+        default_factory=dict
+    )  # torchvision backbones from local files
     post: Callable[[torch.nn.Module], None] | None = None  # applied to the built model's net
     no_timm_download: bool = False
     brisque_svm: dict[str, torch.Tensor] | None = None
@@ -83,7 +85,9 @@ def _from_files(spec: MetricSpec, files: dict[str, Path]) -> _Plan:
     if spec.loader == "maniqa":
         return _Plan({"pretrained": False}, post=load_network(ckpt, None), no_timm_download=True)
     if spec.loader == "clipiqa":
-        return _Plan({"pretrained": False, "backbone": str(files["RN50.pt"])}, post=load_clipiqa_prompts(ckpt))
+        return _Plan(
+            {"pretrained": False, "backbone": str(files["RN50.pt"])}, post=load_clipiqa_prompts(ckpt)
+        )
     return _Plan({})  # loaded by pyiqa itself (a Hugging Face model found in its cache)
 
 
