@@ -15,8 +15,10 @@ from dp2osr import score as score_stage
 from dp2osr.before_after import guard_note, guards
 from dp2osr.cli import build_parser, main
 from dp2osr.config import build_config
+from dp2osr.images import checkerboard_tiles as tiles
 from dp2osr.math.change import NOISE_METHOD, change_sentence
-from dp2osr.quickstart import PHOTOS, Layout, QuickstartConfig, RunClock, curve_config, resolved, tiles
+from dp2osr.quickstart import PHOTOS, Layout, QuickstartConfig, curve_config, resolved
+from dp2osr.runtime import RunClock
 from dp2osr.score import ScoreConfig
 
 TINY = [
