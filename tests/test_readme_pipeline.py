@@ -149,4 +149,4 @@ def test_readme_pipeline_with_every_output_elsewhere(tmp_path, monkeypatch):
     page = Path("out/h/report.html").read_text()
     assert "dpo" in page and "Best / Mean / Worst@M" in page
     # the LR and HR of each shown image came from the rewards table (no folder is guessed)
-    assert 'class="cell missing"' not in page and page.count('<img class="lr"') == 2
+    assert '<figure class="cell missing">' not in page and page.count('<img class="lr"') == 3  # 3 pool images
