@@ -18,7 +18,18 @@ LAYERS = [
         "base",
         lambda m: (
             m.split(".")[1]
-            in {"config", "runtime", "errors", "images", "paths", "prompts", "plots", "metrics", "mdtext"}
+            in {
+                "config",
+                "runtime",
+                "errors",
+                "images",
+                "paths",
+                "prompts",
+                "plots",
+                "metrics",
+                "mdtext",
+                "tables",
+            }
         ),
     ),
     ("backbones", lambda m: m.startswith("dp2osr.backbones")),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dp2osr import cli
+from dp2osr import cli, tables
 from dp2osr.errors import PartialFailure
 from dp2osr.eval_folders import match_pairs
 from dp2osr.evaluate import EvalConfig
@@ -274,16 +274,21 @@ def test_eval_seed_folder_errors_name_the_folder(tmp_path, capsys):
 
 def _scored_pool(folder, raw, w=None):
     """A pool of image 'a' with raw psnr (FR, higher better) and piqe (NR, lower better) per seed, its stale
-    rewards.parquet (as if normalised on its own) and, with ``w``, the score_config.yaml it was scored with."""
+    rewards.parquet (as if normalised on its own) and, with ``w``, the reward weights it was scored with (in
+    the table's metadata, as `dp2osr score` records them)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [("a", s, m, float(v)) for s, vals in enumerate(raw) for m, v in zip(("psnr", "piqe"), vals)]
     pd.DataFrame(rows, columns=["image_id", "seed", "metric", "value"]).to_parquet(folder / "scores.parquet")
     stale = [
         {"image_id": "a", "seed": s, "path": f"a/seed_{s:04d}.png", "reward": 0.5} for s in range(len(raw))
     ]
-    pd.DataFrame(stale).to_parquet(folder / "rewards.parquet")
-    if w is not None:
-        (folder / "score_config.yaml").write_text(f"w_fr: {w[0]}\nw_nr: {w[1]}\nscope: pool\n")
+    meta = None if w is None else {"w_fr": w[0], "w_nr": w[1], "scope": "pool"}
+    tables.write(
+        tables.REWARDS,
+        pd.DataFrame(stale).assign(path=lambda d: [str(folder / p) for p in d.path]),
+        folder / "rewards.parquet",
+        meta,
+    )
     return folder
 
 
@@ -305,10 +310,10 @@ def test_pools_are_normalised_jointly_from_raw_scores(tmp_path):
     )
     # the weights the pools were scored with are kept: 0.8 FR + 0.2 NR -> A: .1, .4; B: .4, .95
     for folder in (a, b):
-        (folder / "score_config.yaml").write_text("w_fr: 0.8\nw_nr: 0.2\nscope: pool\n")
+        _scored_pool(folder, [(20, 40), (30, 60)] if folder == a else [(25, 20), (40, 30)], (0.8, 0.2))
     evaluate(EvalConfig(output=out, pools=[a, b], ms=[2]))
     table = pd.read_csv(out / "bestm.csv").set_index("model")
     assert table.loc["A", "mean"] == pytest.approx(0.25) and table.loc["B", "mean"] == pytest.approx(0.675)
-    (b / "score_config.yaml").write_text("w_fr: 0.5\nw_nr: 0.5\nscope: pool\n")
+    _scored_pool(b, [(25, 20), (40, 30)], (0.5, 0.5))
     with pytest.raises(ValueError, match="different reward weights"):
         evaluate(EvalConfig(output=out, pools=[a, b]))

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dp2osr import tables
 from dp2osr.cli import main
 from dp2osr.paths import file_sha
 
@@ -58,10 +59,10 @@ def _pngs(folder: Path) -> dict[str, bytes]:
 def test_manifest_records_content_hashes(degraded, tmp_path):
     out = tmp_path / "pool"
     assert _sample(degraded, out) == 0
-    df = pd.read_parquet(out / "candidates.parquet")
+    df, _ = tables.read(tables.CANDIDATES, out)  # paths absolute
     assert {"sha", "lr_sha", "hr_sha", "options_sha"} <= set(df.columns)
     for r in df.itertuples():
-        assert r.sha == file_sha(out / r.path)
+        assert r.sha == file_sha(Path(r.path))
         assert r.lr_sha == file_sha(Path(r.lr_path))
         assert r.hr_sha == file_sha(Path(r.hr_path))
     assert df.options_sha.nunique() == 1 and len(df.options_sha[0]) == 64
@@ -127,8 +128,8 @@ def test_changed_lr_remakes_the_pool(degraded, tmp_path):
     assert _sample(degraded, fresh) == 0
     assert _pngs(out) == _pngs(fresh)
     assert all(_pngs(out)[k] != old[k] for k in old)
-    a = pd.read_parquet(out / "candidates.parquet").drop(columns="model")
-    b = pd.read_parquet(fresh / "candidates.parquet").drop(columns="model")
+    a = pd.read_parquet(out / "candidates.parquet").drop(columns=["backbone", "base", "controlnet"])
+    b = pd.read_parquet(fresh / "candidates.parquet").drop(columns=["backbone", "base", "controlnet"])
     pd.testing.assert_frame_equal(a, b)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dp2osr import tables
 from dp2osr.evaluate import EvalConfig
 from dp2osr.evaluate import run as evaluate
 from dp2osr.report import ReportConfig, build_html
@@ -28,7 +29,7 @@ def _image(rng, size):
 
 @pytest.fixture
 def results(tmp_path):
-    """Two pools (4 seeds x 3 images) with candidates.parquet, LR/HR folders, an eval folder, a curve."""
+    """Two pools (4 seeds x 3 images) whose rewards tables name LR/HR and prompt, an eval folder, a curve."""
     rng = np.random.default_rng(0)
     ids = [NASTY_ID, "im1", "im2"]
     (tmp_path / "lr").mkdir()
@@ -39,26 +40,24 @@ def results(tmp_path):
     pools = []
     for name, shift in (("base", 0.0), ("dpo", 0.15)):
         root = tmp_path / name
-        rows, cands = [], []
+        rows = []
         for i in ids:
             (root / i).mkdir(parents=True)
             for s in range(4):
                 rel = f"{i}/seed_{s:04d}.png"
                 _image(rng, 128).save(root / rel)
-                rows.append({"image_id": i, "seed": s, "path": rel, "reward": 0.4 + shift + 0.05 * s})
-                cands.append(
+                rows.append(
                     {
                         "image_id": i,
                         "seed": s,
-                        "path": rel,
+                        "path": str(root / rel),
                         "lr_path": str(tmp_path / "lr" / f"{i}.png"),
                         "hr_path": str(tmp_path / "hr" / f"{i}.png"),
-                        "model": name,
                         "prompt": NASTY_PROMPT,
+                        "reward": 0.4 + shift + 0.05 * s,
                     }
                 )
-        pd.DataFrame(rows).to_parquet(root / "rewards.parquet", index=False)
-        pd.DataFrame(cands).to_parquet(root / "candidates.parquet", index=False)
+        tables.write(tables.REWARDS, pd.DataFrame(rows), root / "rewards.parquet")
         pools.append(root / "rewards.parquet")
     curve = tmp_path / "curve.csv"
     pd.DataFrame({"step": np.arange(0, 200, 10), "reward": np.linspace(0.5, 0.62, 20)}).to_csv(

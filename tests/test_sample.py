@@ -68,7 +68,9 @@ def test_killed_run_resumes_to_identical_pool(lr_folder, tmp_path):
     assert not list(resumed.rglob(".tmp_*"))  # a half-written file of the killed run was cleaned up
     a = pd.read_parquet(full / "candidates.parquet")
     b = pd.read_parquet(resumed / "candidates.parquet")
-    pd.testing.assert_frame_equal(a.drop(columns="model"), b.drop(columns="model"))
+    pd.testing.assert_frame_equal(
+        a.drop(columns=["backbone", "base", "controlnet"]), b.drop(columns=["backbone", "base", "controlnet"])
+    )
     assert len(a) == 12 and set(a.seed) == set(range(6)) and (a.hr_path == "").all()
 
 

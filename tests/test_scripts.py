@@ -87,9 +87,11 @@ def test_calibrate_estimate_reports_both_constants(tmp_path):
     res = run_script("calibrate_estimate.py", "sd2-tiny", "--batch", "1", "--steps", "1", cwd=tmp_path)
     lines = res.stdout.splitlines()
     assert lines[0].startswith("sd2-tiny: latent factor 8")
-    constants = dict(line.split("=") for line in lines[1:])
-    assert {k.strip() for k in constants} == {"act_bytes_per_latent_px", "cpu_s_per_latent_px"}
-    assert all(float(v) > 0 for v in constants.values())
+    constants = {k.strip(): float(v) for k, v in (line.split("=") for line in lines[1:])}
+    assert set(constants) == {"act_bytes_per_latent_px", "cpu_s_per_latent_px"}
+    # time always grows; the resident-memory growth can read 0 when the allocator reuses freed pages (seen on
+    # a loaded machine), so it is only checked to be a number >= 0
+    assert constants["cpu_s_per_latent_px"] > 0 and constants["act_bytes_per_latent_px"] >= 0
 
 
 def test_train_embedded_help_names_the_stages(tmp_path):

@@ -14,7 +14,7 @@ import importlib.util
 import inspect
 import sys
 
-from dp2osr.config import add_arguments, build_config
+from dp2osr.config import add_arguments, build_config, has_nested
 from dp2osr.errors import StageError
 
 # name -> (module, config class, one-line help); each module's `run(cfg)` does the work
@@ -73,6 +73,8 @@ def build_parser(wanted: str | None = None) -> tuple[argparse.ArgumentParser, di
             if cls.__doc__:
                 p.description = inspect.cleandoc(cls.__doc__)
                 p.formatter_class = argparse.RawDescriptionHelpFormatter
+            if p.usage is None and has_nested(cls):  # a composing command: hundreds of flags, listed below
+                p.usage = "%(prog)s [options] [--STAGE.OPTION VALUE ...]"
     return parser, commands
 
 

@@ -65,6 +65,11 @@ def _nested_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "nested" in f.metadata]
 
 
+def has_nested(cls: type) -> bool:
+    """Whether ``cls`` composes stage configs (`nested` fields)."""
+    return bool(_nested_fields(cls))
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_optional) for ``X | None`` / ``Optional[X]``."""
     origin = typing.get_origin(tp)
@@ -117,7 +122,7 @@ def _add_fields(parser: Any, cls: type, prefix: str, skip: tuple[str, ...], inst
         # None (an option resolved elsewhere).
         changed = instance is not None and default != getattr(cls, f.name, default)
         if not required and default is not None and ("default" not in help_text.lower() or changed):
-            help_text += f" (default{' here' if changed else ''}: {_shown(default)})"
+            help_text += f" ({'here' if changed else 'default'}: {_shown(default)})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": prefix + f.name}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]

@@ -30,17 +30,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from dp2osr import tables
 from dp2osr.config import check_choice, check_resume, field, save_config
 from dp2osr.errors import PartialFailure
-from dp2osr.images import (
-    MIN_LR_SIDE,
-    ImageReadError,
-    list_images,
-    load_image,
-    save_image,
-    to_uint8,
-    write_parquet,
-)
+from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, save_image, to_uint8
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import resolve_device
 
@@ -445,10 +438,10 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
             save_image(hr, out / hr_rel)
             save_image(lr, out / lr_rel)
             made += 1
-        rows.append((image_id, hr_rel, lr_rel, str(path.resolve()), seed))
+        rows.append((image_id, str(out / hr_rel), str(out / lr_rel), str(path.resolve()), seed))
 
     table = pd.DataFrame(rows, columns=PAIRS_COLUMNS).astype({"seed": "int64"})
-    write_parquet(table, out / "pairs.parquet")
+    tables.write(tables.PAIRS, table, out)
     print(f"{len(rows)} pairs in {out} ({made} new, {len(rows) - made} kept); {len(skipped)} images skipped")
     if skipped:
         raise PartialFailure(f"skipped {len(skipped)} of {len(files)} images (reported above)")

@@ -105,9 +105,10 @@ SCHEMAS = {s.name: s for s in (PAIRS, CANDIDATES, SCORES, REWARDS, PREF_PAIRS)}
 
 
 def table_path(schema: Schema, path: Path) -> Path:
-    """``path`` itself when it names a file, else ``path / schema.filename`` (a stage's output folder)."""
+    """``path / schema.filename`` when ``path`` is a folder (an existing one, or a name without a suffix: a
+    stage's output folder), else ``path`` itself."""
     path = Path(path)
-    return path if path.suffix == ".parquet" else path / schema.filename
+    return path / schema.filename if path.is_dir() or not path.suffix else path
 
 
 def read_meta(path: Path) -> dict:

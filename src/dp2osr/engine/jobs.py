@@ -82,6 +82,32 @@ def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) 
     }
 
 
+def _sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: SamplingOptions, show: bool):
+    """The samples of one job (``(len(job.seeds), 3, H, W)``), with a progress bar of its denoising steps."""
+    steps = tqdm(
+        total=settings["steps"],
+        desc=f"  {job.image_id}",
+        unit="step",
+        leave=False,
+        disable=not show,
+        file=sys.stderr,
+    )
+    with steps:  # closed on an error too
+        return super_resolve(
+            bb,
+            cache["lr_up"],
+            cache["cond"],
+            job.seeds,
+            steps=settings["steps"],
+            guidance=settings["guidance"],
+            process_size=settings["process_size"],
+            tile_overlap=opts.tile_overlap,
+            color_fix_method=opts.color_fix,
+            tile_batch=opts.tile_batch,
+            progress=steps.update,
+        )
+
+
 def run_jobs(
     bb: Backbone,
     jobs: list[Job],
@@ -102,8 +128,7 @@ def run_jobs(
     ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
     missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
     composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
-    bits). Consecutive
-    jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
+    bits). Consecutive jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
     out of memory) is reported on stderr by name and skipped; the others go on.
     """
     settings = sampling_settings(bb, opts)
@@ -137,28 +162,7 @@ def run_jobs(
         try:
             if cache.get("id") != job.image_id:
                 cache = _prepared(bb, job, upscale, prompt_fn, settings["negative_prompt"])
-            steps = tqdm(
-                total=settings["steps"],
-                desc=f"  {job.image_id}",
-                unit="step",
-                leave=False,
-                disable=not show_progress,
-                file=sys.stderr,
-            )
-            with steps:  # closed on an error too
-                sr = super_resolve(
-                    bb,
-                    cache["lr_up"],
-                    cache["cond"],
-                    job.seeds,
-                    steps=settings["steps"],
-                    guidance=settings["guidance"],
-                    process_size=settings["process_size"],
-                    tile_overlap=opts.tile_overlap,
-                    color_fix_method=opts.color_fix,
-                    tile_batch=opts.tile_batch,
-                    progress=steps.update,
-                )
+            sr = _sample_job(bb, job, cache, settings, opts, show_progress)
         except (ImageReadError, torch.OutOfMemoryError) as exc:
             result.failed[job.image_id] = str(exc)
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
