@@ -268,6 +268,18 @@ def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def check_choices(cfg: Any) -> None:
+    """Check every field of ``cfg`` whose `field` lists ``choices`` (each element, for a list): the one check
+    of those options for flags, YAML and Python callers alike (a ValueError naming the option)."""
+    for f in dataclasses.fields(cfg):
+        if "choices" not in f.metadata:
+            continue
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                check_choice(f.name, v, f.metadata["choices"])
+
+
 def run_only_fields(cls: type) -> set[str]:
     """Names of the fields marked ``run_only`` (options that may change when a run is resumed); those of a
     `nested` stage config as ``NAME.option``."""

@@ -21,6 +21,7 @@ from dp2osr.errors import PartialFailure
 from dp2osr.eval_folders import evaluate_folders, summary_markdown
 from dp2osr.eval_pools import bestm_markdown, evaluate_pools
 from dp2osr.images import atomic_write
+from dp2osr.metrics import PRESETS
 from dp2osr.paths import check_output_dir
 
 PER_IMAGE_CSV = "eval_per_image.csv"
@@ -33,8 +34,8 @@ SPREAD_CSV = "pool_spread.csv"
 CURVE_PNG = "reward_curve.png"
 CONFIG_JSON = "eval_config.json"
 
-# pyiqa metrics that run offline without weights and are cheap on CPU (512 px: gmsd 9, fsim 80, piqe 23 ms).
-DEFAULT_METRICS = ["gmsd", "fsim", "piqe"]
+# The offline preset of `dp2osr score`: no weights, cheap on a CPU (512 px: gmsd 9, fsim 80, piqe 23 ms).
+DEFAULT_METRICS = list(PRESETS["offline"])
 
 
 @dataclass

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from dp2osr import tables
-from dp2osr.config import check_choice, field, save_config
+from dp2osr.config import check_choice, check_choices, field, save_config
 from dp2osr.math.hpo import HPO_MODES, inter_weights, intra_weights, n_from_ratio, select_pairs
 from dp2osr.paths import check_output_file
 
@@ -169,7 +169,7 @@ class PairConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.ratio is not None and not 0 < self.ratio <= 0.5:
             raise ValueError(f"ratio must be in (0, 0.5], got {self.ratio}")
-        check_choice("hpo", self.hpo, HPO_MODES)
+        check_choices(self)
 
 
 def _is_pairs_table(path: Path) -> bool:

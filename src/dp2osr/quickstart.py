@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
-from dp2osr.config import check_resume, field, nested, save_config
+from dp2osr.config import check_choices, check_resume, field, nested, save_config
 from dp2osr.degrade import DegradeConfig
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.trainer import latest_checkpoint
@@ -117,6 +117,7 @@ class QuickstartConfig:
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         self.output = Path(self.output)
         for name in ("images", "heldout"):
             if getattr(self, name) < 1:

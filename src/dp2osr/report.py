@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from dp2osr import eval_pools, evaluate, plots
-from dp2osr.config import field, to_dict
+from dp2osr.config import check_choices, field, to_dict
 from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, atomic_write, load_image, to_uint8
 from dp2osr.math import bestm
 from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
@@ -70,6 +70,9 @@ class ReportConfig:
     max_side: int = field(384, help="images are downscaled to at most this many pixels per side")
     image_format: str = field("jpeg", help="encoding of embedded images", choices=["jpeg", "png"])
     title: str = field("DP²O-SR results", help="page title")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 def _esc(text) -> str:

@@ -10,22 +10,20 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from dp2osr import metrics as metric_lib
-from dp2osr.config import check_choice, field, save_config
+from dp2osr.config import field, save_config
 from dp2osr.engine.pools import candidates_dir
 from dp2osr.engine.scoring import ScoreOptions, ScoreResult, score_pool
 from dp2osr.errors import PartialFailure
-from dp2osr.math.reward import SCOPES
+from dp2osr.math.reward import FAMILIES
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import resolve_device
 
 CONFIG_FILE = "score_config.yaml"
 
 
-@dataclass
-class ScoreConfig:
+@dataclass(kw_only=True)
+class ScoreConfig(ScoreOptions):
     """Score every candidate of a `sample` pool with IQA metrics and compute the hybrid reward.
 
     Full-reference (FR) metrics compare each candidate with its HR image; candidates without an HR (empty
@@ -45,49 +43,17 @@ class ScoreConfig:
         choices=sorted(metric_lib.PRESETS),
     )
     metrics: list[str] | None = field(None, help="metric names (pyiqa names); overrides --preset")
-    weights_dir: Path | None = field(
-        None,
-        help="folder with metric weight files (flat, or a copied torch-hub cache); pyiqa's cache is also searched",
-    )
-    device: str = field("auto", help="where metrics run", choices=["auto", "cpu", "cuda"])
-    batch_size: int = field(8, help="candidates of one image scored per metric call")
-    w_fr: float = field(0.5, help="reward weight of the mean normalised FR score [paper: 0.5]")
-    w_nr: float = field(0.5, help="reward weight of the mean normalised NR score [paper: 0.5]")
-    scope: str = field(
-        "pool",
-        help="min-max normalisation scope: pool (all candidates) or image (one image's candidates)",
-        choices=list(SCOPES),
-    )
-    dither: int = field(
-        0,
-        help="K > 0: each score is the mean over K copies of the candidate with every 8-bit value moved by -1, 0 "
-        "or +1 (invisible; the pattern is fixed by the file's hash). Steadies metrics whose ranking of a crop's "
-        "candidates reacts to the last bit (PIQE at 64 px; docs/IQA_OFFLINE.md); costs K times the scoring. "
-        "0 = plain scores",
-    )
 
     def __post_init__(self) -> None:
-        if self.dither < 0:
-            raise ValueError(f"--dither must be >= 0 (0 = plain scores), got {self.dither}")
-        check_choice("preset", self.preset, sorted(metric_lib.PRESETS))
-        check_choice("device", self.device, ["auto", "cpu", "cuda"])
-        check_choice("scope", self.scope, list(SCOPES))
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("w_fr", "w_nr"):
-            w = getattr(self, name)
-            if not np.isfinite(w) or w < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {w}")
-        if self.w_fr + self.w_nr == 0:
-            raise ValueError("w_fr and w_nr are both 0: every reward would be 0")
+        super().__post_init__()
         families = {
             s.family for s in metric_lib.catalogue(resolved_metrics(self)).values()
         }  # unknown names fail
-        for family in ("fr", "nr"):
+        for family in FAMILIES:
             weight, other = (self.w_fr, self.w_nr) if family == "fr" else (self.w_nr, self.w_fr)
             if weight > 0 and other == 0 and family not in families:
                 raise ValueError(
-                    f"w_{family} > 0 alone needs at least one {family.upper()} metric in --metrics"
+                    f"--w-{family} > 0 alone needs at least one {family.upper()} metric in --metrics"
                 )
 
 
@@ -112,10 +78,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     # the resolved config: the exact metric list and output folder this run used
     save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
-    opts = ScoreOptions(
-        cfg.weights_dir, cfg.device, cfg.batch_size, cfg.w_fr, cfg.w_nr, cfg.scope, cfg.dither
-    )
-    result = score_pool(cand_dir, out_dir, names, opts)
+    result = score_pool(cand_dir, out_dir, names, cfg)
     if result.errors:
         raise PartialFailure(
             f"{len(result.errors)} problem(s); the affected candidates are missing from the tables:\n  "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dp2osr.config import check_choice, check_resume, field, save_config
+from dp2osr.config import check_choices, check_resume, field, save_config
 from dp2osr.engine import trainer
 from dp2osr.engine.options import ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
@@ -116,7 +116,7 @@ class TrainConfig(ModelOptions):
     )
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, ["sft", "dpo"])
+        check_choices(self)
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -147,17 +147,12 @@ def run(cfg: TrainConfig) -> Path:
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu
     )
     out = Path(cfg.output)
-    resume_from = trainer._resume_point(cfg, out)
+    resume_from = trainer.resume_point(cfg, out)
     if resume_from:
         check_resume(cfg, out / CONFIG_NAME, "a training run", "resume with the same options")
     run_ = trainer.setup(cfg, accelerator, resume_from)
     if accelerator.is_main_process:
         save_config(cfg, out / CONFIG_NAME)
-        if resume_from:  # the killed run may have logged steps after its last checkpoint
-            trainer.truncate_metrics(out / "metrics.jsonl", run_.start)
-        run_.writer = trainer.tensorboard(out / "tb", purge_step=run_.start + 1 if resume_from else None)
-    if cfg.eval_data is not None:
-        run_.heldout = trainer.heldout_eval(cfg, run_.bb, out)
     try:
         trainer.train_loop(run_, cfg)
     except TrainingDiverged as exc:

@@ -24,7 +24,7 @@ import torch
 
 from dp2osr import metrics as metric_lib
 from dp2osr.backbones import DTYPES, default_model_note
-from dp2osr.config import check_choice, field, save_config, to_dict
+from dp2osr.config import field, save_config, to_dict
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.jobs import chunk_jobs, output_path, run_jobs
 from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings
@@ -97,7 +97,6 @@ class UpscaleConfig(SamplingOptions):
             raise ValueError(f"--upscale must be >= 1, got {self.upscale}")
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
-        check_choice("select", self.select, list(SELECT_MODES))
         fr = [n for n, s in metric_lib.catalogue(self.select_metrics or []).items() if s.family != "nr"]
         if fr:
             raise ValueError(f"--select-metrics must be no-reference metrics (there is no HR); got {fr}")

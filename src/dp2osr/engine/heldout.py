@@ -49,7 +49,7 @@ def score_pool(
 ) -> pd.DataFrame:
     """Score the pool in ``cands`` into ``out`` (resumes; hybrid reward, pool scope); returns its scores table.
     ``dither``: `ScoreOptions.dither` (each score the mean over that many dithered copies; 0 = plain)."""
-    opts = ScoreOptions(weights_dir, device, dither=dither)
+    opts = ScoreOptions(weights_dir=weights_dir, device=device, dither=dither)
     result = scoring.score_pool(Path(cands), Path(out), list(metrics), opts)
     if result.errors:
         raise StageError(f"scoring {cands} failed: " + "; ".join(result.errors.values()))

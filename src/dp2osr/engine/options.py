@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, auto_dtype, load_backbone, trait_defaults
-from dp2osr.config import field
+from dp2osr.config import check_choices, field
 from dp2osr.math.colorfix import COLOR_FIXES
 from dp2osr.prompts import PROMPT_SOURCES
 from dp2osr.runtime import resolve_device
@@ -114,6 +114,7 @@ class SamplingOptions(ModelOptions):
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.tile_batch < 1:

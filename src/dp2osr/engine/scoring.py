@@ -37,9 +37,10 @@ import torch
 
 from dp2osr import metrics as metric_lib
 from dp2osr import tables
+from dp2osr.config import check_choices, field
 from dp2osr.engine.pools import read_pool
 from dp2osr.images import ImageReadError, load_image, write_parquet
-from dp2osr.math.reward import hybrid_reward
+from dp2osr.math.reward import SCOPES, hybrid_reward
 from dp2osr.paths import file_sha
 
 SCORES_FILE = tables.SCORES.filename
@@ -295,21 +296,44 @@ def _rewards(
     return table[columns].reset_index(drop=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoreOptions:
-    """How a pool is scored (the options of `dp2osr score` that change its numbers, plus where metrics run)."""
+    """How a pool is scored: the options of `dp2osr score` that change its numbers, plus where metrics run
+    (`dp2osr.score.ScoreConfig` adds the pool, the output and the metric names)."""
 
-    weights_dir: Path | None = None
-    device: str = "auto"
-    batch_size: int = 8
-    w_fr: float = 0.5
-    w_nr: float = 0.5
-    scope: str = "pool"
-    dither: int = 0  # K > 0: each score is the mean over K dithered copies (module docstring)
+    weights_dir: Path | None = field(
+        None,
+        help="folder with metric weight files (flat, or a copied torch-hub cache); pyiqa's cache is also searched",
+    )
+    device: str = field("auto", help="where metrics run", choices=["auto", "cpu", "cuda"])
+    batch_size: int = field(8, help="candidates of one image scored per metric call")
+    w_fr: float = field(0.5, help="reward weight of the mean normalised FR score [paper: 0.5]")
+    w_nr: float = field(0.5, help="reward weight of the mean normalised NR score [paper: 0.5]")
+    scope: str = field(
+        "pool",
+        help="min-max normalisation scope: pool (all candidates) or image (one image's candidates)",
+        choices=list(SCOPES),
+    )
+    dither: int = field(
+        0,
+        help="K > 0: each score is the mean over K copies of the candidate with every 8-bit value moved by -1, 0 "
+        "or +1 (invisible; the pattern is fixed by the file's hash). Steadies metrics whose ranking of a crop's "
+        "candidates reacts to the last bit (PIQE at 64 px; docs/IQA_OFFLINE.md); costs K times the scoring. "
+        "0 = plain scores",
+    )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.dither < 0:
-            raise ValueError(f"dither must be >= 0 (0 = plain scores), got {self.dither}")
+            raise ValueError(f"--dither must be >= 0 (0 = plain scores), got {self.dither}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        for name in ("w_fr", "w_nr"):
+            w = getattr(self, name)
+            if not np.isfinite(w) or w < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {w}")
+        if self.w_fr + self.w_nr == 0:
+            raise ValueError("--w-fr and --w-nr are both 0: every reward would be 0")
 
 
 @dataclass

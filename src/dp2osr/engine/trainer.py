@@ -102,7 +102,9 @@ def _trainable(bb: Backbone, cfg) -> tuple[torch.nn.Module, torch.nn.Module | No
     return net, reference
 
 
-def _resume_point(cfg, out: Path) -> Path | None:
+def resume_point(cfg, out: Path) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None without it); refuses a folder holding checkpoints
+    without ``--resume``."""
     resume_from = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and resume_from is None:
         raise ValueError(f"--resume: no checkpoint in {out}")
@@ -114,7 +116,8 @@ def _resume_point(cfg, out: Path) -> Path | None:
 
 
 def setup(cfg, accelerator, resume_from: Path | None) -> Run:
-    """Load the model, data, optimizer (and a checkpoint's state when resuming); cache every prompt."""
+    """Load the model, data, optimizer (and a checkpoint's state when resuming); cache every prompt; open the
+    logs (cut back to the resumed step) and the held-out evaluator of ``--eval-data``."""
     from diffusers.optimization import get_scheduler
 
     out = Path(cfg.output)
@@ -160,6 +163,12 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         for prompt in sorted(set(examples.prompts) | {""}):
             run.cache.cond(prompt)
         bb.offload_text_encoders()
+    if accelerator.is_main_process:
+        if resume_from:  # the killed run may have logged steps after its last checkpoint
+            truncate_metrics(out / "metrics.jsonl", start)
+        run.writer = tensorboard(out / "tb", purge_step=start + 1 if resume_from else None)
+    if cfg.eval_data is not None:
+        run.heldout = heldout_eval(cfg, bb, out)
     return run
 
 
