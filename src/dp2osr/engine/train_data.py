@@ -2,8 +2,8 @@
 
 Only the ControlNet trains, so the VAE latents of every training image, the prepared control images and the
 prompt embeddings never change: each is computed once, on first use, and kept (not re-encoded every step).
-The order of examples is a pure function of (seed, step), so a resumed run sees exactly the batches an
-uninterrupted run would.
+The order of examples is a pure function of (seed, step, micro-batch, process), so a resumed run sees exactly
+the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dp2osr import tables
 from dp2osr.backbones import Backbone, Cond
 from dp2osr.images import load_image
 from dp2osr.math.geometry import resize
+from dp2osr.math.permutation import permuted
 
 
 @dataclass
@@ -52,10 +53,25 @@ def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     return Examples([[a, b] for a, b in zip(df["win_path"], df["lose_path"])], lr, prompts, w)
 
 
+KEYED_ORDER_ABOVE = 2**16  # pools larger than this use the keyed permutation (O(1) per example)
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     """One epoch's permutation of the ``n`` examples, drawn once (every micro-batch of the epoch reads it)."""
     return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist())
+
+
+def epoch_position(n: int, seed: int, epoch: int, i: int) -> int:
+    """The example at position ``i`` of epoch ``epoch``'s permutation of ``n`` examples.
+
+    Up to ``KEYED_ORDER_ABOVE`` examples: ``torch.randperm(n)`` seeded with ``seed * 7919 + epoch``, drawn once
+    per epoch and kept. Above it: `dp2osr.math.permutation.permuted` keyed by (seed, epoch), computed per
+    index (drawing and keeping a permutation of millions of examples per epoch costs O(n)).
+    """
+    if n > KEYED_ORDER_ABOVE:
+        return permuted(i, n, f"{seed}:{epoch}")
+    return _epoch_order(n, seed, epoch)[i]
 
 
 def batch_indices(
@@ -64,11 +80,13 @@ def batch_indices(
     """Example indices for (optimizer step, micro-batch, process): a slice of concatenated epoch permutations.
 
     Every (step, micro, rank) gets a disjoint slice of one stream, so processes never see the same example in
-    a step and the order does not depend on where a run was resumed.
+    a step and the order does not depend on where a run was resumed. Each epoch's permutation is
+    `epoch_position`'s: a seeded ``torch.randperm`` up to ``KEYED_ORDER_ABOVE`` examples, a keyed
+    permutation computed per index above (O(1) per example).
     """
     per_step = batch * accum * world
     start = step * per_step + (micro * world + rank) * batch
-    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + batch)]
+    return [epoch_position(n, seed, pos // n, pos % n) for pos in range(start, start + batch)]
 
 
 class FrozenCache:
