@@ -3,10 +3,22 @@ processes."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from test_score import TEST_METRICS, make_pool
+
+from dp2osr.engine.score_shards import deal_images
 from dp2osr.engine.train_data import KEYED_ORDER_ABOVE, batch_indices, epoch_position
 from dp2osr.math.permutation import permuted
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 1000, 4097])
@@ -58,3 +70,59 @@ def test_keyed_order_slices_are_disjoint_and_cover_each_epoch():
     assert step_indices(5) == stream[5 * per_step : 6 * per_step]
     # another seed, another order
     assert batch_indices(n, 0, 0, 0, batch, accum, world, seed + 1) != stream[:batch]
+
+
+def test_images_are_dealt_round_robin_by_sorted_id():
+    pool = pd.DataFrame({"image_id": ["c", "a", "b", "a", "c", "d"], "seed": range(6)})
+    shards = [deal_images(pool, rank, 2) for rank in range(2)]
+    assert [sorted(set(s.image_id)) for s in shards] == [["a", "c"], ["b", "d"]]
+    assert sorted(i for s in shards for i in s.index) == list(range(6))  # every row once, pool index kept
+    assert deal_images(pool, 0, 1) is pool
+
+
+def _score_cli(*args):
+    return ["-m", "dp2osr", "score", *args, "--metrics", *TEST_METRICS, "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_two_processes_score_each_image_once_and_write_one_process_tables(tmp_path):
+    """3 images (one without HR, one with an unreadable candidate) over 2 processes: the same tables as one
+    process, each score computed by one process only, and the main process reports the other's problem."""
+    pool = make_pool(tmp_path, n_images=3, seeds=(0, 1, 2), no_hr=("img00",))
+    (pool / "img01" / "seed_0002.png").write_bytes(b"not a png")  # img01 is process 1's
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run(
+        [sys.executable, *_score_cli("--candidates", str(pool), "--output", str(one))],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert single.returncode == 1, single.stderr[-2000:]  # PartialFailure: the unreadable candidate
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    multi = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            *_score_cli("--candidates", str(pool), "--output", str(two)),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert multi.returncode != 0  # the same PartialFailure
+    # process 1 reports its problem, and process 0 (which met none) reports it too: gathered
+    assert multi.stderr.count("1 problem(s)") == 2, multi.stderr[-3000:]
+    counts = [int(line.split()[1]) for line in multi.stderr.splitlines() if " score(s) in " in line]
+    assert len(counts) == 2 and sum(counts) == int(
+        next(line.split()[1] for line in single.stderr.splitlines() if " score(s) in " in line)
+    )
+    for name in ("scores.parquet", "rewards.parquet"):
+        a, b = pd.read_parquet(one / name), pd.read_parquet(two / name)
+        pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+        assert pq.read_metadata(one / name).metadata == pq.read_metadata(two / name).metadata
+    scores = pd.read_parquet(two / "scores.parquet")
+    assert not scores.duplicated(["image_id", "seed", "metric"]).any()
+    assert len(pd.read_parquet(two / "rewards.parquet")) == 8
+    assert not list((two / "scores_parts" / "shards").iterdir())  # the shards were folded in

@@ -1,7 +1,8 @@
 """`dp2osr score`: IQA scores and the hybrid reward of every candidate of a pool (the paper's reward labels).
 
-The scoring itself (resumable, per-image part files) is `dp2osr.engine.scoring`; this module is the command:
-options, checks, the resolved config beside the output, and the exit status.
+The scoring itself (resumable, per-image part files, sharded over the processes of `accelerate launch`) is
+`dp2osr.engine.scoring`; this module is the command: options, checks, the resolved config beside the output,
+and the exit status.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dp2osr.engine.scoring import ScoreOptions, ScoreResult, score_pool
 from dp2osr.errors import PartialFailure
 from dp2osr.math.reward import FAMILIES
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import resolve_device
+from dp2osr.runtime import process_state
 
 CONFIG_FILE = "score_config.yaml"
 
@@ -65,10 +66,11 @@ def resolved_metrics(cfg: ScoreConfig) -> list[str]:
 def run(cfg: ScoreConfig) -> ScoreResult:
     """Score the pool in ``cfg.candidates``; write scores.parquet and rewards.parquet.
 
-    Raises `PartialFailure` when some files could not be read (each is reported by name on stderr and left
+    Under `accelerate launch` / torchrun the images are dealt to the processes and the main process writes
+    the tables. Raises `PartialFailure` when some files could not be read (each is reported by name on stderr and left
     out of the tables; every other candidate is still scored and the tables are written).
     """
-    resolve_device(cfg.device)  # a missing CUDA device fails before any work
+    state, device = process_state(cfg.device)  # a missing CUDA device fails before any work
     if cfg.weights_dir is not None and not Path(cfg.weights_dir).is_dir():
         raise FileNotFoundError(f"weights_dir not found: {cfg.weights_dir}")
     cand_dir = candidates_dir(cfg.candidates)
@@ -76,9 +78,10 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     check_output_dir(out_dir)
     names = resolved_metrics(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # the resolved config: the exact metric list and output folder this run used
-    save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
-    result = score_pool(cand_dir, out_dir, names, cfg)
+    if state.is_main_process:
+        # the resolved config: the exact metric list and output folder this run used
+        save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
+    result = score_pool(cand_dir, out_dir, names, cfg, state=state, device=device)
     if result.errors:
         raise PartialFailure(
             f"{len(result.errors)} problem(s); the affected candidates are missing from the tables:\n  "

@@ -38,6 +38,7 @@ import torch
 from dp2osr import metrics as metric_lib
 from dp2osr import tables
 from dp2osr.config import check_choices, field
+from dp2osr.engine import score_shards
 from dp2osr.engine.pools import read_pool
 from dp2osr.images import ImageReadError, load_image, write_parquet
 from dp2osr.math.reward import SCOPES, hybrid_reward
@@ -136,15 +137,20 @@ def _needed(cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec], dither
 class _Scorer:
     """Builds metrics lazily and scores stacks of same-size candidates, falling back to one at a time."""
 
-    def __init__(self, opts: ScoreOptions, specs: dict[str, metric_lib.MetricSpec]) -> None:
-        self.cfg, self.specs = opts, specs
+    def __init__(
+        self,
+        opts: ScoreOptions,
+        specs: dict[str, metric_lib.MetricSpec],
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.cfg, self.specs, self.device = opts, specs, opts.device if device is None else device
         self.models: dict[str, torch.nn.Module] = {}
         self.max_batch: dict[str, int] = {}
 
     def build(self, names: list[str]) -> None:
         for name in names:
             if name not in self.models:
-                self.models[name] = metric_lib.create(name, self.cfg.device, self.cfg.weights_dir)
+                self.models[name] = metric_lib.create(name, self.device, self.cfg.weights_dir)
                 cap = self.specs[name].max_batch
                 self.max_batch[name] = max(1, min(self.cfg.batch_size, cap or self.cfg.batch_size))
 
@@ -362,26 +368,35 @@ def _todo(
 
 
 def score_pool(
-    cand_dir: Path, out_dir: Path, names: list[str], opts: ScoreOptions | None = None
+    cand_dir: Path,
+    out_dir: Path,
+    names: list[str],
+    opts: ScoreOptions | None = None,
+    state=None,
+    device: str | torch.device | None = None,
 ) -> ScoreResult:
     """Score every candidate of the pool in ``cand_dir`` with the metrics ``names`` into ``out_dir``.
 
     Resumes from ``out_dir/scores_parts``; writes scores.parquet and rewards.parquet. Unreadable files are
     reported on stderr by name and left out of the tables (``errors``); every other candidate is scored.
+    With an accelerate ``state`` of several processes, each scores its share of the images on ``device``
+    (default: ``opts.device``) and the main process writes the tables (`dp2osr.engine.score_shards`); the
+    other processes return empty tables and their own problems.
     """
     from tqdm import tqdm
 
     opts = opts or ScoreOptions()
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     specs = metric_lib.catalogue(names)
     pool, pool_meta = read_pool(cand_dir)
-    cands = with_content_hashes(pool)
+    cands = with_content_hashes(score_shards.deal_images(pool, rank, world))
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
     needed, todo_by_image, total = _todo(cands, specs, parts_dir, opts.dither)
     done_images = cands["image_id"].nunique() - len(todo_by_image)
     if done_images:
         print(f"score: {done_images} image(s) already scored in {parts_dir}, skipped", file=sys.stderr)
-    scorer = _Scorer(opts, specs)
+    scorer = _Scorer(opts, specs, device)
     scorer.build([n for n in names if any(n in m for m in todo_by_image.values())])
     errors: dict[str, str] = {}
     by_image = {img: g for img, g in cands.groupby("image_id", sort=False)}
@@ -400,19 +415,37 @@ def score_pool(
             f"score: {total} score(s) in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} scores/s)",
             file=sys.stderr,
         )
+    if world == 1:
+        return _write_tables(cands, needed, parts_dir, out_dir, specs, opts, pool_meta, errors)
+    score_shards.write_shard(parts_dir / score_shards.SHARDS_DIR, rank, cands, errors)
+    state.wait_for_everyone()
+    result = ScoreResult(pd.DataFrame(columns=list(tables.SCORES.columns)), pd.DataFrame(), errors)
+    if state.is_main_process:
+        cands, errors = score_shards.read_shards(parts_dir / score_shards.SHARDS_DIR, world, pool)
+        needed = _needed(cands, specs, opts.dither)
+        result = _write_tables(cands, needed, parts_dir, out_dir, specs, opts, pool_meta, errors)
+    state.wait_for_everyone()  # every process returns once the tables are written
+    return result
+
+
+def _write_tables(
+    cands: pd.DataFrame,
+    needed: pd.DataFrame,
+    parts_dir: Path,
+    out_dir: Path,
+    specs: dict[str, metric_lib.MetricSpec],
+    opts: ScoreOptions,
+    pool_meta: dict,
+    errors: dict[str, str],
+) -> ScoreResult:
+    """Merge the parts and write scores.parquet and rewards.parquet for the whole pool ``cands``."""
     scores = _merge(parts_dir, needed)
     tables.write(tables.SCORES, scores, out_dir / SCORES_FILE)
     rewards = _rewards(scores, cands, specs, opts)
-    meta = {
-        "metrics": list(specs),
-        "w_fr": opts.w_fr,
-        "w_nr": opts.w_nr,
-        "scope": opts.scope,
-        "dither": opts.dither,
-    }
+    meta = dict(metrics=list(specs), w_fr=opts.w_fr, w_nr=opts.w_nr, scope=opts.scope, dither=opts.dither)
     tables.write(tables.REWARDS, rewards, out_dir / REWARDS_FILE, {**pool_meta, **meta})
     print(
-        f"score: {len(rewards)} candidate(s), {len(names)} metric(s) -> {out_dir / SCORES_FILE}, "
+        f"score: {len(rewards)} candidate(s), {len(specs)} metric(s) -> {out_dir / SCORES_FILE}, "
         f"{out_dir / REWARDS_FILE}",
         file=sys.stderr,
     )
