@@ -1,0 +1,173 @@
+"""How the pipeline's bookkeeping grows with the pool: synthetic pools of ~10^3..10^5 candidates (tables only).
+
+Each size is a pool of n candidates (M = 32 per image, the paper's SD2 setting) written as the tables the
+stages exchange: candidates.parquet, rewards.parquet, pref_pairs.parquet (N = 8 winners x 8 losers per image,
+so 2n pairs) and a ``scores_parts/`` folder holding every score already (2 metrics, one FR, one NR). No image
+file is made: what is timed is the work done per row — reading the tables, building the pairs, reading the
+training examples, the data order per micro-batch, and `score`'s bookkeeping when everything is scored
+(finding what is left to do, merging the stored scores into the tables' rows). Each line prints the best of
+``--repeats`` runs per size, the growth exponent fitted on log(time) against log(n), and the time projected
+with that exponent to the paper's counts (1 M candidates, 1.92 M pairs). The data order is also timed at
+1.92 M pairs directly.
+
+    .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~1 min, 2 cores)
+    .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 300000 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from dp2osr import metrics as metric_lib
+from dp2osr import tables
+from dp2osr.engine import scoring, train_data
+from dp2osr.images import write_parquet
+from dp2osr.pair import build_pairs
+
+M, N = 32, 8  # candidates per image, winners (and losers) per image: 2 * N * N / M = 2 pairs per candidate
+PAPER_CANDIDATES, PAPER_PAIRS = 1_000_000, 1_920_000
+MICRO_BATCH = 16
+METRICS = ["psnr", "piqe"]  # one FR, one NR: keys only, no metric is run
+
+
+def make_pool(root: Path, n: int) -> dict[str, Path]:
+    """The tables of a pool of ``n`` candidates (a multiple of M) under ``root`` (no image files)."""
+    rng = np.random.default_rng(n)
+    images = n // M
+    ids = np.repeat([f"img{i:07d}" for i in range(images)], M)
+    seeds = np.tile(np.arange(M, dtype=np.int64), images)
+    paths = [f"pool/{i}/seed_{s:04d}.png" for i, s in zip(ids, seeds)]
+    lr = [f"data/lr/{i}.png" for i in ids]
+    hr = [f"data/hr/{i}.png" for i in ids]
+    cands = pd.DataFrame({"image_id": ids, "seed": seeds, "path": paths, "lr_path": lr, "hr_path": hr})
+    pool = root / "pool"
+    pool.mkdir(parents=True)
+    os.chdir(root)  # the tables name paths relative to the working folder, as a stage's caller does
+    tables.write(tables.CANDIDATES, cands, pool)
+    rewards = cands.assign(reward=rng.random(n))
+    tables.write(tables.REWARDS, rewards, pool)
+    pairs = build_pairs(rewards, N, None)
+    tables.write(tables.PREF_PAIRS, pairs, root / "pairs")
+    shas = [f"{k:064x}" for k in range(n)]
+    hr_shas = {h: f"{k:064x}" for k, h in enumerate(dict.fromkeys(hr))}
+    scored = pd.DataFrame(
+        {
+            "image_id": np.concatenate([ids, ids]),
+            "seed": np.concatenate([seeds, seeds]),
+            "metric": np.repeat(METRICS, n),
+            "value": rng.random(2 * n),
+            "path": [os.path.relpath(p, "pool") for p in paths] * 2,
+            "sha": shas * 2,
+            "ref_sha": [hr_shas[h] for h in hr] + [""] * n,
+            "dither": 0,
+        }
+    )
+    (pool / scoring.PARTS_DIR).mkdir()
+    write_parquet(scored, pool / scoring.PARTS_DIR / scoring.MERGED_PART)
+    return {"pool": pool, "pairs": root / "pairs", "shas": shas, "hr_shas": hr_shas}
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def _order_per_micro(n_pairs: int, micro_batches: int = 200) -> float:
+    """Mean seconds per micro-batch of `batch_indices` over the first ``micro_batches`` of a fresh run."""
+    train_data._epoch_order.cache_clear()
+    t = time.perf_counter()
+    for k in range(micro_batches):
+        train_data.batch_indices(n_pairs, k // 4, k % 4, 0, MICRO_BATCH, 4, 1, 0)
+    return (time.perf_counter() - t) / micro_batches
+
+
+def time_size(n: int, repeats: int) -> dict[str, tuple[float, int, int]]:
+    """{stage: (seconds, the count it grows with, that count at the paper's scale)} for ``n`` candidates."""
+    specs = metric_lib.catalogue(METRICS)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        made = make_pool(Path(tmp), n)
+        pool, pairs_dir = made["pool"], made["pairs"]
+        rewards, _ = tables.read(tables.REWARDS, pool)
+        n_pairs = len(tables.read(tables.PREF_PAIRS, pairs_dir)[0])
+        cands = scoring.read_pool(pool)[0]
+        cands = cands.assign(sha=made["shas"], hr_sha=cands["hr_path"].map(_hr_key(made["hr_shas"], pool)))
+        parts = pool / scoring.PARTS_DIR
+        needed = scoring._needed(cands, specs)
+        c, p = (
+            (n, PAPER_CANDIDATES),
+            (n_pairs, PAPER_PAIRS),
+        )  # what each stage grows with, and its paper count
+        out = {
+            "tables.read candidates": (_best(lambda: tables.read(tables.CANDIDATES, pool), repeats), *c),
+            "tables.read rewards": (_best(lambda: tables.read(tables.REWARDS, pool), repeats), *c),
+            "tables.read pref_pairs": (_best(lambda: tables.read(tables.PREF_PAIRS, pairs_dir), repeats), *p),
+            "pair.build_pairs": (_best(lambda: build_pairs(rewards, N, None), repeats), *c),
+            "train_data.read_examples": (
+                _best(lambda: train_data.read_examples(pairs_dir, "dpo"), repeats),
+                *p,
+            ),
+            "batch_indices / micro-batch": (min(_order_per_micro(n_pairs) for _ in range(repeats)), *p),
+            "score _todo (all scored)": (_best(lambda: scoring._todo(cands, specs, parts), repeats), *c),
+            "score _merge (all scored)": (_best(lambda: scoring._merge(parts, needed), repeats), *c),
+        }
+        todo = scoring._todo(cands, specs, parts)[1]
+        assert not todo, f"the synthetic pool should be fully scored; {len(todo)} image(s) left"
+        os.chdir(cwd)
+    return out
+
+
+def _hr_key(hr_shas: dict[str, str], pool: Path) -> dict[str, str]:
+    """The synthetic HR hashes keyed by the absolute HR paths the candidates table reads back."""
+    return {os.path.normpath(os.path.join(pool.parent, h)): s for h, s in hr_shas.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_024, 10_016, 100_000], help="candidates")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
+    args = ap.parse_args(argv)
+    if len(set(args.sizes)) < 2 or any(n < M or n % M for n in args.sizes):
+        raise ValueError(f"--sizes needs at least 2 sizes, multiples of M = {M}, got {args.sizes}")
+    t0 = time.perf_counter()
+    runs = {n: time_size(n, args.repeats) for n in sorted(args.sizes)}
+    stages = list(next(iter(runs.values())))
+    head = f"{'stage':30s}" + "".join(f"{f'n={n:,}':>14s}" for n in runs) + f"{'exponent':>10s}  projected"
+    print(head)
+    for stage in stages:
+        xs = np.array([runs[n][stage][1] for n in runs], dtype=float)
+        ts = np.array([runs[n][stage][0] for n in runs])
+        slope = float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
+        target = next(runs[n][stage][2] for n in runs)
+        projected = ts[-1] * (target / xs[-1]) ** slope
+        cells = "".join(f"{_fmt(t):>14s}" for t in ts)
+        print(f"{stage:30s}{cells}{slope:10.2f}  {_fmt(projected)} at {target / 1e6:g} M")
+    direct = _order_per_micro(PAPER_PAIRS, 500)
+    print(
+        f"batch_indices at {PAPER_PAIRS:,} pairs, measured: {direct * 1e3:.3f} ms per micro-batch of {MICRO_BATCH}"
+    )
+    print(f"(pairs = 2 x candidates; {time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
