@@ -4,13 +4,14 @@ Each size is a pool of n candidates (M = 32 per image, the paper's SD2 setting) 
 stages exchange: candidates.parquet, rewards.parquet, pref_pairs.parquet (N = 8 winners x 8 losers per image,
 so 2n pairs) and a ``scores_parts/`` folder holding every score already (2 metrics, one FR, one NR). No image
 file is made: what is timed is the work done per row — reading the tables, building the pairs, reading the
-training examples, the data order per micro-batch, and `score`'s bookkeeping when everything is scored
-(finding what is left to do, merging the stored scores into the tables' rows). Each line prints the best of
-``--repeats`` runs per size, the growth exponent fitted on log(time) against log(n), and the time projected
-with that exponent to the paper's counts (1 M candidates, 1.92 M pairs). The data order is also timed at
-1.92 M pairs directly.
+training examples, the data order per micro-batch (`batch_indices`: a cached seeded randperm per epoch up to
+2**16 pairs, the keyed permutation above; and the keyed permutation alone at every size), and `score`'s
+bookkeeping when everything is scored (finding what is left to do, merging the stored scores into the
+tables' rows). Each line prints the best of ``--repeats`` runs per size (fewer where one run takes over a
+second), the growth exponent fitted on log(time) against log(n), and the time projected from the largest size
+with that exponent and linearly (exponents below 1 come from fixed costs at small n) to the paper's counts (1 M candidates, 1.92 M pairs). The data order is also timed at 1.92 M pairs directly.
 
-    .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~1 min, 2 cores)
+    .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~2 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 300000 --repeats 2
 """
 
@@ -33,6 +34,7 @@ from dp2osr import metrics as metric_lib
 from dp2osr import tables
 from dp2osr.engine import scoring, train_data
 from dp2osr.images import write_parquet
+from dp2osr.math.permutation import permuted
 from dp2osr.pair import build_pairs
 
 M, N = 32, 8  # candidates per image, winners (and losers) per image: 2 * N * N / M = 2 pairs per candidate
@@ -78,13 +80,23 @@ def make_pool(root: Path, n: int) -> dict[str, Path]:
     return {"pool": pool, "pairs": root / "pairs", "shas": shas, "hr_shas": hr_shas}
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
+def _best(fn, repeats: int, budget: float = 1.0) -> float:
+    """The best of ``repeats`` runs of ``fn``, stopping early once ``budget`` seconds are spent (large sizes)."""
+    times: list[float] = []
+    while len(times) < repeats and sum(times) < budget:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def _keyed_per_micro(n_pairs: int, micro_batches: int = 200) -> float:
+    """Mean seconds per micro-batch of the keyed permutation alone (the order of pools above 2**16 examples)."""
+    t = time.perf_counter()
+    for k in range(micro_batches):
+        pos = k * MICRO_BATCH
+        [permuted((pos + i) % n_pairs, n_pairs, f"0:{(pos + i) // n_pairs}") for i in range(MICRO_BATCH)]
+    return (time.perf_counter() - t) / micro_batches
 
 
 def _order_per_micro(n_pairs: int, micro_batches: int = 200) -> float:
@@ -123,6 +135,7 @@ def time_size(n: int, repeats: int) -> dict[str, tuple[float, int, int]]:
                 *p,
             ),
             "batch_indices / micro-batch": (min(_order_per_micro(n_pairs) for _ in range(repeats)), *p),
+            "keyed permutation / micro-b.": (min(_keyed_per_micro(n_pairs) for _ in range(repeats)), *p),
             "score _todo (all scored)": (_best(lambda: scoring._todo(cands, specs, parts), repeats), *c),
             "score _merge (all scored)": (_best(lambda: scoring._merge(parts, needed), repeats), *c),
         }
@@ -147,16 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     runs = {n: time_size(n, args.repeats) for n in sorted(args.sizes)}
     stages = list(next(iter(runs.values())))
-    head = f"{'stage':30s}" + "".join(f"{f'n={n:,}':>14s}" for n in runs) + f"{'exponent':>10s}  projected"
+    head = f"{'stage':30s}" + "".join(f"{f'n={n:,}':>14s}" for n in runs)
+    head += f"{'exponent':>10s}  projected: with the exponent / linear from the largest n"
     print(head)
     for stage in stages:
         xs = np.array([runs[n][stage][1] for n in runs], dtype=float)
         ts = np.array([runs[n][stage][0] for n in runs])
         slope = float(np.polyfit(np.log(xs), np.log(ts), 1)[0])
         target = next(runs[n][stage][2] for n in runs)
-        projected = ts[-1] * (target / xs[-1]) ** slope
+        fitted, linear = ts[-1] * (target / xs[-1]) ** slope, ts[-1] * target / xs[-1]
         cells = "".join(f"{_fmt(t):>14s}" for t in ts)
-        print(f"{stage:30s}{cells}{slope:10.2f}  {_fmt(projected)} at {target / 1e6:g} M")
+        print(f"{stage:30s}{cells}{slope:10.2f}  {_fmt(fitted)} / {_fmt(linear)} at {target / 1e6:g} M")
     direct = _order_per_micro(PAPER_PAIRS, 500)
     print(
         f"batch_indices at {PAPER_PAIRS:,} pairs, measured: {direct * 1e3:.3f} ms per micro-batch of {MICRO_BATCH}"

@@ -1,6 +1,8 @@
 """Pools that know what they hold: content hashes in candidates.parquet, resume that re-makes stale or broken
 candidates, scores keyed by candidate content."""
 
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,30 @@ def test_score_follows_a_replaced_hr(degraded, tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_parquet(pool / "scores.parquet"), pd.read_parquet(tmp_path / "fresh" / "scores.parquet")
     )
+
+
+def test_resume_of_a_finished_pool_trusts_the_manifest(degraded, tmp_path, monkeypatch):
+    """Rerunning `sample` on a finished pool decodes no candidate (the manifest's size and mtime still hold), and
+    writes the same manifest; a file changed since (another size or mtime) is checked and re-made."""
+    import dp2osr.engine.jobs as jobs_mod
+    import dp2osr.engine.pools as pools_mod
+
+    out = tmp_path / "pool"
+    assert _sample(degraded, out) == 0
+    before, table = _pngs(out), (out / "candidates.parquet").read_bytes()
+    assert len(pools_mod.read_stamps(out)) == 6
+    decoded = []
+    real_current, real_text = jobs_mod.sample_is_current, pools_mod.read_png_text
+    monkeypatch.setattr(jobs_mod, "sample_is_current", lambda p, *a: decoded.append(p) or real_current(p, *a))
+    monkeypatch.setattr(pools_mod, "read_png_text", lambda p: decoded.append(p) or real_text(p))
+    assert _sample(degraded, out) == 0
+    assert decoded == [] and _pngs(out) == before
+    assert (out / "candidates.parquet").read_bytes() == table
+    # same bytes, but touched: decoded and found current (kept); truncated: decoded and re-made
+    target, cut = out / "p0" / "seed_0001.png", out / "p1" / "seed_0000.png"
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    cut.write_bytes(before["p1/seed_0000.png"][:100])
+    assert _sample(degraded, out) == 0
+    assert target in decoded and cut in decoded and _pngs(out) == before
+    assert pd.read_parquet(out / "candidates.parquet").equals(pd.read_parquet(io.BytesIO(table)))

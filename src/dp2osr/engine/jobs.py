@@ -57,6 +57,21 @@ def chunk_jobs(images: list[tuple[str, Path]], seeds: list[int], batch: int) -> 
     return [Job(i, Path(p), seeds[k : k + batch]) for i, p in images for k in range(0, len(seeds), batch)]
 
 
+def is_current(path: Path, lr_sha: str | None, opt_sha: str, stamps: dict | None = None) -> bool:
+    """`sample_is_current`, trusting ``stamps`` (``{str(path): (size, mtime_ns, lr_sha, options_sha)}``, what a
+    manifest recorded of each file it hashed) for a file whose size and mtime are still those recorded: such a
+    file is not decoded again."""
+    known = stamps.get(str(path)) if stamps and lr_sha is not None else None
+    if known is not None:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) == tuple(known[:2]):
+            return known[2] == lr_sha and known[3] == opt_sha
+    return sample_is_current(path, lr_sha, opt_sha)
+
+
 def output_path(out_dir: Path, image_id: str, seed: int, flat: bool = False) -> Path:
     """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png`` (``flat``: ``OUT/ID.png``,
     one sample per image)."""
@@ -120,6 +135,7 @@ def run_jobs(
     show_progress: bool = True,
     model: str | None = None,
     flat: bool = False,
+    stamps: dict | None = None,
 ) -> JobsResult:
     """Sample every job into ``out_dir/ID/seed_XXXX.png`` (``flat``: ``out_dir/ID.png``): the one loop behind
     upscale, sample, curve and the quickstart.
@@ -128,7 +144,8 @@ def run_jobs(
     ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
     missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
     composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
-    bits). Consecutive jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
+    bits). ``stamps`` (see `is_current`) spares decoding the files a manifest recorded and nobody changed since.
+    Consecutive jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
     out of memory) is reported on stderr by name and skipped; the others go on.
     """
     settings = sampling_settings(bb, opts)
@@ -141,7 +158,7 @@ def run_jobs(
         for j in jobs
         if overwrite
         or not all(
-            sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
+            is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha, stamps)
             for s in j.seeds
         )
     ]

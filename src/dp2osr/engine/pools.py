@@ -19,7 +19,7 @@ from dp2osr.backbones import Backbone
 from dp2osr.engine.jobs import JobsResult, chunk_jobs, run_jobs
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
-from dp2osr.images import list_images, read_png_text
+from dp2osr.images import list_images, read_png_text, write_parquet
 from dp2osr.paths import file_sha
 
 CANDIDATES_FILE = tables.CANDIDATES.filename
@@ -81,23 +81,58 @@ def _hr_sha(hr_path: str) -> str:
     return file_sha(Path(hr_path)) if hr_path and Path(hr_path).is_file() else ""
 
 
+STAMPS_FILE = ".candidates_stamps.parquet"  # beside candidates.parquet: what each file was when hashed
+_STAMP_COLUMNS = ["path", "size", "mtime_ns", "lr_sha", "options_sha", "sha"]
+
+
+def read_stamps(out: Path) -> dict[str, tuple]:
+    """``{str(out / path): (size, mtime_ns, lr_sha, options_sha, sha)}`` as the last manifest of the pool ``out``
+    recorded them (empty when there is none or it cannot be read)."""
+    try:
+        df = pd.read_parquet(Path(out) / STAMPS_FILE, columns=_STAMP_COLUMNS)
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {str(Path(out) / p): rest for p, *rest in df.itertuples(index=False, name=None)}
+
+
+def _file_record(path: Path, stamps: dict[str, tuple]) -> tuple | None:
+    """(size, mtime_ns, lr_sha, options_sha, sha) of a candidate file: taken from ``stamps`` while its size and
+    mtime are those recorded, else read from the file (its PNG record, its hash); None when it is missing or
+    does not decode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    known = stamps.get(str(path))
+    if known is not None and tuple(known[:2]) == (st.st_size, st.st_mtime_ns):
+        return tuple(known)
+    record = read_png_text(path)
+    if record is None:
+        return None
+    lr_sha, opt_sha = record.get(LR_SHA_KEY, ""), record.get(OPTIONS_SHA_KEY, "")
+    return st.st_size, st.st_mtime_ns, lr_sha, opt_sha, file_sha(path)
+
+
 def write_manifest(
     images: pd.DataFrame, out: Path, seeds: list[int], model: dict[str, str], meta: dict | None = None
 ) -> pd.DataFrame:
     """candidates.parquet listing every (image, seed) with the model, the content hashes of the candidate, of
     the LR and options it records it was made from, and of the HR (``meta``: the table's metadata); errors if
-    any candidate is missing or undecodable."""
-    rows, missing = [], []
+    any candidate is missing or undecodable. Each file's size and mtime go to ``STAMPS_FILE`` with its hashes,
+    and a file whose size and mtime are still those recorded there is not decoded and hashed again."""
+    rows, missing, stamps, new_stamps = [], [], read_stamps(out), []
     for row in images.itertuples():
         prompt_file = out / row.image_id / "prompt.txt"
         prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
         hr_sha = _hr_sha(row.hr_path)
         for s in seeds:
             rel = candidate_path(row.image_id, s)
-            record = read_png_text(out / rel)
-            if record is None:
+            found = _file_record(out / rel, stamps)
+            if found is None:
                 missing.append(rel)
                 continue
+            size, mtime_ns, lr_sha, opt_sha, sha = found
+            new_stamps.append((rel, *found))
             rows.append(
                 (
                     row.image_id,
@@ -109,10 +144,10 @@ def write_manifest(
                     model["base"],
                     model["controlnet"],
                     prompt,
-                    file_sha(out / rel),
-                    record.get(LR_SHA_KEY, ""),
+                    sha,
+                    lr_sha,
                     hr_sha,
-                    record.get(OPTIONS_SHA_KEY, ""),
+                    opt_sha,
                 )
             )
     if missing:
@@ -121,6 +156,7 @@ def write_manifest(
         )
     df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
     tables.write(tables.CANDIDATES, df, out, meta)
+    write_parquet(pd.DataFrame(new_stamps, columns=_STAMP_COLUMNS), out / STAMPS_FILE)
     return df
 
 
@@ -155,7 +191,8 @@ def sample_pool(
     ``controlnet`` replaces the backbone's own for this pool (a checkpoint being evaluated). With ``state``
     (accelerate's ``PartialState`` or ``Accelerator``) the (image, seed chunk) jobs are dealt round-robin to the
     processes and the main process writes ``candidates.parquet`` once all are done; images that could not be
-    read are left out of it. Returns (this process's `JobsResult`, the failed image IDs of every process).
+    read are left out of it. A candidate that the last manifest recorded, with its size and mtime unchanged
+    since, is trusted without being decoded (``STAMPS_FILE``). Returns (this process's `JobsResult`, the failed image IDs of every process).
     """
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     jobs = chunk_jobs(list(zip(images.image_id, images.lr_path)), seeds, opts.batch_size)[rank::world]
@@ -173,6 +210,7 @@ def sample_pool(
                 desc=desc,
                 show_progress=rank == 0,
                 model=json.dumps(model, sort_keys=True),
+                stamps=read_stamps(out),
             )
     finally:
         bb.controlnet = old
