@@ -8,8 +8,9 @@ training examples, the data order per micro-batch (`batch_indices`: a cached see
 2**16 pairs, the keyed permutation above; and the keyed permutation alone at every size), and `score`'s
 bookkeeping when everything is scored (finding what is left to do, merging the stored scores into the
 tables' rows). Each line prints the best of ``--repeats`` runs per size (fewer where one run takes over a
-second), the growth exponent fitted on log(time) against log(n), and the time projected from the largest size
-with that exponent and linearly (exponents below 1 come from fixed costs at small n) to the paper's counts (1 M candidates, 1.92 M pairs). The data order is also timed at 1.92 M pairs directly.
+second), the growth exponent fitted on log(time) against log(n), and the time projected from the largest
+size, with that exponent and linearly (exponents below 1 come from fixed costs at small n), to the paper's
+counts (1 M candidates, 1.92 M pairs). The data order is also timed at 1.92 M pairs directly.
 
     .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~2 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 300000 --repeats 2
