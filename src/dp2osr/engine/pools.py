@@ -1,8 +1,8 @@
 """Candidate pools on disk: the inputs of `sample`, its ``candidates.parquet`` manifest, and reading it back.
 
 A pool is a folder of ``ID/seed_XXXX.png`` candidates plus ``candidates.parquet`` (schema in
-docs/ARCHITECTURE.md); ``sample``, ``score``, ``curve`` and the quickstart read and write pools through these
-functions only.
+docs/ARCHITECTURE.md) and its stamps (each file's size and mtime when it was hashed, which a rerun trusts);
+``sample``, ``score``, ``curve`` and the quickstart read and write pools through these functions only.
 """
 
 from __future__ import annotations
