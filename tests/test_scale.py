@@ -126,3 +126,32 @@ def test_two_processes_score_each_image_once_and_write_one_process_tables(tmp_pa
     assert not scores.duplicated(["image_id", "seed", "metric"]).any()
     assert len(pd.read_parquet(two / "rewards.parquet")) == 8
     assert not list((two / "scores_parts" / "shards").iterdir())  # the shards were folded in
+
+
+class _FakeState:
+    """A process of ``world`` whose barriers are no-ops: the ranks run one after another, the main one last."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.process_index, self.num_processes, self.is_main_process = rank, world, rank == 0
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def test_more_processes_than_images_give_one_process_tables(tmp_path):
+    """4 processes, 3 images: one process has nothing to score; the main process's tables equal one process's."""
+    from dp2osr.engine.scoring import ScoreOptions, score_pool
+
+    pool = make_pool(tmp_path, n_images=3, seeds=(0, 1))
+    opts = ScoreOptions(device="cpu")
+    one = score_pool(pool, tmp_path / "one", TEST_METRICS, opts)
+    for rank in (3, 2, 1, 0):
+        got = score_pool(pool, tmp_path / "four", TEST_METRICS, opts, state=_FakeState(rank, 4))
+        if rank:
+            assert got.scores.empty and not got.errors
+    pd.testing.assert_frame_equal(got.scores, one.scores)
+    pd.testing.assert_frame_equal(got.rewards, one.rewards)
+    for name in ("scores.parquet", "rewards.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "one" / name), pd.read_parquet(tmp_path / "four" / name)
+        )

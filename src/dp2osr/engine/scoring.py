@@ -72,7 +72,8 @@ def with_content_hashes(cands: pd.DataFrame) -> pd.DataFrame:
     """``cands`` with ``sha`` and ``hr_sha`` hashed from the files now on disk (the manifest's are not trusted:
     a file may have been replaced since it was written)."""
     hr = {p: _sha_or_none(p) for p in cands["hr_path"].unique()}
-    return cands.assign(sha=[_sha_or_none(p) for p in cands["abs_path"]], hr_sha=cands["hr_path"].map(hr))
+    shas = pd.Series([_sha_or_none(p) for p in cands["abs_path"]], index=cands.index, dtype=object)
+    return cands.assign(sha=shas, hr_sha=cands["hr_path"].map(hr).astype(object))  # object when empty too
 
 
 def _part_name(image_id: str, metrics: list[str]) -> str:
