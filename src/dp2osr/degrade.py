@@ -34,13 +34,13 @@ from dp2osr import tables
 from dp2osr.config import check_choice, check_choices, check_resume, field, save_config
 from dp2osr.errors import PartialFailure
 from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, save_image, to_uint8
-from dp2osr.paths import check_output_dir
+from dp2osr.paths import check_output_dir, file_sha
 from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 _KERNEL_PROB = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # Real-ESRGAN's probabilities of KERNEL_TYPES
 RESIZE_MODES = ("area", "bilinear", "bicubic")
-PAIRS_COLUMNS = ["image_id", "hr_path", "lr_path", "source", "seed"]
+PAIRS_COLUMNS = ["image_id", "hr_path", "lr_path", "source", "seed", "source_sha"]
 CONFIG_NAME = "degrade_config.yaml"
 # Options that do not change the pairs; all others must match when resuming into an existing output folder.
 
@@ -408,6 +408,21 @@ def make_pair(
     return hr, lr
 
 
+def recorded_sources(out: Path) -> dict[str, str]:
+    """``{image_id: content hash of the photo its pair was made from}`` of an earlier run's pairs table (empty
+    without one; a pair without a recorded hash is made again)."""
+    path = out / tables.PAIRS.filename
+    if not path.is_file():
+        return {}
+    try:
+        table, _ = tables.read(tables.PAIRS, path)
+    except (ValueError, OSError):  # a table cut short: every pair is made again and the table rewritten
+        return {}
+    if "source_sha" not in table.columns:
+        return {}
+    return dict(zip(table["image_id"], table["source_sha"]))
+
+
 def run(cfg: DegradeConfig) -> pd.DataFrame:
     """Run ``dp2osr degrade``; returns the pairs table. Raises `PartialFailure` (after writing every other pair)
     when some input images were skipped (each reported on stderr)."""
@@ -423,11 +438,14 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
     device = resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)
 
+    made_from = recorded_sources(out)
     rows, skipped, made = [], [], 0
     for path in tqdm(files, desc="degrade", unit="img", file=sys.stderr):
         image_id, seed = path.stem, image_seed(cfg.seed, path.stem)
         hr_rel, lr_rel = f"hr/{image_id}.png", f"lr/{image_id}.png"
-        if cfg.overwrite or not ((out / hr_rel).is_file() and (out / lr_rel).is_file()):
+        source_sha = file_sha(path)
+        current = made_from.get(image_id) == source_sha  # made from this very photo (a replaced one: redo)
+        if cfg.overwrite or not (current and (out / hr_rel).is_file() and (out / lr_rel).is_file()):
             try:
                 hr, lr = make_pair(load_image(path), cfg, seed, device)
             except (ImageReadError, ImageTooSmallError) as exc:  # report, skip, go on with the others
@@ -437,7 +455,7 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
             save_image(hr, out / hr_rel)
             save_image(lr, out / lr_rel)
             made += 1
-        rows.append((image_id, str(out / hr_rel), str(out / lr_rel), str(path.resolve()), seed))
+        rows.append((image_id, str(out / hr_rel), str(out / lr_rel), str(path.resolve()), seed, source_sha))
 
     table = pd.DataFrame(rows, columns=PAIRS_COLUMNS).astype({"seed": "int64"})
     tables.write(tables.PAIRS, table, out)

@@ -118,14 +118,14 @@ def run_jobs(
     overwrite: bool = False,
     desc: str = "sample",
     show_progress: bool = True,
-    model: str | None = None,
+    model: dict[str, str] | None = None,
     flat: bool = False,
 ) -> JobsResult:
     """Sample every job into ``out_dir/ID/seed_XXXX.png`` (``flat``: ``out_dir/ID.png``): the one loop behind
     upscale, sample, curve and the quickstart.
 
     Every sample records in its PNG the hash of the LR it was made from and of the options (`options_sha`, with
-    ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
+    `model_identity` of ``model``, the model's `model_fields`; default: those of ``opts``). A job is redone whole when any of its files is
     missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
     composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
     bits). Consecutive jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
@@ -133,7 +133,12 @@ def run_jobs(
     """
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
-    opt_sha = options_sha(bb, opts, upscale, model or model_identity(opts))
+    identity = model_identity(model if model is not None else opts)
+    opt_sha = options_sha(bb, opts, upscale, identity)
+    # The flat layout's file name does not carry the seed: its record does.
+    seed_shas = (
+        {s: options_sha(bb, opts, upscale, identity, s) for j in jobs for s in j.seeds} if flat else {}
+    )
     lr_paths = {j.image_id: j.lr_path for j in jobs}  # an image's seed chunks share one LR: hash it once
     lr_shas = {i: lr_file_sha(path) for i, path in lr_paths.items()}
     todo = [
@@ -141,7 +146,9 @@ def run_jobs(
         for j in jobs
         if overwrite
         or not all(
-            sample_is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha)
+            sample_is_current(
+                output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], seed_shas.get(s, opt_sha)
+            )
             for s in j.seeds
         )
     ]
@@ -167,8 +174,8 @@ def run_jobs(
             result.failed[job.image_id] = str(exc)
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
             continue
-        record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: opt_sha}
         for seed, image in zip(job.seeds, sr):
+            record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: seed_shas.get(seed, opt_sha)}
             save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
         if cache["prompt"]:
             prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")

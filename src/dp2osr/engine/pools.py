@@ -7,7 +7,6 @@ functions only.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -172,7 +171,7 @@ def sample_pool(
                 overwrite=overwrite,
                 desc=desc,
                 show_progress=rank == 0,
-                model=json.dumps(model, sort_keys=True),
+                model=model,
             )
     finally:
         bb.controlnet = old
