@@ -33,9 +33,10 @@ def _png(path, h, w, seed):
 
 
 def _one_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("dp2osr ")]
+    # the error line, after whatever a progress bar left on the terminal line
+    lines = [line[line.index("dp2osr ") :] for line in err.strip().splitlines() if "dp2osr " in line]
     assert "Traceback" not in err, err
-    assert lines, err
+    assert lines and ": error: " in lines[-1], err
     return lines[-1]
 
 
