@@ -409,18 +409,12 @@ def make_pair(
 
 
 def recorded_sources(out: Path) -> dict[str, str]:
-    """``{image_id: content hash of the photo its pair was made from}`` of an earlier run's pairs table (empty
-    without one; a pair without a recorded hash is made again)."""
-    path = out / tables.PAIRS.filename
-    if not path.is_file():
-        return {}
+    """``{image_id: hash of the photo its pair was made from}`` of an earlier run (a pair without one is redone)."""
     try:
-        table, _ = tables.read(tables.PAIRS, path)
-    except (ValueError, OSError):  # a table cut short: every pair is made again and the table rewritten
+        table, _ = tables.read(tables.PAIRS, out)
+    except (ValueError, OSError):  # none yet, or cut short: every pair is made (again)
         return {}
-    if "source_sha" not in table.columns:
-        return {}
-    return dict(zip(table["image_id"], table["source_sha"]))
+    return dict(zip(table["image_id"], table["source_sha"])) if "source_sha" in table else {}
 
 
 def run(cfg: DegradeConfig) -> pd.DataFrame:
@@ -443,8 +437,11 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
     for path in tqdm(files, desc="degrade", unit="img", file=sys.stderr):
         image_id, seed = path.stem, image_seed(cfg.seed, path.stem)
         hr_rel, lr_rel = f"hr/{image_id}.png", f"lr/{image_id}.png"
-        source_sha = file_sha(path)
-        current = made_from.get(image_id) == source_sha  # made from this very photo (a replaced one: redo)
+        try:  # the photo's content: a pair made from another photo of this name is made again
+            source_sha = file_sha(path)
+        except OSError:  # unreadable: attempted below, and reported
+            source_sha = ""
+        current = bool(source_sha) and made_from.get(image_id) == source_sha
         if cfg.overwrite or not (current and (out / hr_rel).is_file() and (out / lr_rel).is_file()):
             try:
                 hr, lr = make_pair(load_image(path), cfg, seed, device)
