@@ -19,13 +19,12 @@ from dp2osr.degrade import (
     DegradationParams,
     DegradeConfig,
     ImageTooSmallError,
-    bivariate_kernel,
     crop,
     degrade_image,
     image_seed,
     random_kernel,
-    sinc_kernel,
 )
+from dp2osr.math.kernels import bivariate_kernel, sinc_kernel
 
 
 @pytest.fixture(autouse=True)

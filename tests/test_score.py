@@ -399,7 +399,8 @@ def test_offline_preset_scores_the_quickstart_crop_size(tmp_path):
 
 
 def test_dithered_copies_are_invisible_and_fixed_by_content():
-    from dp2osr.engine.scoring import ScoreOptions, dithered
+    from dp2osr.engine.scoring import ScoreOptions
+    from dp2osr.math.dither import dithered
 
     x = torch.rand(2, 3, 16, 16).mul(255).round().div(255)
     x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # the clip at both ends
@@ -415,7 +416,7 @@ def test_dithered_copies_are_invisible_and_fixed_by_content():
 
 
 def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
-    from dp2osr.engine.scoring import dithered
+    from dp2osr.math.dither import dithered
     from dp2osr.images import load_image
     from dp2osr.paths import file_sha
 

@@ -3,7 +3,8 @@
 Each stage module defines a config dataclass and ``run(cfg)``; this file only maps names to them (imported
 lazily so ``dp2osr --help`` is instant) and turns errors into one-line messages and exit codes: 2 for bad
 input (``ValueError`` / ``FileNotFoundError``, before any work), the ``exit_code`` of a `dp2osr.errors`
-``StageError`` (1: some inputs failed, the rest was written; 3: training diverged), 130 when interrupted.
+``StageError`` (1: some inputs failed, the rest was written; 3: training diverged), 1 for an I/O fault during
+the work (a full disk, a read-only file system: the file named, finished outputs kept), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -107,14 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"dp2osr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only file system, a permission taken away during the run
+        print(f"dp2osr {args.command}: error: {io_error(exc)}; {KEPT}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(
-            f"dp2osr {args.command}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr
-        )
+        print(f"dp2osr {args.command}: interrupted; {KEPT}", file=sys.stderr)
         return 130
     finally:
         _close_distributed()
     return 0
+
+
+KEPT = "finished outputs are kept, rerun to resume"
+
+
+def io_error(exc: OSError) -> str:
+    """An I/O error in one line: what happened and to which file(s)."""
+    text = str(exc).strip()
+    what = exc.strerror or (text.splitlines()[0] if text else type(exc).__name__)
+    files = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    return f"{what} ({', '.join(files)})" if files else what
 
 
 def _close_distributed() -> None:

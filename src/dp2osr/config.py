@@ -176,7 +176,7 @@ def load_yaml(cls: type, path: Path) -> dict[str, Any]:
     """Read a YAML mapping of options for ``cls``; unknown keys are an error."""
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -187,6 +187,21 @@ def load_yaml(cls: type, path: Path) -> dict[str, Any]:
         if f.name in data and not isinstance(data[f.name], dict):
             raise ValueError(f"{path}: {f.name} must be a mapping of its options, got {data[f.name]!r}")
     return data
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path`` (``{}`` when empty); a file that is not UTF-8 YAML is a ValueError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a text file (not UTF-8); give a YAML file of option: value"
+        ) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{at}: {problem}") from None
 
 
 def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +315,10 @@ def check_resume(
     run_only = run_only_fields(type(cfg))
     if getattr(cfg, "overwrite", False) or not Path(path).is_file():
         return
-    old = _flat(yaml.safe_load(Path(path).read_text()) or {})
+    old = read_yaml(path)
+    if not isinstance(old, dict):
+        raise ValueError(f"{path}: not a saved config (a mapping of option: value); {hint}")
+    old = _flat(old)
     new = _flat(to_dict(cfg))
     # An option the saved config lacks came with a newer dp2osr: the earlier run used its default.
     old = {**{k: v for k, v in _defaults(type(cfg)).items() if k not in old}, **old}

@@ -8,6 +8,8 @@ only samples those.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from dp2osr.engine.heldout import (
     step_dir,
 )
 from dp2osr.engine.options import SamplingOptions, load_model
+from dp2osr.engine.provenance import weights_sha
+from dp2osr.images import atomic_write
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 from dp2osr.train import CONFIG_NAME as TRAIN_CONFIG
@@ -94,6 +98,38 @@ def with_run_model(cfg: CurveConfig) -> CurveConfig:
     return cfg
 
 
+SOURCE_NAME = (
+    "source.json"  # in each step_NNNNNN/: the run and the checkpoint (with its content hash) it is of
+)
+
+
+def record_source(out: Path, step: int, run_dir: Path, checkpoint: Path | None) -> None:
+    """Record in the step's pool folder which run and which checkpoint content it was sampled from."""
+    record = {
+        "run": os.path.abspath(run_dir),
+        "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
+        "checkpoint_sha": weights_sha(str(checkpoint)) if checkpoint else "",
+    }
+    atomic_write(step_dir(out, step) / SOURCE_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=2)))
+
+
+def check_sources(out: Path, run_dir: Path) -> None:
+    """Refuse an output folder holding the pools of another run (its curve would mix the two runs). A pool of
+    this run whose checkpoint was replaced is sampled again: its samples record the checkpoint's content
+    (`engine.provenance.model_identity`)."""
+    here = os.path.abspath(run_dir)
+    for record in sorted(Path(out).glob(f"step_*/{SOURCE_NAME}")):
+        try:
+            owner = json.loads(record.read_text()).get("run")
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{record} is not a readable pool record; choose another --output") from None
+        if owner != here:
+            raise ValueError(
+                f"{out} holds the reward curve of the run {owner} ({record.parent.name}), not of --run-dir "
+                f"{run_dir}; choose another --output"
+            )
+
+
 def run(cfg: CurveConfig) -> pd.DataFrame:
     """Run ``dp2osr curve``: sample and score the held-out images at step 0 and every checkpoint.
 
@@ -107,6 +143,7 @@ def run(cfg: CurveConfig) -> pd.DataFrame:
         raise ValueError(f"{cfg.run_dir} holds no finished checkpoint-NNNNNN/ (with model.safetensors)")
     names = metric_lib.resolve_names(cfg.preset, cfg.metrics)
     read_heldout(cfg.heldout, names, cfg.limit)  # bad input fails before the model loads
+    check_sources(out, cfg.run_dir)
     check_resume(cfg, out / CONFIG_NAME, "a reward curve", "use the same options or another --output")
     state, device = process_state(cfg.device)
     bb = load_model(cfg, device)
@@ -131,6 +168,8 @@ def run(cfg: CurveConfig) -> pd.DataFrame:
             print(f"curve: step {step} -> {step_dir(out, step)}", file=sys.stderr)
         net = None if step == 0 else controlnet_from(bb, checkpoints[step])
         ev.pool(step, net, state, source=None if step == 0 else str(checkpoints[step]))
+        if state.is_main_process:
+            record_source(out, step, cfg.run_dir, checkpoints.get(step))
     if not state.is_main_process:
         return pd.DataFrame()
     table = ev.curve()

@@ -34,13 +34,14 @@ from dp2osr import tables
 from dp2osr.config import check_choice, check_choices, check_resume, field, save_config
 from dp2osr.errors import PartialFailure
 from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, save_image, to_uint8
-from dp2osr.paths import check_output_dir
+from dp2osr.math.kernels import bivariate_kernel, sinc_kernel
+from dp2osr.paths import check_output_dir, file_sha
 from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 _KERNEL_PROB = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # Real-ESRGAN's probabilities of KERNEL_TYPES
 RESIZE_MODES = ("area", "bilinear", "bicubic")
-PAIRS_COLUMNS = ["image_id", "hr_path", "lr_path", "source", "seed"]
+PAIRS_COLUMNS = ["image_id", "hr_path", "lr_path", "source", "seed", "source_sha"]
 CONFIG_NAME = "degrade_config.yaml"
 # Options that do not change the pairs; all others must match when resuming into an existing output folder.
 
@@ -172,50 +173,6 @@ class DegradeConfig(DegradationParams, _PairOptions):
 
 def _odd_sizes(size_range: list[int]) -> list[int]:
     return [k for k in range(int(size_range[0]), int(size_range[1]) + 1) if k % 2 == 1]
-
-
-def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel offsets from the centre of a ``size`` x ``size`` kernel, as (x, y) float64 grids."""
-    r = torch.arange(size, dtype=torch.float64) - size // 2
-    y, x = torch.meshgrid(r, r, indexing="ij")
-    return x, y
-
-
-def bivariate_kernel(
-    size: int, sigma_x: float, sigma_y: float, theta: float, shape: str = "gaussian", beta: float = 1.0
-) -> torch.Tensor:
-    """A normalised ``(size, size)`` float32 blur kernel (Real-ESRGAN §3.1).
-
-    With covariance ``Σ = R(θ) diag(σx², σy²) R(θ)ᵀ`` and ``q = xᵀ Σ⁻¹ x``: ``gaussian`` is exp(-q/2),
-    ``generalized`` is exp(-q^β / 2) and ``plateau`` is 1 / (1 + q^β).
-    """
-    x, y = _grid(size)
-    c, s = math.cos(theta), math.sin(theta)
-    u, v = c * x + s * y, -s * x + c * y  # coordinates in the kernel's principal axes
-    q = (u / sigma_x) ** 2 + (v / sigma_y) ** 2
-    if shape == "gaussian":
-        k = torch.exp(-0.5 * q)
-    elif shape == "generalized":
-        k = torch.exp(-0.5 * q**beta)
-    elif shape == "plateau":
-        k = 1.0 / (1.0 + q**beta)
-    else:
-        raise ValueError(f"kernel shape must be one of ['gaussian', 'generalized', 'plateau'], got {shape!r}")
-    return (k / k.sum()).float()
-
-
-def sinc_kernel(size: int, omega_c: float) -> torch.Tensor:
-    """A normalised 2-D circular low-pass (sinc) kernel with cut-off ``omega_c`` (Real-ESRGAN §3.1, eq. 3).
-
-    ``k(r) = ωc J1(ωc r) / (2π r)``, with its limit ``ωc² / (4π)`` at the centre; it models ringing and
-    overshoot artefacts.
-    """
-    x, y = _grid(size)
-    r = torch.sqrt(x**2 + y**2)
-    safe_r = torch.where(r == 0, torch.ones_like(r), r)
-    k = omega_c * torch.special.bessel_j1(omega_c * safe_r) / (2 * math.pi * safe_r)
-    k = torch.where(r == 0, torch.full_like(r, omega_c**2 / (4 * math.pi)), k)
-    return (k / k.sum()).float()
 
 
 def _beta(rng: np.random.Generator, low: float, high: float) -> float:
@@ -408,6 +365,15 @@ def make_pair(
     return hr, lr
 
 
+def recorded_sources(out: Path) -> dict[str, str]:
+    """``{image_id: hash of the photo its pair was made from}`` of an earlier run (a pair without one is redone)."""
+    try:
+        table, _ = tables.read(tables.PAIRS, out)
+    except (ValueError, OSError):  # none yet, or cut short: every pair is made (again)
+        return {}
+    return dict(zip(table["image_id"], table["source_sha"])) if "source_sha" in table else {}
+
+
 def run(cfg: DegradeConfig) -> pd.DataFrame:
     """Run ``dp2osr degrade``; returns the pairs table. Raises `PartialFailure` (after writing every other pair)
     when some input images were skipped (each reported on stderr)."""
@@ -423,11 +389,17 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
     device = resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)
 
+    made_from = recorded_sources(out)
     rows, skipped, made = [], [], 0
     for path in tqdm(files, desc="degrade", unit="img", file=sys.stderr):
         image_id, seed = path.stem, image_seed(cfg.seed, path.stem)
         hr_rel, lr_rel = f"hr/{image_id}.png", f"lr/{image_id}.png"
-        if cfg.overwrite or not ((out / hr_rel).is_file() and (out / lr_rel).is_file()):
+        try:  # the photo's content: a pair made from another photo of this name is made again
+            source_sha = file_sha(path)
+        except OSError:  # unreadable: attempted below, and reported
+            source_sha = ""
+        current = bool(source_sha) and made_from.get(image_id) == source_sha
+        if cfg.overwrite or not (current and (out / hr_rel).is_file() and (out / lr_rel).is_file()):
             try:
                 hr, lr = make_pair(load_image(path), cfg, seed, device)
             except (ImageReadError, ImageTooSmallError) as exc:  # report, skip, go on with the others
@@ -437,7 +409,7 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
             save_image(hr, out / hr_rel)
             save_image(lr, out / lr_rel)
             made += 1
-        rows.append((image_id, str(out / hr_rel), str(out / lr_rel), str(path.resolve()), seed))
+        rows.append((image_id, str(out / hr_rel), str(out / lr_rel), str(path.resolve()), seed, source_sha))
 
     table = pd.DataFrame(rows, columns=PAIRS_COLUMNS).astype({"seed": "int64"})
     tables.write(tables.PAIRS, table, out)

@@ -146,6 +146,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (every file under it, for a folder) the mode ``open`` gives a new file, ``0o666`` minus the
+    umask: writers that go through a private temporary file (safetensors, for one) leave ``0o600``."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        os.chmod(f, 0o666 & ~mask)
+
+
 def save_image(image: torch.Tensor, path: Path, text: dict[str, str] | None = None) -> None:
     """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically; ``text`` goes into tEXt
     chunks (read back by `read_png_text`)."""

@@ -46,7 +46,7 @@ from dp2osr.images import checkerboard_tiles, list_images, save_image
 from dp2osr.math.degradations import MILD
 from dp2osr.pair import PairConfig
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import RunClock
+from dp2osr.runtime import RunClock, output_lock
 from dp2osr.sample import SampleConfig
 from dp2osr.score import ScoreConfig
 from dp2osr.train import TrainConfig
@@ -285,7 +285,8 @@ def prepare_output(cfg: QuickstartConfig) -> QuickstartConfig:
 def run(cfg: QuickstartConfig) -> dict:
     """Run ``dp2osr quickstart``: the whole loop, then print the summary and the report's path."""
     cfg = prepare_output(cfg)
-    summary = run_stages(cfg, Layout(Path(cfg.output)))
+    with output_lock(cfg.output, "quickstart"):
+        summary = run_stages(cfg, Layout(Path(cfg.output)))
     print(before_after.summary_markdown(cfg, summary))
     print(f"total {summary['timings']['total']:.0f} s; report:")
     print(Path(summary["report"]).resolve())

@@ -1,10 +1,16 @@
 """Where and how long a command runs: the one device resolver, the process layout under `accelerate launch` /
-torchrun, and a clock of the time spent per stage over resumed runs."""
+torchrun, a clock of the time spent per stage over resumed runs, and the lock that keeps one run per output
+folder."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,3 +65,105 @@ class RunClock:
         keys = dict.fromkeys([*self.prior, *self.now])
         out = {k: self.prior.get(k, 0.0) + self.now.get(k, 0.0) for k in keys if k != "runs"}
         return {**out, "runs": int(self.prior.get("runs", 0)) + 1}
+
+
+# --------------------------------------------------------------------------------- one run per folder
+LOCK_NAME = ".dp2osr.lock"  # in an output folder while a run writes to it: {"pid", "host", "command"}
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _lock_owner(path: Path) -> dict | None:
+    """The lock file's record; None when it is gone or unreadable (a lock cut short: nobody holds it)."""
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+def _create_lock(path: Path, record: dict) -> bool:
+    """Create ``path`` holding ``record`` in one step (written aside, then linked: never seen empty); False
+    when it exists."""
+    tmp = path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links: create, then write
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_owner(folder: Path, path: Path, owner: dict | None) -> bool:
+    """Whether ``owner``'s lock is stale (taken over, with a note); raises when a live run holds it."""
+    if owner is None:
+        print(f"note: {path} is unreadable; taking it over", file=sys.stderr)
+        return True
+    pid, host, what = owner["pid"], owner.get("host", ""), owner.get("command", "run")
+    if host != host_name():
+        raise ValueError(
+            f"{folder} is in use by dp2osr {what} (pid {pid} on {host}); wait for it to end, or delete {path} "
+            "if that run is gone"
+        )
+    if _pid_alive(pid):
+        raise ValueError(
+            f"{folder} is in use by another dp2osr {what} (pid {pid}); wait for it to end or choose another "
+            "output folder"
+        )
+    print(f"note: {path}: the run that held it (pid {pid}) is gone; taking it over", file=sys.stderr)
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, command: str, hold: bool = True) -> Iterator[None]:
+    """Hold ``folder/.dp2osr.lock`` (this process's id and host) while the block runs: a second run into the
+    same folder is refused in one line (ValueError naming the holder's pid); the lock of a process that is
+    gone is taken over with a note. ``hold=False`` (the other processes of a multi-process launch: the main one
+    holds it for all) does nothing; a process that holds the lock already takes it again freely."""
+    if not hold:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    me = {"pid": os.getpid(), "host": host_name(), "command": command}
+    mine = False
+    for _ in range(3):
+        if _create_lock(path, me):
+            mine = True
+            break
+        owner = _lock_owner(path)
+        if owner is not None and owner["pid"] == me["pid"] and owner.get("host") == me["host"]:
+            break  # held by this process already (a stage run by the quickstart, a second run in one process)
+        if _check_owner(folder, path, owner):
+            path.unlink(missing_ok=True)
+    else:
+        raise ValueError(f"{folder}: could not take {path} (another run keeps taking it); try again")
+    try:
+        yield
+    finally:
+        owner = _lock_owner(path)
+        if mine and owner is not None and owner["pid"] == me["pid"] and owner.get("host") == me["host"]:
+            path.unlink(missing_ok=True)

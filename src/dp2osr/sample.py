@@ -19,7 +19,7 @@ from dp2osr.engine.pools import read_inputs, sample_pool
 from dp2osr.engine.provenance import model_fields
 from dp2osr.errors import PartialFailure
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import process_state
+from dp2osr.runtime import output_lock, process_state
 
 CONFIG_NAME = "sample_config.yaml"
 
@@ -70,6 +70,13 @@ def run(cfg: SampleConfig) -> None:
     check_resume(cfg, out / CONFIG_NAME, "candidates")
     check_inputs([Path(p) for p in images.lr_path], cfg, device.type == "cpu", "sample")
     bb = load_model(cfg, device)
+    with output_lock(out, "sample", hold=state.is_main_process):
+        _sample(cfg, state, bb, images)
+
+
+def _sample(cfg: SampleConfig, state, bb, images) -> None:
+    """`run` once the model is loaded and the output folder is this run's."""
+    out = Path(cfg.output)
     if state.is_main_process:
         save_config(cfg, out / CONFIG_NAME)
         for stale in out.rglob(".tmp_*"):  # half-written files of a killed run

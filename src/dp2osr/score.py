@@ -18,7 +18,7 @@ from dp2osr.engine.scoring import ScoreOptions, ScoreResult, score_pool
 from dp2osr.errors import PartialFailure
 from dp2osr.math.reward import FAMILIES
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import process_state
+from dp2osr.runtime import output_lock, process_state
 
 CONFIG_FILE = "score_config.yaml"
 
@@ -78,10 +78,11 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     check_output_dir(out_dir)
     names = resolved_metrics(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if state.is_main_process:
-        # the resolved config: the exact metric list and output folder this run used
-        save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
-    result = score_pool(cand_dir, out_dir, names, cfg, state=state, device=device)
+    with output_lock(out_dir, "score", hold=state.is_main_process):
+        if state.is_main_process:
+            # the resolved config: the exact metric list and output folder this run used
+            save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)
+        result = score_pool(cand_dir, out_dir, names, cfg, state=state, device=device)
     if result.errors:
         raise PartialFailure(
             f"{len(result.errors)} problem(s); the affected candidates are missing from the tables:\n  "

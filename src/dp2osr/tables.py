@@ -51,7 +51,7 @@ PAIRS = Schema(
     "pairs.parquet",
     1,
     {"image_id": "str", "hr_path": "str", "lr_path": "str"},
-    {"source": "str", "seed": "int64"},
+    {"source": "str", "seed": "int64", "source_sha": "str"},
     paths=("hr_path", "lr_path"),
     key=("image_id",),
 )

@@ -18,7 +18,7 @@ from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import resolve_device
+from dp2osr.runtime import output_lock, resolve_device
 
 CONFIG_NAME = "train_config.yaml"
 
@@ -147,6 +147,12 @@ def run(cfg: TrainConfig) -> Path:
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu
     )
     out = Path(cfg.output)
+    with output_lock(out, "train", hold=accelerator.is_main_process):
+        return _train(cfg, accelerator, out)
+
+
+def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
+    """`run` once the output folder is this run's."""
     resume_from = trainer.resume_point(cfg, out)
     if resume_from:
         check_resume(cfg, out / CONFIG_NAME, "a training run", "resume with the same options")

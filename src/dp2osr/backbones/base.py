@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dp2osr.images import follow_umask
+
 # A text condition: a dict of tensors whose first dimension is the batch (FLUX's `text_ids` excepted).
 Cond = dict[str, torch.Tensor]
 
@@ -285,6 +287,7 @@ class Backbone(ABC):
             {k: getattr(self, k) for k in ("default_process_size", "default_steps", "default_guidance")}
         )
         (path / "dp2osr.json").write_text(json.dumps(meta, indent=2))
+        follow_umask(path)
 
     def tokenizers(self) -> dict[str, Any]:
         return {}
@@ -363,6 +366,7 @@ def save_release(controlnet: torch.nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in controlnet.state_dict().items()}
     save_file(state, str(path))
+    follow_umask(path)
 
 
 def load_release_state(controlnet: torch.nn.Module, path: Path, what: str) -> None:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from dp2osr.backbones.base import Backbone, Cond, require_parts
 from dp2osr.backbones.sd2 import SD2Backbone
+from dp2osr.images import follow_umask
 
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "embedded"
 PROMPT_FILE = "prompt_embeds.safetensors"
@@ -263,6 +264,7 @@ class EmbeddedBackbone(SD2Backbone):
             }
             save_file(state, str(path / SHARPENER_FILE))
         (path / "dp2osr.json").write_text(json.dumps(meta, indent=2))
+        follow_umask(path)
 
 
 def build_embedded(

@@ -11,11 +11,14 @@ Nothing outside this package tests a model name: stages ask the registry (``back
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors
 import torch
 
 from dp2osr.backbones.base import Backbone, cast, load_release_state, require_parts
@@ -141,13 +144,34 @@ def new_controlnet(name: str, denoiser: torch.nn.Module) -> torch.nn.Module:
     return backbone_class(name).controlnet_for(denoiser)
 
 
+# What loaders raise for a weight file that is cut short, corrupt, or a pickle holding more than tensors.
+_BROKEN = (OSError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError)
+
+
+@contextlib.contextmanager
+def broken_weights_refused(path: Path, what: str) -> Iterator[None]:
+    """Turn a loader's error about a broken or unsafe weight file under ``path`` into one ValueError line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except _BROKEN as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise ValueError(
+            f"{path}: cannot load the {what}: {first} (a file cut short or corrupt, or one that holds more "
+            "than tensors)"
+        ) from None
+
+
 def load_controlnet(name: str, path: Path, denoiser: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A ControlNet from a release ``.safetensors`` file or a diffusers folder, checked against the denoiser."""
     cls = backbone_class(name)
     path = Path(path)
     if path.is_dir():
         if path.joinpath("config.json").is_file():
-            return cls.controlnet_from_folder(path, dtype)
+            with broken_weights_refused(path, "ControlNet"):
+                return cls.controlnet_from_folder(path, dtype)
         if not path.joinpath("model.safetensors").is_file():
             raise ValueError(
                 f"{path}: a ControlNet folder needs config.json (diffusers) or model.safetensors"
@@ -200,7 +224,8 @@ def load_backbone(
         return cast(cls.controlnet_for(denoiser), dtype=torch_dtype)
 
     base = require_parts(base, [cls.denoiser_name], cls.base_description)
-    bb = cls.load(base, torch_dtype, make_controlnet, name)
+    with broken_weights_refused(base, "base model"):
+        bb = cls.load(base, torch_dtype, make_controlnet, name)
     meta = Path(base) / "dp2osr.json"
     if meta.is_file():  # defaults a saved small model carries (process size, steps)
         info = json.loads(meta.read_text())

@@ -13,7 +13,6 @@ use `HeldoutEval`. Finished pools are kept: a rerun resumes and only samples wha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +22,7 @@ from dp2osr import metrics as metric_lib
 from dp2osr import plots
 from dp2osr.backbones import Backbone, cast, load_release_state
 from dp2osr.engine import scoring
+from dp2osr.engine.checkpoints import checkpoint_problem, read_state, saved_checkpoints
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.pools import read_candidates, read_inputs, sample_pool
 from dp2osr.engine.provenance import model_fields
@@ -125,10 +125,10 @@ def step_dir(root: Path, step: int) -> Path:
 def run_checkpoints(run: Path) -> dict[int, Path]:
     """``{step: model.safetensors}`` of the finished checkpoints of a `dp2osr train` output folder."""
     found = {}
-    for ckpt in sorted(Path(run).glob("checkpoint-*")):
-        state, model = ckpt / "train_state.json", ckpt / "model.safetensors"
-        if state.is_file() and model.is_file():
-            found[int(json.loads(state.read_text())["step"])] = model
+    for ckpt in saved_checkpoints(run):
+        model = ckpt / "model.safetensors"
+        if model.is_file() and checkpoint_problem(ckpt) is None:  # one being written, or cut short: not yet
+            found[read_state(ckpt)["step"]] = model
     return found
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -123,6 +124,35 @@ def _sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: Sampl
         )
 
 
+def _plan(
+    bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite
+) -> tuple[list[Job], dict, Callable]:
+    """(the jobs to do: not ``overwrite``-forced ones whose files are all current are left out, each image's LR
+    hash, the options hash of a seed) for `run_jobs`."""
+    identity = model_identity(model if model is not None else opts)
+    opt_sha = options_sha(bb, opts, upscale, identity)
+    # The flat layout's file name does not carry the seed: its record does.
+    seed_shas = (
+        {s: options_sha(bb, opts, upscale, identity, s) for j in jobs for s in j.seeds} if flat else {}
+    )
+    lr_paths = {j.image_id: j.lr_path for j in jobs}  # an image's seed chunks share one LR: hash it once
+    lr_shas = {i: lr_file_sha(path) for i, path in lr_paths.items()}
+
+    def current(j: Job) -> bool:
+        return all(
+            is_current(
+                output_path(out_dir, j.image_id, s, flat),
+                lr_shas[j.image_id],
+                seed_shas.get(s, opt_sha),
+                stamps,
+            )
+            for s in j.seeds
+        )
+
+    todo = [j for j in jobs if overwrite or not current(j)]
+    return todo, lr_shas, lambda seed: seed_shas.get(seed, opt_sha)
+
+
 def run_jobs(
     bb: Backbone,
     jobs: list[Job],
@@ -133,7 +163,7 @@ def run_jobs(
     overwrite: bool = False,
     desc: str = "sample",
     show_progress: bool = True,
-    model: str | None = None,
+    model: dict[str, str] | None = None,
     flat: bool = False,
     stamps: dict | None = None,
 ) -> JobsResult:
@@ -141,27 +171,17 @@ def run_jobs(
     upscale, sample, curve and the quickstart.
 
     Every sample records in its PNG the hash of the LR it was made from and of the options (`options_sha`, with
-    ``model`` as the model's identity; default `model_identity`). A job is redone whole when any of its files is
-    missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
-    composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
-    bits). ``stamps`` (see `is_current`) spares decoding the files a manifest recorded and nobody changed since.
-    Consecutive jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
-    out of memory) is reported on stderr by name and skipped; the others go on.
+    `model_identity` of ``model``, the model's `model_fields`; default: those of ``opts``). A job is redone
+    whole when any of its files is missing, does not decode, or records another LR or other options (or
+    ``overwrite``): the same batch composition as an uninterrupted run gives bit-identical files (batched float
+    maths can differ in the last bits). ``stamps`` (see `is_current`) spares decoding the files a manifest
+    recorded and nobody changed since. Consecutive jobs of one image share its loaded LR and prompt. An
+    unreadable image (or, on an accelerator, one that runs out of memory) is reported on stderr by name and
+    skipped; the others go on.
     """
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
-    opt_sha = options_sha(bb, opts, upscale, model or model_identity(opts))
-    lr_paths = {j.image_id: j.lr_path for j in jobs}  # an image's seed chunks share one LR: hash it once
-    lr_shas = {i: lr_file_sha(path) for i, path in lr_paths.items()}
-    todo = [
-        j
-        for j in jobs
-        if overwrite
-        or not all(
-            is_current(output_path(out_dir, j.image_id, s, flat), lr_shas[j.image_id], opt_sha, stamps)
-            for s in j.seeds
-        )
-    ]
+    todo, lr_shas, seed_sha = _plan(bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite)
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
     bar = tqdm(
         total=sum(len(j.seeds) for j in todo),
@@ -184,8 +204,8 @@ def run_jobs(
             result.failed[job.image_id] = str(exc)
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
             continue
-        record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: opt_sha}
         for seed, image in zip(job.seeds, sr):
+            record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: seed_sha(seed)}
             save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
         if cache["prompt"]:
             prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")

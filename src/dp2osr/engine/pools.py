@@ -7,7 +7,6 @@ docs/ARCHITECTURE.md) and its stamps (each file's size and mtime when it was has
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -209,7 +208,7 @@ def sample_pool(
                 overwrite=overwrite,
                 desc=desc,
                 show_progress=rank == 0,
-                model=json.dumps(model, sort_keys=True),
+                model=model,
                 stamps=read_stamps(out),
             )
     finally:

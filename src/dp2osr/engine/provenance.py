@@ -8,6 +8,7 @@ in the engine, between the options (`engine.options`) it hashes and the job runn
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dp2osr.backbones import Backbone
@@ -29,19 +30,57 @@ def model_fields(opts: ModelOptions) -> dict[str, str]:
     return {"backbone": opts.backbone, "base": _where(opts.base), "controlnet": _where(opts.controlnet)}
 
 
-def model_identity(opts: ModelOptions) -> str:
-    """`model_fields` as one string, for the options hash."""
-    return json.dumps(model_fields(opts), sort_keys=True)
+def model_identity(model: ModelOptions | dict[str, str]) -> str:
+    """The model as one string, for the options hash: `model_fields` (or such a dict) plus, when the base or
+    the ControlNet is a local file or folder, its weights' fingerprint (`weights_sha`), so a model replaced at
+    the same path is another model. The tables keep only the paths."""
+    fields = model_fields(model) if isinstance(model, ModelOptions) else dict(model)
+    weights = {k: weights_sha(fields.get(k, "")) for k in ("base", "controlnet")}
+    weights = {k: v for k, v in weights.items() if v}
+    if weights:  # absent without local weights: hashes made before it existed still hold
+        fields["weights"] = weights
+    return json.dumps(fields, sort_keys=True)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+_FILE_SHAS: dict[
+    tuple, str
+] = {}  # (path, size, mtime) -> content hash: a model file is hashed once per process
+
+
+def weights_sha(ref: str) -> str:
+    """The fingerprint of the model weights at ``ref``: a file's content hash (SHA-256, once per process and
+    file version); for a folder, a hash of the relative path, size and modification time of every weight file
+    in it (``WEIGHT_SUFFIXES``; reading a multi-GB base model at every run would cost more than it guards);
+    empty for anything that is not a local path (a Hugging Face id, a training step)."""
+    path = Path(ref) if ref else None
+    if path is None or not path.exists():
+        return ""
+    if path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _FILE_SHAS:
+            _FILE_SHAS[key] = file_sha(path)
+        return _FILE_SHAS[key]
+    listing = []
+    for root, _, files in sorted(os.walk(path, followlinks=True)):
+        for name in sorted(files):
+            if name.endswith(WEIGHT_SUFFIXES):
+                st = os.stat(os.path.join(root, name))
+                listing.append((os.path.relpath(os.path.join(root, name), path), st.st_size, st.st_mtime_ns))
+    return text_sha(json.dumps(listing))
 
 
 # Keys of the record every sample carries in its PNG (tEXt chunks): what it was made from.
 LR_SHA_KEY, OPTIONS_SHA_KEY = "dp2osr:lr_sha", "dp2osr:options_sha"
 
 
-def options_sha(bb: Backbone, opts: SamplingOptions, upscale: int, model: str) -> str:
+def options_sha(
+    bb: Backbone, opts: SamplingOptions, upscale: int, model: str, seed: int | None = None
+) -> str:
     """A hash of everything besides the LR that decides a sample: the model identity, the resolved sampling
     settings, the scale, the prompt source, the weights' dtype and the fast paths that are on (not the run-only
-    batch sizes)."""
+    batch sizes); ``seed`` where the file name does not carry it (the flat layout's ``OUT/ID.png``)."""
     settings = {k: v for k, v in sampling_settings(bb, opts).items() if k != "tile_batch"}
     settings.update({k: True for k, on in fast_paths(opts).items() if on})  # absent when off: old hashes hold
     record = {
@@ -54,6 +93,8 @@ def options_sha(bb: Backbone, opts: SamplingOptions, upscale: int, model: str) -
         "ram_path": str(opts.ram_path or ""),
         "dape_path": str(opts.dape_path or ""),
     }
+    if seed is not None:
+        record["seed"] = seed
     return text_sha(json.dumps(record, sort_keys=True, default=str))
 
 

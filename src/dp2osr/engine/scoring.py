@@ -41,6 +41,7 @@ from dp2osr.config import check_choices, field
 from dp2osr.engine import score_shards
 from dp2osr.engine.pools import read_pool
 from dp2osr.images import ImageReadError, load_image, write_parquet
+from dp2osr.math.dither import dithered
 from dp2osr.math.reward import SCOPES, hybrid_reward
 from dp2osr.paths import file_sha
 
@@ -174,17 +175,6 @@ class _Scorer:
                 self.max_batch[name] = size = 1
                 out.append(values)
         return np.concatenate(out) if out else np.zeros(0)
-
-
-def dithered(images: torch.Tensor, shas: list[str], k: int) -> torch.Tensor:
-    """Copy ``k`` of a stack of 8-bit images in [0, 1]: every value moved by -1, 0 or +1 (of 255) at random, the
-    pattern of each image fixed by its content hash and ``k``; clipped to [0, 1]."""
-    out = torch.empty_like(images)
-    for i, sha in enumerate(shas):
-        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{sha}:{k}".encode()).hexdigest()[:15], 16))
-        step = torch.randint(-1, 2, images[i].shape, generator=gen).to(images.dtype) / 255.0
-        out[i] = (images[i] + step.to(images.device)).clamp(0.0, 1.0)
-    return out
 
 
 def _load(path: str, errors: dict[str, str]) -> torch.Tensor | None:

@@ -34,10 +34,16 @@ class Examples:
         return len(self.lr)
 
 
+def data_table(data: Path, mode: str) -> Path:
+    """The table ``--data`` names: DPO's ``pref_pairs.parquet``, SFT's ``pairs.parquet`` (or that file itself)."""
+    schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
+    return Path(data) / schema.filename if Path(data).is_dir() else Path(data)
+
+
 def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     """DPO: a ``pref_pairs.parquet`` (or a folder with one); SFT: a `dp2osr degrade` folder (pairs.parquet)."""
     schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
-    path = Path(data) / schema.filename if Path(data).is_dir() else Path(data)
+    path = data_table(data, mode)
     if not path.is_file():
         raise FileNotFoundError(f"training data not found: {path} (--mode {mode} reads {schema.filename})")
     df, _ = tables.read(schema, path)

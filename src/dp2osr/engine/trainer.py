@@ -22,12 +22,14 @@ import torch
 from tqdm import tqdm
 
 from dp2osr.backbones import Backbone, load_backbone, save_release
+from dp2osr.engine import checkpoints
 from dp2osr.engine.heldout import HeldoutEval
 from dp2osr.engine.objectives import dpo_objective, noise_batch, sft_objective
 from dp2osr.engine.options import SamplingOptions
-from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, read_examples
+from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, data_table, read_examples
 from dp2osr.errors import TrainingDiverged
-from dp2osr.images import atomic_write
+from dp2osr.images import atomic_write, follow_umask
+from dp2osr.paths import file_sha
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,12 +53,16 @@ class Run:
     writer: Any | None  # TensorBoard (main process)
     heldout: HeldoutEval | None
     eval_seconds: float = 0.0  # held-out evaluation time, kept out of the training clock
+    data_sha: str = ""  # content hash of the training-data table, recorded in every checkpoint
 
 
 # ------------------------------------------------------------------------------------------- setup
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(p for p in Path(out).glob("checkpoint-*") if (p / "train_state.json").is_file())
-    return found[-1] if found else None
+    """The newest complete checkpoint (`checkpoints.newest_complete`); None when there is none."""
+    try:
+        return checkpoints.newest_complete(out)
+    except ValueError:
+        return None
 
 
 def _make_optimizer(params, cfg):
@@ -105,13 +111,19 @@ def _trainable(bb: Backbone, cfg) -> tuple[torch.nn.Module, torch.nn.Module | No
 def resume_point(cfg, out: Path) -> Path | None:
     """The checkpoint ``--resume`` continues from (None without it); refuses a folder holding checkpoints
     without ``--resume``."""
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and resume_from is None:
+    if not cfg.resume:
+        if checkpoints.saved_checkpoints(out):
+            raise ValueError(
+                f"{out} already holds checkpoints; pass --resume to continue or choose another --output"
+            )
+        return None
+    try:
+        resume_from = checkpoints.newest_complete(out, say=True)
+    except ValueError as exc:
+        raise ValueError(f"--resume: {exc}") from None
+    if resume_from is None:
         raise ValueError(f"--resume: no checkpoint in {out}")
-    if not resume_from and latest_checkpoint(out) is not None:
-        raise ValueError(
-            f"{out} already holds checkpoints; pass --resume to continue or choose another --output"
-        )
+    checkpoints.check_data(resume_from, data_table(cfg.data, cfg.mode))
     return resume_from
 
 
@@ -138,10 +150,8 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=False)
     start = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
-        start = json.loads((resume_from / "train_state.json").read_text())["step"]
+        start = checkpoints.load(accelerator, resume_from, ema)
         if ema is not None:
-            ema.load_state_dict(torch.load(resume_from / "ema.pt", map_location="cpu", weights_only=True))
             ema.to(accelerator.device)
     run = Run(
         accelerator,
@@ -158,6 +168,7 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         start,
         None,
         None,
+        data_sha=file_sha(data_table(cfg.data, cfg.mode)),
     )
     if cfg.cache:  # every prompt's embedding now; then the text encoders leave the GPU (FLUX's T5: ~9 GiB)
         for prompt in sorted(set(examples.prompts) | {""}):
@@ -288,7 +299,8 @@ def train_loop(run: Run, cfg) -> None:
                 {k: f"{v:.4g}" for k, v in sums.items() if k in ("loss", "accuracy", "grad_norm")}
             )
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_checkpoint(acc, run.net, cfg, done, run.out / f"checkpoint-{done:06d}", run.ema, run.params)
+            folder = run.out / f"checkpoint-{done:06d}"
+            save_checkpoint(acc, run.net, cfg, done, folder, run.ema, run.params, run.data_sha)
             acc.wait_for_everyone()
             if acc.is_main_process:
                 prune(run.out, cfg.keep_checkpoints)
@@ -374,12 +386,19 @@ def plain_controlnet(net: torch.nn.Module, lora: bool) -> torch.nn.Module:
     return merged
 
 
-def save_checkpoint(accelerator, net, cfg, step: int, folder: Path, ema=None, params=None) -> None:
+def save_checkpoint(
+    accelerator, net, cfg, step: int, folder: Path, ema=None, params=None, data_sha: str = ""
+) -> None:
     """Release-format model.safetensors + diffusers controlnet/ (both loadable by upscale) + resumable state.
 
     With EMA, the saved model is the averaged weights and ``ema.pt`` keeps the average for ``--resume``.
+    ``train_state.json`` comes last (`checkpoints.write_state`, with ``data_sha``): until then the folder is
+    not a checkpoint (a folder saved again loses its old one first).
     """
+    if accelerator.is_main_process:
+        (folder / checkpoints.STATE_FILE).unlink(missing_ok=True)
     accelerator.save_state(str(folder / "state"))
+    accelerator.wait_for_everyone()  # every process's state files are written before their sizes are recorded
     if accelerator.is_main_process:
         if ema is not None:
             torch.save(ema.state_dict(), folder / "ema.pt")
@@ -392,14 +411,15 @@ def save_checkpoint(accelerator, net, cfg, step: int, folder: Path, ema=None, pa
         finally:
             if ema is not None:
                 ema.restore(params)
-        (folder / "train_state.json").write_text(json.dumps({"step": step}))
+        follow_umask(folder)
+        checkpoints.write_state(folder, step, data_sha)
 
 
 def prune(out: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` checkpoints (0: keep all)."""
     if keep <= 0:
         return
-    found = sorted(p for p in out.glob("checkpoint-*") if (p / "train_state.json").is_file())
+    found = [p for p in checkpoints.saved_checkpoints(out) if checkpoints.checkpoint_problem(p) is None]
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

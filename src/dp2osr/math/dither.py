@@ -1,0 +1,19 @@
+"""Invisible dither of 8-bit images: the copies `dp2osr score --dither K` averages a metric over (a pure function
+of the images, their content hashes and the copy's index)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def dithered(images: torch.Tensor, shas: list[str], k: int) -> torch.Tensor:
+    """Copy ``k`` of a stack of 8-bit images in [0, 1]: every value moved by -1, 0 or +1 (of 255) at random, the
+    pattern of each image fixed by its content hash and ``k``; clipped to [0, 1]."""
+    out = torch.empty_like(images)
+    for i, sha in enumerate(shas):
+        gen = torch.Generator().manual_seed(int(hashlib.sha256(f"{sha}:{k}".encode()).hexdigest()[:15], 16))
+        step = torch.randint(-1, 2, images[i].shape, generator=gen).to(images.dtype) / 255.0
+        out[i] = (images[i] + step.to(images.device)).clamp(0.0, 1.0)
+    return out
