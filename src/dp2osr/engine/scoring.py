@@ -41,7 +41,7 @@ from dp2osr.config import check_choices, field
 from dp2osr.engine.pools import read_pool
 from dp2osr.images import ImageReadError, load_image, write_parquet
 from dp2osr.math.reward import SCOPES, hybrid_reward
-from dp2osr.paths import file_sha
+from dp2osr.paths import check_not_link, file_sha
 
 SCORES_FILE = tables.SCORES.filename
 REWARDS_FILE = tables.REWARDS.filename
@@ -74,6 +74,10 @@ def with_content_hashes(cands: pd.DataFrame) -> pd.DataFrame:
     return cands.assign(sha=[_sha_or_none(p) for p in cands["abs_path"]], hr_sha=cands["hr_path"].map(hr))
 
 
+# The part files this scorer writes (`_part_name`); it reads and deletes no other file in PARTS_DIR.
+_PART_RE = re.compile(r"[A-Za-z0-9._-]{0,60}-[0-9a-f]{12}\.parquet")
+
+
 def _part_name(image_id: str, metrics: list[str]) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)[:60]
     digest = hashlib.sha1("\0".join([image_id, *sorted(metrics)]).encode()).hexdigest()[:12]
@@ -87,7 +91,11 @@ def _read_parts(parts_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
     if merged.is_file():
         frames.append(pd.read_parquet(merged))
     parts = sorted(
-        (p for p in parts_dir.glob("*.parquet") if p != merged and not p.name.startswith(".tmp_")),
+        (
+            p
+            for p in parts_dir.glob("*.parquet")
+            if _PART_RE.fullmatch(p.name) and not p.name.startswith(".tmp_")
+        ),
         key=lambda p: (p.stat().st_mtime_ns, p.name),
     )
     frames += [pd.read_parquet(p) for p in parts]
@@ -372,6 +380,7 @@ def score_pool(
     from tqdm import tqdm
 
     opts = opts or ScoreOptions()
+    check_not_link(out_dir / PARTS_DIR, "the stored scores folder")  # its files are merged and deleted
     specs = metric_lib.catalogue(names)
     pool, pool_meta = read_pool(cand_dir)
     cands = with_content_hashes(pool)
