@@ -416,8 +416,8 @@ def test_dithered_copies_are_invisible_and_fixed_by_content():
 
 
 def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
-    from dp2osr.math.dither import dithered
     from dp2osr.images import load_image
+    from dp2osr.math.dither import dithered
     from dp2osr.paths import file_sha
 
     pool = make_pool(tmp_path, n_images=1, seeds=(0, 1))

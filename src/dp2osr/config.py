@@ -213,6 +213,8 @@ def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             out[name] = _nested_value(nested[name], value)
             continue
         tp, _ = _base_type(hints[name])
+        if tp is bool and value is not None and not isinstance(value, bool):  # YAML "false" is a str: truthy
+            raise ValueError(f"option {name}: expected true or false, got {value!r} ({type(value).__name__})")
         if value is not None and tp is Path and not isinstance(value, Path):
             value = Path(value)
         out[name] = value

@@ -1,8 +1,11 @@
-"""Output paths checked before any work, and content hashes of files.
+"""Output paths checked before any work, names that stay inside their folder, and content hashes of files.
 
 Every stage checks where it will write before it loads a model: an output that exists as a file where a folder
 is expected (or a folder where a file is expected), or a folder that cannot be written, is a one-line
-``ValueError`` naming it. ``file_sha`` is the content hash that pools and scores are keyed by.
+``ValueError`` naming it. An image ID becomes a file or folder name under the output (``OUT/ID/seed_XXXX.png``),
+so it must be a plain name (`check_name`): no separator, not ``.`` or ``..``, not empty; a path a table stores
+may be required to lie inside given folders (`is_inside`, by the path's text: no filesystem calls).
+``file_sha`` is the content hash that pools and scores are keyed by.
 """
 
 from __future__ import annotations
@@ -25,6 +28,39 @@ def file_sha(path: Path, chunk: int = 1 << 20) -> str:
 def text_sha(text: str) -> str:
     """The SHA-256 (hex) of ``text`` (UTF-8)."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one file or folder name inside an output folder, or None when it can."""
+    if name in ("", ".", ".."):
+        return "is empty, '.' or '..'"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    if "\0" in name:
+        return "holds a NUL character"
+    return None
+
+
+def check_name(name: str, what: str = "image ID") -> str:
+    """``name`` when it is a plain file name (`name_problem`), else a ValueError naming it and ``what``."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"{what} {name!r} {problem}: it must be a plain file name (it names an output file)")
+    return name
+
+
+def is_inside(path: str, roots: list[str]) -> bool:
+    """Whether the absolute, normalised ``path`` lies inside (or is) one of the absolute, normalised ``roots``."""
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def check_not_link(path: Path, what: str) -> None:
+    """Refuse (``ValueError``) an output ``path`` that is a symbolic link: writing there would go elsewhere."""
+    if Path(path).is_symlink():
+        raise ValueError(
+            f"{what} {path} is a symbolic link (to {os.readlink(path)}); dp2osr writes only inside its "
+            "output folder: remove the link or choose another --output"
+        )
 
 
 def _nearest_existing(path: Path) -> Path:

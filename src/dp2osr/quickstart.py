@@ -36,13 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
+from PIL import Image, UnidentifiedImageError
 
 from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
 from dp2osr.config import check_choices, check_resume, field, nested, save_config
 from dp2osr.degrade import DegradeConfig
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.trainer import latest_checkpoint
-from dp2osr.images import checkerboard_tiles, list_images, save_image
+from dp2osr.images import ImageReadError, checkerboard_tiles, list_images, save_image
 from dp2osr.math.degradations import MILD
 from dp2osr.pair import PairConfig
 from dp2osr.paths import check_output_dir
@@ -52,6 +54,7 @@ from dp2osr.score import ScoreConfig
 from dp2osr.train import TrainConfig
 
 CONFIG_NAME = "quickstart_config.yaml"
+REPORT_NAME = "report.html"
 TIMINGS_NAME = "timings.json"  # seconds per stage, summed over the runs into one --output
 PHOTOS = Path(__file__).parent / "assets" / "photos"
 # The options of each stage that the quickstart sets itself (`fixed`): no flags, no YAML keys.
@@ -199,13 +202,9 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
     """Stage 1: tiles of the photos -> `dp2osr degrade` into ``folder``/train and ``folder``/heldout."""
     photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
     train_tiles, held = checkerboard_tiles(photos, cfg.hr_size)
+    check_tiles(cfg, len(train_tiles), len(held))
     rng = np.random.default_rng(cfg.seed)
     for name, pool, n in (("train", train_tiles, cfg.images), ("heldout", held, cfg.heldout)):
-        if len(pool) < n:
-            raise ValueError(
-                f"--{'images' if name == 'train' else 'heldout'} {n}: the photos give only {len(pool)} {name} "
-                f"tiles of {cfg.hr_size} px; lower it, lower --hr-size or add photos (--photos)"
-            )
         tile_dir = folder / f"tiles_{name}"
         for tile_id, tile in [pool[i] for i in sorted(rng.permutation(len(pool))[:n])]:
             if not (tile_dir / f"{tile_id}.png").is_file():
@@ -253,7 +252,7 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
     curve_csv = lay.eval / curve.CURVE_CSV
     evaluate.run(evaluate.EvalConfig(output=lay.eval, pools=joint, pool_names=names, reward_curve=curve_csv))
     page = report.ReportConfig(
-        output=lay.root / "report.html",
+        output=lay.root / REPORT_NAME,
         pools=joint,
         names=names,
         reward_curve=curve_csv,
@@ -265,17 +264,84 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
     return summary
 
 
+def tile_counts(photos: list[Path], size: int) -> tuple[int, int]:
+    """(training, held-out) tiles `checkerboard_tiles` cuts from ``photos``, from their sizes alone: a grid of
+    R x C tiles gives ceil(R C / 2) training tiles (row + col even) and floor(R C / 2) held out. Either
+    orientation of a photo gives the same counts."""
+    train_n = held_n = 0
+    for path in photos:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+        cells = (h // size) * (w // size)
+        train_n, held_n = train_n + (cells + 1) // 2, held_n + cells // 2
+    return train_n, held_n
+
+
+def check_tiles(cfg: QuickstartConfig, train_n: int, held_n: int) -> None:
+    """Refuse more training or held-out crops than the photos give tiles."""
+    for name, have, n in (("train", train_n, cfg.images), ("heldout", held_n, cfg.heldout)):
+        if have < n:
+            raise ValueError(
+                f"--{'images' if name == 'train' else 'heldout'} {n}: the photos give only {have} {name} "
+                f"tiles of {cfg.hr_size} px; lower it, lower --hr-size or add photos (--photos)"
+            )
+
+
+def check_inputs(cfg: QuickstartConfig) -> None:
+    """The photos exist, are images and give enough tiles: checked before anything in --output changes."""
+    photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
+    check_tiles(cfg, *tile_counts(photos, cfg.hr_size))
+
+
+def own_outputs(out: Path) -> list[Path]:
+    """Everything a quickstart writes directly in ``out``: the only paths ``--overwrite`` removes."""
+    lay = Layout(out)
+    stages = [lay.degrade, lay.sample, lay.score, lay.pair, lay.train, lay.eval]
+    return [*stages, out / REPORT_NAME, out / TIMINGS_NAME, out / CONFIG_NAME]
+
+
+def _is_quickstart_config(path: Path) -> bool:
+    """Whether ``path`` is a config a quickstart saved: a YAML mapping of its options, ``output`` among them."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    names = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    return isinstance(data, dict) and "output" in data and set(data) <= names
+
+
+def remove_own_outputs(out: Path) -> None:
+    """Delete an earlier quickstart's outputs in ``out`` (`own_outputs`) and nothing else: other files stay,
+    a symbolic link is removed without touching what it points to, and a folder whose config is not a
+    quickstart's is refused with nothing deleted."""
+    if not _is_quickstart_config(out / CONFIG_NAME):
+        raise ValueError(
+            f"{out}: its {CONFIG_NAME} is not a config saved by a quickstart; nothing deleted; "
+            "choose another --output"
+        )
+    for path in own_outputs(out):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)  # does not follow the links inside
+
+
 def prepare_output(cfg: QuickstartConfig) -> QuickstartConfig:
     """Make ``cfg.output`` ready: new, or an earlier quickstart with the same options (resumed) or
-    ``--overwrite`` (deleted first); anything else is refused. Saves the resolved config there and returns it."""
+    ``--overwrite`` (its own outputs deleted first, after the inputs are checked); anything else is refused.
+    Saves the resolved config there and returns it."""
     out = Path(cfg.output)
     check_output_dir(out)
     cfg = resolved(cfg, Layout(out))
+    check_inputs(cfg)
     if out.exists() and any(out.iterdir()):
         if not (out / CONFIG_NAME).is_file():
             raise ValueError(f"{out} is not empty and holds no {CONFIG_NAME}; choose another --output")
         if cfg.overwrite:
-            shutil.rmtree(out)
+            remove_own_outputs(out)
         else:
             check_resume(cfg, out / CONFIG_NAME, "a quickstart", "use --overwrite or another --output")
     save_config(cfg, out / CONFIG_NAME)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dp2osr.config import check_resume, field, save_config
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
+from dp2osr.engine.jobs import check_outputs
 from dp2osr.engine.options import SamplingOptions, load_model
 from dp2osr.engine.pools import read_inputs, sample_pool
 from dp2osr.engine.provenance import model_fields
@@ -67,6 +68,7 @@ def run(cfg: SampleConfig) -> None:
     out = Path(cfg.output)
     images = read_inputs(cfg.input, cfg.limit)
     check_output_dir(out)
+    check_outputs(out, images.image_id)
     check_resume(cfg, out / CONFIG_NAME, "candidates")
     check_inputs([Path(p) for p in images.lr_path], cfg, device.type == "cpu", "sample")
     bb = load_model(cfg, device)

@@ -10,7 +10,21 @@ next stage needs, so no stage looks for a file beside another's output:
     pref_pairs.parquet  pair    -> train --mode dpo           winner/loser paths, LR, HPO weights
 
 Paths are stored relative to the table's own folder (a folder of results can be moved) and read back as
-absolute paths. Facts about the whole table (the reward weights it was computed with, the pair ratio of the
+absolute paths. What a path read from a table may name (checked by `read`, each refusal a ValueError naming the
+table, row, column and value, before any file is opened):
+
+- every path column names an image file (its suffix is an image suffix), so a table cannot make a stage open
+  or embed another kind of file (``/etc/passwd``);
+- a column the table's own stage wrote inside the table's folder (``Schema.inside``: a pool's candidates) must
+  resolve inside that folder;
+- with ``roots`` (folders the caller trusts), every path must resolve inside one of them or the table's folder.
+  There is no default beyond the table's own folder rule above: the tables legitimately point into other
+  stages' folders (a pool's LR and HR into the degrade folder, rewards into the pool, preference pairs into
+  the pool and the degrade folder), which may be anywhere, so only a caller that knows its folders can bound
+  them. Containment is judged on the normalised path's text, without following symbolic links.
+
+Image IDs name output files and folders (``OUT/ID/seed_XXXX.png``), so every table refuses an ID that is not a
+plain file name (``../x``, ``/abs``, ``..``) on read and on write. Facts about the whole table (the reward weights it was computed with, the pair ratio of the
 model that sampled it) travel in the Parquet file's key-value metadata under ``dp2osr``, together with the
 table's name and schema version; a table without that key is version 1 (written before versions existed).
 The column docs are in docs/ARCHITECTURE.md.
@@ -25,7 +39,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dp2osr.images import atomic_write
+from dp2osr.images import IMAGE_SUFFIXES, atomic_write
+from dp2osr.paths import is_inside, name_problem
 
 META_KEY = b"dp2osr"
 
@@ -33,7 +48,8 @@ META_KEY = b"dp2osr"
 @dataclass(frozen=True)
 class Schema:
     """One table: its default file name, version, required and optional columns (name -> dtype), the columns
-    holding paths, and the columns that identify a row."""
+    holding paths, the path columns that lie inside the table's own folder, and the columns that identify a
+    row."""
 
     name: str
     filename: str
@@ -42,6 +58,7 @@ class Schema:
     optional: dict[str, str]
     paths: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
+    inside: tuple[str, ...] = ()
 
 
 _MODEL = {"backbone": "str", "base": "str", "controlnet": "str"}
@@ -63,6 +80,7 @@ CANDIDATES = Schema(
     {**_MODEL, "prompt": "str", "sha": "str", "lr_sha": "str", "hr_sha": "str", "options_sha": "str"},
     paths=("path", "lr_path", "hr_path"),
     key=("image_id", "seed"),
+    inside=("path",),
 )
 SCORES = Schema(
     "scores",
@@ -149,6 +167,8 @@ def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = F
             df[col] = df[col].fillna("").astype(str)
         else:
             df[col] = df[col].astype(kind)
+    if "image_id" in df.columns:
+        _check_ids(df["image_id"], where)
     if schema.key:
         dup = df.duplicated(list(schema.key))
         if dup.any():
@@ -157,10 +177,48 @@ def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = F
     return df
 
 
-def read(schema: Schema, path: Path, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict]:
+def _check_ids(ids: pd.Series, where: str) -> None:
+    """Refuse an image ID that is not a plain file name (it names output files), naming the row."""
+    for row, image_id in enumerate(ids):
+        problem = name_problem(image_id)
+        if problem is not None:
+            raise ValueError(
+                f"{where}: row {row}: image_id {image_id!r} {problem}; an image ID must be a plain file name"
+            )
+
+
+def _check_paths(
+    schema: Schema, df: pd.DataFrame, stored: pd.DataFrame, where: Path, roots: tuple[Path, ...] | None
+) -> None:
+    """The rules on what a table's paths may name (module docstring); ``stored``: the values as stored."""
+    own = [os.path.abspath(where.parent)]
+    trusted = None if roots is None else own + [os.path.abspath(r) for r in roots]
+    for col in schema.paths:
+        if col not in df.columns:
+            continue
+        for row, (value, raw) in enumerate(zip(df[col], stored[col])):
+            if not value:
+                continue
+            shown = f"{raw!r}" + ("" if raw == value else f" (resolves to {value})")
+            if "\0" in value or os.path.splitext(value)[1].lower() not in IMAGE_SUFFIXES:
+                problem = f"is not an image file ({', '.join(IMAGE_SUFFIXES)})"
+            elif col in schema.inside and not is_inside(value, own):
+                problem = f"lies outside the table's folder {own[0]}"
+            elif trusted is not None and not is_inside(value, trusted):
+                problem = f"lies outside the folders {trusted}"
+            else:
+                continue
+            raise ValueError(f"{where}: row {row}: {col} {shown} {problem}; refused")
+
+
+def read(
+    schema: Schema, path: Path, columns: list[str] | None = None, *, roots: tuple[Path, ...] | None = None
+) -> tuple[pd.DataFrame, dict]:
     """(the table at ``path`` (a file or a stage's output folder) validated, with absolute paths; its metadata).
 
-    A table of a newer schema version than this dp2osr knows is refused with the versions named.
+    A table of a newer schema version than this dp2osr knows is refused with the versions named; a path that
+    is not an image, a column of ``Schema.inside`` outside the table's folder and, with ``roots``, a path
+    outside them and the table's folder are refused naming the row (module docstring).
     """
     path = table_path(schema, path)
     if not path.is_file():
@@ -173,9 +231,11 @@ def read(schema: Schema, path: Path, columns: list[str] | None = None) -> tuple[
             f"{schema.version}: update dp2osr"
         )
     df = validate(schema, pd.read_parquet(path, columns=columns), str(path))
+    stored = df[[c for c in schema.paths if c in df.columns]].copy()
     for col in schema.paths:
         if col in df.columns:
             df[col] = _absolute(path.parent, df[col])
+    _check_paths(schema, df, stored, path, roots)
     return df, meta
 
 

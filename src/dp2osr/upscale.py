@@ -26,12 +26,12 @@ from dp2osr import metrics as metric_lib
 from dp2osr.backbones import DTYPES, default_model_note
 from dp2osr.config import field, save_config, to_dict
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
-from dp2osr.engine.jobs import chunk_jobs, output_path, run_jobs
+from dp2osr.engine.jobs import check_outputs, chunk_jobs, output_path, run_jobs
 from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings
 from dp2osr.errors import PartialFailure
 from dp2osr.images import atomic_write, list_images, load_image
 from dp2osr.math.reward import hybrid_reward
-from dp2osr.paths import check_output_dir
+from dp2osr.paths import check_name, check_output_dir
 from dp2osr.runtime import process_state
 
 CONFIG_NAME = "upscale_config.yaml"
@@ -134,7 +134,10 @@ def run(cfg: UpscaleConfig) -> None:
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise ValueError(f"inputs with the same name would overwrite each other's outputs: {dup}")
+    for p in images:
+        check_name(p.stem, f"{p}: image ID")
     check_output_dir(cfg.output)
+    check_outputs(cfg.output, stems, cfg.layout == "flat")
     check_inputs(images, cfg, device.type == "cpu", "upscale")
     bb = load_model(cfg, device)
     note = default_model_note(cfg.backbone, cfg.base, cfg.controlnet)

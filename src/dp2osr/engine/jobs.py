@@ -28,8 +28,9 @@ from dp2osr.engine.provenance import (
     sample_is_current,
 )
 from dp2osr.engine.sampler import super_resolve
-from dp2osr.images import ImageReadError, check_min_side, load_image, save_image
+from dp2osr.images import ImageReadError, atomic_write, check_min_side, load_image, save_image
 from dp2osr.math.geometry import resize
+from dp2osr.paths import check_name, check_not_link
 from dp2osr.prompts import make_prompt_fn
 
 
@@ -75,13 +76,26 @@ def is_current(path: Path, lr_sha: str | None, opt_sha: str, stamps: dict | None
 
 def output_path(out_dir: Path, image_id: str, seed: int, flat: bool = False) -> Path:
     """Where sample ``seed`` of image ``image_id`` goes: ``OUT/ID/seed_XXXX.png`` (``flat``: ``OUT/ID.png``,
-    one sample per image)."""
+    one sample per image); an ID that is not a plain file name (``../x``, ``/abs``) is a ValueError."""
+    check_name(image_id)
     return Path(out_dir) / (f"{image_id}.png" if flat else f"{image_id}/seed_{seed:04d}.png")
 
 
 def prompt_path(out_dir: Path, image_id: str, flat: bool = False) -> Path:
     """Where the prompt of image ``image_id`` is recorded: ``OUT/ID/prompt.txt`` (``flat``: ``OUT/ID.txt``)."""
+    check_name(image_id)
     return Path(out_dir) / (f"{image_id}.txt" if flat else f"{image_id}/prompt.txt")
+
+
+def check_outputs(out_dir: Path, image_ids, flat: bool = False) -> None:
+    """Refuse (ValueError, before any work) an image ID that is not a plain file name, and an image's output
+    folder ``OUT/ID`` that is a symbolic link (its samples would be written elsewhere). Files are written by
+    replacing them (`images.atomic_write`), so a file ``OUT/ID.png`` that is a link is replaced, not written
+    through."""
+    for image_id in image_ids:
+        check_name(image_id)
+        if not flat:
+            check_not_link(Path(out_dir) / image_id, "the output folder")
 
 
 def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
@@ -179,6 +193,7 @@ def run_jobs(
     unreadable image (or, on an accelerator, one that runs out of memory) is reported on stderr by name and
     skipped; the others go on.
     """
+    check_outputs(out_dir, [j.image_id for j in jobs], flat)
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
     todo, lr_shas, seed_sha = _plan(bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite)
@@ -208,7 +223,8 @@ def run_jobs(
             record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: seed_sha(seed)}
             save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
         if cache["prompt"]:
-            prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")
+            text = cache["prompt"] + "\n"
+            atomic_write(prompt_path(out_dir, job.image_id, flat), lambda tmp, t=text: tmp.write_text(t))
         result.written += len(job.seeds)
         result.seconds += time.perf_counter() - start
         bar.update(len(job.seeds))

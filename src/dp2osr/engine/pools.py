@@ -19,7 +19,7 @@ from dp2osr.engine.jobs import JobsResult, chunk_jobs, run_jobs
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
 from dp2osr.images import list_images, read_png_text, write_parquet
-from dp2osr.paths import file_sha
+from dp2osr.paths import check_name, file_sha
 
 CANDIDATES_FILE = tables.CANDIDATES.filename
 
@@ -52,13 +52,16 @@ CANDIDATE_COLUMNS = [*tables.CANDIDATES.columns, *tables.CANDIDATES.optional]
 
 
 def read_inputs(folder: Path, limit: int | None = None) -> pd.DataFrame:
-    """(image_id, lr_path, hr_path) with absolute paths, from pairs.parquet or a plain folder of LR images."""
+    """(image_id, lr_path, hr_path) with absolute paths, from pairs.parquet or a plain folder of LR images (ID:
+    the file's stem); an ID that is not a plain file name is refused naming its row or file."""
     folder = Path(folder)
     if (folder / tables.PAIRS.filename).is_file():
         df, _ = tables.read(tables.PAIRS, folder)
         df = df[["image_id", "lr_path", "hr_path"]]
     else:
         files = list_images(folder)
+        for p in files:
+            check_name(p.stem, f"{p}: image ID")
         df = pd.DataFrame(
             {
                 "image_id": [p.stem for p in files],

@@ -14,12 +14,9 @@ metric later does not recompute the others) and the two tables are written from 
 of its HR, hashed at every run, so a candidate re-made (``sample --overwrite``) or an HR replaced is scored
 again. Delete ``scores_parts/`` to force a full rescore.
 
-Dithered scoring (``ScoreOptions.dither`` K > 0): each score is the mean over K copies of the candidate whose
-8-bit values were moved by -1, 0 or +1 at random (a change nobody can see; the pattern is fixed by the file's
-hash and k, so reruns give the same numbers). Some hand-crafted metrics rank a crop's candidates very
-differently after such a change (PIQE at 64 px: within-crop Spearman 0.64 before vs after), so a preference pair
-made from one raw score is partly the metric's reaction to the last bit; the mean over K copies is steadier
-(PIQE, K = 16: 0.82; measured with research/measure_reward_halves.py). Scores are keyed by K as well.
+Dithered scoring (``ScoreOptions.dither`` K > 0): each score is the mean over K invisibly dithered copies
+(`math.dither`), which steadies metrics whose ranking of a crop's candidates reacts to the last bit (PIQE at
+64 px: docs/IQA_OFFLINE.md). Scores are keyed by K as well.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from dp2osr.engine.pools import read_pool
 from dp2osr.images import ImageReadError, load_image, write_parquet
 from dp2osr.math.dither import dithered
 from dp2osr.math.reward import SCOPES, hybrid_reward
-from dp2osr.paths import file_sha
+from dp2osr.paths import check_not_link, file_sha
 
 SCORES_FILE = tables.SCORES.filename
 REWARDS_FILE = tables.REWARDS.filename
@@ -77,6 +74,10 @@ def with_content_hashes(cands: pd.DataFrame) -> pd.DataFrame:
     return cands.assign(sha=shas, hr_sha=cands["hr_path"].map(hr).astype(object))  # object when empty too
 
 
+# The part files this scorer writes (`_part_name`); it reads and deletes no other file in PARTS_DIR.
+_PART_RE = re.compile(r"[A-Za-z0-9._-]{0,60}-[0-9a-f]{12}\.parquet")
+
+
 def _part_name(image_id: str, metrics: list[str]) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)[:60]
     digest = hashlib.sha1("\0".join([image_id, *sorted(metrics)]).encode()).hexdigest()[:12]
@@ -90,7 +91,11 @@ def _read_parts(parts_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
     if merged.is_file():
         frames.append(pd.read_parquet(merged))
     parts = sorted(
-        (p for p in parts_dir.glob("*.parquet") if p != merged and not p.name.startswith(".tmp_")),
+        (
+            p
+            for p in parts_dir.glob("*.parquet")
+            if _PART_RE.fullmatch(p.name) and not p.name.startswith(".tmp_")
+        ),
         key=lambda p: (p.stat().st_mtime_ns, p.name),
     )
     frames += [pd.read_parquet(p) for p in parts]
@@ -377,6 +382,7 @@ def score_pool(
     from tqdm import tqdm
 
     opts = opts or ScoreOptions()
+    check_not_link(out_dir / PARTS_DIR, "the stored scores folder")  # its files are merged and deleted
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     specs = metric_lib.catalogue(names)
     pool, pool_meta = read_pool(cand_dir)
