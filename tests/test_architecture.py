@@ -29,6 +29,7 @@ LAYERS = [
                 "metrics",
                 "mdtext",
                 "tables",
+                "progress",
             }
         ),
     ),

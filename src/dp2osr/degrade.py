@@ -35,6 +35,7 @@ from dp2osr.config import check_choice, check_choices, check_resume, field, save
 from dp2osr.errors import PartialFailure
 from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, save_image, to_uint8
 from dp2osr.paths import check_output_dir
+from dp2osr.progress import bar as progress_bar
 from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -424,7 +425,7 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
     save_config(cfg, out / CONFIG_NAME)
 
     rows, skipped, made = [], [], 0
-    for path in tqdm(files, desc="degrade", unit="img", file=sys.stderr):
+    for path in progress_bar(files, desc="degrade", unit="img", file=sys.stderr):
         image_id, seed = path.stem, image_seed(cfg.seed, path.stem)
         hr_rel, lr_rel = f"hr/{image_id}.png", f"lr/{image_id}.png"
         if cfg.overwrite or not ((out / hr_rel).is_file() and (out / lr_rel).is_file()):

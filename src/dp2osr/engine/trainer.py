@@ -28,6 +28,7 @@ from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, read_examples
 from dp2osr.errors import TrainingDiverged
 from dp2osr.images import atomic_write
+from dp2osr.progress import bar as progress_bar
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -263,7 +264,7 @@ def train_loop(run: Run, cfg) -> None:
     """Steps ``run.start`` .. ``cfg.steps``: log, checkpoint and evaluate as configured."""
     acc = run.accelerator
     eval_every = cfg.eval_every or cfg.checkpoint_every
-    bar = tqdm(
+    bar = progress_bar(
         range(run.start, cfg.steps),
         initial=run.start,
         total=cfg.steps,
