@@ -12,7 +12,8 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_a_file_gets_a_line_per_tenth_with_rate_and_eta():
+def test_a_file_gets_a_line_per_tenth_with_rate_and_eta(monkeypatch):
+    monkeypatch.setattr(progress, "LINE_MIN_SECONDS", 0.0)
     out = io.StringIO()
     for _ in progress.bar(range(100), desc="degrade", unit="img", file=out):
         pass
@@ -22,9 +23,18 @@ def test_a_file_gets_a_line_per_tenth_with_rate_and_eta():
     assert lines[-1].startswith("degrade: 100/100 (100%), ") and "ETA" not in lines[-1]
 
 
+def test_a_fast_stage_prints_its_last_line_only():
+    out = io.StringIO()
+    with progress.bar(total=24, desc="score", unit="score", file=out) as bar:
+        for _ in range(6):
+            bar.update(4)
+    assert out.getvalue().count("\n") == 1 and out.getvalue().startswith("score: 24/24 (100%)")
+
+
 def test_resumed_bar_postfix_time_lines_and_close():
     out = io.StringIO()
     with progress.bar(total=10, initial=4, desc="train dpo", unit="step", file=out) as bar:
+        bar.last_time -= progress.LINE_MIN_SECONDS
         bar.update(1)  # 5/10 crosses 50 %
         bar.set_postfix({"loss": "0.5"})
         bar.last_time -= progress.LINE_EVERY_SECONDS  # 30 s pass without crossing a tenth

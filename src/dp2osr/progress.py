@@ -1,7 +1,8 @@
 """Progress bars of every long stage, in one place: a redrawn tqdm bar on a terminal, plain lines in a file.
 
 A log file (stderr not a terminal: a cluster job, ``make demo > log 2>&1``) gets one line per 10 % of the work
-or per 30 s, whichever comes first, with the rate and the time left, and a last line when the stage ends;
+(at most one a second) or per 30 s, whichever comes first, with the rate and the time left, and a last line
+when the stage ends;
 a bar nested in another (the denoising steps of one image) is shown only on a terminal. Base layer: the
 engine's job runner, scorer and trainer and the degrade stage call `bar`.
 """
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 LINE_EVERY_FRACTION = 0.1
 LINE_EVERY_SECONDS = 30.0
+LINE_MIN_SECONDS = 1.0  # a stage over in a second or two prints its last line only
 
 
 def _interactive(file: IO) -> bool:
@@ -90,7 +92,8 @@ class LineBar:
         now = time.monotonic()
         step = (self.total or 0) * LINE_EVERY_FRACTION
         crossed = step > 0 and int(self.n / step) > int(self.last_n / step)
-        if crossed or now - self.last_time >= LINE_EVERY_SECONDS:
+        since = now - self.last_time
+        if (crossed and since >= LINE_MIN_SECONDS) or since >= LINE_EVERY_SECONDS:
             self._line(now)
 
     def close(self) -> None:
