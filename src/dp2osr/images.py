@@ -110,7 +110,7 @@ def to_tensor(image) -> torch.Tensor:
     """A PIL image or a numpy array (HxW or HxWx3; uint8, or float in [0, 1]) as ``(1, 3, H, W)`` float32 in
     [0, 1], by the rules of `load_image` (a PIL image is read as its file would be: EXIF orientation applied,
     transparency on white)."""
-    if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
             raise ValueError(f"a float image array must be HxW or HxWx3, got shape {image.shape}")
         if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
