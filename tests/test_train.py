@@ -588,3 +588,30 @@ def test_batch_indices_slice_the_seeded_epoch_permutations():
         ]
         start = step * batch * accum * world
         assert [i for part in got for i in part] == stream[start : start + batch * accum * world]
+
+
+def test_report_to_trackers(data, tmp_path, capsys):
+    """--report-to none writes metrics.jsonl only; wandb without its package is refused in one line naming
+    `pip install wandb`, before any work; tensorboard (the default) gets every metrics.jsonl scalar."""
+    import importlib.util
+
+    none = tmp_path / "none"
+    assert main(_args("sd2-tiny", data, none, "dpo", 1, "--report-to", "none")) == 0
+    assert len(_metrics(none)) == 1 and not (none / "tb").exists()
+    tb = tmp_path / "tb"
+    assert main(_args("sd2-tiny", data, tb, "dpo", 2)) == 0
+    for key in ("loss", "lr", "grad_norm", "seconds"):
+        assert _tb_steps(tb / "tb", f"train/{key}") == [1, 2]
+    if importlib.util.find_spec("wandb") is None:
+        assert main(_args("sd2-tiny", data, tmp_path / "wb", "dpo", 1, "--report-to", "wandb")) == 2
+        err = capsys.readouterr().err
+        assert "pip install wandb" in err and not (tmp_path / "wb" / "metrics.jsonl").exists()
+
+
+def test_report_to_wandb_offline(data, tmp_path, monkeypatch):
+    """W&B in offline mode gets the run's scalars (its local run folder under OUTPUT/wandb)."""
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install wandb)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "wb"
+    assert main(_args("sd2-tiny", data, out, "dpo", 1, "--report-to", "all")) == 0
+    assert list((out / "wandb").glob("offline-run-*")) and list((out / "tb").glob("events.out.tfevents.*"))

@@ -4,6 +4,16 @@ import logging
 import warnings
 
 __version__ = "0.1.0"
+__all__ = ["SROutput", "SRPipeline"]
+
+
+def __getattr__(name: str):
+    """``dp2osr.SRPipeline`` / ``dp2osr.SROutput``, imported on first use: ``import dp2osr`` loads no torch."""
+    if name in __all__:
+        from dp2osr import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'dp2osr' has no attribute {name!r}")
 
 
 class _DropKnownNoise(logging.Filter):

@@ -36,6 +36,7 @@ from dp2osr.errors import PartialFailure
 from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, save_image, to_uint8
 from dp2osr.math.kernels import bivariate_kernel, sinc_kernel
 from dp2osr.paths import check_output_dir, file_sha
+from dp2osr.progress import bar as progress_bar
 from dp2osr.runtime import resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -391,7 +392,7 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
 
     made_from = recorded_sources(out)
     rows, skipped, made = [], [], 0
-    for path in tqdm(files, desc="degrade", unit="img", file=sys.stderr):
+    for path in progress_bar(files, desc="degrade", unit="img", file=sys.stderr):
         image_id, seed = path.stem, image_seed(cfg.seed, path.stem)
         hr_rel, lr_rel = f"hr/{image_id}.png", f"lr/{image_id}.png"
         try:  # the photo's content: a pair made from another photo of this name is made again

@@ -106,6 +106,32 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
 
 
+def to_tensor(image) -> torch.Tensor:
+    """A PIL image or a numpy array (HxW or HxWx3; uint8, or float in [0, 1]) as ``(1, 3, H, W)`` float32 in
+    [0, 1], by the rules of `load_image` (a PIL image is read as its file would be: EXIF orientation applied,
+    transparency on white)."""
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+            raise ValueError(f"a float image array must be HxW or HxWx3, got shape {image.shape}")
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise ValueError("a float image array must hold finite values in [0, 1]")
+        arr = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"an image array must be uint8 or float in [0, 1], got dtype {image.dtype}")
+        arr = _to_rgb_array(Image.fromarray(image))
+    elif isinstance(image, Image.Image):
+        arr = _to_rgb_array(_upright(image))
+    else:
+        raise ValueError(f"not an image (PIL image, numpy array or path): {type(image).__name__}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` / ``(1, 3, H, W)`` in [0, 1] as the RGB image `save_image` would write."""
+    return Image.fromarray(to_uint8(image))
+
+
 def check_min_side(image: torch.Tensor, path: Path, min_side: int = MIN_LR_SIDE) -> None:
     """Refuse an image whose short side is below ``min_side`` px; the ImageReadError names file and size."""
     h, w = image.shape[-2:]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dp2osr.config import check_choices, check_resume, field, save_config
-from dp2osr.engine import trainer
+from dp2osr.config import check_choices, check_resume, field, save_config, to_dict
+from dp2osr.engine import trackers, trainer
 from dp2osr.engine.options import ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
@@ -96,6 +96,13 @@ class TrainConfig(ModelOptions):
     checkpoint_every: int = field(100, help="save a checkpoint every K steps (and at the end)", run_only=True)
     keep_checkpoints: int = field(2, help="keep only the newest K checkpoints (0 = all)", run_only=True)
     log_every: int = field(1, help="log metrics every K steps", run_only=True)
+    report_to: str = field(
+        "tensorboard",
+        help="where metrics.jsonl's scalars also go: tensorboard (OUTPUT/tb), wandb (Weights & Biases, project "
+        "dp2osr; needs the wandb package), all (both), none",
+        choices=list(trackers.REPORT_TO),
+        run_only=True,
+    )
     resume: bool = field(False, help="continue from the newest checkpoint in OUTPUT", run_only=True)
     eval_data: Path | None = field(
         None,
@@ -135,7 +142,7 @@ class TrainConfig(ModelOptions):
 def run(cfg: TrainConfig) -> Path:
     """Run training; returns the final model's folder. Raises `TrainingDiverged` (no broken checkpoint is
     written; the last good one is kept) when the loss or the gradient stops being finite."""
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
     check_output_dir(cfg.output)
     cpu = resolve_device(cfg.device).type == "cpu"
@@ -143,17 +150,22 @@ def run(cfg: TrainConfig) -> Path:
         # The cuDNN attention backend hit "illegal memory access" in the FLUX DPO backward (torch 2.11, H200);
         # the flash / memory-efficient backends ran the same step fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cpu
-    )
     out = Path(cfg.output)
-    with output_lock(out, "train", hold=accelerator.is_main_process):
-        return _train(cfg, accelerator, out)
+    with output_lock(out, "train", hold=PartialState(cpu=cpu).is_main_process):
+        return _train(cfg, cpu, out)
 
 
-def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
+def _train(cfg: TrainConfig, cpu: bool, out: Path) -> Path:
     """`run` once the output folder is this run's."""
+    from accelerate import Accelerator
+
     resume_from = trainer.resume_point(cfg, out)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        cpu=cpu,
+        log_with=trackers.make(cfg.report_to, out, resume_from, to_dict(cfg)) or None,
+    )
     if resume_from:
         check_resume(cfg, out / CONFIG_NAME, "a training run", "resume with the same options")
     run_ = trainer.setup(cfg, accelerator, resume_from)
@@ -169,6 +181,6 @@ def _train(cfg: TrainConfig, accelerator, out: Path) -> Path:
         ) from exc
     finally:
         if run_.writer is not None:
-            run_.writer.close()
+            run_.writer.end_training()
     accelerator.wait_for_everyone()
     return trainer.finish(out, cfg.steps) if accelerator.is_main_process else out / "final"

@@ -185,11 +185,18 @@ def score_candidates(
     files: dict[int, Path], names: list[str], models: dict[str, torch.nn.Module]
 ) -> pd.DataFrame:
     """Raw scores ``image_id, seed, metric, value`` (long format) of each seed's file, image id ``"x"``."""
-    images = torch.cat([load_image(files[s]) for s in files])
+    return score_images({s: load_image(path) for s, path in files.items()}, names, models)
+
+
+def score_images(
+    images: dict[int, torch.Tensor], names: list[str], models: dict[str, torch.nn.Module]
+) -> pd.DataFrame:
+    """`score_candidates` of images in memory (``(1, 3, H, W)`` each, by seed)."""
+    batch = torch.cat(list(images.values()))
     rows = []
     for name in names:
-        values = metric_lib.score_batch(models[name], images)
-        rows += [("x", seed, name, float(v)) for seed, v in zip(files, values)]
+        values = metric_lib.score_batch(models[name], batch)
+        rows += [("x", seed, name, float(v)) for seed, v in zip(images, values)]
     return pd.DataFrame(rows, columns=["image_id", "seed", "metric", "value"])
 
 

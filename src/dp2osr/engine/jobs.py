@@ -31,6 +31,7 @@ from dp2osr.engine.sampler import super_resolve
 from dp2osr.images import ImageReadError, atomic_write, check_min_side, load_image, save_image
 from dp2osr.math.geometry import resize
 from dp2osr.paths import check_name, check_not_link
+from dp2osr.progress import bar as progress_bar
 from dp2osr.prompts import make_prompt_fn
 
 
@@ -100,21 +101,31 @@ def check_outputs(out_dir: Path, image_ids, flat: bool = False) -> None:
 
 def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) -> dict:
     """The job's image read, checked, upsampled, with its prompt and text condition (raises ImageReadError)."""
-    lr = load_image(job.lr_path)
-    check_min_side(lr, job.lr_path)
+    return prepare_lr(
+        bb, job.image_id, load_image(job.lr_path), job.lr_path, upscale, prompt_fn, negative_prompt
+    )
+
+
+def prepare_lr(
+    bb: Backbone, image_id: str, lr, source: Path, upscale: int, prompt_fn, negative_prompt
+) -> dict:
+    """An LR ``(1, 3, h, w)`` checked, upsampled, with its prompt and text condition: what the sample jobs of one
+    image share (``source`` names it in errors and is what the prompt function reads)."""
+    check_min_side(lr, source)
     h, w = lr.shape[-2:]
-    prompt = prompt_fn(job.lr_path, lr)
+    prompt = prompt_fn(source, lr)
     return {
-        "id": job.image_id,
+        "id": image_id,
         "lr_up": resize(lr, (h * upscale, w * upscale)),
         "prompt": prompt,
         "cond": bb.encode_prompts([prompt], negative_prompt),
     }
 
 
-def _sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: SamplingOptions, show: bool):
+def sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: SamplingOptions, show: bool):
     """The samples of one job (``(len(job.seeds), 3, H, W)``), with a progress bar of its denoising steps."""
-    steps = tqdm(
+    steps = progress_bar(
+        nested=True,
         total=settings["steps"],
         desc=f"  {job.image_id}",
         unit="step",
@@ -198,7 +209,7 @@ def run_jobs(
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
     todo, lr_shas, seed_sha = _plan(bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite)
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
-    bar = tqdm(
+    bar = progress_bar(
         total=sum(len(j.seeds) for j in todo),
         desc=desc,
         unit="sample",
@@ -214,7 +225,7 @@ def run_jobs(
         try:
             if cache.get("id") != job.image_id:
                 cache = _prepared(bb, job, upscale, prompt_fn, settings["negative_prompt"])
-            sr = _sample_job(bb, job, cache, settings, opts, show_progress)
+            sr = sample_job(bb, job, cache, settings, opts, show_progress)
         except (ImageReadError, torch.OutOfMemoryError) as exc:
             result.failed[job.image_id] = str(exc)
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)

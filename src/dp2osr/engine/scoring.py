@@ -381,6 +381,8 @@ def score_pool(
     """
     from tqdm import tqdm
 
+    from dp2osr.progress import bar as progress_bar
+
     opts = opts or ScoreOptions()
     check_not_link(out_dir / PARTS_DIR, "the stored scores folder")  # its files are merged and deleted
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
@@ -398,7 +400,7 @@ def score_pool(
     errors: dict[str, str] = {}
     by_image = {img: g for img, g in cands.groupby("image_id", sort=False)}
     start = time.perf_counter()
-    with tqdm(total=total, unit="score", desc="score", dynamic_ncols=True) as progress:
+    with progress_bar(total=total, unit="score", desc="score", dynamic_ncols=True) as progress:
         for image_id, todo in todo_by_image.items():
             n_errors = len(errors)
             part = _score_image(by_image[image_id], todo, scorer, errors, progress)

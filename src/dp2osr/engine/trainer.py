@@ -30,6 +30,7 @@ from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, data_
 from dp2osr.errors import TrainingDiverged
 from dp2osr.images import atomic_write, follow_umask
 from dp2osr.paths import file_sha
+from dp2osr.progress import bar as progress_bar
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,7 +51,7 @@ class Run:
     cache: FrozenCache
     out: Path
     start: int  # the step to start from (a resumed run's checkpoint)
-    writer: Any | None  # TensorBoard (main process)
+    writer: Any | None  # the Accelerator when it logs to trackers (main process)
     heldout: HeldoutEval | None
     eval_seconds: float = 0.0  # held-out evaluation time, kept out of the training clock
     data_sha: str = ""  # content hash of the training-data table, recorded in every checkpoint
@@ -177,7 +178,8 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
     if accelerator.is_main_process:
         if resume_from:  # the killed run may have logged steps after its last checkpoint
             truncate_metrics(out / "metrics.jsonl", start)
-        run.writer = tensorboard(out / "tb", purge_step=start + 1 if resume_from else None)
+        accelerator.init_trackers("dp2osr")  # the trackers of --report-to (engine.trackers)
+        run.writer = accelerator if accelerator.trackers else None
     if cfg.eval_data is not None:
         run.heldout = heldout_eval(cfg, bb, out)
     return run
@@ -274,7 +276,7 @@ def train_loop(run: Run, cfg) -> None:
     """Steps ``run.start`` .. ``cfg.steps``: log, checkpoint and evaluate as configured."""
     acc = run.accelerator
     eval_every = cfg.eval_every or cfg.checkpoint_every
-    bar = tqdm(
+    bar = progress_bar(
         range(run.start, cfg.steps),
         initial=run.start,
         total=cfg.steps,
@@ -309,12 +311,11 @@ def train_loop(run: Run, cfg) -> None:
 
 
 def log_row(run: Run, record: dict, tag) -> None:
-    """One row of metrics.jsonl, and its values in TensorBoard under ``tag(key)`` (main process only)."""
+    """One row of metrics.jsonl, and its values in the trackers under ``tag(key)`` (main process only)."""
     with (run.out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(record) + "\n")
-    for key, v in record.items():
-        if key != "step" and run.writer is not None:
-            run.writer.add_scalar(tag(key), v, record["step"])
+    if run.writer is not None:
+        run.writer.log({tag(k): v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -437,14 +438,3 @@ def finish(out: Path, steps: int) -> Path:
         file=sys.stderr,
     )
     return final
-
-
-def tensorboard(path: Path, purge_step: int | None = None):
-    """A SummaryWriter on ``path``; with ``purge_step`` (a resumed run: its checkpoint's step + 1) TensorBoard
-    hides the events of earlier files at that step and later, which the resumed run logs again."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a declared dependency; degrade gracefully if removed
-        print("note: tensorboard not installed; metrics go to metrics.jsonl only", file=sys.stderr)
-        return None
-    return SummaryWriter(str(path), purge_step=purge_step)
