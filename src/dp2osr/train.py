@@ -180,7 +180,8 @@ def _train(cfg: TrainConfig, cpu: bool, out: Path) -> Path:
             "Lower --lr or --beta, or use --mixed-precision bf16/no."
         ) from exc
     finally:
-        if run_.writer is not None:
-            run_.writer.end_training()
+        if run_.writer is not None:  # not end_training(): that also takes the process group down
+            for tracker in run_.writer.trackers:
+                tracker.finish()
     accelerator.wait_for_everyone()
     return trainer.finish(out, cfg.steps) if accelerator.is_main_process else out / "final"
