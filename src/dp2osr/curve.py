@@ -16,7 +16,7 @@ import pandas as pd
 
 from dp2osr import metrics as metric_lib
 from dp2osr.backbones import NAMES
-from dp2osr.config import check_resume, field, load_yaml, save_config
+from dp2osr.config import check_range, check_resume, check_seed, field, load_yaml, save_config
 from dp2osr.engine.heldout import (
     CURVE_CSV,
     CURVE_PNG,
@@ -26,7 +26,7 @@ from dp2osr.engine.heldout import (
     run_checkpoints,
     step_dir,
 )
-from dp2osr.engine.options import SamplingOptions, load_model
+from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model
 from dp2osr.paths import check_output_dir
 from dp2osr.runtime import process_state
 from dp2osr.train import CONFIG_NAME as TRAIN_CONFIG
@@ -74,8 +74,8 @@ class CurveConfig(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        check_range("samples", self.samples, 1, MAX_SAMPLES, integer=True)
+        check_seed(self.seed)
         if self.dither < 0:
             raise ValueError(f"--dither must be >= 0 (0 = plain scores), got {self.dither}")
 

@@ -129,7 +129,8 @@ def run_jobs(
     missing, does not decode, or records another LR or other options (or ``overwrite``): the same batch
     composition as an uninterrupted run gives bit-identical files (batched float maths can differ in the last
     bits). Consecutive jobs of one image share its loaded LR and prompt. An unreadable image (or, on an accelerator, one that runs
-    out of memory) is reported on stderr by name and skipped; the others go on.
+    out of memory) is reported on stderr by name and skipped; the others go on. A sample with non-finite values
+    is not written: its image and seed are reported and the image counts as failed.
     """
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
@@ -169,13 +170,17 @@ def run_jobs(
             continue
         record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: opt_sha}
         for seed, image in zip(job.seeds, sr):
+            if not torch.isfinite(image).all():  # saved, NaN would read as black: a garbage "finished" sample
+                result.failed[job.image_id] = f"{job.image_id}: seed {seed}: the sample has non-finite values"
+                tqdm.write(f"dp2osr {desc}: {result.failed[job.image_id]}; not written", file=sys.stderr)
+                continue
             save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
+            result.written += 1
         if cache["prompt"]:
             prompt_path(out_dir, job.image_id, flat).write_text(cache["prompt"] + "\n")
-        result.written += len(job.seeds)
         result.seconds += time.perf_counter() - start
         bar.update(len(job.seeds))
-        bar.set_postfix(s_per_sample=f"{result.seconds / result.written:.2f}")
+        bar.set_postfix(s_per_sample=f"{result.seconds / max(result.written, 1):.2f}")
     bar.close()
     finished = {j.image_id for j in todo} - set(result.failed)
     result.images_done = len(finished)

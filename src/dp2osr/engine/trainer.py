@@ -374,11 +374,21 @@ def plain_controlnet(net: torch.nn.Module, lora: bool) -> torch.nn.Module:
     return merged
 
 
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` holds only finite values (one reduction each)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 def save_checkpoint(accelerator, net, cfg, step: int, folder: Path, ema=None, params=None) -> None:
     """Release-format model.safetensors + diffusers controlnet/ (both loadable by upscale) + resumable state.
 
     With EMA, the saved model is the averaged weights and ``ema.pt`` keeps the average for ``--resume``.
+    Weights with a NaN or an infinity (the trained ones, or their average) raise `TrainingDiverged` before
+    anything is written: the previous checkpoint stays the newest.
     """
+    saved = [*accelerator.unwrap_model(net).parameters(), *(ema.shadow_params if ema is not None else [])]
+    if not all_finite(saved):
+        raise TrainingDiverged(f"non-finite weights after step {step}; not saved")
     accelerator.save_state(str(folder / "state"))
     if accelerator.is_main_process:
         if ema is not None:
