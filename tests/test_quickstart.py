@@ -211,7 +211,7 @@ def test_bad_options_are_value_errors(tmp_path, capsys):
         QuickstartConfig(hr_size=100)
     # each stage's options are checked by the stage's own config
     assert main(["quickstart", "--output", str(tmp_path / "b"), "--train.beta", "-1"]) == 2
-    assert "--beta and --lr must be > 0" in capsys.readouterr().err
+    assert "--beta must be a finite number > 0" in capsys.readouterr().err
     assert (
         main(
             [

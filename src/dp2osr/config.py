@@ -4,6 +4,13 @@ Precedence is dataclass defaults < YAML file (``--config``) < command-line flags
 (``field_name`` -> ``--field-name``) whose help text is the field's ``metadata["help"]``; ``choices`` in the
 metadata restrict values. Unknown YAML keys are an error. The resolved config is saved beside every output
 (``save_config``) so a run can be repeated exactly.
+
+Flags and YAML values are checked in one place (`_coerce`), before any work, against the type of their field:
+``int`` takes integers only (not ``"2"``, ``1.5`` or ``[4]``), ``float`` any number (YAML's ``2e-5`` included),
+``bool`` only true/false, ``str`` and ``Path`` only strings, ``X | None`` also null, and ``list[X]`` a list of X
+or a single X (a one-element list: ``metrics: fsim`` is ``[fsim]``). A wrong value is a one-line ValueError
+naming the file, the key, the value and what is allowed. Ranges and finiteness are each config's
+``__post_init__`` (`check_range`, `check_seed`).
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +28,18 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+MAX_SEED = 2**40 - 1  # seeds are combined with step and sample counters into torch's 64-bit generator seeds
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as PyYAML reads it, except that ``2e-5`` (exponent, no dot) is a number, as in YAML 1.2."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def field(
@@ -173,26 +194,24 @@ def build_config(cls: type[T], args: argparse.Namespace) -> T:
 
 
 def load_yaml(cls: type, path: Path) -> dict[str, Any]:
-    """Read a YAML mapping of options for ``cls``; unknown keys are an error."""
+    """Read a YAML mapping of options for ``cls``, each value checked against its field (`_coerce`); unknown
+    keys, a file that is no YAML mapping and a value of the wrong type are one-line ValueErrors naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(map(str, set(data) - names))
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {unknown}; allowed: {sorted(names)}")
-    for f in _nested_fields(cls):
-        if f.name in data and not isinstance(data[f.name], dict):
-            raise ValueError(f"{path}: {f.name} must be a mapping of its options, got {data[f.name]!r}")
-    return data
+    return _typed(cls, data, f"{path}: ")
 
 
 def read_yaml(path: Path) -> Any:
     """The YAML document in ``path`` (``{}`` when empty); a file that is not UTF-8 YAML is a ValueError naming it."""
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader) or {}  # noqa: S506 (SafeLoader)
     except UnicodeDecodeError:
         raise ValueError(
             f"{path} is not a text file (not UTF-8); give a YAML file of option: value"
@@ -205,30 +224,99 @@ def read_yaml(path: Path) -> Any:
 
 
 def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    out = {}
+    """``values`` (flags and YAML) checked and converted to the types of ``cls``'s fields; a `nested` stage
+    config's mapping becomes that stage's config."""
     nested = {f.name: f for f in _nested_fields(cls)}
-    for name, value in values.items():
-        if name in nested and isinstance(value, dict):
+    out = _typed(cls, values, "")
+    for name, value in out.items():
+        if name in nested:
             out[name] = _nested_value(nested[name], value)
-            continue
-        tp, _ = _base_type(hints[name])
-        if tp is bool and value is not None and not isinstance(value, bool):  # YAML "false" is a str: truthy
-            raise ValueError(f"option {name}: expected true or false, got {value!r} ({type(value).__name__})")
-        if value is not None and tp is Path and not isinstance(value, Path):
-            value = Path(value)
-        out[name] = value
     return out
+
+
+def _typed(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    """Each value of ``values`` as the type of its field of ``cls`` (`_as_type`); a `nested` field's mapping
+    is checked against its stage config, its `fixed` options refused. ``where`` names the source in errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        f = fields[name]
+        if "nested" in f.metadata and not dataclasses.is_dataclass(value):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{name} must be a mapping of its options, got {value!r}")
+            allowed = {g.name for g in dataclasses.fields(f.metadata["nested"])} - set(f.metadata["fixed"])
+            unknown = sorted(map(str, set(value) - allowed))
+            if unknown:
+                raise ValueError(f"{where}unknown {name} option(s) {unknown}; allowed: {sorted(allowed)}")
+            out[name] = _typed(f.metadata["nested"], value, where, f"{name}.")
+        elif "nested" in f.metadata:
+            out[name] = value
+        else:
+            out[name] = _as_type(value, hints[name], f.metadata.get("choices"), f"{where}{prefix}{name}")
+    return out
+
+
+def _as_type(value: Any, tp: Any, choices: list | None, key: str) -> Any:
+    """``value`` as field type ``tp`` (int, float, bool, str, Path, list[X], X | None), else a ValueError."""
+    inner, optional = _base_type(tp)
+    if value is None and optional:
+        return None
+    if typing.get_origin(inner) is list:
+        (item,) = typing.get_args(inner) or (str,)
+        items = value if isinstance(value, (list, tuple)) else [value]  # one value: a one-element list
+        return [_as_type(v, item, choices, f"{key}[{i}]") for i, v in enumerate(items)]
+    converted = _scalar(value, inner)
+    if converted is _BAD:
+        described = _DESCRIBED.get(inner, getattr(inner, "__name__", str(inner)))
+        allowed = described + (" or null" if optional else "")
+        raise ValueError(f"{key}: expected {allowed}, got {_shown_value(value)}")
+    if choices is not None and converted not in choices:
+        raise ValueError(f"{key}: expected one of {list(choices)}, got {_shown_value(value)}")
+    return converted
+
+
+_BAD = object()
+_DESCRIBED = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    Path: "a path (a string)",
+}
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """``value`` as ``tp`` when it is one (an int as a float, a string as a Path), else ``_BAD``."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool:
+        return value if isinstance(value, bool) else _BAD
+    if tp is int:
+        return value if is_number and isinstance(value, int) else _BAD
+    if tp is float:
+        if not is_number:
+            return _BAD
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            return _BAD
+    if tp is str:
+        return value if isinstance(value, str) else _BAD
+    if tp is Path:
+        return Path(value) if isinstance(value, (str, Path)) else _BAD
+    return value  # a type without a check here (e.g. a union of several types)
+
+
+def _shown_value(value: Any) -> str:
+    """A value in an error message: as YAML would show ``None`` (null), else its repr."""
+    return "null" if value is None else repr(value)
 
 
 def _nested_value(f: dataclasses.Field, values: dict[str, Any]) -> Any:
     """The default stage config of nested field ``f`` with ``values`` applied (validated by its own checks)."""
-    sub, fixed = f.metadata["nested"], f.metadata["fixed"]
-    allowed = {g.name for g in dataclasses.fields(sub)} - set(fixed)
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ValueError(f"unknown {f.name} option(s) {unknown}; allowed: {sorted(allowed)}")
-    return dataclasses.replace(f.default_factory(), **_coerce(sub, values))  # type: ignore[misc]
+    if dataclasses.is_dataclass(values):
+        return values
+    return dataclasses.replace(f.default_factory(), **_coerce(f.metadata["nested"], values))  # type: ignore[misc]
 
 
 def _plain(v: Any) -> Any:
@@ -283,6 +371,35 @@ def check_choice(name: str, value: Any, allowed: list | tuple) -> None:
     """Raise a ValueError naming ``name`` when ``value`` is not one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    above: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raise a one-line ValueError naming ``--name`` unless ``value`` is a finite number (``integer``: an
+    integer) >= ``low`` (``above``: > ``low``) and <= ``high`` (None: no bound)."""
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (low is None or value > low or (value == low and not above))
+    if not (ok and (high is None or value <= high)):
+        kind = "an integer" if integer else "a finite number"
+        if low is not None and high is not None:
+            span = f"in {'(' if above else '['}{low}, {high}]"
+        elif low is not None:
+            span = f"{'>' if above else '>='} {low}"
+        else:
+            span = f"<= {high}"
+        raise ValueError(f"--{name.replace('_', '-')} must be {kind} {span}, got {value!r}")
+
+
+def check_seed(value: Any, name: str = "seed", high: int = MAX_SEED) -> None:
+    """Raise a one-line ValueError naming ``--name`` unless ``value`` is a seed: an integer in [0, high]."""
+    check_range(name, value, 0, high, integer=True)
 
 
 def check_choices(cfg: Any) -> None:

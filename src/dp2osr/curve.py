@@ -18,7 +18,7 @@ import pandas as pd
 
 from dp2osr import metrics as metric_lib
 from dp2osr.backbones import NAMES
-from dp2osr.config import check_resume, field, load_yaml, save_config
+from dp2osr.config import check_range, check_resume, check_seed, field, load_yaml, save_config
 from dp2osr.engine.heldout import (
     CURVE_CSV,
     CURVE_PNG,
@@ -28,7 +28,7 @@ from dp2osr.engine.heldout import (
     run_checkpoints,
     step_dir,
 )
-from dp2osr.engine.options import SamplingOptions, load_model
+from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model
 from dp2osr.engine.provenance import weights_sha
 from dp2osr.images import atomic_write
 from dp2osr.paths import check_output_dir
@@ -78,8 +78,8 @@ class CurveConfig(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        check_range("samples", self.samples, 1, MAX_SAMPLES, integer=True)
+        check_seed(self.seed)
         if self.dither < 0:
             raise ValueError(f"--dither must be >= 0 (0 = plain scores), got {self.dither}")
 

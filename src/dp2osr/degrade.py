@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dp2osr import tables
-from dp2osr.config import check_choice, check_choices, check_resume, field, save_config
+from dp2osr.config import check_choice, check_choices, check_resume, check_seed, field, save_config
 from dp2osr.errors import PartialFailure
 from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, save_image, to_uint8
 from dp2osr.math.kernels import bivariate_kernel, sinc_kernel
@@ -163,6 +163,7 @@ class DegradeConfig(DegradationParams, _PairOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choices(self)
+        check_seed(self.seed)
         if self.scale < 1 or self.hr_size < self.scale or self.hr_size % self.scale:
             raise ValueError(f"hr_size must be a multiple of scale >= 1, got {self.hr_size} and {self.scale}")
         if self.hr_size // self.scale < MIN_LR_SIDE:

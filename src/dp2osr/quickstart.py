@@ -40,9 +40,18 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
-from dp2osr.config import check_choices, check_resume, field, nested, save_config
+from dp2osr.config import (
+    MAX_SEED,
+    check_choices,
+    check_range,
+    check_resume,
+    check_seed,
+    field,
+    nested,
+    save_config,
+)
 from dp2osr.degrade import DegradeConfig
-from dp2osr.engine.options import SamplingOptions
+from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.images import ImageReadError, checkerboard_tiles, list_images, save_image
 from dp2osr.math.degradations import MILD
@@ -63,6 +72,7 @@ _FIXED_SAMPLE = [*_MODEL, *"input output upscale process_size limit overwrite".s
 _FIXED_DEGRADE = "input output hr_size scale crop seed device overwrite".split()
 _FIXED_TRAIN = [*_MODEL, *"mode data output hpo keep_checkpoints resume upscale eval_data eval_every".split()]
 _FIXED_TRAIN += "eval_samples eval_metrics eval_sample_steps eval_process_size".split()
+_SEED_STRIDE = 100_000  # the sampling seeds of the training pool start at SEED x this, the held-out at + half
 
 
 @dataclass
@@ -125,10 +135,14 @@ class QuickstartConfig:
         for name in ("images", "heldout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample.samples < 2 or (self.eval_samples is not None and self.eval_samples < 1):
+        if self.sample.samples < 2:
             raise ValueError(
                 f"--sample.samples must be >= 2 (a winner and a loser), got {self.sample.samples}"
             )
+        if self.eval_samples is not None:
+            check_range("eval_samples", self.eval_samples, 1, MAX_SAMPLES, integer=True)
+        # The stages' seeds are derived from this one (SEED x 100000 + k): they must stay seeds too.
+        check_seed(self.seed, high=MAX_SEED // _SEED_STRIDE - 1)
         if self.hr_size < 16 or self.hr_size % 16:
             raise ValueError(f"--hr-size must be a multiple of 16 (>= 16), got {self.hr_size}")
         before_after.guards(self.guard_metrics, self.reward_metrics, self.hr_size)
@@ -163,7 +177,7 @@ def resolved(cfg: QuickstartConfig, lay: Layout) -> QuickstartConfig:
             **model,
             input=lay.degrade / "train",
             output=lay.sample,
-            seed=cfg.seed * 100_000,
+            seed=cfg.seed * _SEED_STRIDE,
             process_size=cfg.hr_size,
         ),
         score=dataclasses.replace(cfg.score, candidates=lay.sample, output=lay.score, device=cfg.device),
@@ -190,7 +204,7 @@ def curve_config(cfg: QuickstartConfig, lay: Layout) -> curve.CurveConfig:
         heldout=lay.degrade / "heldout",
         output=lay.eval,
         samples=cfg.eval_samples or cfg.sample.samples,
-        seed=cfg.seed * 100_000 + 50_000,
+        seed=cfg.seed * _SEED_STRIDE + _SEED_STRIDE // 2,
         preset=cfg.score.preset,
         metrics=cfg.reward_metrics,
         weights_dir=cfg.score.weights_dir,

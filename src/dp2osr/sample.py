@@ -12,10 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dp2osr.config import check_resume, field, save_config
+from dp2osr.config import check_range, check_resume, check_seed, field, save_config
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.jobs import check_outputs
-from dp2osr.engine.options import SamplingOptions, load_model
+from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model
 from dp2osr.engine.pools import read_inputs, sample_pool
 from dp2osr.engine.provenance import model_fields
 from dp2osr.errors import PartialFailure
@@ -56,8 +56,8 @@ class SampleConfig(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        check_range("samples", self.samples, 1, MAX_SAMPLES, integer=True)
+        check_seed(self.seed)
         if self.max_pixels < 0:
             raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from dp2osr.config import check_choices, check_resume, field, save_config, to_dict
+from dp2osr.config import check_choices, check_range, check_resume, check_seed, field, save_config, to_dict
 from dp2osr.engine import trackers, trainer
-from dp2osr.engine.options import ModelOptions
+from dp2osr.engine.options import MAX_STEPS, ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
@@ -127,10 +127,18 @@ class TrainConfig(ModelOptions):
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.beta <= 0 or self.lr <= 0:
-            raise ValueError(f"--beta and --lr must be > 0, got {self.beta} and {self.lr}")
-        if self.winner_sft < 0:
-            raise ValueError(f"--winner-sft must be >= 0, got {self.winner_sft}")
+        for name in ("lr", "beta", "max_grad_norm"):  # 0 or less: no update, or gradient ascent
+            check_range(name, getattr(self, name), 0, above=True)
+        for name in ("weight_decay", "winner_sft"):
+            check_range(name, getattr(self, name), 0)
+        for name in ("warmup_steps", "lora_rank", "keep_checkpoints"):
+            check_range(name, getattr(self, name), 0, integer=True)
+        check_range("upscale", self.upscale, 1, integer=True)
+        check_seed(self.seed)
+        if self.eval_sample_steps is not None:
+            check_range("eval_sample_steps", self.eval_sample_steps, 1, MAX_STEPS, integer=True)
+        if self.eval_process_size is not None:
+            check_range("eval_process_size", self.eval_process_size, 16, integer=True)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.prompt_dropout <= 1:

@@ -24,10 +24,10 @@ import torch
 
 from dp2osr import metrics as metric_lib
 from dp2osr.backbones import DTYPES, default_model_note
-from dp2osr.config import field, save_config, to_dict
+from dp2osr.config import check_range, check_seed, field, save_config, to_dict
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.jobs import check_outputs, chunk_jobs, output_path, run_jobs
-from dp2osr.engine.options import SamplingOptions, load_model, sampling_settings
+from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model, sampling_settings
 from dp2osr.errors import PartialFailure
 from dp2osr.images import atomic_write, list_images, load_image
 from dp2osr.math.reward import hybrid_reward
@@ -95,8 +95,8 @@ class UpscaleConfig(SamplingOptions):
         super().__post_init__()
         if self.upscale < 1:
             raise ValueError(f"--upscale must be >= 1, got {self.upscale}")
-        if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        check_range("samples", self.samples, 1, MAX_SAMPLES, integer=True)
+        check_seed(self.seed)
         fr = [n for n, s in metric_lib.catalogue(self.select_metrics or []).items() if s.family != "nr"]
         if fr:
             raise ValueError(f"--select-metrics must be no-reference metrics (there is no HR); got {fr}")

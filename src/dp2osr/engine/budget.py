@@ -32,6 +32,15 @@ class Estimate:
     peak_bytes: float
     seconds: float | None  # CPU time per image (all samples), None when not calibrated / not on the CPU
     calibrated: bool  # whether the activation term is included
+    work_hw: tuple[int, int] | None = (
+        None  # the size the model works at (short side brought up to the process size)
+    )
+
+    @property
+    def pixels(self) -> int:
+        """The larger of the output's and the working size's pixel counts: what --max-pixels bounds."""
+        h, w = self.work_hw or self.out_hw
+        return max(h * w, self.out_hw[0] * self.out_hw[1])
 
     def describe(self) -> str:
         h, w = self.out_hw
@@ -39,7 +48,11 @@ class Estimate:
         if not self.calibrated:
             mem += " plus the model and one tile's activations (not calibrated for this backbone)"
         time = f", ~{self.seconds:.0f} s on this CPU" if self.seconds is not None else ""
-        return f"output {w}x{h} ({h * w / 1e6:.1f} MP), {self.tiles} latent tiles: {mem}{time}"
+        work = ""
+        if self.work_hw is not None and self.work_hw != self.out_hw:
+            wh, ww = self.work_hw
+            work = f", worked at {ww}x{wh} ({wh * ww / 1e6:.1f} MP, the process size)"
+        return f"output {w}x{h} ({h * w / 1e6:.1f} MP){work}, {self.tiles} latent tiles: {mem}{time}"
 
 
 def estimate(
@@ -79,7 +92,13 @@ def estimate(
     if cpu and t.cpu_s_per_latent_px is not None:
         seconds = (steps or t.steps) * tiles * samples * th * tw * t.cpu_s_per_latent_px
     return Estimate(
-        (height, width), tiles, th * tw, image + latents + act, seconds, t.act_bytes_per_latent_px is not None
+        (height, width),
+        tiles,
+        th * tw,
+        image + latents + act,
+        seconds,
+        t.act_bytes_per_latent_px is not None,
+        (hw, ww),
     )
 
 
@@ -99,18 +118,19 @@ def check_sizes(
     paths: list[Path], max_pixels: int, flag: str = "--max-pixels", **plan
 ) -> dict[Path, Estimate]:
     """The estimate of every readable image; a one-line ValueError (before any model loads) naming the first
-    image whose output exceeds ``max_pixels`` (0: no limit), with its estimate and how to override."""
+    image whose output, or the size the model works at (the process size), exceeds ``max_pixels`` (0: no
+    limit), with its estimate and how to override."""
     found = {}
     for path in paths:
         hw = image_hw(path)
         if hw is None:
             continue
         est = found[path] = estimate(hw, **plan)
-        out_px = est.out_hw[0] * est.out_hw[1]
+        out_px = est.pixels
         if max_pixels and out_px > max_pixels:
             raise ValueError(
-                f"{path}: {est.describe()}; above {flag} {max_pixels} output pixels. Pass {flag} 0 (no limit) or "
-                f"{flag} {out_px} to run it anyway, or downscale the input"
+                f"{path}: {est.describe()}; above {flag} {max_pixels} pixels. Pass {flag} 0 (no limit) or "
+                f"{flag} {out_px} to run it anyway, or downscale the input (or lower --process-size)"
             )
     return found
 

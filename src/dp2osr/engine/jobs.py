@@ -202,7 +202,8 @@ def run_jobs(
     maths can differ in the last bits). ``stamps`` (see `is_current`) spares decoding the files a manifest
     recorded and nobody changed since. Consecutive jobs of one image share its loaded LR and prompt. An
     unreadable image (or, on an accelerator, one that runs out of memory) is reported on stderr by name and
-    skipped; the others go on.
+    skipped; the others go on. A sample with non-finite values is not written: its image and seed are reported
+    and the image counts as failed.
     """
     check_outputs(out_dir, [j.image_id for j in jobs], flat)
     settings = sampling_settings(bb, opts)
@@ -231,15 +232,19 @@ def run_jobs(
             tqdm.write(f"dp2osr {desc}: {exc}; skipped", file=sys.stderr)
             continue
         for seed, image in zip(job.seeds, sr):
+            if not torch.isfinite(image).all():  # saved, NaN would read as black: a garbage "finished" sample
+                result.failed[job.image_id] = f"{job.image_id}: seed {seed}: the sample has non-finite values"
+                tqdm.write(f"dp2osr {desc}: {result.failed[job.image_id]}; not written", file=sys.stderr)
+                continue
             record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: seed_sha(seed)}
             save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
+            result.written += 1
         if cache["prompt"]:
             text = cache["prompt"] + "\n"
             atomic_write(prompt_path(out_dir, job.image_id, flat), lambda tmp, t=text: tmp.write_text(t))
-        result.written += len(job.seeds)
         result.seconds += time.perf_counter() - start
         bar.update(len(job.seeds))
-        bar.set_postfix(s_per_sample=f"{result.seconds / result.written:.2f}")
+        bar.set_postfix(s_per_sample=f"{result.seconds / max(result.written, 1):.2f}")
     bar.close()
     finished = {j.image_id for j in todo} - set(result.failed)
     result.images_done = len(finished)

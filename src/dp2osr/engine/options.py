@@ -14,10 +14,14 @@ from pathlib import Path
 import torch
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, auto_dtype, load_backbone, trait_defaults
-from dp2osr.config import check_choices, field
+from dp2osr.config import check_choices, check_range, field
 from dp2osr.math.colorfix import COLOR_FIXES
 from dp2osr.prompts import PROMPT_SOURCES
 from dp2osr.runtime import resolve_device
+
+MAX_SAMPLES = 100_000  # samples per image: beyond it, a typo (seeds and outputs would not fit anywhere)
+MAX_STEPS = 10_000  # denoising steps: beyond it, a typo
+MAX_GUIDANCE = 100.0  # CFG / guidance values far above any model's range only overflow (black images)
 
 
 @dataclass(kw_only=True)
@@ -123,6 +127,10 @@ class SamplingOptions(ModelOptions):
             raise ValueError(f"--tile-overlap must be in [0, 1), got {self.tile_overlap}")
         if self.process_size is not None and self.process_size < 16:
             raise ValueError(f"--process-size must be >= 16, got {self.process_size}")
+        if self.steps is not None:
+            check_range("steps", self.steps, 1, MAX_STEPS, integer=True)
+        if self.guidance is not None:
+            check_range("guidance", self.guidance, 0, MAX_GUIDANCE)
 
 
 def load_model(opts: ModelOptions, device: torch.device | None = None) -> Backbone:

@@ -3,8 +3,7 @@
 Reads ``candidates.parquet`` (written by ``sample``), scores every candidate with every metric — FR metrics
 against the candidate's HR, NR metrics alone — and writes ``scores.parquet`` (long: one row per candidate and
 metric, raw pyiqa values) and ``rewards.parquet`` (one row per candidate: the hybrid reward and each metric
-oriented and normalised), both described in docs/ARCHITECTURE.md. Used by `dp2osr score`, the held-out
-evaluation (`curve`, `train --eval-data`) and the quickstart.
+oriented and normalised), both in docs/ARCHITECTURE.md. Used by `dp2osr score` and the held-out evaluation.
 
 Resumable: the scores of each finished image go to their own part file under ``scores_parts/`` (written
 atomically), and a rerun skips every (image, metric) whose candidates are all scored; at the end the parts are

@@ -387,15 +387,25 @@ def plain_controlnet(net: torch.nn.Module, lora: bool) -> torch.nn.Module:
     return merged
 
 
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` holds only finite values (one reduction each)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 def save_checkpoint(
     accelerator, net, cfg, step: int, folder: Path, ema=None, params=None, data_sha: str = ""
 ) -> None:
     """Release-format model.safetensors + diffusers controlnet/ (both loadable by upscale) + resumable state.
 
     With EMA, the saved model is the averaged weights and ``ema.pt`` keeps the average for ``--resume``.
-    ``train_state.json`` comes last (`checkpoints.write_state`, with ``data_sha``): until then the folder is
-    not a checkpoint (a folder saved again loses its old one first).
+    Weights with a NaN or an infinity (the trained ones, or their average) raise `TrainingDiverged` before
+    anything is written: the previous checkpoint stays the newest. ``train_state.json`` comes last
+    (`checkpoints.write_state`, with ``data_sha``): until then the folder is not a checkpoint (a folder saved
+    again loses its old one first).
     """
+    saved = [*accelerator.unwrap_model(net).parameters(), *(ema.shadow_params if ema is not None else [])]
+    if not all_finite(saved):
+        raise TrainingDiverged(f"non-finite weights after step {step}; not saved")
     if accelerator.is_main_process:
         (folder / checkpoints.STATE_FILE).unlink(missing_ok=True)
     accelerator.save_state(str(folder / "state"))
