@@ -298,7 +298,8 @@ def make_training_pairs(
     with mp.get_context("spawn").Pool(workers) as pool:
         rows = [r for part in pool.imap_unordered(_make_crops, jobs) for r in part]
     rows.sort()
-    table = pd.DataFrame(rows, columns=PAIRS_COLUMNS).astype({"seed": "int64"})
+    columns = [c for c in PAIRS_COLUMNS if c != "source_sha"]  # crops of many photos: no per-source hash
+    table = pd.DataFrame(rows, columns=columns).astype({"seed": "int64"})
     write_parquet(table, out / "pairs.parquet")
     print(
         f"training pairs: {len(rows)} crops of {size} px from {len(photos)} photos in {time.time() - t0:.0f} s"
