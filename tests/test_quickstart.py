@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -206,7 +207,7 @@ def test_bundled_photos_are_small_and_licensed():
 
 def test_bad_options_are_value_errors(tmp_path, capsys):
     assert main(["quickstart", "--output", str(tmp_path / "a"), "--sample.samples", "1"]) == 2
-    assert "--sample.samples must be >= 2" in capsys.readouterr().err
+    assert "--sample.samples must be an integer >= 2, got 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="hr-size"):
         QuickstartConfig(hr_size=100)
     # each stage's options are checked by the stage's own config
@@ -335,3 +336,17 @@ def test_score_dither_reaches_the_stored_scores(run, tmp_path):
     plain = pd.read_parquet(out / "3_score" / "scores.parquet")  # the run itself: plain scores
     both = plain.merge(result.scores, on=["image_id", "seed", "metric"], suffixes=("_plain", "_dither"))
     assert len(both) == len(plain) and not np.allclose(both.value_plain, both.value_dither)
+
+
+def test_resume_accepts_another_device_or_spelling_of_the_output(tmp_path, monkeypatch):
+    """The stage options the quickstart derives (paths, device) follow the top-level ones, which may change on a
+    resume; a changed stage option is still refused by name."""
+    from dp2osr.quickstart import prepare_output
+
+    out = tmp_path / "q"
+    prepare_output(QuickstartConfig(output=out, device="auto"))
+    monkeypatch.chdir(tmp_path)
+    prepare_output(QuickstartConfig(output=Path("q"), device="cpu"))
+    changed = dataclasses.replace(QuickstartConfig().train, beta=7.0)
+    with pytest.raises(ValueError, match=r"other options \(train.beta\)"):
+        prepare_output(QuickstartConfig(output=out, train=changed))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from dp2osr import evaluate, report, score, tables
 from dp2osr import metrics as metric_lib
-from dp2osr import score, tables
 from dp2osr.engine import heldout
 from dp2osr.engine.options import load_model
 from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
@@ -198,3 +198,15 @@ def _pair_reward(cfg) -> str:
     w = (cfg.score.w_fr, cfg.score.w_nr)
     names = {(0.5, 0.5): "hybrid", (1.0, 0.0): "fr", (0.0, 1.0): "nr"}
     return names.get(w, f"{w[0]:g} FR + {w[1]:g} NR")
+
+
+def write_report(cfg, s: dict, eval_dir: Path, page: Path) -> Path:
+    """`dp2osr eval` of the two joint pools (Best/Mean/Worst@M, the curve's plot) into ``eval_dir``, and
+    `dp2osr report` into ``page`` with the before/after summary as its first section; returns the page."""
+    joint = [eval_dir / "joint" / k for k in ("base", "dp2o")]
+    names = [BASE_LABEL, DPO_LABEL]
+    curve_csv = eval_dir / heldout.CURVE_CSV
+    evaluate.run(evaluate.EvalConfig(output=eval_dir, pools=joint, pool_names=names, reward_curve=curve_csv))
+    options = {"max_images": 6, "select": "first", "title": "dp2osr quickstart: DP²O on held-out crops"}
+    cfg_page = report.ReportConfig(output=page, pools=joint, names=names, reward_curve=curve_csv, **options)
+    return report.run(cfg_page, sections=[summary_html(cfg, s)])

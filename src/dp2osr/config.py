@@ -100,15 +100,6 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per dataclass field, plus ``--config`` for a YAML file; a `nested` stage config gets a
     group of ``--NAME.option`` flags."""
@@ -418,8 +409,8 @@ def run_only_fields(cls: type) -> set[str]:
     """Names of the fields marked ``run_only`` (options that may change when a run is resumed); those of a
     `nested` stage config as ``NAME.option``."""
     out = {f.name for f in dataclasses.fields(cls) if f.metadata.get("run_only")}
-    for f in _nested_fields(cls):
-        out |= {f"{f.name}.{name}" for name in run_only_fields(f.metadata["nested"])}
+    for f in _nested_fields(cls):  # its fixed options derive from the composing config's, compared there
+        out |= {f"{f.name}.{name}" for name in {*run_only_fields(f.metadata["nested"]), *f.metadata["fixed"]}}
     return out
 
 
@@ -446,3 +437,12 @@ def check_resume(
         raise ValueError(
             f"{Path(path).parent} holds {what} made with other options ({', '.join(changed)}); {hint}"
         )
+
+
+def is_saved_config(path: Path, cls: type) -> bool:
+    """Whether ``path`` is a config `save_config` wrote for ``cls``: a YAML mapping of its options only."""
+    try:
+        data = read_yaml(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data) and set(data) <= {f.name for f in dataclasses.fields(cls)}

@@ -233,3 +233,18 @@ def checkerboard_tiles(
                 tile = img[..., y : y + size, x : x + size]
                 (held if (r + c) % 2 else train_tiles).append((f"{path.stem}_r{r}c{c}", tile))
     return train_tiles, held
+
+
+def checkerboard_counts(photos: list[Path], size: int) -> tuple[int, int]:
+    """(training, held-out) tiles `checkerboard_tiles` cuts from ``photos``, from their sizes alone: a grid of
+    R x C tiles gives ceil(R C / 2) training tiles (row + col even) and floor(R C / 2) held out."""
+    train_n = held_n = 0
+    for path in photos:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+        cells = (h // size) * (w // size)
+        train_n, held_n = train_n + (cells + 1) // 2, held_n + cells // 2
+    return train_n, held_n

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -99,3 +100,13 @@ def check_output_file(path: Path, flag: str = "--output") -> None:
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder, not a file; choose another {flag}")
     check_output_dir(path.parent, flag=f"{flag} {path}: its folder")
+
+
+def remove_paths(paths: list[Path]) -> None:
+    """Delete ``paths`` (files and folders a stage recorded as its own): a symbolic link is removed without
+    touching what it points to, a folder without following the links inside it; missing ones are skipped."""
+    for path in paths:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)

@@ -1,8 +1,7 @@
 """`dp2osr quickstart`: the whole DP²O loop, small enough for a laptop CPU, ending in one HTML report.
 
-A composition of the stages: each step below is the ``run()`` of a sub-command, called with that stage's own
-config (nested in this one, with the quickstart's defaults), each writing its artefacts in a numbered
-subfolder of the output so that every table and image along the way can be opened:
+A composition of the stages: each step is a sub-command's ``run()`` with that stage's own config (nested in
+this one, with the quickstart's defaults), writing to a numbered subfolder, so every artefact can be opened:
 
     OUT/1_degrade/{train,heldout}/   `dp2osr degrade` of tiles of the photos (train and held-out crops)
     OUT/2_sample/                    `dp2osr sample`: M candidates per training crop from the base model
@@ -14,9 +13,8 @@ subfolder of the output so that every table and image along the way can be opene
     OUT/6_eval/                      `dp2osr eval` of the two pools (joint/), summary.md
     OUT/report.html                  `dp2osr report` with the before/after summary as its first section
 
-The held-out crops never enter the preference pairs: photos are cut into tiles and the tiles are split in a
-checkerboard, so no pixel is shared. Base and DP²O sample the same held-out crops with the same seeds. The
-before/after comparison is `dp2osr.before_after`. A rerun with the same options resumes.
+Held-out crops never enter the pairs (photos are cut into tiles split in a checkerboard: no pixel is shared);
+base and DP²O sample them with the same seeds (`dp2osr.before_after`). A rerun with the same options resumes.
 """
 
 from __future__ import annotations
@@ -29,17 +27,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
-from PIL import Image, UnidentifiedImageError
 
-from dp2osr import before_after, curve, degrade, evaluate, pair, report, sample, score, train
+from dp2osr import before_after, curve, degrade, pair, sample, score, train
 from dp2osr.config import (
     MAX_SEED,
     check_choices,
@@ -47,17 +42,18 @@ from dp2osr.config import (
     check_resume,
     check_seed,
     field,
+    is_saved_config,
     nested,
     save_config,
 )
 from dp2osr.degrade import DegradeConfig
 from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions
 from dp2osr.engine.trainer import latest_checkpoint
-from dp2osr.images import ImageReadError, checkerboard_tiles, list_images, save_image
+from dp2osr.images import checkerboard_counts, checkerboard_tiles, list_images, save_image
 from dp2osr.math.degradations import MILD
 from dp2osr.pair import PairConfig
-from dp2osr.paths import check_output_dir
-from dp2osr.runtime import RunClock, output_lock
+from dp2osr.paths import check_output_dir, remove_paths
+from dp2osr.runtime import LOCK_NAME, RunClock, output_lock
 from dp2osr.sample import SampleConfig
 from dp2osr.score import ScoreConfig
 from dp2osr.train import TrainConfig
@@ -72,6 +68,12 @@ _FIXED_SAMPLE = [*_MODEL, *"input output upscale process_size limit overwrite".s
 _FIXED_DEGRADE = "input output hr_size scale crop seed device overwrite".split()
 _FIXED_TRAIN = [*_MODEL, *"mode data output hpo keep_checkpoints resume upscale eval_data eval_every".split()]
 _FIXED_TRAIN += "eval_samples eval_metrics eval_sample_steps eval_process_size".split()
+# The paper's: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; why these: docs/QUICKSTART.md.
+_TRAIN = {"mode": "dpo", "steps": 60, "lr": 3e-5, "batch_size": 32, "beta": 500.0}
+_TRAIN_LOGS = {"checkpoint_every": 20, "keep_checkpoints": 0, "log_every": 1}
+_TRAIN_HELP = (
+    "DPO training (paper: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; here: a CPU's, docs/QUICKSTART.md)"
+)
 _SEED_STRIDE = 100_000  # the sampling seeds of the training pool start at SEED x this, the held-out at + half
 
 
@@ -115,30 +117,14 @@ class QuickstartConfig:
     )
     score: ScoreConfig = nested(ScoreConfig, "the training pool's reward", ["candidates", "output", "device"])
     pair: PairConfig = nested(PairConfig, "preference pairs", ["rewards", "output", "overwrite"], ratio=0.25)
-    train: TrainConfig = nested(
-        TrainConfig,
-        "DPO training (paper: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; here: a CPU's, docs/QUICKSTART.md)",
-        _FIXED_TRAIN,
-        mode="dpo",
-        steps=60,
-        lr=3e-5,
-        batch_size=32,
-        beta=500.0,
-        checkpoint_every=20,
-        keep_checkpoints=0,
-        log_every=1,
-    )
+    train: TrainConfig = nested(TrainConfig, _TRAIN_HELP, _FIXED_TRAIN, **_TRAIN, **_TRAIN_LOGS)
 
     def __post_init__(self) -> None:
         check_choices(self)
         self.output = Path(self.output)
-        for name in ("images", "heldout"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample.samples < 2:
-            raise ValueError(
-                f"--sample.samples must be >= 2 (a winner and a loser), got {self.sample.samples}"
-            )
+        check_range("images", self.images, 1, integer=True)
+        check_range("heldout", self.heldout, 1, integer=True)
+        check_range("sample.samples", self.sample.samples, 2, integer=True)  # a winner and a loser
         if self.eval_samples is not None:
             check_range("eval_samples", self.eval_samples, 1, MAX_SAMPLES, integer=True)
         # The stages' seeds are derived from this one (SEED x 100000 + k): they must stay seeds too.
@@ -164,6 +150,7 @@ class Layout:
     pair = property(lambda self: self.root / "4_pair")
     train = property(lambda self: self.root / "5_train")
     eval = property(lambda self: self.root / "6_eval")
+    stages = property(lambda self: [self.degrade, self.sample, self.score, self.pair, self.train, self.eval])
 
 
 def resolved(cfg: QuickstartConfig, lay: Layout) -> QuickstartConfig:
@@ -216,7 +203,7 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
     """Stage 1: tiles of the photos -> `dp2osr degrade` into ``folder``/train and ``folder``/heldout."""
     photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
     train_tiles, held = checkerboard_tiles(photos, cfg.hr_size)
-    check_tiles(cfg, len(train_tiles), len(held))
+    check_inputs(cfg, (len(train_tiles), len(held)))
     rng = np.random.default_rng(cfg.seed)
     for name, pool, n in (("train", train_tiles, cfg.images), ("heldout", held, cfg.heldout)):
         tile_dir = folder / f"tiles_{name}"
@@ -231,7 +218,7 @@ def train_dpo(cfg: train.TrainConfig) -> None:
     last = latest_checkpoint(cfg.output)
     if last is not None and json.loads((last / "train_state.json").read_text())["step"] >= cfg.steps:
         return
-    train.run(dataclasses.replace(cfg, resume=last is not None))
+    train.run(dataclasses.replace(cfg, resume=any(Path(cfg.output).glob("checkpoint-*"))))  # newest complete
 
 
 def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
@@ -261,86 +248,23 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
     summary["timings"] = clock.totals()
     (lay.eval / "summary.json").write_text(json.dumps(summary, indent=2))
     (lay.eval / "summary.md").write_text(before_after.summary_markdown(cfg, summary))
-    joint = [lay.eval / "joint" / k for k in ("base", "dp2o")]
-    names = [before_after.BASE_LABEL, before_after.DPO_LABEL]
-    curve_csv = lay.eval / curve.CURVE_CSV
-    evaluate.run(evaluate.EvalConfig(output=lay.eval, pools=joint, pool_names=names, reward_curve=curve_csv))
-    page = report.ReportConfig(
-        output=lay.root / REPORT_NAME,
-        pools=joint,
-        names=names,
-        reward_curve=curve_csv,
-        max_images=6,
-        select="first",
-        title="dp2osr quickstart: DP²O on held-out crops",
-    )
-    summary["report"] = str(report.run(page, sections=[before_after.summary_html(cfg, summary)]))
+    summary["report"] = str(before_after.write_report(cfg, summary, lay.eval, lay.root / REPORT_NAME))
     return summary
 
 
-def tile_counts(photos: list[Path], size: int) -> tuple[int, int]:
-    """(training, held-out) tiles `checkerboard_tiles` cuts from ``photos``, from their sizes alone: a grid of
-    R x C tiles gives ceil(R C / 2) training tiles (row + col even) and floor(R C / 2) held out. Either
-    orientation of a photo gives the same counts."""
-    train_n = held_n = 0
-    for path in photos:
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise ImageReadError(f"cannot read image {path}: {exc}") from exc
-        cells = (h // size) * (w // size)
-        train_n, held_n = train_n + (cells + 1) // 2, held_n + cells // 2
-    return train_n, held_n
-
-
-def check_tiles(cfg: QuickstartConfig, train_n: int, held_n: int) -> None:
-    """Refuse more training or held-out crops than the photos give tiles."""
-    for name, have, n in (("train", train_n, cfg.images), ("heldout", held_n, cfg.heldout)):
-        if have < n:
-            raise ValueError(
-                f"--{'images' if name == 'train' else 'heldout'} {n}: the photos give only {have} {name} "
-                f"tiles of {cfg.hr_size} px; lower it, lower --hr-size or add photos (--photos)"
-            )
-
-
-def check_inputs(cfg: QuickstartConfig) -> None:
-    """The photos exist, are images and give enough tiles: checked before anything in --output changes."""
+def check_inputs(cfg: QuickstartConfig, counts: tuple[int, int] | None = None) -> None:
+    """The photos exist, are images and give enough tiles for --images and --heldout (``counts``: the tiles
+    already cut; default: counted from the photos' sizes, before anything in --output changes)."""
     photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
-    check_tiles(cfg, *tile_counts(photos, cfg.hr_size))
-
-
-def own_outputs(out: Path) -> list[Path]:
-    """Everything a quickstart writes directly in ``out``: the only paths ``--overwrite`` removes."""
-    lay = Layout(out)
-    stages = [lay.degrade, lay.sample, lay.score, lay.pair, lay.train, lay.eval]
-    return [*stages, out / REPORT_NAME, out / TIMINGS_NAME, out / CONFIG_NAME]
-
-
-def _is_quickstart_config(path: Path) -> bool:
-    """Whether ``path`` is a config a quickstart saved: a YAML mapping of its options, ``output`` among them."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    names = {f.name for f in dataclasses.fields(QuickstartConfig)}
-    return isinstance(data, dict) and "output" in data and set(data) <= names
-
-
-def remove_own_outputs(out: Path) -> None:
-    """Delete an earlier quickstart's outputs in ``out`` (`own_outputs`) and nothing else: other files stay,
-    a symbolic link is removed without touching what it points to, and a folder whose config is not a
-    quickstart's is refused with nothing deleted."""
-    if not _is_quickstart_config(out / CONFIG_NAME):
-        raise ValueError(
-            f"{out}: its {CONFIG_NAME} is not a config saved by a quickstart; nothing deleted; "
-            "choose another --output"
-        )
-    for path in own_outputs(out):
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)  # does not follow the links inside
+    have = counts or checkerboard_counts(photos, cfg.hr_size)
+    for (name, flag, n), got in zip(
+        (("train", "images", cfg.images), ("heldout", "heldout", cfg.heldout)), have
+    ):
+        if got < n:
+            raise ValueError(
+                f"--{flag} {n}: the photos give only {got} {name} tiles of {cfg.hr_size} px; lower it, lower "
+                "--hr-size or add photos (--photos)"
+            )
 
 
 def prepare_output(cfg: QuickstartConfig) -> QuickstartConfig:
@@ -348,14 +272,15 @@ def prepare_output(cfg: QuickstartConfig) -> QuickstartConfig:
     ``--overwrite`` (its own outputs deleted first, after the inputs are checked); anything else is refused.
     Saves the resolved config there and returns it."""
     out = Path(cfg.output)
-    check_output_dir(out)
     cfg = resolved(cfg, Layout(out))
     check_inputs(cfg)
-    if out.exists() and any(out.iterdir()):
-        if not (out / CONFIG_NAME).is_file():
-            raise ValueError(f"{out} is not empty and holds no {CONFIG_NAME}; choose another --output")
-        if cfg.overwrite:
-            remove_own_outputs(out)
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        if not is_saved_config(out / CONFIG_NAME, QuickstartConfig):  # then nothing here is a quickstart's
+            raise ValueError(
+                f"{out} is not empty and holds no quickstart's {CONFIG_NAME}; choose another --output"
+            )
+        if cfg.overwrite:  # only its own outputs
+            remove_paths([*Layout(out).stages, out / REPORT_NAME, out / TIMINGS_NAME, out / CONFIG_NAME])
         else:
             check_resume(cfg, out / CONFIG_NAME, "a quickstart", "use --overwrite or another --output")
     save_config(cfg, out / CONFIG_NAME)
@@ -364,8 +289,9 @@ def prepare_output(cfg: QuickstartConfig) -> QuickstartConfig:
 
 def run(cfg: QuickstartConfig) -> dict:
     """Run ``dp2osr quickstart``: the whole loop, then print the summary and the report's path."""
-    cfg = prepare_output(cfg)
-    with output_lock(cfg.output, "quickstart"):
+    check_output_dir(Path(cfg.output))
+    with output_lock(cfg.output, "quickstart"):  # before --overwrite deletes anything
+        cfg = prepare_output(cfg)
         summary = run_stages(cfg, Layout(Path(cfg.output)))
     print(before_after.summary_markdown(cfg, summary))
     print(f"total {summary['timings']['total']:.0f} s; report:")

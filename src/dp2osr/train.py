@@ -108,7 +108,7 @@ class TrainConfig(ModelOptions):
         None,
         help="held-out images (a `dp2osr degrade` folder, never in the training "
         "data): their hybrid reward is evaluated at step 0 and every --eval-every steps "
-        "-> OUTPUT/eval/reward_curve.{csv,png}, TensorBoard eval/* (the reward curve)",
+        "-> OUTPUT/eval/reward_curve.{csv,png} and eval/* of the --report-to trackers (the reward curve)",
     )
     eval_every: int = field(0, help="evaluate every K steps (0 = at every checkpoint)")
     eval_samples: int = field(4, help="seeds per held-out image (the same seeds at every evaluation)")

@@ -61,7 +61,7 @@ def chunk_jobs(images: list[tuple[str, Path]], seeds: list[int], batch: int) -> 
 
 
 def is_current(path: Path, lr_sha: str | None, opt_sha: str, stamps: dict | None = None) -> bool:
-    """`sample_is_current`, trusting ``stamps`` (``{str(path): (size, mtime_ns, lr_sha, options_sha)}``, what a
+    """`sample_is_current`, trusting ``stamps`` (``{str(path): (size, mtime_ns, lr_sha, options_sha, sha)}``, what a
     manifest recorded of each file it hashed) for a file whose size and mtime are still those recorded: such a
     file is not decoded again."""
     known = stamps.get(str(path)) if stamps and lr_sha is not None else None

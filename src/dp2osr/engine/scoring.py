@@ -306,7 +306,7 @@ class ScoreOptions:
         None,
         help="folder with metric weight files (flat, or a copied torch-hub cache); pyiqa's cache is also searched",
     )
-    device: str = field("auto", help="where metrics run", choices=["auto", "cpu", "cuda"])
+    device: str = field("auto", help="where metrics run: auto, cpu, cuda or cuda:N")
     batch_size: int = field(8, help="candidates of one image scored per metric call")
     w_fr: float = field(0.5, help="reward weight of the mean normalised FR score [paper: 0.5]")
     w_nr: float = field(0.5, help="reward weight of the mean normalised NR score [paper: 0.5]")
