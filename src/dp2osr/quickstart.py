@@ -274,7 +274,7 @@ def prepare_output(cfg: QuickstartConfig) -> QuickstartConfig:
     out = Path(cfg.output)
     cfg = resolved(cfg, Layout(out))
     check_inputs(cfg)
-    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
+    if out.exists() and any(p != out / LOCK_NAME for p in out.iterdir()):
         if not is_saved_config(out / CONFIG_NAME, QuickstartConfig):  # then nothing here is a quickstart's
             raise ValueError(
                 f"{out} is not empty and holds no quickstart's {CONFIG_NAME}; choose another --output"
