@@ -255,10 +255,10 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
 def check_inputs(cfg: QuickstartConfig, counts: tuple[int, int] | None = None) -> None:
     """The photos exist, are images and give enough tiles for --images and --heldout (``counts``: the tiles
     already cut; default: counted from the photos' sizes, before anything in --output changes)."""
-    photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
-    have = counts or checkerboard_counts(photos, cfg.hr_size)
+    if counts is None:
+        counts = checkerboard_counts(list_images(Path(cfg.photos) if cfg.photos else PHOTOS), cfg.hr_size)
     for (name, flag, n), got in zip(
-        (("train", "images", cfg.images), ("heldout", "heldout", cfg.heldout)), have
+        (("train", "images", cfg.images), ("heldout", "heldout", cfg.heldout)), counts
     ):
         if got < n:
             raise ValueError(

@@ -27,16 +27,17 @@ CANDIDATES_FILE = tables.CANDIDATES.filename
 def read_candidates(folder: Path) -> pd.DataFrame:
     """``candidates.parquet`` of the pool in ``folder``: ``abs_path`` the candidate's absolute path, ``path`` as
     stored (relative to the pool), ``lr_path`` / ``hr_path`` absolute (``hr_path`` empty without an HR)."""
-    table, _ = tables.read(tables.CANDIDATES, Path(folder))
-    table["abs_path"] = table["path"]
-    base = os.path.abspath(folder)
-    table["path"] = [os.path.relpath(p, base) for p in table["abs_path"]]
-    return table
+    return read_pool(folder)[0]
 
 
 def read_pool(folder: Path) -> tuple[pd.DataFrame, dict]:
-    """`read_candidates` and the pool's table metadata (e.g. the ``pair_ratio`` of the model that sampled it)."""
-    return read_candidates(folder), tables.read_meta(Path(folder) / CANDIDATES_FILE)
+    """`read_candidates` and the pool's table metadata (e.g. the ``pair_ratio`` of the model that sampled it),
+    from one read of the table."""
+    table, meta = tables.read(tables.CANDIDATES, Path(folder))
+    table["abs_path"] = table["path"]
+    base = os.path.abspath(folder)
+    table["path"] = [os.path.relpath(p, base) for p in table["abs_path"]]
+    return table, meta
 
 
 def candidates_dir(path: Path) -> Path:
