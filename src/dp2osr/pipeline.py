@@ -49,11 +49,13 @@ NOT_CALL_OPTIONS = (
 class SROutput:
     """What a call returns. ``images``: per input image, the chosen sample when selecting, else every sample
     (seed order), input after input. ``scores``: per input image when selecting, one row per seed (the raw
-    metric values, ``reward``, ``chosen``), else None. ``seeds``: the seed of each entry of ``images``."""
+    metric values, ``reward``, ``chosen``), else None. ``seeds``: the seed of each entry of ``images``.
+    ``samples``: per input image when selecting, every sample (seed order, as ``scores``' rows), else None."""
 
     images: list[Image.Image]
     seeds: list[int]
     scores: list[pd.DataFrame] | None = None
+    samples: list[list[Image.Image]] | None = None
 
 
 class SRPipeline:
@@ -152,7 +154,10 @@ class SRPipeline:
         )
         inputs = list(images) if isinstance(images, (list, tuple)) else [images]
         seeds = [cfg.seed + k for k in range(cfg.samples)]
-        out = SROutput(images=[], seeds=[], scores=[] if cfg.select == "nr" else None)
+        selecting = cfg.select == "nr"
+        out = SROutput(
+            images=[], seeds=[], scores=[] if selecting else None, samples=[] if selecting else None
+        )
         for i, image in enumerate(inputs):
             samples_i = self._sample(cfg, image, f"image_{i}", seeds, show_progress)
             if cfg.select != "nr":
@@ -164,6 +169,7 @@ class SRPipeline:
             out.images.append(to_pil(samples_i[seeds.index(best)]))
             out.seeds.append(best)
             out.scores.append(table)
+            out.samples.append([to_pil(x) for x in samples_i])
         return out
 
     def _sample(self, cfg: UpscaleConfig, image, name: str, seeds: list[int], show: bool) -> torch.Tensor:

@@ -125,22 +125,34 @@ def check_sizes(
         hw = image_hw(path)
         if hw is None:
             continue
-        est = found[path] = estimate(hw, **plan)
-        out_px = est.pixels
-        if max_pixels and out_px > max_pixels:
-            raise ValueError(
-                f"{path}: {est.describe()}; above {flag} {max_pixels} pixels. Pass {flag} 0 (no limit) or "
-                f"{flag} {out_px} to run it anyway, or downscale the input (or lower --process-size)"
-            )
+        found[path] = estimate(hw, **plan)
+        check_size(str(path), found[path], max_pixels, flag)
     return found
+
+
+def check_size(label: str, est: Estimate, max_pixels: int, flag: str = "--max-pixels") -> None:
+    """A one-line ValueError, starting with ``label`` and giving the estimate and how to override, when the
+    image of ``est`` exceeds ``max_pixels`` (0: no limit)."""
+    if max_pixels and est.pixels > max_pixels:
+        raise ValueError(
+            f"{label}: {est.describe()}; above {flag} {max_pixels} pixels. Pass {flag} 0 (no limit) or "
+            f"{flag} {est.pixels} to run it anyway, or downscale the input (or lower --process-size)"
+        )
 
 
 def check_inputs(paths: list[Path], cfg, cpu: bool, desc: str) -> None:
     """`check_sizes` with the options of an `upscale` / `sample` config ``cfg`` (``max_pixels``, ``upscale``,
     ``samples`` and the sampling options); prints the estimate of the largest image when it is tiled."""
-    found = check_sizes(
-        paths,
-        cfg.max_pixels,
+    found = check_sizes(paths, cfg.max_pixels, **plan_options(cfg, cpu))
+    if found:
+        path, est = max(found.items(), key=lambda kv: kv[1].out_hw[0] * kv[1].out_hw[1])
+        if est.tiles > 1:
+            print(f"{desc}: largest image {path.name}: {est.describe()}", file=sys.stderr)
+
+
+def plan_options(cfg, cpu: bool) -> dict:
+    """`estimate`'s keyword arguments from an `upscale` / `sample` config ``cfg``."""
+    return dict(
         backbone=cfg.backbone,
         upscale=cfg.upscale,
         samples=cfg.samples,
@@ -151,7 +163,3 @@ def check_inputs(paths: list[Path], cfg, cpu: bool, desc: str) -> None:
         steps=cfg.steps,
         cpu=cpu,
     )
-    if found:
-        path, est = max(found.items(), key=lambda kv: kv[1].out_hw[0] * kv[1].out_hw[1])
-        if est.tiles > 1:
-            print(f"{desc}: largest image {path.name}: {est.describe()}", file=sys.stderr)
