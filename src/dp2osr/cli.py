@@ -31,11 +31,7 @@ COMMANDS: dict[str, Spec] = {
     "curve": ("dp2osr.curve", "CurveConfig", "held-out reward over a training run's checkpoints"),
     "report": ("dp2osr.report", "ReportConfig", "one self-contained HTML page of results"),
     "quickstart": ("dp2osr.quickstart", "QuickstartConfig", "the whole DP²O loop on the embedded model"),
-    "demo": (
-        "dp2osr.demo",
-        "DemoConfig",
-        "a local web page to try a model on a photo (pip install dp2osr[demo])",
-    ),
+    "demo": ("dp2osr.demo", "DemoConfig", "a local web page to try a model on photos (the demo extra)"),
 }
 
 # Commands whose first bare argument is an option: `dp2osr upscale photo.png` = `--input photo.png`.
