@@ -608,10 +608,47 @@ def test_report_to_trackers(data, tmp_path, capsys):
         assert "pip install wandb" in err and not (tmp_path / "wb" / "metrics.jsonl").exists()
 
 
+def _wandb_history(run_file: Path) -> dict[int, dict[str, float]]:
+    """The history rows of an offline W&B run file, by step (keys without their ``train/``-style prefix).
+
+    The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of
+    records (crc32 4 bytes, length 2 bytes little-endian, type 1 byte: 1 full, 2 first, 3 middle, 4 last),
+    each a protobuf ``Record``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    pos, part, rows = 7, b"", {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        part, pos = part + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind not in (1, 4):
+            continue
+        record = pb.Record()
+        record.ParseFromString(part)
+        part = b""
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            rows[items["_step"]] = {k.split("/", 1)[1]: v for k, v in items.items() if "/" in k}
+    return rows
+
+
 def test_report_to_wandb_offline(data, tmp_path, monkeypatch):
-    """W&B in offline mode gets the run's scalars (its local run folder under OUTPUT/wandb)."""
+    """W&B in offline mode (its local run file under OUTPUT/wandb) gets every metrics.jsonl scalar, step by
+    step, as TensorBoard does."""
     pytest.importorskip("wandb", reason="the wandb package is not installed (pip install wandb)")
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     out = tmp_path / "wb"
-    assert main(_args("sd2-tiny", data, out, "dpo", 1, "--report-to", "all")) == 0
-    assert list((out / "wandb").glob("offline-run-*")) and list((out / "tb").glob("events.out.tfevents.*"))
+    assert main(_args("sd2-tiny", data, out, "dpo", 2, "--report-to", "all")) == 0
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history = _wandb_history(run_file)
+    expected = {row.pop("step"): row for row in _metrics(out)}
+    assert sorted(history) == sorted(expected) == [1, 2]
+    for step, row in expected.items():
+        assert history[step].keys() == row.keys()
+        assert history[step] == pytest.approx(row, rel=1e-12), step
