@@ -49,6 +49,7 @@ STAGES = {
     "curve",
     "report",
     "quickstart",
+    "demo",
 }
 MODEL_NAME_TEST = re.compile(
     r"""(==|!=|startswith\(|endswith\(|\bin\s*[(\[{])\s*["'](sd2|flux|embedded|sd2-tiny|flux-tiny)["']"""
