@@ -19,9 +19,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from dp2osr.config import check_range, field
+from dp2osr.config import check_choices, check_range, field
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_size, estimate, image_hw, plan_options
-from dp2osr.engine.options import ModelOptions
+from dp2osr.engine.options import MAX_STEPS, ModelOptions
 from dp2osr.images import load_image, to_pil
 from dp2osr.math.colorfix import COLOR_FIXES
 
@@ -62,13 +62,14 @@ class DemoConfig(ModelOptions):
     )
 
     def __post_init__(self) -> None:
+        check_choices(self)
         check_range("port", self.port, 0, 65535, integer=True)
         check_range("max_samples", self.max_samples, 1, 64, integer=True)
         check_range("samples", self.samples, 1, self.max_samples, integer=True)
         if self.max_pixels < 0:
             raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
         if self.steps is not None:
-            check_range("steps", self.steps, 1, 10_000, integer=True)
+            check_range("steps", self.steps, 1, MAX_STEPS, integer=True)
         if self.process_size is not None and self.process_size < 16:
             raise ValueError(f"--process-size must be >= 16, got {self.process_size}")
 
