@@ -13,7 +13,7 @@ LINT_PATHS := $(wildcard src tests scripts benchmarks research)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,lora]"
+	$(BIN)/python -m pip install -q -e ".[test,lora,demo,wandb]"
 	touch $(STAMP)
 
 demo: $(STAMP)
