@@ -211,8 +211,9 @@ def write_manifest(
     return combine_manifest(images, out, records, image_info(images, out), model, meta)
 
 
-def state_gather(state, items: set[str]) -> list[set[str]]:
-    """Every process's set (after a barrier); one process: just ``[items]``."""
+def state_gather(state, items):
+    """Every process's ``items`` (any picklable value), in process order, after a barrier; one process: just
+    ``[items]``."""
     state.wait_for_everyone()
     if state.num_processes == 1:
         return [items]
