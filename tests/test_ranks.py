@@ -146,3 +146,48 @@ def test_two_processes_score_the_heldout_pool_as_one(tmp_path):
     for name in ("scores.parquet", "rewards.parquet"):  # metric maths may move in the last bits with threads
         pd.testing.assert_frame_equal(pd.read_parquet(pool / name), pd.read_parquet(two / name), rtol=1e-6)
     assert len(one_quality) == 15 and one_quality.ssim.notna().sum() == 12
+
+
+def test_score_rerun_trusts_the_stamps_and_rehashes_changed_files(tmp_path, monkeypatch):
+    """A pool whose manifest stamped its files is scored without hashing a candidate (only the HRs); a rerun
+    hashes nothing; a candidate rewritten since is hashed (and rescored), and the tables stay those of a fresh
+    run."""
+    from dp2osr.engine import score_store
+    from dp2osr.engine.scoring import ScoreOptions, score_pool
+
+    pool, images, seeds = _pool(tmp_path)
+    pools.write_manifest(images, pool, seeds, MODEL)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(pool, fresh)
+    hashed = []
+    real = score_store.file_sha
+    monkeypatch.setattr(score_store, "file_sha", lambda p: hashed.append(Path(p).name) or real(p))
+    opts = ScoreOptions(device="cpu")
+    score_pool(pool, pool, TEST_METRICS, opts)
+    assert sorted(hashed) == [f"img{i:02d}.png" for i in (0, 2, 3, 4)]  # the HRs, never hashed by `sample`
+    hashed.clear()
+    score_pool(pool, pool, TEST_METRICS, opts)
+    assert hashed == []
+    changed = pool / "img02" / "seed_0004.png"
+    changed.write_bytes((pool / "img02" / "seed_0005.png").read_bytes())
+    (fresh / "img02" / "seed_0004.png").write_bytes(changed.read_bytes())
+    again = score_pool(pool, pool, TEST_METRICS, opts)
+    assert hashed == ["seed_0004.png"]
+    monkeypatch.setattr(score_store, "file_sha", real)
+    new = score_pool(fresh, tmp_path / "new", TEST_METRICS, opts)
+    pd.testing.assert_frame_equal(again.scores, new.scores)
+    pd.testing.assert_frame_equal(again.rewards.drop(columns="path"), new.rewards.drop(columns="path"))
+
+
+def test_score_parts_hold_many_images(tmp_path, monkeypatch):
+    from dp2osr.engine import score_store
+
+    monkeypatch.setattr(score_store, "PART_IMAGES", 2)
+    writer = score_store.PartWriter(tmp_path, rank=1)
+    for i in range(5):
+        writer.add(pd.DataFrame({"image_id": [f"x{i}"] * 2, "seed": [0, 1], "value": [i, i + 0.5]}))
+    writer.close()
+    parts = sorted(tmp_path.iterdir())
+    assert len(parts) == 3 and all(score_store._PART_RE.fullmatch(p.name) and "-r1-" in p.name for p in parts)
+    table = pd.concat([pd.read_parquet(p) for p in parts])
+    assert sorted(table.image_id.unique()) == [f"x{i}" for i in range(5)] and len(table) == 10
