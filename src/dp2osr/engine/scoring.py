@@ -342,12 +342,14 @@ def score_pool(
     start = time.perf_counter()
     parts = PartWriter(parts_dir, rank)
     with progress_bar(total=total, unit="score", desc="score", dynamic_ncols=True) as progress:
-        for image_id, todo in todo_by_image.items():
-            n_errors = len(errors)
-            parts.add(_score_image(by_image[image_id], todo, scorer, errors, progress))
-            for message in list(errors.values())[n_errors:]:
-                tqdm.write(f"score: error: {message}", file=sys.stderr)
-    parts.close()
+        try:
+            for image_id, todo in todo_by_image.items():
+                n_errors = len(errors)
+                parts.add(_score_image(by_image[image_id], todo, scorer, errors, progress))
+                for message in list(errors.values())[n_errors:]:
+                    tqdm.write(f"score: error: {message}", file=sys.stderr)
+        finally:  # the images finished before an error are kept
+            parts.close()
     if total:
         elapsed = time.perf_counter() - start
         print(
