@@ -125,8 +125,7 @@ def known_hashes(parts_dir: Path, cand_dir: Path) -> dict[str, tuple]:
     base = os.path.abspath(cand_dir)
     pool = _read_stamp_files([Path(cand_dir) / POOL_STAMPS])
     known = {
-        os.path.normpath(os.path.join(base, p)): (size, mtime, sha)
-        for p, (size, mtime, sha) in pool.items()
+        os.path.normpath(os.path.join(base, p)): (size, mtime, sha) for p, (size, mtime, sha) in pool.items()
     }
     own = sorted(p for p in parts_dir.glob("_stamps.*.parquet") if _STAMP_RE.fullmatch(p.name))
     known.update(_read_stamp_files([parts_dir / STAMPS, *own]))
