@@ -138,7 +138,7 @@ def test_score_touches_only_its_own_part_files(tmp_path):
     assert pd.read_parquet(parts / "mine.parquet").a.tolist() == [1]
     assert pd.read_parquet(parts / "img00-backup.parquet").a.tolist() == [2]
     own = sorted(p.name for p in parts.iterdir())
-    assert own == ["_merged.parquet", "img00-backup.parquet", "mine.parquet"]
+    assert own == ["_merged.parquet", "_stamps.parquet", "img00-backup.parquet", "mine.parquet"]
 
 
 def test_score_refuses_a_linked_parts_folder(tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 from dp2osr.cli import main
 from dp2osr.engine.jobs import chunk_jobs
 from dp2osr.engine.pools import read_inputs
+from dp2osr.paths import file_sha
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 ARGS = ["--backbone", "sd2-tiny", "--samples", "6", "--batch-size", "2", "--steps", "2"]
@@ -121,6 +122,14 @@ def test_two_processes_cover_every_candidate_once(lr_folder, tmp_path):
         x = np.asarray(Image.open(one / name)).astype(int)
         y = np.asarray(Image.open(two / name)).astype(int)
         assert np.abs(x - y).max() <= 1
+    # The manifest the processes wrote from their parts: one process's, but for the hashes of pixels that moved
+    ca, cb = (pd.read_parquet(f / "candidates.parquet") for f in (one, two))
+    hashes = ["sha", "options_sha"]
+    pd.testing.assert_frame_equal(ca.drop(columns=hashes), cb.drop(columns=hashes))
+    same = [(one / n).read_bytes() == (two / n).read_bytes() for n in ca.path]
+    assert (ca.sha[same] == cb.sha[same]).all() and (cb.sha == [file_sha(two / n) for n in cb.path]).all()
+    stamps = pd.read_parquet(two / ".candidates_stamps.parquet")
+    assert stamps.path.tolist() == cb.path.tolist() and not (two / ".manifest_parts").exists()
 
 
 def test_pairs_manifest_input_and_option_change_refused(tmp_path, capsys):

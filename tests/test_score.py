@@ -174,15 +174,16 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    import dp2osr.engine.scoring as E
+    import dp2osr.engine.score_store as E
     import dp2osr.score as S
 
     limit = int(sys.argv[2])
     written = [0]
     real_write = E.write_parquet
+    E.PART_IMAGES = 1  # a part file per image
 
     def write(df, path):
-        if Path(path).parent.name == E.PARTS_DIR and Path(path).name != E.MERGED_PART:
+        if E._PART_RE.fullmatch(Path(path).name) and Path(path).name != E.MERGED_PART:
             if written[0] == limit:  # a hard kill after `limit` finished images, mid-run
                 os.kill(os.getpid(), signal.SIGKILL)
             written[0] += 1
@@ -209,7 +210,7 @@ def test_resume_after_kill_gives_identical_tables(tmp_path, monkeypatch):
         timeout=120,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert len(list((pool / "scores_parts").glob("img*.parquet"))) == 2
+    assert len(list((pool / "scores_parts").glob("img*-r0-*.parquet"))) == 2
     assert not (pool / "scores.parquet").exists()
 
     # the rerun scores only the two unfinished images
@@ -228,8 +229,8 @@ def test_resume_after_kill_gives_identical_tables(tmp_path, monkeypatch):
     score(ScoreConfig(candidates=fresh, metrics=TEST_METRICS, device="cpu"))
     for name in ("scores.parquet", "rewards.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(pool / name), pd.read_parquet(fresh / name))
-    # parts are folded into one merged file
-    assert [p.name for p in (pool / "scores_parts").iterdir()] == ["_merged.parquet"]
+    # parts are folded into one merged file, the new hash stamps into one stamps file
+    assert sorted(p.name for p in (pool / "scores_parts").iterdir()) == ["_merged.parquet", "_stamps.parquet"]
 
 
 def test_adding_a_metric_scores_only_that_metric(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,13 +34,39 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return dev
 
 
+DIST_TIMEOUT_ENV = "DP2OSR_DIST_TIMEOUT"
+DEFAULT_DIST_TIMEOUT_S = 4 * 3600
+
+
+def dist_timeout() -> timedelta:
+    """How long a process of a multi-process launch waits at a barrier or collective for the others:
+    ``DP2OSR_DIST_TIMEOUT`` seconds, default 4 hours (torch's own default, 10 minutes, is shorter than the serial
+    phases a large pool still has: the main process merging the tables, saving a checkpoint)."""
+    text = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not text:
+        return timedelta(seconds=DEFAULT_DIST_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={text!r}: must be a number of seconds > 0")
+    return timedelta(seconds=seconds)
+
+
+def process_group(cpu: bool):
+    """accelerate's ``PartialState``, created with the `dist_timeout` (the first one created in a process sets
+    up the process group, so every stage creates it here)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu, timeout=dist_timeout())
+
+
 def process_state(device: str):
     """(accelerate ``PartialState``, this process's device). One process: ``resolve_device(device)``; under
     `accelerate launch` / torchrun with ``--device auto``: each process's own device."""
-    from accelerate import PartialState
-
     resolved = resolve_device(device)
-    state = PartialState(cpu=resolved.type == "cpu")
+    state = process_group(resolved.type == "cpu")
     own = state.device if device == "auto" and state.num_processes > 1 else resolved
     return state, own
 

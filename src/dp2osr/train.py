@@ -18,7 +18,7 @@ from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import output_lock, resolve_device
+from dp2osr.runtime import output_lock, process_group, resolve_device
 
 CONFIG_NAME = "train_config.yaml"
 
@@ -150,8 +150,6 @@ class TrainConfig(ModelOptions):
 def run(cfg: TrainConfig) -> Path:
     """Run training; returns the final model's folder. Raises `TrainingDiverged` (no broken checkpoint is
     written; the last good one is kept) when the loss or the gradient stops being finite."""
-    from accelerate import PartialState
-
     check_output_dir(cfg.output)
     cpu = resolve_device(cfg.device).type == "cpu"
     if not cpu:
@@ -159,7 +157,7 @@ def run(cfg: TrainConfig) -> Path:
         # the flash / memory-efficient backends ran the same step fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(cfg.output)
-    with output_lock(out, "train", hold=PartialState(cpu=cpu).is_main_process):
+    with output_lock(out, "train", hold=process_group(cpu).is_main_process):
         return _train(cfg, cpu, out)
 
 

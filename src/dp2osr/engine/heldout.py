@@ -21,10 +21,10 @@ import torch
 from dp2osr import metrics as metric_lib
 from dp2osr import plots
 from dp2osr.backbones import Backbone, cast, load_release_state
-from dp2osr.engine import scoring
+from dp2osr.engine import score_shards, scoring
 from dp2osr.engine.checkpoints import checkpoint_problem, read_state, saved_checkpoints
 from dp2osr.engine.options import SamplingOptions
-from dp2osr.engine.pools import read_candidates, read_inputs, sample_pool
+from dp2osr.engine.pools import read_candidates, read_inputs, sample_pool, state_gather
 from dp2osr.engine.provenance import model_fields
 from dp2osr.engine.scoring import ScoreOptions
 from dp2osr.errors import StageError
@@ -36,6 +36,7 @@ from dp2osr.math.reward import fit_bounds, hybrid_reward
 CURVE_CSV = "reward_curve.csv"
 CURVE_PNG = "reward_curve.png"
 CURVE_COLUMNS = ["step", "reward", "best", "worst", "reward_se", "psnr", "ssim"]
+QUALITY_COLUMNS = ["image_id", "seed", "psnr", "ssim"]
 
 
 # ---------------------------------------------------------------------------------------------- pools
@@ -46,34 +47,56 @@ def score_pool(
     weights_dir: Path | None = None,
     device: str = "auto",
     dither: int = 0,
+    state=None,
+    run_device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Score the pool in ``cands`` into ``out`` (resumes; hybrid reward, pool scope); returns its scores table.
-    ``dither``: `ScoreOptions.dither` (each score the mean over that many dithered copies; 0 = plain)."""
+    ``dither``: `ScoreOptions.dither` (each score the mean over that many dithered copies; 0 = plain). With
+    ``state`` the images are dealt to the processes (``run_device``: this process's device) and the main
+    process's table is the whole pool's; every process raises when any met a problem."""
     opts = ScoreOptions(weights_dir=weights_dir, device=device, dither=dither)
-    result = scoring.score_pool(Path(cands), Path(out), list(metrics), opts)
-    if result.errors:
-        raise StageError(f"scoring {cands} failed: " + "; ".join(result.errors.values()))
+    result = scoring.score_pool(Path(cands), Path(out), list(metrics), opts, state=state, device=run_device)
+    errors = set(result.errors.values())
+    if state is not None and state.num_processes > 1:
+        errors = set().union(*state_gather(state, errors))
+    if errors:
+        raise StageError(f"scoring {cands} failed: " + "; ".join(sorted(errors)))
     return result.scores
 
 
-def quality(cands: Path) -> pd.DataFrame:
-    """PSNR and SSIM (Y channel, Real-ISR convention; not in the reward) of every candidate; NaN without HR.
-
-    Kept in ``cands/quality.parquet`` (redone when candidates.parquet is newer): a reward curve re-reads every
-    earlier pool at each evaluation, and SSIM at 512 px costs about 0.5 s per image on a CPU.
-    """
-    cache, manifest = Path(cands) / "quality.parquet", Path(cands) / "candidates.parquet"
-    if cache.is_file() and cache.stat().st_mtime >= manifest.stat().st_mtime:
-        return pd.read_parquet(cache)
+def _quality_rows(cands: pd.DataFrame) -> list[tuple]:
     rows = []
-    for r in read_candidates(cands).itertuples():
+    for r in cands.itertuples():
         if not r.hr_path:
             rows.append((r.image_id, int(r.seed), float("nan"), float("nan")))
             continue
         sr = load_image(Path(r.abs_path))[0].permute(1, 2, 0).double().numpy()
         hr = load_image(Path(r.hr_path))[0].permute(1, 2, 0).double().numpy()
         rows.append((r.image_id, int(r.seed), psnr_y(sr, hr), ssim_y(sr, hr)))
-    table = pd.DataFrame(rows, columns=["image_id", "seed", "psnr", "ssim"])
+    return rows
+
+
+def quality(cands: Path, state=None) -> pd.DataFrame:
+    """PSNR and SSIM (Y channel, Real-ISR convention; not in the reward) of every candidate; NaN without HR.
+
+    Kept in ``cands/quality.parquet`` (redone when candidates.parquet is newer): a reward curve re-reads every
+    earlier pool at each evaluation, and SSIM at 512 px costs about 0.5 s per image on a CPU. With ``state``
+    of several processes each computes the candidates of its images (`score_shards.deal_images`) and the main
+    process writes the table (the one one process writes); the others return their own rows.
+    """
+    cache, manifest = Path(cands) / "quality.parquet", Path(cands) / "candidates.parquet"
+    if cache.is_file() and cache.stat().st_mtime >= manifest.stat().st_mtime:
+        return pd.read_parquet(cache)
+    pool = read_candidates(cands)
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    mine = score_shards.deal_images(pool, rank, world)
+    rows = _quality_rows(mine)
+    if world > 1:
+        parts = state_gather(state, list(zip(mine.index.tolist(), rows)))
+        if rank != 0:
+            return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
+        rows = [row for _, row in sorted(pair for part in parts for pair in part)]
+    table = pd.DataFrame(rows, columns=QUALITY_COLUMNS)
     write_parquet(table, cache)
     return table
 
@@ -194,7 +217,7 @@ class HeldoutEval:
         """Sample (with ``controlnet``; None: the backbone's own) and score the pool of ``step``.
 
         ``source`` names where ``controlnet`` came from in the pool's table (default: "training step N").
-        With ``state`` (see `sample_pool`) every process samples its share; the main process scores.
+        With ``state`` (see `sample_pool`) every process samples, scores and measures PSNR/SSIM of its share.
         """
         folder = step_dir(self.folder, step)
         model = model_fields(self.opts)
@@ -214,8 +237,12 @@ class HeldoutEval:
         )
         if failed:
             raise StageError(f"held-out images could not be sampled: {sorted(failed)}")
-        if state is None or state.is_main_process:
-            score_pool(folder, folder, self.metrics, self.weights_dir, self.opts.device, self.dither)
+        many = state is not None and state.num_processes > 1
+        run_device = self.bb.device if many else None
+        args = (self.metrics, self.weights_dir, self.opts.device, self.dither)
+        score_pool(folder, folder, *args, state=state if many else None, run_device=run_device)
+        if many:  # PSNR/SSIM shared now (one process measures them when the curve reads them)
+            quality(folder, state)
         if state is not None:
             state.wait_for_everyone()
 

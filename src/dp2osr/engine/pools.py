@@ -7,6 +7,7 @@ docs/ARCHITECTURE.md) and its stamps (each file's size and mtime when it was has
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from dp2osr import tables
 from dp2osr.backbones import Backbone
-from dp2osr.engine.jobs import JobsResult, chunk_jobs, run_jobs
+from dp2osr.engine.jobs import Job, JobsResult, chunk_jobs, run_jobs
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
 from dp2osr.images import list_images, read_png_text, write_parquet
@@ -116,55 +117,103 @@ def _file_record(path: Path, stamps: dict[str, tuple]) -> tuple | None:
     return st.st_size, st.st_mtime_ns, lr_sha, opt_sha, file_sha(path)
 
 
+_RECORD_COLUMNS = ["order", "image_id", "seed", "rel", "size", "mtime_ns", "lr_sha", "options_sha", "sha"]
+_INFO_COLUMNS = ["image_id", "prompt", "hr_sha"]
+PARTS_DIR = ".manifest_parts"  # each process's part of the manifest while a multi-process run writes it
+
+
+def manifest_records(
+    images: pd.DataFrame, out: Path, seeds: list[int], jobs: list[Job], stamps: dict[str, tuple]
+) -> tuple[pd.DataFrame, list[str]]:
+    """(the file records of the candidates of ``jobs``, the candidates missing or undecodable): what one process
+    knows of the files it wrote or checked, each record trusted from ``stamps`` while its size and mtime are
+    those recorded (`_file_record`). ``order`` is the row's place in the manifest: image, then seed."""
+    place = {image_id: k * len(seeds) for k, image_id in enumerate(images.image_id)}
+    seed_pos = {s: k for k, s in enumerate(seeds)}
+    rows, missing = [], []
+    for job in jobs:
+        for s in job.seeds:
+            rel = candidate_path(job.image_id, s)
+            found = _file_record(out / rel, stamps)
+            if found is None:
+                missing.append(rel)
+            else:
+                rows.append((place[job.image_id] + seed_pos[s], job.image_id, s, rel, *found))
+    return pd.DataFrame(rows, columns=_RECORD_COLUMNS), missing
+
+
+def image_info(images: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """(image_id, prompt, hr_sha) of ``images``: the prompt the pool recorded (``ID/prompt.txt``) and the HR's
+    content hash."""
+    rows = []
+    for row in images.itertuples():
+        prompt_file = out / row.image_id / "prompt.txt"
+        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+        rows.append((row.image_id, prompt, _hr_sha(row.hr_path)))
+    return pd.DataFrame(rows, columns=_INFO_COLUMNS)
+
+
+def combine_manifest(
+    images: pd.DataFrame,
+    out: Path,
+    records: pd.DataFrame,
+    info: pd.DataFrame,
+    model: dict[str, str],
+    meta: dict | None = None,
+) -> pd.DataFrame:
+    """Write candidates.parquet and ``STAMPS_FILE`` from the processes' `manifest_records` and `image_info`
+    (concatenated, any order) for the images of ``images``; no file of the pool is read."""
+    records = records[records.image_id.isin(set(images.image_id))].sort_values("order", kind="stable")
+    by_id = images.set_index("image_id")
+    extra = info.drop_duplicates("image_id").set_index("image_id")
+    ids = records["image_id"].tolist()
+    base = str(out)
+    rows = list(
+        zip(
+            ids,
+            records["seed"].tolist(),
+            [f"{base}/{rel}" for rel in records["rel"].tolist()],
+            by_id["lr_path"].reindex(ids).tolist(),
+            by_id["hr_path"].reindex(ids).tolist(),
+            *[[model[k]] * len(ids) for k in ("backbone", "base", "controlnet")],
+            extra["prompt"].reindex(ids).tolist(),
+            records["sha"].tolist(),
+            records["lr_sha"].tolist(),
+            extra["hr_sha"].reindex(ids).tolist(),
+            records["options_sha"].tolist(),
+        )
+    )
+    df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
+    tables.write(tables.CANDIDATES, df, out, meta)
+    stamps = list(zip(*[records[c].tolist() for c in ["rel", *_STAMP_COLUMNS[1:]]]))
+    write_parquet(pd.DataFrame(stamps, columns=_STAMP_COLUMNS), out / STAMPS_FILE)
+    return df
+
+
+def _missing_error(missing: list[str]) -> RuntimeError:
+    return RuntimeError(
+        f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish"
+    )
+
+
 def write_manifest(
     images: pd.DataFrame, out: Path, seeds: list[int], model: dict[str, str], meta: dict | None = None
 ) -> pd.DataFrame:
     """candidates.parquet listing every (image, seed) with the model, the content hashes of the candidate, of
     the LR and options it records it was made from, and of the HR (``meta``: the table's metadata); errors if
     any candidate is missing or undecodable. Each file's size and mtime go to ``STAMPS_FILE`` with its hashes,
-    and a file whose size and mtime are still those recorded there is not decoded and hashed again."""
-    rows, missing, stamps, new_stamps = [], [], read_stamps(out), []
-    for row in images.itertuples():
-        prompt_file = out / row.image_id / "prompt.txt"
-        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
-        hr_sha = _hr_sha(row.hr_path)
-        for s in seeds:
-            rel = candidate_path(row.image_id, s)
-            found = _file_record(out / rel, stamps)
-            if found is None:
-                missing.append(rel)
-                continue
-            size, mtime_ns, lr_sha, opt_sha, sha = found
-            new_stamps.append((rel, *found))
-            rows.append(
-                (
-                    row.image_id,
-                    s,
-                    str(out / rel),
-                    row.lr_path,
-                    row.hr_path,
-                    model["backbone"],
-                    model["base"],
-                    model["controlnet"],
-                    prompt,
-                    sha,
-                    lr_sha,
-                    hr_sha,
-                    opt_sha,
-                )
-            )
+    and a file whose size and mtime are still those recorded there is not decoded and hashed again. One
+    process; `sample_pool` splits the same work over the processes of a launch."""
+    jobs = chunk_jobs(list(zip(images.image_id, images.lr_path)), seeds, max(len(seeds), 1))
+    records, missing = manifest_records(images, out, seeds, jobs, read_stamps(out))
     if missing:
-        raise RuntimeError(
-            f"{len(missing)} candidates missing after sampling (e.g. {missing[:3]}); rerun to finish"
-        )
-    df = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS).astype({"seed": "int64"})
-    tables.write(tables.CANDIDATES, df, out, meta)
-    write_parquet(pd.DataFrame(new_stamps, columns=_STAMP_COLUMNS), out / STAMPS_FILE)
-    return df
+        raise _missing_error(missing)
+    return combine_manifest(images, out, records, image_info(images, out), model, meta)
 
 
-def state_gather(state, items: set[str]) -> list[set[str]]:
-    """Every process's set (after a barrier); one process: just ``[items]``."""
+def state_gather(state, items):
+    """Every process's ``items`` (any picklable value), in process order, after a barrier; one process: just
+    ``[items]``."""
     state.wait_for_everyone()
     if state.num_processes == 1:
         return [items]
@@ -193,12 +242,16 @@ def sample_pool(
 
     ``controlnet`` replaces the backbone's own for this pool (a checkpoint being evaluated). With ``state``
     (accelerate's ``PartialState`` or ``Accelerator``) the (image, seed chunk) jobs are dealt round-robin to the
-    processes and the main process writes ``candidates.parquet`` once all are done; images that could not be
-    read are left out of it. A candidate that the last manifest recorded, with its size and mtime unchanged
-    since, is trusted without being decoded (``STAMPS_FILE``). Returns (this process's `JobsResult`, the failed image IDs of every process).
+    processes; each process records the files of its own jobs (size, mtime, hashes: `manifest_records`) and the
+    prompt and HR hash of every ``world``-th image into ``PARTS_DIR``, and the main process only concatenates
+    the parts into ``candidates.parquet`` (the bytes one process writes); images that could not be read are
+    left out of it. A candidate that the last manifest recorded, with its size and mtime unchanged since, is
+    trusted without being decoded (``STAMPS_FILE``). Returns (this process's `JobsResult`, the failed image
+    IDs of every process).
     """
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     jobs = chunk_jobs(list(zip(images.image_id, images.lr_path)), seeds, opts.batch_size)[rank::world]
+    stamps = read_stamps(out)
     old = bb.controlnet
     bb.controlnet = controlnet if controlnet is not None else old
     try:
@@ -213,16 +266,54 @@ def sample_pool(
                 desc=desc,
                 show_progress=rank == 0,
                 model=model,
-                stamps=read_stamps(out),
+                stamps=stamps,
             )
     finally:
         bb.controlnet = old
     failed = set(result.failed)
+    records, missing = manifest_records(
+        images, out, seeds, [j for j in jobs if j.image_id not in failed], stamps
+    )
     if state is not None:
-        failed = set().union(*state_gather(state, failed))
-    if rank == 0:
-        done = images[~images.image_id.isin(failed)].reset_index(drop=True)
-        write_manifest(done, out, seeds, model, {"pair_ratio": bb.pair_ratio})
-    if state is not None:
+        gathered = state_gather(state, (failed, missing))
+        failed = set().union(*(f for f, _ in gathered))
+        missing = [m for _, ms in gathered for m in ms if m.split("/")[0] not in failed]
+    if missing:
+        raise _missing_error(missing)
+    done = images[~images.image_id.isin(failed)].reset_index(drop=True)
+    info = image_info(done.iloc[rank::world], out)  # after the barrier: every prompt file is written
+    meta = {"pair_ratio": bb.pair_ratio}
+    if world == 1:
+        combine_manifest(done, out, records, info, model, meta)
+    else:
+        _write_part(state, out, records, info)
+        if rank == 0:
+            combine_manifest(done, out, *_read_parts(out, world), model, meta)
         state.wait_for_everyone()
     return result, failed
+
+
+def _write_part(state, out: Path, records: pd.DataFrame, info: pd.DataFrame) -> None:
+    """This process's manifest part, for the main process to combine (after a barrier)."""
+    parts = out / PARTS_DIR
+    parts.mkdir(exist_ok=True)
+    write_parquet(records, parts / f"{state.process_index}.records.parquet")
+    write_parquet(info, parts / f"{state.process_index}.images.parquet")
+    state.wait_for_everyone()
+
+
+def _read_parts(out: Path, world: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(every process's records, every process's image info), the parts then removed."""
+    parts = out / PARTS_DIR
+    frames = {
+        kind: pd.concat(
+            [pd.read_parquet(parts / f"{r}.{kind}.parquet") for r in range(world)], ignore_index=True
+        )
+        for kind in ("records", "images")
+    }
+    for r in range(world):
+        for kind in ("records", "images"):
+            (parts / f"{r}.{kind}.parquet").unlink()
+    with contextlib.suppress(OSError):
+        parts.rmdir()
+    return frames["records"], frames["images"]

@@ -5,13 +5,15 @@ against the candidate's HR, NR metrics alone — and writes ``scores.parquet`` (
 metric, raw pyiqa values) and ``rewards.parquet`` (one row per candidate: the hybrid reward and each metric
 oriented and normalised), both in docs/ARCHITECTURE.md. Used by `dp2osr score` and the held-out evaluation.
 
-Resumable: the scores of each finished image go to their own part file under ``scores_parts/`` (written
-atomically), and a rerun skips every (image, metric) whose candidates are all scored; at the end the parts are
-merged into ``scores_parts/_merged.parquet`` (every score ever computed in this folder, kept so that adding a
-metric later does not recompute the others) and the two tables are written from it. Scores are keyed by
-(image_id, seed, metric, candidate path) and by content: the SHA-256 of the candidate file and, for FR metrics,
-of its HR, hashed at every run, so a candidate re-made (``sample --overwrite``) or an HR replaced is scored
-again. Delete ``scores_parts/`` to force a full rescore.
+Resumable: the scores of finished images go to part files under ``scores_parts/`` (written atomically, one
+per process every few hundred images or a minute: `engine.score_store`), and a rerun skips every (image,
+metric) whose candidates are all scored; at the end the parts are merged into ``scores_parts/_merged.parquet``
+(every score ever computed in this folder, kept so that adding a metric later does not recompute the others)
+and the two tables are written from it. Scores are keyed by (image_id, seed, metric, candidate path) and by
+content: the SHA-256 of the candidate file and, for FR metrics, of its HR, so a candidate re-made (``sample
+--overwrite``) or an HR replaced is scored again; a file whose size and mtime are those recorded when it was
+last hashed (by `sample` or an earlier run) is not hashed again. Delete ``scores_parts/`` to force a full
+rescore.
 
 Dithered scoring (``ScoreOptions.dither`` K > 0): each score is the mean over K invisibly dithered copies
 (`math.dither`), which steadies metrics whose ranking of a crop's candidates reacts to the last bit (PIQE at
@@ -20,8 +22,6 @@ Dithered scoring (``ScoreOptions.dither`` K > 0): each score is the mean over K 
 
 from __future__ import annotations
 
-import hashlib
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,18 +34,16 @@ import torch
 from dp2osr import metrics as metric_lib
 from dp2osr import tables
 from dp2osr.config import check_choices, field
-from dp2osr.engine import score_shards
+from dp2osr.engine import score_shards, score_store
 from dp2osr.engine.pools import read_pool
+from dp2osr.engine.score_store import MERGED_PART, PART_COLUMNS, PARTS_DIR, PartWriter, read_parts
 from dp2osr.images import ImageReadError, load_image, write_parquet
 from dp2osr.math.dither import dithered
 from dp2osr.math.reward import SCOPES, hybrid_reward
-from dp2osr.paths import check_not_link, file_sha
+from dp2osr.paths import check_not_link
 
 SCORES_FILE = tables.SCORES.filename
 REWARDS_FILE = tables.REWARDS.filename
-PARTS_DIR = "scores_parts"
-MERGED_PART = "_merged.parquet"
-_PART_COLUMNS = ["image_id", "seed", "metric", "value", "path", "sha", "ref_sha", "dither"]
 _KEY = [
     "image_id",
     "seed",
@@ -55,63 +53,6 @@ _KEY = [
     "ref_sha",
     "dither",
 ]  # a score's identity: candidate + content
-
-
-def _sha_or_none(path: str) -> str:
-    """The file's SHA-256, or a marker that matches no stored score when it cannot be read."""
-    try:
-        return file_sha(Path(path)) if path else ""
-    except OSError:
-        return "unreadable"
-
-
-def with_content_hashes(cands: pd.DataFrame) -> pd.DataFrame:
-    """``cands`` with ``sha`` and ``hr_sha`` hashed from the files now on disk (the manifest's are not trusted:
-    a file may have been replaced since it was written)."""
-    hr = {p: _sha_or_none(p) for p in cands["hr_path"].unique()}
-    shas = pd.Series([_sha_or_none(p) for p in cands["abs_path"]], index=cands.index, dtype=object)
-    return cands.assign(sha=shas, hr_sha=cands["hr_path"].map(hr).astype(object))  # object when empty too
-
-
-# The part files this scorer writes (`_part_name`); it reads and deletes no other file in PARTS_DIR.
-_PART_RE = re.compile(r"[A-Za-z0-9._-]{0,60}-[0-9a-f]{12}\.parquet")
-
-
-def _part_name(image_id: str, metrics: list[str]) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", image_id)[:60]
-    digest = hashlib.sha1("\0".join([image_id, *sorted(metrics)]).encode()).hexdigest()[:12]
-    return f"{safe}-{digest}.parquet"
-
-
-def _read_parts(parts_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Every stored score (merged file, then per-image parts, oldest first; later rows win) and the parts."""
-    frames = []
-    merged = parts_dir / MERGED_PART
-    if merged.is_file():
-        frames.append(pd.read_parquet(merged))
-    parts = sorted(
-        (
-            p
-            for p in parts_dir.glob("*.parquet")
-            if _PART_RE.fullmatch(p.name) and not p.name.startswith(".tmp_")
-        ),
-        key=lambda p: (p.stat().st_mtime_ns, p.name),
-    )
-    frames += [pd.read_parquet(p) for p in parts]
-    if not frames:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(_PART_COLUMNS, _dtypes())}), parts
-    table = pd.concat(frames, ignore_index=True)
-    for col in ("sha", "ref_sha"):  # parts written before scores were keyed by content: never matched
-        table[col] = table[col].fillna("") if col in table else ""
-    table["dither"] = (
-        table["dither"].fillna(0).astype("int64") if "dither" in table else 0
-    )  # older parts: plain
-    table = table[_PART_COLUMNS].drop_duplicates(_KEY, keep="last").reset_index(drop=True)
-    return table, parts
-
-
-def _dtypes() -> list[str]:
-    return ["object", "int64", "object", "float64", "object", "object", "object", "int64"]
 
 
 def _needed(cands: pd.DataFrame, specs: dict[str, metric_lib.MetricSpec], dither: int = 0) -> pd.DataFrame:
@@ -254,13 +195,13 @@ def _score_image(
                 )
             )
     if not results:
-        return pd.DataFrame(columns=_PART_COLUMNS)
+        return pd.DataFrame(columns=PART_COLUMNS)
     return pd.concat(results, ignore_index=True)
 
 
 def _merge(parts_dir: Path, needed: pd.DataFrame) -> pd.DataFrame:
     """Fold the parts into the merged file; return this run's scores table (needed order, scored rows only)."""
-    stored, parts = _read_parts(parts_dir)
+    stored, parts = read_parts(parts_dir)
     if parts:
         write_parquet(stored, parts_dir / MERGED_PART)
         for p in parts:
@@ -351,7 +292,7 @@ def _todo(
 ) -> tuple[pd.DataFrame, dict[str, list[str]], int]:
     """(every needed (candidate, metric), the metrics still to score per image, the scores that means)."""
     needed = _needed(cands, specs, dither)
-    stored, _ = _read_parts(parts_dir)
+    stored, _ = read_parts(parts_dir)
     merged = needed.merge(stored[_KEY], on=_KEY, how="left", indicator=True)
     missing = merged[merged["_merge"] == "left_only"]
     todo_by_image = {
@@ -387,9 +328,9 @@ def score_pool(
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     specs = metric_lib.catalogue(names)
     pool, pool_meta = read_pool(cand_dir)
-    cands = with_content_hashes(score_shards.deal_images(pool, rank, world))
     parts_dir = out_dir / PARTS_DIR
     parts_dir.mkdir(parents=True, exist_ok=True)
+    cands = score_store.content_hashes(score_shards.deal_images(pool, rank, world), parts_dir, cand_dir, rank)
     needed, todo_by_image, total = _todo(cands, specs, parts_dir, opts.dither)
     done_images = cands["image_id"].nunique() - len(todo_by_image)
     if done_images:
@@ -399,14 +340,16 @@ def score_pool(
     errors: dict[str, str] = {}
     by_image = {img: g for img, g in cands.groupby("image_id", sort=False)}
     start = time.perf_counter()
+    parts = PartWriter(parts_dir, rank)
     with progress_bar(total=total, unit="score", desc="score", dynamic_ncols=True) as progress:
-        for image_id, todo in todo_by_image.items():
-            n_errors = len(errors)
-            part = _score_image(by_image[image_id], todo, scorer, errors, progress)
-            for message in list(errors.values())[n_errors:]:
-                tqdm.write(f"score: error: {message}", file=sys.stderr)
-            if len(part):
-                write_parquet(part, parts_dir / _part_name(image_id, todo))
+        try:
+            for image_id, todo in todo_by_image.items():
+                n_errors = len(errors)
+                parts.add(_score_image(by_image[image_id], todo, scorer, errors, progress))
+                for message in list(errors.values())[n_errors:]:
+                    tqdm.write(f"score: error: {message}", file=sys.stderr)
+        finally:  # the images finished before an error are kept
+            parts.close()
     if total:
         elapsed = time.perf_counter() - start
         print(
@@ -438,6 +381,7 @@ def _write_tables(
 ) -> ScoreResult:
     """Merge the parts and write scores.parquet and rewards.parquet for the whole pool ``cands``."""
     scores = _merge(parts_dir, needed)
+    score_store.fold_stamps(parts_dir)
     tables.write(tables.SCORES, scores, out_dir / SCORES_FILE)
     rewards = _rewards(scores, cands, specs, opts)
     meta = dict(metrics=list(specs), w_fr=opts.w_fr, w_nr=opts.w_nr, scope=opts.scope, dither=opts.dither)

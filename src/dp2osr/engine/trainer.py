@@ -349,7 +349,7 @@ def _log_eval(run: Run, done: int, seconds: float) -> None:
 
 def evaluate(run: Run, done: int) -> None:
     """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
-    process samples its share; the main process scores and logs."""
+    process samples and scores its share; the main process logs."""
     heldout, acc = run.heldout, run.accelerator
     if heldout is None:
         return
