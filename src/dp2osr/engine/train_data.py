@@ -41,13 +41,19 @@ def data_table(data: Path, mode: str) -> Path:
     return Path(data) / schema.filename if Path(data).is_dir() else Path(data)
 
 
+def existing_table(data: Path, mode: str) -> Path:
+    """`data_table`, raising FileNotFoundError (naming what ``mode`` reads) when it is not a file."""
+    path = data_table(data, mode)
+    if not path.is_file():
+        schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
+        raise FileNotFoundError(f"training data not found: {path} (--mode {mode} reads {schema.filename})")
+    return path
+
+
 def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     """DPO: a ``pref_pairs.parquet`` (or a folder with one); SFT: a `dp2osr degrade` folder (pairs.parquet)."""
     schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
-    path = data_table(data, mode)
-    if not path.is_file():
-        raise FileNotFoundError(f"training data not found: {path} (--mode {mode} reads {schema.filename})")
-    df, _ = tables.read(schema, path)
+    df, _ = tables.read(schema, existing_table(data, mode))
     prompts = list(df["prompt"]) if "prompt" in df.columns else [""] * len(df)
     lr = list(df["lr_path"])
     if mode == "sft":

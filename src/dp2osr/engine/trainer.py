@@ -27,7 +27,7 @@ from dp2osr.engine import checkpoints, frozen_store
 from dp2osr.engine.heldout import HeldoutEval
 from dp2osr.engine.objectives import dpo_objective, noise_batch, sft_objective
 from dp2osr.engine.options import SamplingOptions
-from dp2osr.engine.train_data import batch_indices, data_table
+from dp2osr.engine.train_data import batch_indices, data_table, existing_table
 from dp2osr.errors import TrainingDiverged
 from dp2osr.images import atomic_write, follow_umask
 from dp2osr.paths import file_sha
@@ -134,6 +134,7 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
     from diffusers.optimization import get_scheduler
 
     out = Path(cfg.output)
+    data_sha = file_sha(existing_table(cfg.data, cfg.mode))  # a missing table is reported before models load
     # fp32 master weights of the ControlNet as loaded (not rounded through weight_dtype); autocast does the rest
     bb = load_backbone(cfg.backbone, cfg.base, cfg.controlnet, dtype="fp32").to(
         accelerator.device, WEIGHT_DTYPES[cfg.mixed_precision], controlnet_dtype=torch.float32
@@ -167,9 +168,9 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         start,
         None,
         None,
-        data_sha=file_sha(data_table(cfg.data, cfg.mode)),
+        data_sha=data_sha,
     )
-    run.data = frozen_store.training_inputs(cfg, bb, accelerator, run.data_sha)
+    run.data = frozen_store.training_inputs(cfg, bb, accelerator, data_sha)
     if cfg.cache:  # every prompt's embedding is stored; the text encoders leave the GPU (FLUX's T5: ~9 GiB)
         bb.offload_text_encoders()
     if accelerator.is_main_process:
