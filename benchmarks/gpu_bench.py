@@ -459,7 +459,7 @@ def training(bb, variant: str, pairs: int, size: int, checkpointing: bool, devic
     lr_up = torch.rand((pairs, 3, size, size), generator=g).to(device)
     images = torch.rand((2, pairs, 3, size, size), generator=g).to(device)  # winner, loser
     ref_bb, extra = bb, []
-    if variant == "ours":  # latents and control computed once (FrozenCache)
+    if variant == "ours":  # latents and control computed once (frozen_store)
         with torch.no_grad():
             targets = torch.stack([bb.encode_images(images[0], lr_up), bb.encode_images(images[1], lr_up)])
             control = bb.prepare_control(lr_up)

@@ -312,12 +312,14 @@ class OursTrainer:
     """The DPO step of ``dp2osr train``: the product's ``noise_batch`` and ``dpo_objective`` plus the optimizer
     update. One frozen UNet/transformer shared by policy and reference (SD2: its down and mid blocks run once
     for both, ``Backbone.trunk``), a frozen copy of only the ControlNet, and latents, control and prompt
-    embeddings cached by ``train_data.FrozenCache`` (encoded once, on first use); the reference pass runs
+    embeddings stored once by ``frozen_store`` (in a temporary folder, read per batch); the reference pass runs
     before the policy's, so its activations are gone before the policy's graph is built."""
 
     def __init__(self, family: str, base: Path, data: Path, batch: int, checkpointing: bool) -> None:
         from dp2osr.backbones import load_backbone
-        from dp2osr.engine.train_data import FrozenCache, read_examples
+        from dp2osr.engine import frozen_store
+        from dp2osr.engine.train_data import FrozenEncoder, read_examples
+        from dp2osr.runtime import process_state
 
         with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
             self.bb = bb = load_backbone(family, base, dtype="fp32").to("cpu", torch.float32)
@@ -330,24 +332,17 @@ class OursTrainer:
         self.ref = copy.deepcopy(self.net).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=2e-5, weight_decay=1e-2)
         self.ex = read_examples(data, "dpo", "both")
-        self.cache = FrozenCache(bb, 4)
+        self._store = tempfile.TemporaryDirectory()
+        folder, enc = Path(self._store.name), FrozenEncoder(bb, 4)
+        frozen_store.build(folder, enc, lambda: self.ex, process_state("cpu")[0], "benchmark")
+        self.cache = frozen_store.FrozenStore(folder, enc)
         self.batch, self.s = batch, 0
 
     def tensors(self) -> list:
-        c = self.cache
-        return [
-            *self.bb.frozen_modules().values(),
-            self.net,
-            self.ref,
-            self.opt,
-            c._lr,
-            c._lat,
-            c._ctrl,
-            c._cond,
-        ]
+        return [*self.bb.frozen_modules().values(), self.net, self.ref, self.opt]
 
     def inputs(self, idx: list[int]):
-        return self.cache.batch(self.ex, idx, None)
+        return self.cache.batch(idx, None)
 
     def objective(self, nb, w: torch.Tensor) -> torch.Tensor:
         from dp2osr.engine.objectives import dpo_objective

@@ -12,14 +12,23 @@ second), the growth exponent fitted on log(time) against log(n), and the time pr
 size, with that exponent and linearly (exponents below 1 come from fixed costs at small n), to the paper's
 counts (1 M candidates, 1.92 M pairs). The data order is also timed at 1.92 M pairs directly.
 
-    .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~2 min, 2 cores)
+The training data path's memory per process is measured on stores of the frozen inputs
+(`dp2osr.engine.frozen_store`) of 10^4..10^6 pairs (``--memory-pairs``; tiny rows written directly, no model):
+a fresh process opens the store and reads ``--memory-batches`` micro-batches of the data order; printed are its
+anonymous memory (its own, not shared) before and after, and the file pages it maps (the page cache the
+processes of a node share, reclaimable), next to the store's size on disk.
+
+    .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~3 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 300000 --repeats 2
+    .venv/bin/python benchmarks/scale.py --memory-only --memory-pairs 10000 100000 1000000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,13 +36,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dp2osr import metrics as metric_lib
 from dp2osr import tables
-from dp2osr.engine import scoring, train_data
+from dp2osr.engine import frozen_store, scoring, train_data
 from dp2osr.images import write_parquet
 from dp2osr.math.permutation import permuted
 from dp2osr.pair import build_pairs
@@ -151,11 +161,89 @@ def _hr_key(hr_shas: dict[str, str], pool: Path) -> dict[str, str]:
     return {os.path.normpath(os.path.join(pool.parent, h)): s for h, s in hr_shas.items()}
 
 
+def make_store(folder: Path, n_pairs: int) -> None:
+    """A store of ``n_pairs`` DPO pairs (2 pairs per candidate, M per LR image) with tiny random rows: an 8-bit
+    4x4 LR per image, a 4x2x2 fp32 latent per candidate, two prompts' 8x4 embeddings."""
+    rng = np.random.default_rng(n_pairs)
+    lrs = [f"lr/{i:07d}.png" for i in range(max(1, n_pairs // (2 * M)))]
+    win = rng.integers(0, M, n_pairs)
+    lose = (win + 1 + rng.integers(0, M - 1, n_pairs)) % M
+    img = np.arange(n_pairs) % len(lrs)
+    ex = train_data.Examples(
+        [
+            [f"pool/{i:07d}/seed_{a:04d}.png", f"pool/{i:07d}/seed_{b:04d}.png"]
+            for i, a, b in zip(img, win, lose)
+        ],
+        [lrs[i] for i in img],
+        ["a photo"] * n_pairs,
+        torch.ones(n_pairs),
+    )
+    (folder / "examples").mkdir(parents=True)
+    w = frozen_store._Writer(folder, 0)
+    for i, lr in enumerate(lrs):
+        w.add(frozen_store.LR8, lr, torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8))
+        for s in range(M):
+            w.add(
+                "latent", frozen_store._target_key(f"pool/{i:07d}/seed_{s:04d}.png", lr), torch.randn(4, 2, 2)
+            )
+    for prompt in ("", "a photo"):
+        w.add("cond.prompt_embeds", prompt, torch.randn(8, 4))
+    w.close()
+    frozen_store.write_index(folder, ex, 1, "benchmark")
+
+
+def _memory() -> dict[str, float]:
+    """This process's anonymous memory and mapped file pages (MB), from /proc/self/smaps_rollup."""
+    fields = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) / 1024
+    return {"anonymous": fields["Anonymous"], "file": fields["Rss"] - fields["Anonymous"]}
+
+
+def read_store(folder: Path, batches: int) -> dict[str, float]:
+    """Memory of this process before and after opening ``folder`` and reading ``batches`` micro-batches."""
+    from types import SimpleNamespace
+
+    bb = SimpleNamespace(device=torch.device("cpu"), prepare_control=lambda up: up)  # SD2's pixel control
+    enc = train_data.FrozenEncoder(bb, 4)
+    before = _memory()
+    store = frozen_store.FrozenStore(folder, enc)
+    for k in range(batches):
+        idx = train_data.batch_indices(len(store), k // 4, k % 4, 0, MICRO_BATCH, 4, 8, 0)
+        store.batch(idx)
+    after = _memory()
+    return {"before": before["anonymous"], "after": after["anonymous"], "file": after["file"]}
+
+
+def memory_sizes(pairs: list[int], batches: int) -> None:
+    """Print the training data path's memory per process for stores of each count of ``pairs``."""
+    print(f"training data path, {batches} micro-batches of {MICRO_BATCH} read by a fresh process (MB):")
+    print(f"{'pairs':>12s}{'store on disk':>15s}{'anon. before':>14s}{'anon. after':>13s}{'file pages':>12s}")
+    for n in pairs:
+        with tempfile.TemporaryDirectory() as tmp:
+            make_store(Path(tmp), n)
+            disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 2**20
+            cmd = [sys.executable, __file__, "--read-store", tmp, "--memory-batches", str(batches)]
+            got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(f"{n:>12,d}{disk:>15.1f}{got['before']:>14.1f}{got['after']:>13.1f}{got['file']:>12.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_024, 10_016, 100_000], help="candidates")
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
+    ap.add_argument("--memory-pairs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--memory-batches", type=int, default=200, help="micro-batches read per store")
+    ap.add_argument("--memory-only", action="store_true", help="only the training data path's memory")
+    ap.add_argument("--read-store", type=Path, help=argparse.SUPPRESS)  # the fresh process of memory_sizes
     args = ap.parse_args(argv)
+    if args.read_store is not None:
+        print(json.dumps(read_store(args.read_store, args.memory_batches)))
+        return 0
+    if args.memory_only:
+        memory_sizes(args.memory_pairs, args.memory_batches)
+        return 0
     if len(set(args.sizes)) < 2 or any(n < M or n % M for n in args.sizes):
         raise ValueError(f"--sizes needs at least 2 sizes, multiples of M = {M}, got {args.sizes}")
     t0 = time.perf_counter()
@@ -176,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"batch_indices at {PAPER_PAIRS:,} pairs, measured: {direct * 1e3:.3f} ms per micro-batch of {MICRO_BATCH}"
     )
+    memory_sizes(args.memory_pairs, args.memory_batches)
     print(f"(pairs = 2 x candidates; {time.perf_counter() - t0:.0f} s in all)")
     return 0
 

@@ -248,7 +248,8 @@ def test_8bit_adam(data, tmp_path, monkeypatch):
 
 
 def test_cache_accumulation_and_tensorboard(data, tmp_path, monkeypatch):
-    """The cache changes no number: --no-cache (VAE and text encoders every step) logs the same losses. With
+    """The stored inputs (OUTPUT/frozen/) change no number: --no-cache (VAE and text encoders every step) logs
+    the same losses. With
     --grad-accum 2 the optimizer updates once per step over 2 micro-batches with different pairs, and the logs
     reach TensorBoard (OUTPUT/tb)."""
     cached, fresh = tmp_path / "cached", tmp_path / "fresh"
@@ -258,6 +259,7 @@ def test_cache_accumulation_and_tensorboard(data, tmp_path, monkeypatch):
         for key in ("loss", "policy_err_w", "policy_err_l", "ref_err_w", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), (a["step"], key)
     assert list((cached / "tb").glob("events.out.tfevents.*"))
+    assert (cached / "frozen" / "manifest.json").is_file() and not (fresh / "frozen").exists()
 
     updates, batches = [], []
     real_opt, real_idx = trainer_mod._make_optimizer, trainer_mod.batch_indices

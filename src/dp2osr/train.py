@@ -89,8 +89,8 @@ class TrainConfig(ModelOptions):
     )
     cache: bool = field(
         True,
-        help="cache VAE latents, control images and prompt embeddings (off: re-encode "
-        "every step, for benchmarks)",
+        help="compute VAE latents, control images and prompt embeddings once, before the first step, into "
+        "OUTPUT/frozen/ (reused by --resume; read per batch) (off: re-encode every step, for benchmarks)",
     )
     seed: int = field(0, help="seed of data order, noise and timesteps")
     checkpoint_every: int = field(100, help="save a checkpoint every K steps (and at the end)", run_only=True)

@@ -1,7 +1,8 @@
-"""Training data for `dp2osr train`: examples from the pair tables, and a cache of everything frozen.
+"""Training data for `dp2osr train`: examples from the pair tables, the data order, and the frozen inputs.
 
 Only the ControlNet trains, so the VAE latents of every training image, the prepared control images and the
-prompt embeddings never change: each is computed once, on first use, and kept (not re-encoded every step).
+prompt embeddings never change: `FrozenEncoder` computes them, `dp2osr.engine.frozen_store` stores them on
+disk once before the first step, and `OnTheFly` (``--no-cache``) computes them in every step instead.
 The order of examples is a pure function of (seed, step, micro-batch, process), so a resumed run sees exactly
 the batches an uninterrupted run would.
 """
@@ -40,13 +41,19 @@ def data_table(data: Path, mode: str) -> Path:
     return Path(data) / schema.filename if Path(data).is_dir() else Path(data)
 
 
+def existing_table(data: Path, mode: str) -> Path:
+    """`data_table`, raising FileNotFoundError (naming what ``mode`` reads) when it is not a file."""
+    path = data_table(data, mode)
+    if not path.is_file():
+        schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
+        raise FileNotFoundError(f"training data not found: {path} (--mode {mode} reads {schema.filename})")
+    return path
+
+
 def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     """DPO: a ``pref_pairs.parquet`` (or a folder with one); SFT: a `dp2osr degrade` folder (pairs.parquet)."""
     schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
-    path = data_table(data, mode)
-    if not path.is_file():
-        raise FileNotFoundError(f"training data not found: {path} (--mode {mode} reads {schema.filename})")
-    df, _ = tables.read(schema, path)
+    df, _ = tables.read(schema, existing_table(data, mode))
     prompts = list(df["prompt"]) if "prompt" in df.columns else [""] * len(df)
     lr = list(df["lr_path"])
     if mode == "sft":
@@ -95,70 +102,66 @@ def batch_indices(
     return [epoch_position(n, seed, pos // n, pos % n) for pos in range(start, start + batch)]
 
 
-class FrozenCache:
-    """Latents, control and prompt embeddings computed once by the frozen parts.
+class FrozenEncoder:
+    """The frozen parts' work on one example's inputs: the upsampled LR, the VAE latents of a target image, the
+    prepared control and a prompt's embeddings, each exactly as the training step consumes it (one image or
+    prompt per call, results on the CPU). `dp2osr.engine.frozen_store` stores what this computes; `OnTheFly`
+    calls it every step."""
 
-    Entries are kept in CPU memory (the training device's memory is for the models; at the paper's pool size
-    the latents alone are tens of GB) and a batch is moved to the device when it is used.
-    """
+    def __init__(self, bb: Backbone, upscale: int) -> None:
+        self.bb, self.upscale = bb, upscale
 
-    def __init__(self, bb: Backbone, upscale: int, enabled: bool = True) -> None:
-        self.bb, self.upscale, self.enabled = bb, upscale, enabled
-        self._lr: dict[str, torch.Tensor] = {}
-        self._lat: dict[str, torch.Tensor] = {}
-        self._ctrl: dict[str, torch.Tensor] = {}
-        self._cond: dict[str, Cond] = {}
+    def upsample(self, lr: torch.Tensor) -> torch.Tensor:
+        """An LR ``(1, 3, h, w)`` in [0, 1] at the training size (``upscale`` times larger)."""
+        return resize(lr, (lr.shape[-2] * self.upscale, lr.shape[-1] * self.upscale))
 
     def lr_up(self, path: str) -> torch.Tensor:
-        if path in self._lr:
-            return self._lr[path]
-        lr = load_image(Path(path))
-        up = resize(lr, (lr.shape[-2] * self.upscale, lr.shape[-1] * self.upscale))
-        if self.enabled:
-            self._lr[path] = up
-        return up
+        return self.upsample(load_image(Path(path)))
 
     @torch.no_grad()
-    def latents(self, path: str, lr_path: str) -> torch.Tensor:
-        if path in self._lat:
-            return self._lat[path]
-        img, up = load_image(Path(path)), self.lr_up(lr_path)
+    def latents(self, path: str, lr_path: str, up: torch.Tensor | None = None) -> torch.Tensor:
+        """The latents of the target image ``path`` (``up``: its upsampled LR, read from ``lr_path`` if None)."""
+        img = load_image(Path(path))
+        up = self.lr_up(lr_path) if up is None else up
         if img.shape[-2:] != up.shape[-2:]:
             raise ValueError(
                 f"{path} is {tuple(img.shape[-2:])} but its LR {lr_path} x{self.upscale} is {tuple(up.shape[-2:])}"
             )
-        z = self.bb.encode_images(img, up.to(self.bb.device))[0].cpu()
-        if self.enabled:
-            self._lat[path] = z
-        return z
+        return self.bb.encode_images(img, up.to(self.bb.device))[0].cpu()
 
     @torch.no_grad()
-    def control(self, lr_path: str) -> torch.Tensor:
-        if lr_path in self._ctrl:
-            return self._ctrl[lr_path]
-        c = self.bb.prepare_control(self.lr_up(lr_path).to(self.bb.device))[0].cpu()
-        if self.enabled:
-            self._ctrl[lr_path] = c
-        return c
+    def control(self, up: torch.Tensor) -> torch.Tensor:
+        """The prepared control of an upsampled LR ``up``."""
+        return self.bb.prepare_control(up.to(self.bb.device))[0].cpu()
 
     @torch.no_grad()
     def cond(self, prompt: str) -> Cond:
-        if prompt not in self._cond:
-            c = {k: v.cpu() for k, v in self.bb.encode_prompts([prompt]).items()}
-            if not self.enabled:
-                return c
-            self._cond[prompt] = c
-        return self._cond[prompt]
+        return {k: v.cpu() for k, v in self.bb.encode_prompts([prompt]).items()}
 
-    def batch(self, ex: Examples, idx: list[int], drop_prompt: list[bool] | None = None):
+
+def assemble(device, targets, controls, conds: list[Cond], weights: torch.Tensor):
+    """A micro-batch on ``device`` from per-example CPU tensors: (targets ``(K, B, C, h, w)`` from ``K`` lists
+    of ``B`` latents, control ``(B, ...)``, cond (each entry ``(B, ...)``), weights ``(B,)``)."""
+    stacked = torch.stack([torch.stack(per_k) for per_k in targets])
+    control = torch.stack(controls)
+    cond = {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]}
+    return stacked.to(device), control.to(device), cond, weights.to(device)
+
+
+class OnTheFly:
+    """Training inputs encoded every step (``--no-cache``; the reference the stored inputs are checked against)."""
+
+    def __init__(self, enc: FrozenEncoder, ex: Examples) -> None:
+        self.enc, self.ex = enc, ex
+
+    def __len__(self) -> int:
+        return len(self.ex)
+
+    def batch(self, idx: list[int], drop_prompt: list[bool] | None = None):
         """(targets ``(K, B, C, h, w)``, control ``(B, ...)``, cond, weights ``(B,)``) for examples ``idx``."""
+        ex, enc = self.ex, self.enc
         k = len(ex.images[idx[0]])
-        targets = torch.stack(
-            [torch.stack([self.latents(ex.images[i][j], ex.lr[i]) for i in idx]) for j in range(k)]
-        )
-        control = torch.stack([self.control(ex.lr[i]) for i in idx])
+        targets = [[enc.latents(ex.images[i][j], ex.lr[i]) for i in idx] for j in range(k)]
+        controls = [enc.control(enc.lr_up(ex.lr[i])) for i in idx]
         prompts = [("" if drop_prompt and drop_prompt[n] else ex.prompts[i]) for n, i in enumerate(idx)]
-        conds = [self.cond(p) for p in prompts]
-        cond = {key: torch.cat([c[key] for c in conds]).to(self.bb.device) for key in conds[0]}
-        dev = self.bb.device
-        return targets.to(dev), control.to(dev), cond, ex.weights[idx].to(dev)
+        return assemble(enc.bb.device, targets, controls, [enc.cond(p) for p in prompts], ex.weights[idx])

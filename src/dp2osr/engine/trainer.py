@@ -2,7 +2,8 @@
 
 Only the ControlNet trains. DPO's reference is the frozen initial ControlNet (or, with LoRA, the same
 ControlNet with its adapter disabled) sharing the one frozen UNet/transformer in memory. Latents, control
-images and prompt embeddings are cached (`train_data.FrozenCache`). Runs unchanged under `accelerate launch`.
+images and prompt embeddings are computed once, before the first step (`frozen_store`). Runs unchanged under
+`accelerate launch`.
 The objectives are `dp2osr.engine.objectives`; ``cfg`` everywhere is a `dp2osr.train.TrainConfig`.
 """
 
@@ -22,11 +23,11 @@ import torch
 from tqdm import tqdm
 
 from dp2osr.backbones import Backbone, load_backbone, save_release
-from dp2osr.engine import checkpoints
+from dp2osr.engine import checkpoints, frozen_store
 from dp2osr.engine.heldout import HeldoutEval
 from dp2osr.engine.objectives import dpo_objective, noise_batch, sft_objective
 from dp2osr.engine.options import SamplingOptions
-from dp2osr.engine.train_data import Examples, FrozenCache, batch_indices, data_table, read_examples
+from dp2osr.engine.train_data import batch_indices, data_table, existing_table
 from dp2osr.errors import TrainingDiverged
 from dp2osr.images import atomic_write, follow_umask
 from dp2osr.paths import file_sha
@@ -47,8 +48,7 @@ class Run:
     optimizer: Any
     scheduler: Any
     ema: Any | None
-    examples: Examples
-    cache: FrozenCache
+    data: Any  # the batches: `frozen_store.FrozenStore`, or `train_data.OnTheFly` (--no-cache)
     out: Path
     start: int  # the step to start from (a resumed run's checkpoint)
     writer: Any | None  # the Accelerator when it logs to trackers (main process)
@@ -129,12 +129,12 @@ def resume_point(cfg, out: Path) -> Path | None:
 
 
 def setup(cfg, accelerator, resume_from: Path | None) -> Run:
-    """Load the model, data, optimizer (and a checkpoint's state when resuming); cache every prompt; open the
-    logs (cut back to the resumed step) and the held-out evaluator of ``--eval-data``."""
+    """Load the model, optimizer (and a checkpoint's state when resuming) and the training inputs (stored
+    once: `frozen_store`); open the logs (cut back to the resumed step) and the held-out evaluator."""
     from diffusers.optimization import get_scheduler
 
     out = Path(cfg.output)
-    examples = read_examples(cfg.data, cfg.mode, cfg.hpo)
+    data_sha = file_sha(existing_table(cfg.data, cfg.mode))  # a missing table is reported before models load
     # fp32 master weights of the ControlNet as loaded (not rounded through weight_dtype); autocast does the rest
     bb = load_backbone(cfg.backbone, cfg.base, cfg.controlnet, dtype="fp32").to(
         accelerator.device, WEIGHT_DTYPES[cfg.mixed_precision], controlnet_dtype=torch.float32
@@ -163,17 +163,15 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         optimizer,
         scheduler,
         ema,
-        examples,
-        FrozenCache(bb, cfg.upscale, enabled=cfg.cache),
+        None,
         out,
         start,
         None,
         None,
-        data_sha=file_sha(data_table(cfg.data, cfg.mode)),
+        data_sha=data_sha,
     )
-    if cfg.cache:  # every prompt's embedding now; then the text encoders leave the GPU (FLUX's T5: ~9 GiB)
-        for prompt in sorted(set(examples.prompts) | {""}):
-            run.cache.cond(prompt)
+    run.data = frozen_store.training_inputs(cfg, bb, accelerator, data_sha)
+    if cfg.cache:  # every prompt's embedding is stored; the text encoders leave the GPU (FLUX's T5: ~9 GiB)
         bb.offload_text_encoders()
     if accelerator.is_main_process:
         if resume_from:  # the killed run may have logged steps after its last checkpoint
@@ -225,7 +223,7 @@ def reference_mode(run: Run):
 def micro_step(run: Run, cfg, idx: list[int], g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch (examples ``idx``, all randomness from ``g``) and its diagnostics."""
     drop = (torch.rand(len(idx), generator=g) < cfg.prompt_dropout).tolist() if cfg.mode == "sft" else None
-    targets, control, cond, w = run.cache.batch(run.examples, idx, drop)
+    targets, control, cond, w = run.data.batch(idx, drop)
     nb = noise_batch(run.bb, targets, control, cond, g)
     autocast = run.accelerator.autocast
     if cfg.mode == "sft":
@@ -247,9 +245,7 @@ def optimizer_step(run: Run, cfg, s: int) -> dict[str, float]:
     acc, sums = run.accelerator, {}
     rank, world = acc.process_index, acc.num_processes
     for micro in range(cfg.grad_accum):
-        idx = batch_indices(
-            len(run.examples), s, micro, rank, cfg.batch_size, cfg.grad_accum, world, cfg.seed
-        )
+        idx = batch_indices(len(run.data), s, micro, rank, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + s * 10_007 + micro * 101 + rank)
         with acc.accumulate(run.net):
             loss, stats = micro_step(run, cfg, idx, g)
