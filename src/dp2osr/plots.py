@@ -123,7 +123,8 @@ def plot_pref_accuracy(df: pd.DataFrame, title: str = "Preference accuracy again
     fig, ax = plt.subplots(figsize=(7, 3.4))
     for n, (name, part) in enumerate(df.sort_values("step").groupby("set", sort=True)):
         x = part["step"].to_numpy()
-        ax.fill_between(x, part["lo"], part["hi"], color=f"C{n}", alpha=0.2)
+        lo, hi = part["lo"].to_numpy(np.float64), part["hi"].to_numpy(np.float64)
+        ax.fill_between(x, lo, hi, color=f"C{n}", alpha=0.2)
         ax.plot(x, part["accuracy"], color=f"C{n}", marker="o", label=f"{name} pairs (band: 95% interval)")
     ax.axhline(0.5, color="0.4", linestyle="--", linewidth=1)
     ax.set_ylim(-0.02, 1.02)

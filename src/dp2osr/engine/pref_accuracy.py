@@ -193,7 +193,8 @@ class TrainAccuracy:
                 rows = {k: s.evaluate(model, reference, acc.autocast) for k, s in self.sets.items()}
             table = read_table(self.out)
             new = pd.DataFrame([{"step": done, "set": k, **r} for k, r in rows.items()])
-            write_table(pd.concat([table[table.step < done], new], ignore_index=True), self.out)
+            kept = table[table.step < done]
+            write_table(pd.concat([kept, new], ignore_index=True) if len(kept) else new, self.out)
             record = {f"pref_{k}{s}": rows[k][c] for k in rows for s, c in _SUFFIXES.items()}
             log({"step": done, **record, "pref_seconds": time.perf_counter() - start})
             print(
