@@ -39,7 +39,7 @@ COLUMNS = ["step", "set", "accuracy", "lo", "hi", "ties", "pairs", "crops", "dra
 TRAIN_PAIRS = (
     256  # training pairs evaluated beside the held-out ones: at most this many (or as many as held out)
 )
-_PAIRS_PER_PASS = 8  # pairs per forward pass (each 2·K rows)
+_PAIRS_PER_PASS = 16  # pairs per forward pass (each 2·K rows)
 
 
 @dataclass
@@ -141,7 +141,9 @@ class PrefAccuracy:
         if self._ref is None:
             with reference() as ref:
                 self._ref = self.errors(ref, autocast)
-        d = self.errors(policy, autocast) - self._ref
+        with reference() as ref:  # the reference itself: its errors again, without the forward passes
+            same = policy is ref
+        d = (self._ref if same else self.errors(policy, autocast)) - self._ref
         delta = (d[:, 0] - d[:, 1]).mean(dim=1).numpy()
         return summarize(delta, self.pairs.groups, self.draws, self.seed)
 
@@ -165,7 +167,7 @@ def sentence(row: dict, where: str = "held-out") -> str:
     """One line: the accuracy with its interval, ties and counts."""
     return (
         f"{where} preference accuracy {row['accuracy']:.2f} (95% interval {row['lo']:.2f}–{row['hi']:.2f}, "
-        f"bootstrap over {row['crops']} crops; {row['pairs']} pairs × {row['draws']} draws; ties "
+        f"bootstrap over {int(row['crops'])} crops; {int(row['pairs'])} pairs × {int(row['draws'])} draws; ties "
         f"{row['ties']:.0%})"
     )
 
