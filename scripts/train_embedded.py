@@ -338,19 +338,20 @@ def _seconds_per_step(run: Path) -> float:
 
 
 def _load_seconds(init: Path, data: Path, device: str, n: int = 128) -> float:
-    """Seconds to load and encode one training example on first use (train's FrozenCache does it once)."""
+    """Seconds to load and encode one training example (train does it once, into its frozen inputs)."""
     import pandas as pd
 
     from dp2osr.backbones import load_backbone
-    from dp2osr.engine.train_data import FrozenCache
+    from dp2osr.engine.train_data import FrozenEncoder
 
     bb = load_backbone("embedded", base=init).to(device)
-    cache = FrozenCache(bb, SCALE)
+    enc = FrozenEncoder(bb, SCALE)
     rows = pd.read_parquet(data / "pairs.parquet").head(n)
     t0 = time.perf_counter()
     for hr, lr in zip(rows.hr_path, rows.lr_path):
-        cache.latents(str(data / hr), str(data / lr))
-        cache.control(str(data / lr))
+        up = enc.lr_up(str(data / lr))
+        enc.latents(str(data / hr), str(data / lr), up)
+        enc.control(up)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / len(rows)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from dp2osr import score as score_stage
-from dp2osr.before_after import guard_note, guards
+from dp2osr.before_after import accuracy_sentence, guard_note, guards
 from dp2osr.cli import build_parser, main
 from dp2osr.config import build_config
 from dp2osr.images import checkerboard_tiles as tiles
@@ -122,6 +122,33 @@ def test_guard_metrics_and_verdict_beside_the_reward(run):
         in page
     )
     assert "normalised jointly over pools base ControlNet, DP²O ControlNet" in page
+
+
+def test_heldout_preference_accuracy_in_the_verdict(run):
+    """Pairs from the base model's held-out pool, curated as the training pairs (N = 1 of M = 4 per crop); every
+    checkpoint's accuracy against the base on them and on the training pairs; step 0 (policy = reference) is
+    all ties; the final step's accuracy with its interval is in the summary and the report."""
+    out, _, stdout = run
+    pairs = pd.read_parquet(out / "6_eval" / "heldout_pref_pairs.parquet")
+    assert len(pairs) == 2 and set(pairs.image_id) == set(
+        pd.read_parquet(out / "6_eval" / "joint" / "base" / "rewards.parquet").image_id
+    )
+    assert (pairs.win_reward > pairs.lose_reward).all()
+    table = pd.read_csv(out / "6_eval" / "pref_accuracy.csv")
+    assert sorted(set(table.step)) == [0, 1, 2] and set(table.set) == {"heldout", "train"}
+    first = table[table.step == 0]
+    assert (first.accuracy == 0).all() and (first.ties == 1).all()
+    summary = json.loads((out / "6_eval" / "summary.json").read_text())
+    acc = summary["pref_accuracy"]
+    last = table[(table.step == 2) & (table.set == "heldout")].iloc[0]
+    assert acc["heldout"]["accuracy"] == pytest.approx(last.accuracy) and acc["heldout"]["crops"] == 2
+    assert acc["heldout"]["lo"] <= acc["heldout"]["accuracy"] <= acc["heldout"]["hi"]
+    line = accuracy_sentence(summary)
+    assert "held-out preference accuracy" in line
+    for text in (stdout, (out / "6_eval" / "summary.md").read_text()):
+        assert line in text
+    page = (out / "report.html").read_text()
+    assert html.escape(line) in page and "<h2>Preference accuracy</h2>" in page
 
 
 def test_guard_defaults_follow_the_crop_size_and_the_reward():

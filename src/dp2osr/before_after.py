@@ -12,21 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import html
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from dp2osr import evaluate, report, score, tables
+from dp2osr import evaluate, pair, report, score, tables
 from dp2osr import metrics as metric_lib
-from dp2osr.engine import heldout
+from dp2osr.engine import heldout, pref_accuracy
 from dp2osr.engine.options import load_model
+from dp2osr.engine.pools import read_pool
 from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
-from dp2osr.math.reward import fit_bounds
+from dp2osr.math.reward import fit_bounds, hybrid_reward
 
 BASE_LABEL, DPO_LABEL = "base ControlNet", "DP²O ControlNet"
 # Offline no-reference guards, in order of preference (NIQE needs >= 96 px; BRISQUE and PIQE work at any size).
 GUARD_CHOICES = ("niqe", "brisque", "piqe")
 _REWARD, _GUARD = "reward", "guard (not in the reward)"
+HELDOUT_PAIRS = "heldout_pref_pairs.parquet"  # in the eval folder: pairs of the base model's held-out pool
 
 
 def guards(given: list[str] | None, reward: list[str], size: int) -> list[str]:
@@ -102,7 +105,66 @@ def compare(cfg, pools: dict[str, Path], joint: Path) -> dict:
     out["change"] = pool_change(frames["base"], frames["dp2o"])
     out["change"]["sentence"] = change_sentence(out["change"], BASE_LABEL, DPO_LABEL)
     out["model"] = f"{cfg.backbone} {fingerprint(cfg)}"
+    out["pref_accuracy"] = preference_accuracy(cfg, pools["base"], joint.parent)
     return out
+
+
+def heldout_pairs(cfg, pool: Path, output: Path) -> pd.DataFrame:
+    """Preference pairs of the base model's held-out pool, curated as the training pairs are: the reward of
+    `dp2osr score` (its metrics, FR/NR weights and scope; bounds of this pool), then `pair.build_pairs`
+    (top-N x bottom-N, the pair stage's N and HPO). Written to ``output`` (a pref_pairs table)."""
+    scores = pd.read_parquet(pool / "scores.parquet")
+    specs = metric_lib.catalogue(cfg.reward_metrics)
+    rewards = hybrid_reward(scores, specs, w_fr=cfg.score.w_fr, w_nr=cfg.score.w_nr, scope=cfg.score.scope)
+    cands, meta = read_pool(pool)
+    info = cands[["image_id", "seed", "abs_path", "lr_path"]].rename(columns={"abs_path": "path"})
+    ratio = cfg.pair.ratio if cfg.pair.ratio is not None else meta.get("pair_ratio", pair.DEFAULT_RATIO)
+    pairs = pair.build_pairs(rewards.merge(info, on=["image_id", "seed"]), cfg.pair.n, ratio, cfg.pair.hpo)
+    tables.write(tables.PREF_PAIRS, pairs, output)
+    return pairs
+
+
+def preference_accuracy(cfg, base_pool: Path, eval_dir: Path) -> dict:
+    """The implicit-reward accuracy of every checkpoint against the base ControlNet on the held-out pairs
+    (`heldout_pairs`) and the training pairs (`engine.pref_accuracy.over_checkpoints`, K = --train.pref-draws),
+    written to ``eval_dir``/pref_accuracy.{csv,png}; returns the final step's rows and the seconds it took."""
+    start = time.perf_counter()
+    heldout_pairs(cfg, base_pool, eval_dir / HELDOUT_PAIRS)
+    sets = {"heldout": eval_dir / HELDOUT_PAIRS, "train": cfg.train.data}
+    sets = {k: pref_accuracy.read_pairs(p, pref_accuracy.TRAIN_PAIRS, cfg.seed) for k, p in sets.items()}
+    table = pref_accuracy.over_checkpoints(
+        load_model(cfg.sample),
+        heldout.run_checkpoints(cfg.train.output),
+        sets,
+        upscale=cfg.train.upscale,
+        draws=cfg.train.pref_draws,
+        seed=cfg.seed,
+    )
+    pref_accuracy.write_table(table, eval_dir)
+    last = table[table.step == table.step.max()].set_index("set")
+    out = {k: {c: _plain(v) for c, v in last.loc[k].items()} for k in last.index}
+    return {**out, "seconds": time.perf_counter() - start}
+
+
+def _plain(value):
+    """A JSON-ready Python number from a pandas cell."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def accuracy_sentence(s: dict) -> str:
+    """The verdict's line on the held-out preference accuracy of the final model (empty without one)."""
+    acc = s.get("pref_accuracy")
+    if not acc:
+        return ""
+    verdict = (
+        "above 0.5: the preference learned on the training pairs carries over to new crops"
+        if acc["heldout"]["lo"] > 0.5
+        else "its interval reaches 0.5 or below: no preference that carries over to new crops is shown"
+    )
+    return (
+        f"{DPO_LABEL} against {BASE_LABEL}: {pref_accuracy.sentence(acc['heldout'])}, {verdict} (training "
+        f"pairs: {acc['train']['accuracy']:.2f}, {acc['train']['lo']:.2f}–{acc['train']['hi']:.2f})."
+    )
 
 
 def _arrow(name: str) -> str:
@@ -155,6 +217,8 @@ def summary_markdown(cfg, s: dict) -> str:
     lines += ["", guard_note(cfg), "", rose]
     if "change" in s:
         lines += ["", s["change"]["sentence"], "", f"(How the noise is measured: {NOISE_METHOD})"]
+    if accuracy_sentence(s):
+        lines += ["", accuracy_sentence(s)]
     return "\n".join(lines) + "\n"
 
 
@@ -171,6 +235,8 @@ def summary_html(cfg, s: dict) -> str:
         if change
         else ""
     )
+    if accuracy_sentence(s):
+        verdict += f'<p class="verdict">{html.escape(accuracy_sentence(s))}</p>'
     t, tr = s.get("timings", {}), cfg.train
     return (
         "<h2>What DP²O did on held-out crops</h2>"
@@ -208,5 +274,7 @@ def write_report(cfg, s: dict, eval_dir: Path, page: Path) -> Path:
     curve_csv = eval_dir / heldout.CURVE_CSV
     evaluate.run(evaluate.EvalConfig(output=eval_dir, pools=joint, pool_names=names, reward_curve=curve_csv))
     options = {"max_images": 6, "select": "first", "title": "dp2osr quickstart: DP²O on held-out crops"}
+    acc_csv = eval_dir / pref_accuracy.ACCURACY_CSV
+    options["pref_accuracy"] = acc_csv if acc_csv.is_file() else None
     cfg_page = report.ReportConfig(output=page, pools=joint, names=names, reward_curve=curve_csv, **options)
     return report.run(cfg_page, sections=[summary_html(cfg, s)])

@@ -111,6 +111,31 @@ def plot_curve(
     return _to_png(fig)
 
 
+def plot_pref_accuracy(df: pd.DataFrame, title: str = "Preference accuracy against the reference") -> bytes:
+    """Accuracy against ``step``, one line per ``set`` of pairs (held-out, training), each shaded with its
+    interval (``lo`` to ``hi``); a dashed line at 0.5, the share a policy without a preference scores."""
+    missing = {"step", "set", "accuracy", "lo", "hi"} - set(df.columns)
+    if missing:
+        raise ValueError(
+            f"a preference-accuracy table needs columns {sorted(missing)}; got {list(df.columns)}"
+        )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for n, (name, part) in enumerate(df.sort_values("step").groupby("set", sort=True)):
+        x = part["step"].to_numpy()
+        lo, hi = part["lo"].to_numpy(np.float64), part["hi"].to_numpy(np.float64)
+        ax.fill_between(x, lo, hi, color=f"C{n}", alpha=0.2)
+        ax.plot(x, part["accuracy"], color=f"C{n}", marker="o", label=f"{name} pairs (band: 95% interval)")
+    ax.axhline(0.5, color="0.4", linestyle="--", linewidth=1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of pairs with Δ < 0")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _to_png(fig)
+
+
 def _noise_bands(ax, df: pd.DataFrame) -> None:
     """Shade the reward panel's noise: Worst@M..Best@M and Mean@M ± 1.96 seed-to-seed standard errors."""
     x = df["step"].to_numpy()

@@ -67,7 +67,7 @@ _MODEL = "backbone base controlnet device seed".split()
 _FIXED_SAMPLE = [*_MODEL, *"input output upscale process_size limit overwrite".split()]
 _FIXED_DEGRADE = "input output hr_size scale crop seed device overwrite".split()
 _FIXED_TRAIN = [*_MODEL, *"mode data output hpo keep_checkpoints resume upscale eval_data eval_every".split()]
-_FIXED_TRAIN += "eval_samples eval_metrics eval_sample_steps eval_process_size".split()
+_FIXED_TRAIN += "eval_samples eval_metrics eval_sample_steps eval_process_size heldout_pairs".split()
 # The paper's: 1000 steps of 1024 pairs, beta 5000, lr 2e-5; why these: docs/QUICKSTART.md.
 _TRAIN = {"mode": "dpo", "steps": 60, "lr": 3e-5, "batch_size": 32, "beta": 500.0}
 _TRAIN_LOGS = {"checkpoint_every": 20, "keep_checkpoints": 0, "log_every": 1}

@@ -55,6 +55,11 @@ class ReportConfig:
     )
     reward_column: str = field("reward", help="rewards.parquet column that ranks seeds (best/worst)")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot")
+    pref_accuracy: Path | None = field(
+        None,
+        help="pref_accuracy.csv (of `train --heldout-pairs` or the quickstart): preference accuracy against the "
+        "reference over steps, held-out vs training pairs, with intervals",
+    )
     lr_dir: Path | None = field(
         None, help="LR folder (files named IMAGE_ID.*), if the pools do not record it"
     )
@@ -338,6 +343,14 @@ document.querySelectorAll('.cmp').forEach(function (cmp) {
 """
 
 
+PREF_NOTE = (
+    '<p class="note">The share of preference pairs whose winner the model prefers more than the reference does: '
+    "Δ = (e_θ(w) − e_ref(w)) − (e_θ(l) − e_ref(l)) &lt; 0, e the denoising error averaged over fixed noise and "
+    "timestep draws; 0 at the start (every pair a tie), 0.5 without a preference. Held-out pairs are built like "
+    "the training pairs from crops never trained on; bands: 95% bootstrap intervals over crops.</p>"
+)
+
+
 def build_html(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> str:
     """The report page as a string (see the module docstring). ``sections`` are extra HTML fragments, already
     escaped, placed in order right after the page title, before the sections built from ``cfg``."""
@@ -376,6 +389,9 @@ def build_html(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> str:
                 "<h2>Reward curve</h2>" + _img((folder / evaluate.CURVE_PNG).read_bytes(), "reward curve")
             )
             curve_done = True
+    if cfg.pref_accuracy is not None:
+        png = plots.plot_pref_accuracy(plots.read_table(Path(cfg.pref_accuracy)))
+        body.append("<h2>Preference accuracy</h2>" + PREF_NOTE + _img(png, "preference accuracy"))
     if pools:
         body.append(
             '<h2>Per-image comparison</h2><p class="note">LR, each model\'s best and worst seed (by '
@@ -384,7 +400,7 @@ def build_html(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> str:
         )
     if not body:
         raise ValueError(
-            "nothing to report: give --eval-dirs with eval outputs, --pools and/or --reward-curve"
+            "nothing to report: give --eval-dirs with eval outputs, --pools, --reward-curve and/or --pref-accuracy"
         )
     config = _esc(json.dumps(to_dict(cfg), indent=1, default=str))
     return (

@@ -110,6 +110,14 @@ class TrainConfig(ModelOptions):
         "data): their hybrid reward is evaluated at step 0 and every --eval-every steps "
         "-> OUTPUT/eval/reward_curve.{csv,png} and eval/* of the --report-to trackers (the reward curve)",
     )
+    heldout_pairs: Path | None = field(
+        None,
+        help="dpo: a pref_pairs.parquet built like the training pairs (`dp2osr sample`, `score`, `pair`) from "
+        "images never in the training data: at step 0 and every --eval-every steps, the share of its pairs (and "
+        "of up to 256 training pairs) whose winner the policy prefers more than the reference does -> "
+        "metrics.jsonl (pref_*) and OUTPUT/pref_accuracy.{csv,png}; forward passes only",
+    )
+    pref_draws: int = field(4, help="noise/timestep draws per pair of the preference accuracy")
     eval_every: int = field(0, help="evaluate every K steps (0 = at every checkpoint)")
     eval_samples: int = field(4, help="seeds per held-out image (the same seeds at every evaluation)")
     eval_metrics: list[str] | None = field(
@@ -124,7 +132,15 @@ class TrainConfig(ModelOptions):
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_samples"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "checkpoint_every",
+            "log_every",
+            "eval_samples",
+            "pref_draws",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "beta", "max_grad_norm"):  # 0 or less: no update, or gradient ascent
@@ -143,6 +159,10 @@ class TrainConfig(ModelOptions):
             raise ValueError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"--prompt-dropout must be in [0, 1], got {self.prompt_dropout}")
+        if self.heldout_pairs is not None and self.mode != "dpo":
+            raise ValueError(
+                f"--heldout-pairs {self.heldout_pairs} needs --mode dpo (the accuracy is against its reference)"
+            )
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
 

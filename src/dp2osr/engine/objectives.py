@@ -55,12 +55,30 @@ def sft_objective(
     autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Supervised loss: the mean squared error of the policy's prediction, and its diagnostics."""
+    err = denoise_errors(bb, policy, nb, autocast=autocast)
+    return err.mean(), {"loss": err.mean().item()}
+
+
+def denoise_errors(
+    bb: Backbone,
+    net: torch.nn.Module,
+    nb: NoisedBatch,
+    trunk=None,
+    autocast: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """e(x) of every row of ``nb`` ``(K·B,)``: the mean squared error of the denoiser's prediction with
+    ControlNet ``net`` (``trunk``: `Backbone.trunk` of these latents, computed once for several nets)."""
     with autocast():
         pred = bb.predict(
-            nb.noisy, nb.timesteps, nb.cond, nb.control, guidance=bb.train_guidance, controlnet=policy
+            nb.noisy,
+            nb.timesteps,
+            nb.cond,
+            nb.control,
+            guidance=bb.train_guidance,
+            controlnet=net,
+            trunk=trunk,
         )
-    err = mse_per_sample(pred.float(), nb.target.float())
-    return err.mean(), {"loss": err.mean().item()}
+    return mse_per_sample(pred.float(), nb.target.float())
 
 
 def dpo_objective(
@@ -82,32 +100,13 @@ def dpo_objective(
     activations are freed before the policy's graph is built (the same numbers in either order).
     """
     b = nb.examples
-    with torch.no_grad(), autocast():
-        trunk = bb.trunk(nb.noisy, nb.timesteps, nb.cond)
+    with torch.no_grad():
+        with autocast():
+            trunk = bb.trunk(nb.noisy, nb.timesteps, nb.cond)
         with reference() as ref:
-            ref_pred = bb.predict(
-                nb.noisy,
-                nb.timesteps,
-                nb.cond,
-                nb.control,
-                guidance=bb.train_guidance,
-                controlnet=ref,
-                trunk=trunk,
-            )
-        ref_err = mse_per_sample(ref_pred.float(), nb.target.float())
-        del ref_pred
-    with autocast():
-        pred = bb.predict(
-            nb.noisy,
-            nb.timesteps,
-            nb.cond,
-            nb.control,
-            guidance=bb.train_guidance,
-            controlnet=policy,
-            trunk=trunk,
-        )
+            ref_err = denoise_errors(bb, ref, nb, trunk, autocast)
+    err = denoise_errors(bb, policy, nb, trunk, autocast)
     del trunk
-    err = mse_per_sample(pred.float(), nb.target.float())
     o = dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta, weights, winner_sft)
     stats = {
         "loss": o.loss.item(),

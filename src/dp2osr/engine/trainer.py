@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dp2osr.backbones import Backbone, load_backbone, save_release
-from dp2osr.engine import checkpoints, frozen_store
+from dp2osr.engine import checkpoints, frozen_store, pref_accuracy
 from dp2osr.engine.heldout import HeldoutEval
 from dp2osr.engine.objectives import dpo_objective, noise_batch, sft_objective
 from dp2osr.engine.options import SamplingOptions
@@ -53,6 +53,7 @@ class Run:
     start: int  # the step to start from (a resumed run's checkpoint)
     writer: Any | None  # the Accelerator when it logs to trackers (main process)
     heldout: HeldoutEval | None
+    accuracy: pref_accuracy.TrainAccuracy | None = None  # --heldout-pairs
     eval_seconds: float = 0.0  # held-out evaluation time, kept out of the training clock
     data_sha: str = ""  # content hash of the training-data table, recorded in every checkpoint
 
@@ -180,6 +181,7 @@ def setup(cfg, accelerator, resume_from: Path | None) -> Run:
         run.writer = accelerator if accelerator.trackers else None
     if cfg.eval_data is not None:
         run.heldout = heldout_eval(cfg, bb, out)
+    run.accuracy = pref_accuracy.for_run(cfg, bb, out)
     return run
 
 
@@ -346,6 +348,9 @@ def _log_eval(run: Run, done: int, seconds: float) -> None:
 def evaluate(run: Run, done: int) -> None:
     """The held-out reward of the current weights (EMA weights when kept: the model that is saved). Every
     process samples and scores its share; the main process logs."""
+    if run.accuracy is not None:  # the preference accuracy of --heldout-pairs
+        log = lambda record: log_row(run, record, lambda key: key.replace("pref_", "pref/"))  # noqa: E731
+        run.eval_seconds += run.accuracy.at_step(run, done, lambda: reference_mode(run), log)
     heldout, acc = run.heldout, run.accelerator
     if heldout is None:
         return
