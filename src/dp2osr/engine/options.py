@@ -15,6 +15,7 @@ import torch
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, auto_dtype, load_backbone, trait_defaults
 from dp2osr.config import check_choices, check_range, field
+from dp2osr.engine.sampler import tile_threshold_for
 from dp2osr.math.colorfix import COLOR_FIXES
 from dp2osr.prompts import PROMPT_SOURCES
 from dp2osr.runtime import resolve_device
