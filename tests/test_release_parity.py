@@ -138,6 +138,7 @@ def _flux_pipeline(folder, release):
     return pipe, {**call, "image_arg": "control_image"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd2", "flux"])
 def test_upscale_gives_the_release_pixels(family, tmp_path):
     bb = load_backbone(f"{family}-tiny")

@@ -223,6 +223,36 @@ def test_prompt_sources(tmp_path, monkeypatch):
     assert tag(img, torch.rand(1, 3, 8, 8)) == "building, sky, tree"
 
 
+def test_tagger_weights_load_strictly_with_the_ram_renaming(tmp_path):
+    """RAM's ``vision_multi`` keys load into ``tagging_head``, the rebuilt buffers may be absent, a later
+    checkpoint (DAPE) overrides; a key missing from both or unknown to the model is an error naming it."""
+    from dp2osr.prompts import load_tagger_weights
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tagging_head = torch.nn.Linear(2, 2)
+            self.lora = torch.nn.Linear(2, 1, bias=False)
+            self.register_buffer("relative_position_index", torch.arange(3))
+
+    src = Tagger()
+    ram = {"model": {k.replace("tagging_head", "vision_multi"): v + 1 for k, v in src.state_dict().items()}}
+    ram["model"]["relative_position_index"] = torch.zeros(3, dtype=torch.long)
+    torch.save(ram, tmp_path / "ram.pth")
+    torch.save({"lora.weight": torch.full((1, 2), 7.0)}, tmp_path / "dape.pth")
+    model = Tagger()
+    load_tagger_weights(model, [tmp_path / "ram.pth", tmp_path / "dape.pth"])
+    torch.testing.assert_close(model.tagging_head.weight, src.tagging_head.weight + 1)
+    assert model.lora.weight.eq(7).all() and model.relative_position_index.tolist() == [0, 1, 2]
+    torch.save(
+        {"model": {"tagging_head.weight": torch.zeros(2, 2), "extra.w": torch.zeros(1)}}, tmp_path / "b.pth"
+    )
+    with pytest.raises(
+        ValueError, match=r"missing keys: lora.weight, tagging_head.bias.*unexpected keys: extra.w"
+    ):
+        load_tagger_weights(Tagger(), [tmp_path / "b.pth"])
+
+
 def test_bare_input_and_embedded_default(tmp_path, monkeypatch, capsys):
     """`dp2osr upscale photo.png` uses the shipped embedded model and writes upscaled/NAME/seed_0000.png."""
     monkeypatch.chdir(tmp_path)

@@ -50,7 +50,9 @@ def initial_latents(
     """Per-sample Gaussian latents, each drawn on its CPU generator as the diffusers pipelines draw them
     (``randn_tensor`` in the model's dtype: identical on every device)."""
     shape = (1, backbone.latent_channels, *latent_hw)
-    noise = [randn_tensor(shape, generator=g, device=backbone.device, dtype=backbone.dtype) for g in generators]
+    noise = [
+        randn_tensor(shape, generator=g, device=backbone.device, dtype=backbone.dtype) for g in generators
+    ]
     sigma = getattr(backbone.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from pure noise
     return torch.cat(noise) * sigma
 
