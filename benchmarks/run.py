@@ -174,7 +174,7 @@ def bench_sampling(args) -> list[dict]:
     m, seeds = 4, list(range(4))
     for side, rounds in sides.items():
         lr_up = torch.rand(1, 3, side, side, generator=g)
-        kw_sr = {**kw, "process_size": size}
+        kw_sr = {**kw, "process_size": size, "tile_threshold": size}  # tiled above the process size
         fns = {
             "ours": lambda lr_up=lr_up, kw_sr=kw_sr: super_resolve(bb, lr_up, cond, seeds, **kw_sr),
             "loop": lambda lr_up=lr_up, kw_sr=kw_sr: [
@@ -207,6 +207,7 @@ def bench_sampling(args) -> list[dict]:
             "steps": steps_t,
             "guidance": model.default_guidance,
             "process_size": model.default_process_size,
+            "tile_threshold": model.default_process_size,  # tiled above the process size
         }
         fns = {
             "ours": lambda m=model, x=lr_up, c=c, k=kw_t: super_resolve(m, x, c, [0], **k, tile_batch=4),

@@ -44,6 +44,7 @@ def main() -> None:
         steps=args.steps,
         guidance=bb.default_guidance,
         process_size=ps,
+        tile_threshold=ps,  # tiled: the per-tile activations are what is calibrated
         tile_batch=1,
     )
     seconds = time.perf_counter() - start

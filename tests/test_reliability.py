@@ -458,17 +458,20 @@ def test_tile_plan_is_what_the_sampler_runs(name, lr_hw):
     calls, ticks = [], []
     real = bb.predict
     bb.predict = lambda *a, **k: calls.append(1) or real(*a, **k)
-    lr_up = torch.rand(1, 3, lr_hw[0] * 4, lr_hw[1] * 4)
     super_resolve(
         bb,
-        lr_up,
+        torch.rand(1, 3, *lr_hw),
         bb.encode_prompts([""], None),
         [0],
         steps=2,
         guidance=1.0,
         process_size=bb.default_process_size,
+        upscale=4,
+        tile_threshold=bb.default_process_size,  # tiled, as the estimate is asked below
         progress=ticks.append,
     )
-    est = estimate(lr_hw, name, upscale=4, samples=1, batch_size=1, tile_batch=1)
+    est = estimate(
+        lr_hw, name, upscale=4, samples=1, batch_size=1, tile_batch=1, tile_threshold=bb.default_process_size
+    )
     assert len(calls) == 2 * est.tiles and est.out_hw == (lr_hw[0] * 4, lr_hw[1] * 4)
     assert len(ticks) == 2 * est.tiles and sum(ticks) == pytest.approx(2)

@@ -27,6 +27,48 @@ def sidecar_prompt(image_path: Path) -> str:
     return txt.read_text().strip()
 
 
+# Buffers the RAM code rebuilds from the window size, dropped from a checkpoint before loading it.
+RAM_REBUILT = ("relative_position_index", "attn_mask")
+
+
+def tagger_state(path: Path) -> dict[str, torch.Tensor]:
+    """A RAM / DAPE checkpoint's state dict renamed as the RAM code renames it before loading (the ``model``
+    entry if any; ``vision_multi`` -> ``tagging_head``; the rebuilt buffers dropped)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    return {
+        k.replace("vision_multi", "tagging_head"): v
+        for k, v in state.items()
+        if not any(r in k for r in RAM_REBUILT)
+    }
+
+
+def load_tagger_weights(model: torch.nn.Module, paths: list[Path]) -> None:
+    """Load the checkpoints ``paths`` into ``model`` in turn (a later one overrides an earlier one's keys).
+
+    Strict over them together: a key of the model that none of them holds (other than the rebuilt buffers),
+    or a key that the model lacks, is a ValueError naming the keys and files; nothing is loaded then.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for path in paths:
+        merged.update(tagger_state(path))
+    own = set(model.state_dict())
+    missing = sorted(k for k in own - set(merged) if not any(r in k for r in RAM_REBUILT))
+    unexpected = sorted(set(merged) - own)
+    if missing or unexpected:
+
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        problems = ([f"missing keys: {some(missing)}"] if missing else []) + (
+            [f"unexpected keys: {some(unexpected)}"] if unexpected else []
+        )
+        raise ValueError(
+            f"the RAM/DAPE checkpoints {', '.join(map(str, paths))} do not fit the tagger: {'; '.join(problems)}"
+        )
+    model.load_state_dict(merged, strict=False)  # only the rebuilt buffers are left as the model built them
+
+
 def ram_tagger(ram_path: Path | None, dape_path: Path | None, device: str | torch.device) -> PromptFn:
     """RAM (swin-L, 384 px) tags with DAPE weights, as the released scripts used; needs the `ram` package.
 
@@ -46,9 +88,7 @@ def ram_tagger(ram_path: Path | None, dape_path: Path | None, device: str | torc
             "not installed; install it yourself or use --prompt-source none|text|sidecar"
         ) from exc
     model = ram(pretrained="", pretrained_condition="", image_size=384, vit="swin_l")
-    for p in (ram_path, dape_path):
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("model", state), strict=False)
+    load_tagger_weights(model, [Path(ram_path), Path(dape_path)])
     model = model.eval().to(device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)

@@ -112,7 +112,7 @@ def resolved_config(cfg: UpscaleConfig, bb, device) -> UpscaleConfig:
     """``cfg`` with every value left to the backbone or the machine replaced by the one used."""
     settings = sampling_settings(bb, cfg)
     dtype = next((k for k, v in DTYPES.items() if v == bb.dtype), str(bb.dtype))
-    keys = ("steps", "guidance", "negative_prompt", "process_size")
+    keys = ("steps", "guidance", "negative_prompt", "process_size", "tile_threshold")
     return replace(cfg, dtype=dtype, device=str(device), **{k: settings[k] for k in keys})
 
 

@@ -89,8 +89,15 @@ class Backbone(ABC):
         """Latents -> ``(B, 3, H, W)`` in [0, 1]."""
 
     @abstractmethod
-    def prepare_control(self, control_image: torch.Tensor) -> torch.Tensor:
-        """The upsampled LR ``(B, 3, H, W)`` in [0, 1] -> what the ControlNet takes (pixels or latents)."""
+    def prepare_control(
+        self, control_image: torch.Tensor, generators: list[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """The upsampled LR ``(B, 3, H, W)`` in [0, 1] -> what the ControlNet takes (pixels or latents).
+
+        ``generators`` (sampling, batch 1: one per sample) are for a control drawn at random, as the FLUX
+        pipeline samples its control latent from the VAE posterior; a backbone whose control is deterministic
+        ignores them. Without them (training) the control is deterministic.
+        """
 
     @abstractmethod
     def control_tile(self, control: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
@@ -258,8 +265,9 @@ class Backbone(ABC):
         """Move everything to ``dtype``, the ControlNet to ``controlnet_dtype`` if given (training keeps its
         float32 master weights as loaded, not rounded through ``dtype``)."""
         self.device, self.dtype = torch.device(device), dtype
-        for m in self.frozen_modules().values():
-            cast(m, self.device, dtype)
+        for name, m in self.frozen_modules().items():
+            # the VAE stays float32, as the released scripts keep it (fp16 decoding overflows)
+            cast(m, self.device, torch.float32 if name == "vae" else dtype)
         cast(self.controlnet, self.device, controlnet_dtype or dtype)
         for m in self.frozen_modules().values():
             m.requires_grad_(False)

@@ -132,9 +132,14 @@ class FluxBackbone(Backbone):
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
-    def prepare_control(self, control_image: torch.Tensor) -> torch.Tensor:
-        # Deterministic posterior mode (the published script sampled it; the difference is the VAE's tiny std).
-        return self.encode_images(control_image)
+    def prepare_control(self, control_image: torch.Tensor, generators=None) -> torch.Tensor:
+        """Sampling: one draw from the VAE posterior per generator, before anything else is drawn from it (as
+        FluxControlNetPipeline does); training (no generators): the posterior mode."""
+        if generators is None:
+            return self.encode_images(control_image)
+        dist = self.vae.encode(control_image.to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+        z = torch.cat([dist.sample(generator=g) for g in generators])
+        return ((z - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(self.dtype)
 
     def control_tile(self, control: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         return control[..., y0:y1, x0:x1]
@@ -255,7 +260,7 @@ def load_flux(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> Flu
     return FluxBackbone(
         name=name,
         transformer=transformer,
-        vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32),  # kept float32
         text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype),
         text_encoder_2=T5EncoderModel.from_pretrained(base / "text_encoder_2", torch_dtype=dtype),
         tokenizer=AutoTokenizer.from_pretrained(base / "tokenizer"),

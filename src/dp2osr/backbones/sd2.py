@@ -81,8 +81,8 @@ class SD2Backbone(Backbone):
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
-    def prepare_control(self, control_image: torch.Tensor) -> torch.Tensor:
-        return control_image.to(self.device, self.dtype)
+    def prepare_control(self, control_image: torch.Tensor, generators=None) -> torch.Tensor:
+        return control_image.to(self.device, self.dtype)  # pixels: nothing drawn
 
     def control_tile(self, control: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         f = self.latent_factor
@@ -235,7 +235,7 @@ def load_sd2(base: Path, dtype: torch.dtype, make_controlnet, name: str) -> SD2B
     return SD2Backbone(
         name=name,
         unet=unet,
-        vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32),  # kept float32
         text_encoder=CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=dtype),
         tokenizer=AutoTokenizer.from_pretrained(base / "tokenizer"),
         scheduler=DDPMScheduler.from_pretrained(base / "scheduler"),

@@ -1,8 +1,9 @@
 """Before any work: the tile plan of each image, its estimated peak memory and time, and the --max-pixels guard.
 
-The plan is the one `sampler.super_resolve` follows: the output (LR x scale, short side brought up to the process
-size) padded to the model's multiple, in latent tiles of the process size with the given overlap. Memory is
-the image-sized buffers (exact, from the shapes: the upsampled LR, the padded control image, latents and their
+The plan is the one `sampler.super_resolve` follows: the release's processing size (the LR's short side brought
+up to process size / scale, x scale, down to the model's multiple), in one call up to the tiling threshold, above
+it in latent tiles of the process size with the given overlap. Memory is
+the image-sized buffers (exact, from the shapes: the upsampled LR, the control image, latents and their
 update, the decoded samples and their colour-fixed copies, float32) plus the activations of one denoiser call
 (tile_batch x samples tiles; the backbone's calibrated bytes per latent pixel, see
 `dp2osr.backbones.loading.SizeTraits`). Time is steps x tiles x samples x tile latent pixels x the calibrated
@@ -19,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from dp2osr.backbones import size_traits
+from dp2osr.engine.sampler import tile_threshold_for
 from dp2osr.math.geometry import tile_starts
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -67,17 +69,21 @@ def estimate(
     process_size: int | None = None,
     steps: int | None = None,
     cpu: bool = True,
+    tile_threshold: int | None = None,
 ) -> Estimate:
     """The tile plan and cost estimate of one LR image of size ``lr_hw`` (see the module docstring)."""
     t = size_traits(backbone)
-    ps, f = process_size or t.process_size, t.latent_factor
+    ps, f, m = process_size or t.process_size, t.latent_factor, t.pixel_multiple
     height, width = lr_hw[0] * upscale, lr_hw[1] * upscale
-    scale = max(1.0, ps / min(height, width))
-    hw, ww = round(height * scale), round(width * scale)
-    hp, wp = hw + (-hw) % t.pixel_multiple, ww + (-ww) % t.pixel_multiple
-    h, w, align = hp // f, wp // f, t.pixel_multiple // f
+    hw, ww, short = lr_hw[0], lr_hw[1], ps // upscale
+    if min(hw, ww) < short:  # as `sampler.release_input`
+        hw, ww = int(short / min(hw, ww) * hw), int(short / min(hw, ww) * ww)
+    hw, ww = hw * upscale // f * f, ww * upscale // f * f
+    hp, wp = hw // m * m, ww // m * m
+    h, w, align = hp // f, wp // f, m // f
     tile = max(align, ps // f // align * align)
-    tiled = h > tile or w > tile
+    limit = tile_threshold_for(ps, tile_threshold)
+    tiled = limit > 0 and max(hp, wp) > limit and (h > tile or w > tile)
     th, tw = (min(tile, h), min(tile, w)) if tiled else (h, w)
     ov = int(round(tile * tile_overlap / align)) * align if tiled else 0
     tiles = len(tile_starts(h, th, th - ov, align)) * len(tile_starts(w, tw, tw - ov, align))
@@ -162,4 +168,5 @@ def plan_options(cfg, cpu: bool) -> dict:
         process_size=cfg.process_size,
         steps=cfg.steps,
         cpu=cpu,
+        tile_threshold=cfg.tile_threshold,
     )

@@ -29,7 +29,6 @@ from dp2osr.engine.provenance import (
 )
 from dp2osr.engine.sampler import super_resolve
 from dp2osr.images import ImageReadError, atomic_write, check_min_side, load_image, save_image
-from dp2osr.math.geometry import resize
 from dp2osr.paths import check_name, check_not_link
 from dp2osr.progress import bar as progress_bar
 from dp2osr.prompts import make_prompt_fn
@@ -109,14 +108,14 @@ def _prepared(bb: Backbone, job: Job, upscale: int, prompt_fn, negative_prompt) 
 def prepare_lr(
     bb: Backbone, image_id: str, lr, source: Path, upscale: int, prompt_fn, negative_prompt
 ) -> dict:
-    """An LR ``(1, 3, h, w)`` checked, upsampled, with its prompt and text condition: what the sample jobs of one
-    image share (``source`` names it in errors and is what the prompt function reads)."""
+    """An LR ``(1, 3, h, w)`` checked, with its scale factor, prompt and text condition: what the sample jobs of
+    one image share (``source`` names it in errors and is what the prompt function reads)."""
     check_min_side(lr, source)
-    h, w = lr.shape[-2:]
     prompt = prompt_fn(source, lr)
     return {
         "id": image_id,
-        "lr_up": resize(lr, (h * upscale, w * upscale)),
+        "lr": lr,
+        "upscale": upscale,
         "prompt": prompt,
         "cond": bb.encode_prompts([prompt], negative_prompt),
     }
@@ -136,12 +135,14 @@ def sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: Sampli
     with steps:  # closed on an error too
         return super_resolve(
             bb,
-            cache["lr_up"],
+            cache["lr"],
             cache["cond"],
             job.seeds,
             steps=settings["steps"],
             guidance=settings["guidance"],
             process_size=settings["process_size"],
+            upscale=cache["upscale"],
+            tile_threshold=settings["tile_threshold"],
             tile_overlap=opts.tile_overlap,
             color_fix_method=opts.color_fix,
             tile_batch=opts.tile_batch,

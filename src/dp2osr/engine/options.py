@@ -15,6 +15,7 @@ import torch
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, auto_dtype, load_backbone, trait_defaults
 from dp2osr.config import check_choices, check_range, field
+from dp2osr.engine.sampler import tile_threshold_for
 from dp2osr.math.colorfix import COLOR_FIXES
 from dp2osr.prompts import PROMPT_SOURCES
 from dp2osr.runtime import resolve_device
@@ -80,6 +81,12 @@ class SamplingOptions(ModelOptions):
         help="short side the model works at; larger images are tiled, smaller ones upsized then resized back "
         f"(default: the backbone's: {trait_defaults('default_process_size')})",
     )
+    tile_threshold: int | None = field(
+        None,
+        help="images whose processing size has a side longer than this (pixels) are denoised in latent tiles "
+        "of --process-size; smaller ones in one call over the image, as the released scripts do every image "
+        "(default: twice the process size; 0: every image in one call, memory grows with the image)",
+    )
     tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
     tile_batch: int = field(
         4,
@@ -123,6 +130,8 @@ class SamplingOptions(ModelOptions):
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.tile_batch < 1:
             raise ValueError(f"--tile-batch must be >= 1, got {self.tile_batch}")
+        if self.tile_threshold is not None and self.tile_threshold < 0:
+            raise ValueError(f"--tile-threshold must be >= 0 (0: never tile), got {self.tile_threshold}")
         if not 0 <= self.tile_overlap < 1:
             raise ValueError(f"--tile-overlap must be in [0, 1), got {self.tile_overlap}")
         if self.process_size is not None and self.process_size < 16:
@@ -162,6 +171,9 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
         if bb.uses_negative_prompt
         else None,
         "process_size": opts.process_size or bb.default_process_size,
+        "tile_threshold": tile_threshold_for(
+            opts.process_size or bb.default_process_size, opts.tile_threshold
+        ),
         "tile_overlap": opts.tile_overlap,
         "tile_batch": opts.tile_batch,
         "color_fix": opts.color_fix,

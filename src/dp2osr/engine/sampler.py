@@ -1,9 +1,14 @@
 """The sampler every stage shares: seeded, batched over seeds, tiled in latent space for large images.
 
-Sample k of a batch always starts from ``randn(seed_k)`` drawn on its own CPU generator, and every stochastic
-scheduler step draws from that generator too, so an (image, seed) gives the same output whatever the batch
-size, device count or order. Images larger than the process size are denoised in overlapping latent tiles
-blended with smooth weights (memory bound by the tile, not the image), and decoded with a tiled VAE.
+Sample k of a batch has its own CPU generator seeded with ``seed_k``, drawn from in the order of the diffusers
+pipelines the released scripts run (StableDiffusionControlNetPipeline, FluxControlNetPipeline) with one
+generator: FLUX's control latent sampled from the VAE posterior, the initial latents, then every stochastic
+scheduler step's noise. So an (image, seed) gives the same output whatever the batch size, device count or
+order, and the release's output for that seed. The input geometry and the post-processing are the release's
+too (`release_input`, `finish`): PIL bicubic resizing of 8-bit images, the decoded image quantised to 8 bits,
+colour-fixed at the processing size and truncated to 8 bits. Images whose processing size is larger than the
+tiling threshold are denoised in overlapping latent tiles blended with smooth weights (memory bound by the
+tile, not the image), and decoded with a tiled VAE; below it the model makes one call over the image.
 
 It sits in the engine right above the backbones and the geometry maths: the job runner (`engine.jobs`) calls
 `super_resolve` for every sample; the options, the provenance hashes and the output files live in
@@ -14,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from dp2osr.backbones import Backbone, Cond
+from dp2osr.images import to_pil
 from dp2osr.math.colorfix import color_fix
-from dp2osr.math.geometry import ramp, resize, tile_starts
+from dp2osr.math.geometry import ramp, tile_starts
 
 
 def _rows(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -31,12 +39,22 @@ def expand_cond(cond: Cond, batch: int) -> Cond:
     return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
 
 
-def initial_latents(backbone: Backbone, seeds: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Per-seed Gaussian latents drawn on the CPU (identical on every device)."""
+def sample_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with its seed: every random draw of that sample comes from it."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def initial_latents(
+    backbone: Backbone, generators: list[torch.Generator], latent_hw: tuple[int, int]
+) -> torch.Tensor:
+    """Per-sample Gaussian latents, each drawn on its CPU generator as the diffusers pipelines draw them
+    (``randn_tensor`` in the model's dtype: identical on every device)."""
     shape = (1, backbone.latent_channels, *latent_hw)
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    noise = [
+        randn_tensor(shape, generator=g, device=backbone.device, dtype=backbone.dtype) for g in generators
+    ]
     sigma = getattr(backbone.scheduler, "init_noise_sigma", 1.0)  # flow matching starts from pure noise
-    return torch.cat(noise).to(backbone.device, backbone.dtype) * sigma
+    return torch.cat(noise) * sigma
 
 
 @torch.no_grad()
@@ -70,10 +88,10 @@ def generate(
     f = backbone.latent_factor
     h, w = control_image.shape[-2] // f, control_image.shape[-1] // f
     b = len(seeds)
-    control = backbone.prepare_control(control_image.to(backbone.device))
+    generators = sample_generators(seeds)
+    control = backbone.prepare_control(control_image.to(backbone.device), generators)  # draws first (FLUX)
     cond = expand_cond({k: v.to(backbone.device) for k, v in cond.items()}, b)
-    latents = initial_latents(backbone, seeds, (h, w))
-    generators = [torch.Generator("cpu").manual_seed(int(s) + 1) for s in seeds]  # scheduler noise stream
+    latents = initial_latents(backbone, generators, (h, w))
     tiled = tile is not None and (h > tile or w > tile)
     th, tw = (min(tile, h), min(tile, w)) if tiled else (h, w)
     ov = (tile // 4 if overlap is None else overlap) if tiled else 0
@@ -118,38 +136,83 @@ def generate(
     return torch.cat(images)
 
 
+def pil_resize(image: torch.Tensor, size: tuple[int, int], resample: int = Image.BICUBIC) -> torch.Tensor:
+    """``(1, 3, H, W)`` in [0, 1] as an 8-bit image resized by PIL to ``size`` (H, W), back in [0, 1]."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    pixels = np.asarray(to_pil(image).resize((size[1], size[0]), resample), dtype=np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+
+
+def release_input(
+    lr: torch.Tensor, upscale: int, process_size: int, factor: int, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour reference, model input) for the LR ``(1, 3, h, w)``, as the released scripts and pipelines make
+    them from the 8-bit image: a short side below ``process_size // upscale`` brought up to it (sides truncated
+    by ``int``), the result ×``upscale``, then down to a multiple of ``factor`` — each a PIL bicubic resize, the
+    colour reference — and, where that is no multiple of ``multiple`` (FLUX packs 2×2 latents), down to one by
+    PIL Lanczos, as the pipeline's image processor does: the model input."""
+    image = pil_resize(lr.float().cpu(), tuple(lr.shape[-2:]))  # 8 bits, as the release reads its files
+    h, w = image.shape[-2:]
+    short = process_size // upscale
+    if h < short or w < short:
+        scale = short / min(h, w)
+        image = pil_resize(image, (int(scale * h), int(scale * w)))
+    h, w = image.shape[-2] * upscale, image.shape[-1] * upscale
+    image = pil_resize(pil_resize(image, (h, w)), (h // factor * factor, w // factor * factor))
+    h, w = image.shape[-2:]
+    return image, pil_resize(image, (h // multiple * multiple, w // multiple * multiple), Image.LANCZOS)
+
+
+def finish(decoded: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:
+    """The release's post-processing of decoded samples ``(B, 3, H, W)``: quantised to 8 bits (rounded, as
+    the pipelines' PIL output), colour-fixed against ``reference`` (the 8-bit control image at the processing
+    size) and truncated to 8 bits (as converting the fixed tensor to a PIL image does)."""
+    out = (decoded.float().clamp(0, 1) * 255).round() / 255
+    if method == "none":
+        return out
+    if method == "wavelet" and reference.shape[-2:] != out.shape[-2:]:  # FLUX's 16-multiple of an 8-multiple
+        reference = pil_resize(reference, tuple(out.shape[-2:]))
+    return (color_fix(out, reference, method) * 255).floor() / 255
+
+
+def tile_threshold_for(process_size: int, tile_threshold: int | None) -> int:
+    """The longest processing side sampled in one call (0: every image in one call): by default twice the
+    process size."""
+    return 2 * process_size if tile_threshold is None else tile_threshold
+
+
 def super_resolve(
     backbone: Backbone,
-    lr_up: torch.Tensor,
+    lr: torch.Tensor,
     cond: Cond,
     seeds: list[int],
     *,
     steps: int,
     guidance: float | None,
     process_size: int,
+    upscale: int = 1,
+    tile_threshold: int | None = None,
     tile_overlap: float = 0.25,
     color_fix_method: str = "adain",
     controlnet: torch.nn.Module | None = None,
     progress: Callable[[float], None] | None = None,
     tile_batch: int = 1,
 ) -> torch.Tensor:
-    """SR outputs ``(len(seeds), 3, H, W)`` for the upsampled LR ``lr_up`` ``(1, 3, H, W)`` at any size/aspect.
+    """SR outputs ``(len(seeds), 3, h·upscale, w·upscale)`` for the LR ``lr`` ``(1, 3, h, w)``, any size/aspect.
 
-    The short side is brought up to ``process_size`` when smaller (and the result resized back), the image is
-    padded (reflect) to the model's multiple and cropped back — never squashed — and sides larger than the
-    process size are tiled. Colour is then fixed against ``lr_up``.
+    The model runs on `release_input`'s image, in one call when its longer side is at most ``tile_threshold``
+    (`tile_threshold_for`; 0: always), otherwise in latent tiles of ``process_size``; `finish` post-processes
+    the samples, which are then resized (PIL bicubic, 8 bits) to ``h·upscale × w·upscale`` where the processing
+    size differs from it. Values are multiples of 1/255.
     """
-    height, width = lr_up.shape[-2:]
-    scale = process_size / min(height, width)
-    work = resize(lr_up, (round(height * scale), round(width * scale))) if scale > 1 else lr_up
-    hw, ww = work.shape[-2:]
-    m = backbone.pixel_multiple
-    ph, pw = (-hw) % m, (-ww) % m
-    mode = "reflect" if ph < hw and pw < ww else "replicate"
-    work = F.pad(work, (0, pw, 0, ph), mode=mode)
-    align = m // backbone.latent_factor
-    tile = max(align, process_size // backbone.latent_factor // align * align)
-    overlap = int(round(tile * tile_overlap / align)) * align
+    out_hw = (lr.shape[-2] * upscale, lr.shape[-1] * upscale)
+    m, f = backbone.pixel_multiple, backbone.latent_factor
+    reference, work = release_input(lr, upscale, process_size, f, m)
+    limit = tile_threshold_for(process_size, tile_threshold)
+    align = m // f
+    tile = max(align, process_size // f // align * align)
+    tiled = limit > 0 and max(work.shape[-2:]) > limit
     out = generate(
         backbone,
         work,
@@ -157,13 +220,13 @@ def super_resolve(
         seeds,
         steps=steps,
         guidance=guidance,
-        tile=tile,
-        overlap=overlap,
+        tile=tile if tiled else None,
+        overlap=int(round(tile * tile_overlap / align)) * align,
         controlnet=controlnet,
         progress=progress,
         tile_batch=tile_batch,
     )
-    out = out[..., :hw, :ww]
-    if scale > 1:
-        out = resize(out, (height, width))
-    return color_fix(out, lr_up.float().cpu(), color_fix_method)
+    out = finish(out, reference, color_fix_method)
+    if tuple(out.shape[-2:]) != out_hw:
+        out = torch.cat([pil_resize(o[None], out_hw) for o in out])
+    return out

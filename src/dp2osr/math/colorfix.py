@@ -14,12 +14,13 @@ COLOR_FIXES = ("adain", "wavelet", "none")
 def adain(sr: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Match each channel's mean and std of ``sr`` to ``ref`` (both ``(B, 3, H, W)``; sizes may differ).
 
-    out = (sr − μ_sr) / σ_sr · σ_ref + μ_ref, statistics over H, W per image and channel (population std).
+    out = (sr − μ_sr) / σ_sr · σ_ref + μ_ref, statistics over H, W per image and channel (σ² the unbiased
+    variance plus ``eps``, as the released scripts' colour fix computes it).
     """
 
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.flatten(2)
-        return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=False) + eps).sqrt()[..., None, None]
+        return flat.mean(-1)[..., None, None], (flat.var(-1) + eps).sqrt()[..., None, None]
 
     mu_s, sd_s = stats(sr.float())
     mu_r, sd_r = stats(ref.float().expand(sr.shape[0], -1, -1, -1))
