@@ -16,6 +16,7 @@ import torch
 
 from dp2osr import tables
 from dp2osr.backbones import Backbone, Cond
+from dp2osr.engine.pool_store import read_image
 from dp2osr.images import load_image
 from dp2osr.math.geometry import resize
 from dp2osr.math.permutation import permuted
@@ -122,7 +123,7 @@ class FrozenCache:
     def latents(self, path: str, lr_path: str) -> torch.Tensor:
         if path in self._lat:
             return self._lat[path]
-        img, up = load_image(Path(path)), self.lr_up(lr_path)
+        img, up = read_image(path), self.lr_up(lr_path)
         if img.shape[-2:] != up.shape[-2:]:
             raise ValueError(
                 f"{path} is {tuple(img.shape[-2:])} but its LR {lr_path} x{self.upscale} is {tuple(up.shape[-2:])}"
