@@ -36,7 +36,6 @@ SHARD_BYTES = 1 << 30  # ... or this many bytes, whichever comes first
 OPEN_SHARDS = 64  # shards a process keeps open (with their indexes) for reading
 _BLOCK = 512
 _END = bytes(2 * _BLOCK)  # tar's end-of-archive marker
-_REF = re.compile(r"(?P<shard>.+\.tar)#(?P<member>[^/#\\]+/[^/#\\]+)")
 _SHARD_NAME = re.compile(r"(?P<run>\d{5})-r(?P<rank>\d+)(?:-(?P<part>\d+))?\.tar")
 
 
@@ -54,21 +53,18 @@ def member_problem(name: str) -> str | None:
 
 
 def split_ref(ref: str) -> tuple[str, str] | None:
-    """(shard path, member name) of a reference to a member of an existing shard, else None (a plain file path).
-    A reference whose member name is not plain is a ValueError."""
+    """(shard path, member name) of a reference ``SHARD.tar#MEMBER`` whose shard is a file, else None (a plain
+    file path). A reference whose member name is not plain (`member_problem`) is a ValueError."""
     ref = str(ref)
-    if ".tar#" not in ref:
-        return None
-    match = _REF.fullmatch(ref)
-    if match is None:
-        member = ref.split(".tar#", 1)[1]
-        if member_problem(member) is not None:
-            raise ValueError(f"{ref}: shard member {member!r} {member_problem(member)}; refused")
-        return None
-    shard = match["shard"]
-    if os.path.abspath(shard) not in _OPEN and not os.path.isfile(shard):
-        return None
-    return shard, match["member"]
+    at = ref.find(".tar#")
+    while at >= 0:
+        shard, member = ref[: at + 4], ref[at + 5 :]
+        if os.path.abspath(shard) in _OPEN or os.path.isfile(shard):
+            if member_problem(member) is not None:
+                raise ValueError(f"{ref}: shard member {member!r} {member_problem(member)}; refused")
+            return shard, member
+        at = ref.find(".tar#", at + 1)
+    return None
 
 
 class _Shard:

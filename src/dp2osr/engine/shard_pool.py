@@ -49,6 +49,7 @@ class ShardedPool:
         self.found = _index(out)
         self.writer = ShardWriter(out, rank, next_run(out))
         self.chosen: dict[str, tuple] = {}  # member -> (reference, lr_sha, options_sha, sha or None)
+        self.prompted: dict[str, str] = {}
 
     def _trusted(self, ref: str) -> tuple | None:
         known = self.stamps.get(str(self.out / ref))
@@ -78,7 +79,10 @@ class ShardedPool:
         self.chosen[member] = (ref, lr_sha, opt_sha, hashlib.sha256(data).hexdigest())
 
     def save_prompt(self, image_id: str, text: str) -> None:
-        self.writer.put(f"{image_id}/{PROMPT_FILE}", text.encode())
+        """Append an image's prompt (once per run: every seed chunk of an image has the same)."""
+        if self.prompted.get(image_id) != text:
+            self.writer.put(f"{image_id}/{PROMPT_FILE}", text.encode())
+            self.prompted[image_id] = text
 
     def close(self) -> None:
         """End this process's shards (before the manifest records their mtimes)."""
