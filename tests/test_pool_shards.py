@@ -108,7 +108,8 @@ def test_cut_short_shard_is_repaired_and_resumes_to_the_same_pool(pools, tmp_pat
     resumed, full = read_candidates(pool), read_candidates(pools["shards"])
     assert resumed.sha.tolist() == full.sha.tolist()
     moved = resumed[resumed.path.str.startswith("shards/00001-r0.tar#")]
-    assert sorted(moved.path.str.split("#").str[1]) == ["b/seed_0000.png", "b/seed_0001.png"]  # one chunk
+    # the cut member and those after it went; their seed chunks were sampled again into a new shard
+    assert sorted(moved.path.str.split("#").str[1]) == [f"b/seed_{s:04d}.png" for s in range(4)]
     assert main(["sample", *args, *SAMPLE]) == 0  # a finished pool: nothing written
     assert len(list(pool.rglob("*.tar"))) == 2
 
