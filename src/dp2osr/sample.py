@@ -32,8 +32,8 @@ class SampleConfig(SamplingOptions):
     """Sample M seeded SR candidates for every LR image (resumable, shardable with accelerate launch).
 
     INPUT is a `dp2osr degrade` folder (pairs.parquet: LR with its HR) or a folder of LR images (no HR:
-    only no-reference metrics can score those). Writes OUTPUT/ID/seed_XXXX.png, OUTPUT/candidates.parquet and
-    OUTPUT/sample_config.yaml. Rerun the same command to resume.
+    only no-reference metrics can score those). Writes OUTPUT/ID/seed_XXXX.png (--pool-layout shards: tar
+    files OUTPUT/shards/*.tar holding them), OUTPUT/candidates.parquet and OUTPUT/sample_config.yaml. Rerun the same command to resume.
     """
 
     input: Path = field(
