@@ -3,7 +3,10 @@
 import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -140,3 +143,28 @@ def test_member_names_are_plain(tmp_path):
     writer.close()
     assert pool_store.read_bytes(tmp_path / ref) == b"123"
     assert pool_store.ref_stat(tmp_path / "shards/00000-r0.tar#id/seed_0009.png") is None
+
+
+def test_two_processes_write_their_own_shards_and_one_resumes_them(pools, tmp_path):
+    """Each process of a launch appends to its own shards; a rerun with another process count finds them all."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    pool = tmp_path / "two"
+    args = ["--input", str(pools["data"]), "--output", str(pool), "--pool-layout", "shards", *SAMPLE]
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--standalone", "-m", "dp2osr", "sample", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in pool.rglob("*.tar")) == ["00000-r0.tar", "00000-r1.tar"]
+    two = read_candidates(pool)
+    assert set(two.path.str.split("#").str[0]) == {"shards/00000-r0.tar", "shards/00000-r1.tar"}
+    assert (two.sha == [pool_store.ref_sha(p) for p in two.abs_path]).all()
+    one = read_candidates(pools["shards"])
+    for x, y in zip(one.abs_path, two.abs_path):  # thread counts may move a pixel by one level
+        assert (pool_store.read_image(x) - pool_store.read_image(y)).abs().max() <= 1 / 255 + 1e-6
+    assert main(["sample", *args]) == 0  # one process: every candidate current, nothing written
+    assert len(list(pool.rglob("*.tar"))) == 2
+    pd.testing.assert_frame_equal(read_candidates(pool), two)
