@@ -160,8 +160,8 @@ def test_score_rerun_trusts_the_stamps_and_rehashes_changed_files(tmp_path, monk
     fresh = tmp_path / "fresh"
     shutil.copytree(pool, fresh)
     hashed = []
-    real = score_store.file_sha
-    monkeypatch.setattr(score_store, "file_sha", lambda p: hashed.append(Path(p).name) or real(p))
+    real = score_store.ref_sha
+    monkeypatch.setattr(score_store, "ref_sha", lambda p: hashed.append(Path(p).name) or real(p))
     opts = ScoreOptions(device="cpu")
     score_pool(pool, pool, TEST_METRICS, opts)
     assert sorted(hashed) == [f"img{i:02d}.png" for i in (0, 2, 3, 4)]  # the HRs, never hashed by `sample`
@@ -173,7 +173,7 @@ def test_score_rerun_trusts_the_stamps_and_rehashes_changed_files(tmp_path, monk
     (fresh / "img02" / "seed_0004.png").write_bytes(changed.read_bytes())
     again = score_pool(pool, pool, TEST_METRICS, opts)
     assert hashed == ["seed_0004.png"]
-    monkeypatch.setattr(score_store, "file_sha", real)
+    monkeypatch.setattr(score_store, "ref_sha", real)
     new = score_pool(fresh, tmp_path / "new", TEST_METRICS, opts)
     pd.testing.assert_frame_equal(again.scores, new.scores)
     pd.testing.assert_frame_equal(again.rewards.drop(columns="path"), new.rewards.drop(columns="path"))

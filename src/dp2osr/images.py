@@ -18,6 +18,7 @@ the permissions of an ordinary file (``0o666`` minus the umask), so outputs are 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -95,14 +96,18 @@ def _to_rgb_array(im: Image.Image, rawmode: str | None = None) -> np.ndarray:
 
 def load_image(path: Path) -> torch.Tensor:
     """Read an image as a ``(1, 3, H, W)`` float32 tensor in [0, 1]; raises ImageReadError naming the file."""
-    path = Path(path)
+    return decode_image(Path(path), str(path))
+
+
+def decode_image(source, name: str) -> torch.Tensor:
+    """`load_image` of ``source`` (a path or a binary file object); errors name ``name``."""
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             rawmode = _file_rawmode(im)
             im.load()
             arr = _to_rgb_array(_upright(im), rawmode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"cannot read image {path}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {name}: {exc}") from exc
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -186,13 +191,21 @@ def follow_umask(path: Path) -> None:
 def save_image(image: torch.Tensor, path: Path, text: dict[str, str] | None = None) -> None:
     """Write a ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [0, 1] as PNG, atomically; ``text`` goes into tEXt
     chunks (read back by `read_png_text`)."""
+    data = png_bytes(image, text)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def png_bytes(image: torch.Tensor, text: dict[str, str] | None = None) -> bytes:
+    """The bytes `save_image` writes for ``image`` and ``text``."""
     pixels = Image.fromarray(to_uint8(image))
     info = None
     if text:
         info = PngImagePlugin.PngInfo()
         for key, value in text.items():
             info.add_text(key, value)
-    atomic_write(path, lambda tmp: pixels.save(tmp, format="PNG", pnginfo=info))
+    buf = io.BytesIO()
+    pixels.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def read_png_text(path: Path) -> dict[str, str] | None:

@@ -25,7 +25,8 @@ from PIL import Image
 
 from dp2osr import eval_pools, evaluate, plots
 from dp2osr.config import check_choices, field, to_dict
-from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, atomic_write, load_image, to_uint8
+from dp2osr.engine.pool_store import exists, read_image
+from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, atomic_write, to_uint8
 from dp2osr.math import bestm
 from dp2osr.math.change import NOISE_METHOD, change_sentence, pool_change
 from dp2osr.paths import check_output_file
@@ -90,7 +91,7 @@ def _data_uri(data: bytes, mime: str) -> str:
 
 def image_uri(path: Path, max_side: int, fmt: str = "jpeg") -> str:
     """An image file as a ``data:`` URI, downscaled (Lanczos) so neither side exceeds ``max_side``."""
-    im = Image.fromarray(to_uint8(load_image(path)))
+    im = Image.fromarray(to_uint8(read_image(path)))
     scale = max_side / max(im.size)
     if scale < 1:
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.LANCZOS)
@@ -186,7 +187,7 @@ def _comparison_rows(pools: list[dict], labels: list[str], cfg: ReportConfig) ->
         cells.append(("HR", hr))
         figs, options = [], []
         for k, (caption, path) in enumerate(cells):
-            if path is None or not Path(path).is_file():
+            if path is None or not exists(path):
                 figs.append(
                     f'<figure class="cell missing"><div>not available</div><figcaption>{_esc(caption)}'
                     "</figcaption></figure>"

@@ -16,6 +16,7 @@ from dp2osr.config import check_range, check_resume, check_seed, field, save_con
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.jobs import check_outputs
 from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model
+from dp2osr.engine.pool_store import repair_shards
 from dp2osr.engine.pools import read_inputs, sample_pool
 from dp2osr.engine.provenance import model_fields
 from dp2osr.errors import PartialFailure
@@ -23,6 +24,7 @@ from dp2osr.paths import check_output_dir
 from dp2osr.runtime import output_lock, process_state
 
 CONFIG_NAME = "sample_config.yaml"
+POOL_LAYOUTS = ("files", "shards")
 
 
 @dataclass(kw_only=True)
@@ -30,8 +32,8 @@ class SampleConfig(SamplingOptions):
     """Sample M seeded SR candidates for every LR image (resumable, shardable with accelerate launch).
 
     INPUT is a `dp2osr degrade` folder (pairs.parquet: LR with its HR) or a folder of LR images (no HR:
-    only no-reference metrics can score those). Writes OUTPUT/ID/seed_XXXX.png, OUTPUT/candidates.parquet and
-    OUTPUT/sample_config.yaml. Rerun the same command to resume.
+    only no-reference metrics can score those). Writes OUTPUT/ID/seed_XXXX.png (--pool-layout shards: tar
+    files OUTPUT/shards/*.tar holding them), OUTPUT/candidates.parquet and OUTPUT/sample_config.yaml. Rerun the same command to resume.
     """
 
     input: Path = field(
@@ -46,6 +48,12 @@ class SampleConfig(SamplingOptions):
     limit: int | None = field(None, help="use only the first N images (sorted by ID)", run_only=True)
     overwrite: bool = field(
         False, help="resample existing candidates (default: keep them, i.e. resume)", run_only=True
+    )
+    pool_layout: str = field(
+        "files",
+        help="how the candidates are stored: files (OUTPUT/ID/seed_XXXX.png) or shards (tar files "
+        "OUTPUT/shards/*.tar of many candidates each, for pools of millions; every stage reads both)",
+        choices=POOL_LAYOUTS,
     )
     max_pixels: int = field(
         DEFAULT_MAX_PIXELS,
@@ -83,6 +91,7 @@ def _sample(cfg: SampleConfig, state, bb, images) -> None:
         save_config(cfg, out / CONFIG_NAME)
         for stale in out.rglob(".tmp_*"):  # half-written files of a killed run
             stale.unlink()
+        repair_shards(out)  # drop a member a killed run left cut short
     state.wait_for_everyone()
     seeds = [cfg.seed + k for k in range(cfg.samples)]
     result, failed = sample_pool(
@@ -95,6 +104,7 @@ def _sample(cfg: SampleConfig, state, bb, images) -> None:
         upscale=cfg.upscale,
         overwrite=cfg.overwrite,
         state=state,
+        layout=cfg.pool_layout,
     )
     if state.is_main_process:
         print(

@@ -24,6 +24,7 @@ from dp2osr.backbones import Backbone, cast, load_release_state
 from dp2osr.engine import score_shards, scoring
 from dp2osr.engine.checkpoints import checkpoint_problem, read_state, saved_checkpoints
 from dp2osr.engine.options import SamplingOptions
+from dp2osr.engine.pool_store import read_image
 from dp2osr.engine.pools import read_candidates, read_inputs, sample_pool, state_gather
 from dp2osr.engine.provenance import model_fields
 from dp2osr.engine.scoring import ScoreOptions
@@ -70,7 +71,7 @@ def _quality_rows(cands: pd.DataFrame) -> list[tuple]:
         if not r.hr_path:
             rows.append((r.image_id, int(r.seed), float("nan"), float("nan")))
             continue
-        sr = load_image(Path(r.abs_path))[0].permute(1, 2, 0).double().numpy()
+        sr = read_image(r.abs_path)[0].permute(1, 2, 0).double().numpy()
         hr = load_image(Path(r.hr_path))[0].permute(1, 2, 0).double().numpy()
         rows.append((r.image_id, int(r.seed), psnr_y(sr, hr), ssim_y(sr, hr)))
     return rows

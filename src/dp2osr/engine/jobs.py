@@ -28,7 +28,7 @@ from dp2osr.engine.provenance import (
     sample_is_current,
 )
 from dp2osr.engine.sampler import super_resolve
-from dp2osr.images import ImageReadError, atomic_write, check_min_side, load_image, save_image
+from dp2osr.images import ImageReadError, atomic_write, check_min_side, load_image, png_bytes, save_image
 from dp2osr.paths import check_name, check_not_link
 from dp2osr.progress import bar as progress_bar
 from dp2osr.prompts import make_prompt_fn
@@ -79,6 +79,13 @@ def output_path(out_dir: Path, image_id: str, seed: int, flat: bool = False) -> 
     one sample per image); an ID that is not a plain file name (``../x``, ``/abs``) is a ValueError."""
     check_name(image_id)
     return Path(out_dir) / (f"{image_id}.png" if flat else f"{image_id}/seed_{seed:04d}.png")
+
+
+def member_name(image_id: str, seed: int) -> str:
+    """A candidate's name in its pool, ``ID/seed_XXXX.png``: its path in the files layout, its tar member's
+    name in the shards layout."""
+    check_name(image_id)
+    return f"{image_id}/seed_{seed:04d}.png"
 
 
 def prompt_path(out_dir: Path, image_id: str, flat: bool = False) -> Path:
@@ -151,7 +158,7 @@ def sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: Sampli
 
 
 def _plan(
-    bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite
+    bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite, store=None
 ) -> tuple[list[Job], dict, Callable]:
     """(the jobs to do: not ``overwrite``-forced ones whose files are all current are left out, each image's LR
     hash, the options hash of a seed) for `run_jobs`."""
@@ -165,6 +172,10 @@ def _plan(
     lr_shas = {i: lr_file_sha(path) for i, path in lr_paths.items()}
 
     def current(j: Job) -> bool:
+        if store is not None:  # the shards layout (engine.shard_pool)
+            return all(
+                store.is_current(member_name(j.image_id, s), lr_shas[j.image_id], opt_sha) for s in j.seeds
+            )
         return all(
             is_current(
                 output_path(out_dir, j.image_id, s, flat),
@@ -192,6 +203,7 @@ def run_jobs(
     model: dict[str, str] | None = None,
     flat: bool = False,
     stamps: dict | None = None,
+    store=None,
 ) -> JobsResult:
     """Sample every job into ``out_dir/ID/seed_XXXX.png`` (``flat``: ``out_dir/ID.png``): the one loop behind
     upscale, sample, curve and the quickstart.
@@ -201,7 +213,8 @@ def run_jobs(
     whole when any of its files is missing, does not decode, or records another LR or other options (or
     ``overwrite``): the same batch composition as an uninterrupted run gives bit-identical files (batched float
     maths can differ in the last bits). ``stamps`` (see `is_current`) spares decoding the files a manifest
-    recorded and nobody changed since. Consecutive jobs of one image share its loaded LR and prompt. An
+    recorded and nobody changed since. ``store`` (an `engine.shard_pool.ShardedPool`) keeps the samples and
+    prompts in tar shards instead of files. Consecutive jobs of one image share its loaded LR and prompt. An
     unreadable image (or, on an accelerator, one that runs out of memory) is reported on stderr by name and
     skipped; the others go on. A sample with non-finite values is not written: its image and seed are reported
     and the image counts as failed.
@@ -209,7 +222,7 @@ def run_jobs(
     check_outputs(out_dir, [j.image_id for j in jobs], flat)
     settings = sampling_settings(bb, opts)
     prompt_fn = make_prompt_fn(opts.prompt_source, opts.prompt, opts.ram_path, opts.dape_path, bb.device)
-    todo, lr_shas, seed_sha = _plan(bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite)
+    todo, lr_shas, seed_sha = _plan(bb, jobs, out_dir, opts, upscale, model, flat, stamps, overwrite, store)
     result = JobsResult(images_skipped=len({j.image_id for j in jobs} - {j.image_id for j in todo}))
     bar = progress_bar(
         total=sum(len(j.seeds) for j in todo),
@@ -238,11 +251,17 @@ def run_jobs(
                 tqdm.write(f"dp2osr {desc}: {result.failed[job.image_id]}; not written", file=sys.stderr)
                 continue
             record = {LR_SHA_KEY: lr_shas[job.image_id] or "", OPTIONS_SHA_KEY: seed_sha(seed)}
-            save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
+            if store is not None:
+                store.save(member_name(job.image_id, seed), png_bytes(image, record), *record.values())
+            else:
+                save_image(image, output_path(out_dir, job.image_id, seed, flat), record)
             result.written += 1
         if cache["prompt"]:
             text = cache["prompt"] + "\n"
-            atomic_write(prompt_path(out_dir, job.image_id, flat), lambda tmp, t=text: tmp.write_text(t))
+            if store is not None:
+                store.save_prompt(job.image_id, text)
+            else:
+                atomic_write(prompt_path(out_dir, job.image_id, flat), lambda tmp, t=text: tmp.write_text(t))
         result.seconds += time.perf_counter() - start
         bar.update(len(job.seeds))
         bar.set_postfix(s_per_sample=f"{result.seconds / max(result.written, 1):.2f}")

@@ -1,6 +1,6 @@
 """Candidate pools on disk: the inputs of `sample`, its ``candidates.parquet`` manifest, and reading it back.
 
-A pool is a folder of ``ID/seed_XXXX.png`` candidates plus ``candidates.parquet`` (schema in
+A pool is a folder of ``ID/seed_XXXX.png`` candidates (or of tar shards holding them: `engine.pool_store`) plus ``candidates.parquet`` (schema in
 docs/ARCHITECTURE.md) and its stamps (each file's size and mtime when it was hashed, which a rerun trusts);
 ``sample``, ``score``, ``curve`` and the quickstart read and write pools through these functions only.
 """
@@ -19,6 +19,7 @@ from dp2osr.backbones import Backbone
 from dp2osr.engine.jobs import Job, JobsResult, chunk_jobs, run_jobs
 from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.provenance import LR_SHA_KEY, OPTIONS_SHA_KEY
+from dp2osr.engine.shard_pool import ShardedPool
 from dp2osr.images import list_images, read_png_text, write_parquet
 from dp2osr.paths import check_name, file_sha
 
@@ -123,32 +124,45 @@ PARTS_DIR = ".manifest_parts"  # each process's part of the manifest while a mul
 
 
 def manifest_records(
-    images: pd.DataFrame, out: Path, seeds: list[int], jobs: list[Job], stamps: dict[str, tuple]
+    images: pd.DataFrame,
+    out: Path,
+    seeds: list[int],
+    jobs: list[Job],
+    stamps: dict[str, tuple],
+    store: ShardedPool | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """(the file records of the candidates of ``jobs``, the candidates missing or undecodable): what one process
     knows of the files it wrote or checked, each record trusted from ``stamps`` while its size and mtime are
-    those recorded (`_file_record`). ``order`` is the row's place in the manifest: image, then seed."""
+    those recorded (`_file_record`); with ``store`` (the shards layout) the records of its members, ``rel``
+    their references. ``order`` is the row's place in the manifest: image, then seed."""
     place = {image_id: k * len(seeds) for k, image_id in enumerate(images.image_id)}
     seed_pos = {s: k for k, s in enumerate(seeds)}
     rows, missing = [], []
     for job in jobs:
         for s in job.seeds:
             rel = candidate_path(job.image_id, s)
-            found = _file_record(out / rel, stamps)
+            if store is not None:
+                ref, found = store.record(rel) or (rel, None)
+            else:
+                ref, found = rel, _file_record(out / rel, stamps)
             if found is None:
                 missing.append(rel)
             else:
-                rows.append((place[job.image_id] + seed_pos[s], job.image_id, s, rel, *found))
+                rows.append((place[job.image_id] + seed_pos[s], job.image_id, s, ref, *found))
     return pd.DataFrame(rows, columns=_RECORD_COLUMNS), missing
 
 
-def image_info(images: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """(image_id, prompt, hr_sha) of ``images``: the prompt the pool recorded (``ID/prompt.txt``) and the HR's
-    content hash."""
+def image_info(images: pd.DataFrame, out: Path, store: ShardedPool | None = None) -> pd.DataFrame:
+    """(image_id, prompt, hr_sha) of ``images``: the prompt the pool recorded (``ID/prompt.txt``, a file or,
+    with ``store``, a shard member) and the HR's content hash."""
     rows = []
+    prompts = store.prompts() if store is not None else None
     for row in images.itertuples():
         prompt_file = out / row.image_id / "prompt.txt"
-        prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
+        if prompts is not None:
+            prompt = prompts.get(row.image_id, "")
+        else:
+            prompt = prompt_file.read_text().strip() if prompt_file.is_file() else ""
         rows.append((row.image_id, prompt, _hr_sha(row.hr_path)))
     return pd.DataFrame(rows, columns=_INFO_COLUMNS)
 
@@ -237,6 +251,7 @@ def sample_pool(
     controlnet: torch.nn.Module | None = None,
     state=None,
     desc: str = "sample",
+    layout: str = "files",
 ) -> tuple[JobsResult, set[str]]:
     """Sample ``seeds`` for every image of ``images`` (`read_inputs`) into the pool ``out`` and write its manifest.
 
@@ -246,12 +261,14 @@ def sample_pool(
     prompt and HR hash of every ``world``-th image into ``PARTS_DIR``, and the main process only concatenates
     the parts into ``candidates.parquet`` (the bytes one process writes); images that could not be read are
     left out of it. A candidate that the last manifest recorded, with its size and mtime unchanged since, is
-    trusted without being decoded (``STAMPS_FILE``). Returns (this process's `JobsResult`, the failed image
+    trusted without being decoded (``STAMPS_FILE``). ``layout`` ``shards`` keeps the candidates in tar shards
+    (`engine.shard_pool`, `engine.pool_store`) instead of ``ID/seed_XXXX.png`` files. Returns (this process's `JobsResult`, the failed image
     IDs of every process).
     """
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     jobs = chunk_jobs(list(zip(images.image_id, images.lr_path)), seeds, opts.batch_size)[rank::world]
     stamps = read_stamps(out)
+    store = ShardedPool(out, rank, stamps) if layout == "shards" else None
     old = bb.controlnet
     bb.controlnet = controlnet if controlnet is not None else old
     try:
@@ -267,12 +284,15 @@ def sample_pool(
                 show_progress=rank == 0,
                 model=model,
                 stamps=stamps,
+                store=store,
             )
     finally:
         bb.controlnet = old
+        if store is not None:
+            store.close()
     failed = set(result.failed)
     records, missing = manifest_records(
-        images, out, seeds, [j for j in jobs if j.image_id not in failed], stamps
+        images, out, seeds, [j for j in jobs if j.image_id not in failed], stamps, store
     )
     if state is not None:
         gathered = state_gather(state, (failed, missing))
@@ -281,7 +301,7 @@ def sample_pool(
     if missing:
         raise _missing_error(missing)
     done = images[~images.image_id.isin(failed)].reset_index(drop=True)
-    info = image_info(done.iloc[rank::world], out)  # after the barrier: every prompt file is written
+    info = image_info(done.iloc[rank::world], out, store)  # after the barrier: every prompt file is written
     meta = {"pair_ratio": bb.pair_ratio}
     if world == 1:
         combine_manifest(done, out, records, info, model, meta)

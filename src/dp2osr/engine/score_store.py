@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from dp2osr.engine.pool_store import ref_sha, ref_stat
 from dp2osr.engine.pools import STAMPS_FILE as POOL_STAMPS
 from dp2osr.images import write_parquet
-from dp2osr.paths import file_sha
 
 PARTS_DIR = "scores_parts"
 MERGED_PART = "_merged.parquet"
@@ -101,11 +101,7 @@ class PartWriter:
 
 # ------------------------------------------------------------------------------------------ hashes
 def _stat(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+    return ref_stat(path)  # a file's, or a shard member's (engine.pool_store)
 
 
 def _read_stamp_files(files: list[Path]) -> dict[str, tuple]:
@@ -144,8 +140,8 @@ def _sha(path: str, known: dict[str, tuple], new: list[tuple]) -> str:
     if stamp is not None and tuple(stamp[:2]) == stat:
         return stamp[2]
     try:
-        sha = file_sha(Path(path))
-    except OSError:
+        sha = ref_sha(path)
+    except (OSError, ValueError):
         return "unreadable"
     new.append((path, *stat, sha))
     return sha

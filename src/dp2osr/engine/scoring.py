@@ -35,9 +35,10 @@ from dp2osr import metrics as metric_lib
 from dp2osr import tables
 from dp2osr.config import check_choices, field
 from dp2osr.engine import score_shards, score_store
+from dp2osr.engine.pool_store import read_image
 from dp2osr.engine.pools import read_pool
 from dp2osr.engine.score_store import MERGED_PART, PART_COLUMNS, PARTS_DIR, PartWriter, read_parts
-from dp2osr.images import ImageReadError, load_image, write_parquet
+from dp2osr.images import ImageReadError, write_parquet
 from dp2osr.math.dither import dithered
 from dp2osr.math.reward import SCOPES, hybrid_reward
 from dp2osr.paths import check_not_link
@@ -125,7 +126,7 @@ class _Scorer:
 def _load(path: str, errors: dict[str, str]) -> torch.Tensor | None:
     """The image, or None after recording why it cannot be read (each file reported once)."""
     try:
-        return load_image(Path(path))
+        return read_image(path)
     except ImageReadError as exc:
         errors.setdefault(path, str(exc))
         return None

@@ -17,6 +17,7 @@ import torch
 
 from dp2osr import tables
 from dp2osr.backbones import Backbone, Cond
+from dp2osr.engine.pool_store import read_image
 from dp2osr.images import load_image
 from dp2osr.math.geometry import resize
 from dp2osr.math.permutation import permuted
@@ -121,7 +122,7 @@ class FrozenEncoder:
     @torch.no_grad()
     def latents(self, path: str, lr_path: str, up: torch.Tensor | None = None) -> torch.Tensor:
         """The latents of the target image ``path`` (``up``: its upsampled LR, read from ``lr_path`` if None)."""
-        img = load_image(Path(path))
+        img = read_image(path)
         up = self.lr_up(lr_path) if up is None else up
         if img.shape[-2:] != up.shape[-2:]:
             raise ValueError(
