@@ -65,7 +65,8 @@ def make_pool(root: Path, n_images: int = 3, seeds=(0, 1, 2), size: int = 64, no
                 }
             )
     table = pd.DataFrame(rows).astype({"seed": "int64"})
-    table.to_parquet(pool / "candidates.parquet", index=False)
+    table["path"] = [str(pool / p) for p in table["path"]]
+    tables.write(tables.CANDIDATES, table, pool)  # as `sample` writes it: relative paths, their roots recorded
     return pool
 
 
@@ -109,8 +110,10 @@ def test_scores_and_rewards_match_hand_computation(tmp_path):
     ]
     assert rewards[["image_id", "seed", "path"]].equals(cands[["image_id", "seed", "path"]])
     read, meta = tables.read(tables.REWARDS, pool)
+    cands = tables.read(tables.CANDIDATES, pool)[0]  # absolute paths from here on
     assert read.lr_path.tolist() == cands.lr_path.tolist() and read.hr_path.tolist() == cands.hr_path.tolist()
     assert meta == {
+        "roots": ["../data/hr", "../data/lr"],
         "metrics": TEST_METRICS,
         "w_fr": 0.5,
         "w_nr": 0.5,
@@ -427,7 +430,7 @@ def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
     dith = pd.read_parquet(pool / "scores.parquet")
     assert not np.allclose(plain.value, dith.value)  # not the cached plain scores
     # by hand: the mean over the 3 copies of the candidate, each scored against the HR
-    cands = pd.read_parquet(pool / "candidates.parquet")
+    cands = tables.read(tables.CANDIDATES, pool)[0]
     row = cands.iloc[0]
     x = load_image(pool / row.path)
     hr = load_image(Path(row.hr_path))
