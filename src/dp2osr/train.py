@@ -159,7 +159,7 @@ def run(cfg: TrainConfig) -> Path:
         # the flash / memory-efficient backends ran the same step fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(cfg.output)
-    with output_lock(out, "train", hold=PartialState(cpu=cpu).is_main_process):
+    with output_lock(out, "train", PartialState(cpu=cpu)):
         return _train(cfg, cpu, out)
 
 
