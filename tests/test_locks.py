@@ -66,6 +66,19 @@ def test_curve_into_a_busy_folder_is_refused(tmp_path, capsys, busy):
     assert sorted(p.name for p in out.iterdir()) == [runtime.LOCK_NAME]
 
 
+@pytest.mark.parametrize("command", ["degrade", "eval"])
+def test_degrade_and_eval_into_a_busy_folder_are_refused(tmp_path, capsys, busy, command):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(photos / "a.png")
+    out = tmp_path / "out"
+    _lock(out, busy)
+    given = ["--input", str(photos)] if command == "degrade" else ["--sr", str(photos), "--hr", str(photos)]
+    assert main([command, *given, "--output", str(out)]) == 2
+    assert str(busy) in _one_line(capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == [runtime.LOCK_NAME]
+
+
 def test_a_refused_run_leaves_no_folder_it_made(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="bad input"), runtime.output_lock(out, "upscale"):

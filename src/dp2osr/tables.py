@@ -21,9 +21,10 @@ table, row, column and value, before any file is opened):
   table when it was written (``write`` records, relative to the table's folder, the folders of the paths that
   lie outside it: a pool's LR and HR in the degrade folder, preference pairs in the pool), and the folders a
   caller passes as ``roots``. A path edited to ``../outside/secret.png`` is refused;
-- a table a user writes by hand as a stage's input (``Schema.user_input``: a pairs table for ``sample`` or
-  ``train --mode sft``) may also hold absolute paths, anywhere: an absolute path there is the user's own choice
-  of image. Its relative paths follow the rule above (they may not climb out of the table's folder).
+- a table a user may write by hand as a stage's input (``Schema.user_input``: a pairs table for ``sample`` or
+  ``train --mode sft``, preference pairs for ``train --mode dpo``) may also hold absolute paths, anywhere: an
+  absolute path there is the user's own choice of image. Its relative paths follow the rule above (they may
+  not climb out of the table's folder). The tables dp2osr writes hold relative paths only.
 
 Containment is judged on the normalised path's text, without following symbolic links (a data folder reached
 through a link is the user's choice). Tables only ever written with relative paths inside their folder (a
@@ -126,6 +127,7 @@ PREF_PAIRS = Schema(
     },
     {"prompt": "str"},
     paths=("win_path", "lose_path", "lr_path"),
+    user_input=True,
 )
 SCHEMAS = {s.name: s for s in (PAIRS, CANDIDATES, SCORES, REWARDS, PREF_PAIRS)}
 
