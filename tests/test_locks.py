@@ -16,6 +16,7 @@ from PIL import Image
 from dp2osr import runtime
 from dp2osr.cli import main
 from dp2osr.config import save_config
+from dp2osr.paths import append_text
 from dp2osr.upscale import UpscaleConfig
 
 
@@ -113,6 +114,20 @@ def test_save_config_replaces_a_link_instead_of_writing_through_it(tmp_path):
     assert not (out / "upscale_config.yaml").is_symlink()
     assert "output:" in (out / "upscale_config.yaml").read_text()
     assert [p.name for p in out.iterdir()] == ["upscale_config.yaml"]  # no temporary file left
+
+
+def test_a_log_is_appended_to_but_never_through_a_link(tmp_path):
+    log = tmp_path / "upscale_runs.jsonl"
+    append_text(log, "one\n")
+    append_text(log, "two\n")
+    assert log.read_text() == "one\ntwo\n"
+    victim = tmp_path / "thesis.txt"
+    victim.write_text("precious")
+    planted = tmp_path / "metrics.jsonl"
+    planted.symlink_to(victim)
+    with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link"):
+        append_text(planted, "row\n")
+    assert victim.read_text() == "precious"
 
 
 _RANK = textwrap.dedent(

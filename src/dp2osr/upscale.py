@@ -31,7 +31,7 @@ from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model, samp
 from dp2osr.errors import PartialFailure
 from dp2osr.images import atomic_write, list_images, load_image
 from dp2osr.math.reward import hybrid_reward
-from dp2osr.paths import check_name, check_output_dir
+from dp2osr.paths import append_text, check_name, check_output_dir
 from dp2osr.runtime import output_lock, process_state
 
 CONFIG_NAME = "upscale_config.yaml"
@@ -122,8 +122,7 @@ def record_run(cfg: UpscaleConfig, out: Path, images_done: int) -> None:
     are all on record."""
     save_config(cfg, out / CONFIG_NAME)
     record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images_done": images_done, **to_dict(cfg)}
-    with open(out / RUNS_NAME, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(out / RUNS_NAME, json.dumps(record) + "\n")
 
 
 def run(cfg: UpscaleConfig) -> None:
