@@ -362,7 +362,7 @@ def test_pair_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
             "seed": [0, 1, 2, 3],
             "path": [f"a/seed_{s:04d}.png" for s in range(4)],
             "reward": [0.9, 0.1, 0.5, 0.3],
-            "lr_path": ["/lr/a.png"] * 4,
+            "lr_path": ["lr/a.png"] * 4,
         }
     ).to_parquet(rewards)
     mine = tmp_path / "existing.txt"

@@ -262,12 +262,74 @@ def test_table_read_with_roots_refuses_paths_outside_them(tmp_path):
     rows = {"image_id": ["img00"] * 2, "seed": [0, 1], "reward": [0.1, 0.2]}
     paths = [str(pool / "img00" / "seed_0000.png"), str(tmp_path / "outside" / "secret.png")]
     tables.write(tables.REWARDS, pd.DataFrame({**rows, "path": paths}), rewards)
-    df, _ = tables.read(tables.REWARDS, rewards)  # no roots: paths anywhere (tables of folders moved apart)
+    df, _ = tables.read(tables.REWARDS, rewards)  # written so: the folders it was written with are its roots
     assert df.path.tolist() == paths
+    pd.read_parquet(rewards).to_parquet(rewards)  # the same rows without the recorded roots
+    with pytest.raises(ValueError, match=r"row 0.*path.*seed_0000.png"):
+        tables.read(tables.REWARDS, rewards)
     with pytest.raises(ValueError, match=r"row 1.*path.*secret.png"):
         tables.read(tables.REWARDS, rewards, roots=(pool, tmp_path / "data"))
     ok, _ = tables.read(tables.REWARDS, rewards, roots=(tmp_path,))
     assert ok.path.tolist() == paths
+
+
+def _rewards_of(pool: Path, out: Path) -> Path:
+    """A rewards table in ``out`` (beside the pool, as the quickstart lays them out) naming the pool's
+    candidates and their LR images."""
+    cands = tables.read(tables.CANDIDATES, pool)[0]
+    df = cands[["image_id", "seed", "path", "lr_path", "hr_path"]].assign(reward=0.5)
+    return tables.write(tables.REWARDS, df, out)
+
+
+def test_table_roots_follow_the_folders_it_was_written_with_and_move_with_them(tmp_path):
+    pool = make_pool(tmp_path / "run", n_images=1, seeds=(0, 1))
+    rewards = _rewards_of(pool, tmp_path / "run" / "score")
+    roots = tables.read_meta(rewards)["roots"]
+    assert all(r.startswith("..") for r in roots) and len(roots) <= 3
+    (tmp_path / "run").rename(tmp_path / "moved")  # a whole folder of results moved elsewhere
+    df, _ = tables.read(tables.REWARDS, tmp_path / "moved" / "score")
+    assert all(Path(p).is_file() for p in df.path)
+
+
+@pytest.mark.parametrize("column", ["path", "lr_path"])
+def test_an_edited_table_path_that_leaves_its_roots_is_refused(tmp_path, column):
+    import pyarrow.parquet as pq
+
+    pool = make_pool(tmp_path / "run", n_images=1, seeds=(0, 1))
+    rewards = _rewards_of(pool, tmp_path / "run" / "score")
+    secret = _png(tmp_path / "outside" / "secret.png")
+    table = pq.read_table(rewards)  # edited keeping the table's metadata (its recorded roots)
+    df = table.to_pandas()
+    df.loc[1, column] = os.path.relpath(secret, rewards.parent)
+    pq.write_table(pa_table(df, table.schema.metadata), rewards)
+    with pytest.raises(ValueError, match=rf"rewards.parquet: row 1: {column} .*secret.png.*outside"):
+        tables.read(tables.REWARDS, rewards)
+
+
+def pa_table(df: pd.DataFrame, metadata: dict):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(metadata)
+
+
+def test_a_hand_written_pairs_table_may_name_images_by_absolute_path_but_not_climb_out(tmp_path):
+    data = _png(tmp_path / "data" / "lr" / "a.png")
+    deg = _pairs(tmp_path / "tables", ["a", "b"], lr=[str(data), "lr/ok.png"])
+    df, _ = tables.read(tables.PAIRS, deg)  # an absolute path: the user's own choice of image
+    assert df.lr_path[0] == str(data)
+    deg = _pairs(tmp_path / "tables", ["a", "b"], lr=["lr/ok.png", "../data/lr/a.png"])
+    with pytest.raises(ValueError, match=r"row 1: lr_path '../data/lr/a.png'.*absolute path"):
+        tables.read(tables.PAIRS, deg)
+
+
+def test_a_pool_sampled_from_absolute_paths_is_read_back_with_its_roots(tmp_path):
+    pool = make_pool(tmp_path / "run", n_images=2, seeds=(0,))
+    cands, meta = tables.read(tables.CANDIDATES, pool)
+    data = tmp_path / "elsewhere" / "data"  # LR images a hand-written pairs table named by absolute path
+    lrs = [str(_png(data / "lr" / f"{i}.png")) for i in cands.image_id]
+    tables.write(tables.CANDIDATES, cands.assign(lr_path=lrs), pool, meta)
+    df, _ = tables.read(tables.CANDIDATES, pool)
+    assert df.lr_path.tolist() == lrs
 
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", ".."])

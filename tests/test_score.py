@@ -65,7 +65,10 @@ def make_pool(root: Path, n_images: int = 3, seeds=(0, 1, 2), size: int = 64, no
                 }
             )
     table = pd.DataFrame(rows).astype({"seed": "int64"})
-    table.to_parquet(pool / "candidates.parquet", index=False)
+    table["path"] = [str(pool / p) for p in table["path"]]
+    tables.write(
+        tables.CANDIDATES, table, pool
+    )  # as `sample` writes it: relative paths, their roots recorded
     return pool
 
 
@@ -109,8 +112,10 @@ def test_scores_and_rewards_match_hand_computation(tmp_path):
     ]
     assert rewards[["image_id", "seed", "path"]].equals(cands[["image_id", "seed", "path"]])
     read, meta = tables.read(tables.REWARDS, pool)
+    cands = tables.read(tables.CANDIDATES, pool)[0]  # absolute paths from here on
     assert read.lr_path.tolist() == cands.lr_path.tolist() and read.hr_path.tolist() == cands.hr_path.tolist()
     assert meta == {
+        "roots": ["../data/hr", "../data/lr"],
         "metrics": TEST_METRICS,
         "w_fr": 0.5,
         "w_nr": 0.5,
@@ -428,7 +433,7 @@ def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
     dith = pd.read_parquet(pool / "scores.parquet")
     assert not np.allclose(plain.value, dith.value)  # not the cached plain scores
     # by hand: the mean over the 3 copies of the candidate, each scored against the HR
-    cands = pd.read_parquet(pool / "candidates.parquet")
+    cands = tables.read(tables.CANDIDATES, pool)[0]
     row = cands.iloc[0]
     x = load_image(pool / row.path)
     hr = load_image(Path(row.hr_path))
@@ -445,3 +450,19 @@ def test_dither_scores_are_the_mean_of_the_copies_and_kept_apart(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(pool / "scores.parquet"), plain)
     with pytest.raises(ValueError, match="dither"):
         ScoreConfig(candidates=pool, dither=-2)
+
+
+@pytest.mark.parametrize(
+    "metric, size",
+    [("piqe", (1, 1)), ("piqe", (5, 3)), ("ssim", (3, 5)), ("gmsd", (1, 1)), ("brisque", (5, 3))],
+)
+def test_candidates_smaller_than_a_metric_takes_are_one_line(tmp_path, capsys, metric, size):
+    pool = make_pool(tmp_path, n_images=1, seeds=(0,))
+    cand = pool / "img00" / "seed_0000.png"
+    Image.fromarray(np.zeros((*size, 3), np.uint8)).save(cand)
+    hr = tmp_path / "data" / "hr" / "img00.png"
+    Image.fromarray(np.zeros((*size, 3), np.uint8)).save(hr)
+    assert cli_main(["score", "--candidates", str(pool), "--metrics", metric, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"metric {metric!r} needs images of at least" in err
+    assert f"is {size[1]}x{size[0]}" in err

@@ -349,13 +349,17 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 
 def save_config(cfg: Any, path: Path) -> None:
-    """Write the resolved config as YAML (``.yaml``) or JSON (anything else)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the resolved config as YAML (``.yaml``) or JSON (anything else), atomically: written aside, then
+    renamed onto ``path``, so a killed run leaves the old config or the new one, and a symbolic link at
+    ``path`` is replaced, never written through."""
+    from dp2osr.images import atomic_write  # on use: images pulls in torch, the CLI's help does not need it
+
     data = to_dict(cfg)
     if path.suffix in (".yaml", ".yml"):
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        text = yaml.safe_dump(data, sort_keys=False)
     else:
-        path.write_text(json.dumps(data, indent=2))
+        text = json.dumps(data, indent=2)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def check_choice(name: str, value: Any, allowed: list | tuple) -> None:

@@ -32,7 +32,7 @@ from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model
 from dp2osr.engine.provenance import weights_sha
 from dp2osr.images import atomic_write
 from dp2osr.paths import check_output_dir
-from dp2osr.runtime import process_state
+from dp2osr.runtime import output_lock, process_state
 from dp2osr.train import CONFIG_NAME as TRAIN_CONFIG
 from dp2osr.train import TrainConfig
 
@@ -137,6 +137,12 @@ def run(cfg: CurveConfig) -> pd.DataFrame:
     """
     out = Path(cfg.output or Path(cfg.run_dir) / "reward_curve")
     check_output_dir(out)
+    with output_lock(out, "curve", process_state(cfg.device)[0]):
+        return _curve(cfg, out)
+
+
+def _curve(cfg: CurveConfig, out: Path) -> pd.DataFrame:
+    """`run` once the output folder ``out`` is this run's."""
     cfg = with_run_model(cfg)
     checkpoints = run_checkpoints(cfg.run_dir)
     if not checkpoints:

@@ -37,7 +37,7 @@ from dp2osr.images import MIN_LR_SIDE, ImageReadError, list_images, load_image, 
 from dp2osr.math.kernels import bivariate_kernel, sinc_kernel
 from dp2osr.paths import check_output_dir, file_sha
 from dp2osr.progress import bar as progress_bar
-from dp2osr.runtime import resolve_device
+from dp2osr.runtime import output_lock, resolve_device
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 _KERNEL_PROB = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # Real-ESRGAN's probabilities of KERNEL_TYPES
@@ -387,6 +387,12 @@ def run(cfg: DegradeConfig) -> pd.DataFrame:
         seen[path.stem] = path
     out = Path(cfg.output)
     check_output_dir(out)
+    with output_lock(out, "degrade"):
+        return _degrade(cfg, files, out)
+
+
+def _degrade(cfg: DegradeConfig, files: list[Path], out: Path) -> pd.DataFrame:
+    """`run` once the output folder ``out`` is this run's."""
     check_resume(cfg, out / CONFIG_NAME, "pairs")
     device = resolve_device(cfg.device)
     save_config(cfg, out / CONFIG_NAME)

@@ -23,6 +23,7 @@ from dp2osr.eval_pools import bestm_markdown, evaluate_pools
 from dp2osr.images import atomic_write
 from dp2osr.metrics import PRESETS
 from dp2osr.paths import check_output_dir
+from dp2osr.runtime import output_lock
 
 PER_IMAGE_CSV = "eval_per_image.csv"
 SUMMARY_JSON = "eval_summary.json"
@@ -126,7 +127,12 @@ def run(cfg: EvalConfig) -> None:
         raise ValueError(f"--crop-border must be >= 0, got {cfg.crop_border}")
     out = Path(cfg.output)
     check_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "eval"):
+        _evaluate(cfg, out)
+
+
+def _evaluate(cfg: EvalConfig, out: Path) -> None:
+    """`run` once the output folder ``out`` is this run's."""
     _write_text(out / CONFIG_JSON, json.dumps(to_dict(cfg), indent=2, default=str))
     problems: list[str] = []
     if cfg.sr:

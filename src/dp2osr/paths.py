@@ -5,7 +5,8 @@ is expected (or a folder where a file is expected), or a folder that cannot be w
 ``ValueError`` naming it. An image ID becomes a file or folder name under the output (``OUT/ID/seed_XXXX.png``),
 so it must be a plain name (`check_name`): no separator, not ``.`` or ``..``, not empty; a path a table stores
 may be required to lie inside given folders (`is_inside`, by the path's text: no filesystem calls).
-``file_sha`` is the content hash that pools and scores are keyed by.
+Logs a stage appends to (``append_text``) are never written through a symbolic link. ``file_sha`` is the
+content hash that pools and scores are keyed by.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def check_not_link(path: Path, what: str) -> None:
             f"{what} {path} is a symbolic link (to {os.readlink(path)}); dp2osr writes only inside its "
             "output folder: remove the link or choose another --output"
         )
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to the file ``path`` (a log: created when missing); a symbolic link there is refused
+    (``ValueError``), never written through."""
+    check_not_link(path, "the log file")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -125,7 +125,9 @@ def _create_lock(path: Path, record: dict) -> bool:
     """Create ``path`` holding ``record`` in one step (written aside, then linked: never seen empty); False
     when it exists."""
     tmp = path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record))
+    tmp.unlink(missing_ok=True)  # a leftover (or a planted link): created anew below, never written through
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+        f.write(json.dumps(record))
     try:
         os.link(tmp, path)
         return True
@@ -164,15 +166,47 @@ def _check_owner(folder: Path, path: Path, owner: dict | None) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(folder: Path, command: str, hold: bool = True) -> Iterator[None]:
+def output_lock(folder: Path, command: str, state=None) -> Iterator[None]:
     """Hold ``folder/.dp2osr.lock`` (this process's id and host) while the block runs: a second run into the
     same folder is refused in one line (ValueError naming the holder's pid); the lock of a process that is
-    gone is taken over with a note. ``hold=False`` (the other processes of a multi-process launch: the main one
-    holds it for all) does nothing; a process that holds the lock already takes it again freely."""
-    if not hold:
-        yield
+    gone is taken over with a note; a process that holds the lock already takes it again freely.
+
+    ``state`` (accelerate's process state) under a multi-process launch: the main process takes the lock for
+    all, and every process learns its outcome, so all of them stop with the same one-line error when it is
+    refused (none goes on into a folder another run holds)."""
+    if state is None or state.num_processes <= 1:
+        with _held(Path(folder), command):
+            yield
         return
-    folder = Path(folder)
+    with contextlib.ExitStack() as stack:
+        error, failure = "", None
+        if state.is_main_process:
+            try:
+                stack.enter_context(_held(Path(folder), command))
+            except Exception as exc:  # every process must hear of it, whatever it is, or the others wait
+                error, failure = str(exc) or type(exc).__name__, exc
+        error = _from_main(error)
+        if failure is not None:
+            raise failure
+        if error:
+            raise ValueError(error)
+        yield
+
+
+def _from_main(value: str) -> str:
+    """The main process's ``value``, on every process of a multi-process launch."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _held(folder: Path, command: str) -> Iterator[None]:
+    """`output_lock` in one process. A folder it had to create is removed again when the run leaves it empty
+    (refused before it wrote anything)."""
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     me = {"pid": os.getpid(), "host": host_name(), "command": command}
@@ -194,3 +228,6 @@ def output_lock(folder: Path, command: str, hold: bool = True) -> Iterator[None]
         owner = _lock_owner(path)
         if mine and owner is not None and owner["pid"] == me["pid"] and owner.get("host") == me["host"]:
             path.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):  # not empty: the run's results
+                    folder.rmdir()

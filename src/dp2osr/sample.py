@@ -80,7 +80,7 @@ def run(cfg: SampleConfig) -> None:
     check_resume(cfg, out / CONFIG_NAME, "candidates")
     check_inputs([Path(p) for p in images.lr_path], cfg, device.type == "cpu", "sample")
     bb = load_model(cfg, device)
-    with output_lock(out, "sample", hold=state.is_main_process):
+    with output_lock(out, "sample", state):
         _sample(cfg, state, bb, images)
 
 

@@ -78,7 +78,7 @@ def run(cfg: ScoreConfig) -> ScoreResult:
     check_output_dir(out_dir)
     names = resolved_metrics(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with output_lock(out_dir, "score", hold=state.is_main_process):
+    with output_lock(out_dir, "score", state):
         if state.is_main_process:
             # the resolved config: the exact metric list and output folder this run used
             save_config(dataclasses.replace(cfg, metrics=names, output=out_dir), out_dir / CONFIG_FILE)

@@ -17,11 +17,18 @@ table, row, column and value, before any file is opened):
   or embed another kind of file (``/etc/passwd``);
 - a column the table's own stage wrote inside the table's folder (``Schema.inside``: a pool's candidates) must
   resolve inside that folder;
-- with ``roots`` (folders the caller trusts), every path must resolve inside one of them or the table's folder.
-  There is no default beyond the table's own folder rule above: the tables legitimately point into other
-  stages' folders (a pool's LR and HR into the degrade folder, rewards into the pool, preference pairs into
-  the pool and the degrade folder), which may be anywhere, so only a caller that knows its folders can bound
-  them. Containment is judged on the normalised path's text, without following symbolic links.
+- every path must resolve inside the table's *roots*: the table's own folder, the folders recorded in the
+  table when it was written (``write`` records, relative to the table's folder, the folders of the paths that
+  lie outside it: a pool's LR and HR in the degrade folder, preference pairs in the pool), and the folders a
+  caller passes as ``roots``. A path edited to ``../outside/secret.png`` is refused;
+- a table a user may write by hand as a stage's input (``Schema.user_input``: a pairs table for ``sample`` or
+  ``train --mode sft``, preference pairs for ``train --mode dpo``) may also hold absolute paths, anywhere: an
+  absolute path there is the user's own choice of image. Its relative paths follow the rule above (they may
+  not climb out of the table's folder). The tables dp2osr writes hold relative paths only.
+
+Containment is judged on the normalised path's text, without following symbolic links (a data folder reached
+through a link is the user's choice). Tables only ever written with relative paths inside their folder (a
+degrade folder's pairs table) carry no recorded roots and are written as before.
 
 Image IDs name output files and folders (``OUT/ID/seed_XXXX.png``), so every table refuses an ID that is not a
 plain file name (``../x``, ``/abs``, ``..``) on read and on write. Facts about the whole table (the reward weights it was computed with, the pair ratio of the
@@ -48,8 +55,8 @@ META_KEY = b"dp2osr"
 @dataclass(frozen=True)
 class Schema:
     """One table: its default file name, version, required and optional columns (name -> dtype), the columns
-    holding paths, the path columns that lie inside the table's own folder, and the columns that identify a
-    row."""
+    holding paths, the path columns that lie inside the table's own folder, the columns that identify a row,
+    and whether users write it by hand as a stage's input (its absolute paths are then accepted anywhere)."""
 
     name: str
     filename: str
@@ -59,6 +66,7 @@ class Schema:
     paths: tuple[str, ...] = ()
     key: tuple[str, ...] = ()
     inside: tuple[str, ...] = ()
+    user_input: bool = False
 
 
 _MODEL = {"backbone": "str", "base": "str", "controlnet": "str"}
@@ -71,6 +79,7 @@ PAIRS = Schema(
     {"source": "str", "seed": "int64", "source_sha": "str"},
     paths=("hr_path", "lr_path"),
     key=("image_id",),
+    user_input=True,
 )
 CANDIDATES = Schema(
     "candidates",
@@ -118,6 +127,7 @@ PREF_PAIRS = Schema(
     },
     {"prompt": "str"},
     paths=("win_path", "lose_path", "lr_path"),
+    user_input=True,
 )
 SCHEMAS = {s.name: s for s in (PAIRS, CANDIDATES, SCORES, REWARDS, PREF_PAIRS)}
 
@@ -187,12 +197,46 @@ def _check_ids(ids: pd.Series, where: str) -> None:
             )
 
 
+def _roots(folder: Path, meta: dict, roots: tuple[Path, ...] | None) -> list[str]:
+    """The folders a table's paths may lie in (module docstring): its own folder first, then the folders
+    recorded in its metadata (relative to it), then the caller's ``roots``; absolute and normalised."""
+    own = os.path.abspath(folder)
+    recorded = meta.get("roots", [])
+    if not isinstance(recorded, list) or not all(isinstance(r, str) and r for r in recorded):
+        recorded = []
+    extra = [os.path.abspath(r) for r in roots or ()]
+    return [own, *(os.path.normpath(os.path.join(own, r)) for r in recorded), *extra]
+
+
+def _outside_roots(folder: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> list[str]:
+    """The fewest folders (relative to ``folder``, sorted) holding every path of ``df``'s ``columns`` (absolute,
+    normalised) that lies outside ``folder``: each such path's parent, less those inside another."""
+    own = os.path.abspath(folder)
+    parents = {
+        os.path.dirname(p)
+        for col in columns
+        if col in df.columns
+        for p in df[col]
+        if p and not is_inside(p, [own])
+    }
+
+    def nested(d: str) -> bool:
+        up = os.path.dirname(d)
+        while up != d:
+            if up in parents:
+                return True
+            d, up = up, os.path.dirname(up)
+        return False
+
+    return sorted(os.path.relpath(d, own) for d in parents if not nested(d))
+
+
 def _check_paths(
-    schema: Schema, df: pd.DataFrame, stored: pd.DataFrame, where: Path, roots: tuple[Path, ...] | None
+    schema: Schema, df: pd.DataFrame, stored: pd.DataFrame, where: Path, trusted: list[str]
 ) -> None:
-    """The rules on what a table's paths may name (module docstring); ``stored``: the values as stored."""
-    own = [os.path.abspath(where.parent)]
-    trusted = None if roots is None else own + [os.path.abspath(r) for r in roots]
+    """The rules on what a table's paths may name (module docstring); ``stored``: the values as stored;
+    ``trusted``: the table's roots, its own folder first."""
+    own = trusted[:1]
     for col in schema.paths:
         if col not in df.columns:
             continue
@@ -204,10 +248,14 @@ def _check_paths(
                 problem = f"is not an image file ({', '.join(IMAGE_SUFFIXES)})"
             elif col in schema.inside and not is_inside(value, own):
                 problem = f"lies outside the table's folder {own[0]}"
-            elif trusted is not None and not is_inside(value, trusted):
-                problem = f"lies outside the folders {trusted}"
-            else:
+            elif is_inside(value, trusted) or (schema.user_input and os.path.isabs(raw)):
                 continue
+            else:
+                problem = f"lies outside the table's folder and the folders it was written with {trusted}" + (
+                    "; a hand-written table may name images elsewhere by absolute path"
+                    if schema.user_input
+                    else ""
+                )
             raise ValueError(f"{where}: row {row}: {col} {shown} {problem}; refused")
 
 
@@ -217,8 +265,9 @@ def read(
     """(the table at ``path`` (a file or a stage's output folder) validated, with absolute paths; its metadata).
 
     A table of a newer schema version than this dp2osr knows is refused with the versions named; a path that
-    is not an image, a column of ``Schema.inside`` outside the table's folder and, with ``roots``, a path
-    outside them and the table's folder are refused naming the row (module docstring).
+    is not an image, a column of ``Schema.inside`` outside the table's folder and a path outside the table's
+    roots (its folder, the folders recorded in it, and ``roots``) are refused naming the row (module
+    docstring).
     """
     path = table_path(schema, path)
     if not path.is_file():
@@ -235,7 +284,7 @@ def read(
     for col in schema.paths:
         if col in df.columns:
             df[col] = _absolute(path.parent, df[col])
-    _check_paths(schema, df, stored, path, roots)
+    _check_paths(schema, df, stored, path, _roots(path.parent, meta, roots))
     return df, meta
 
 
@@ -243,11 +292,20 @@ def write(schema: Schema, df: pd.DataFrame, path: Path, meta: dict | None = None
     """Write ``df`` as the table ``path`` (a file or a folder), atomically; returns the file's path.
 
     Path columns hold paths as the caller names them (absolute, or relative to the working folder); they are
-    stored relative to the table's folder. The schema's name and version (and ``meta``) go into the metadata;
-    version-1 tables without ``meta`` are written without metadata, as they always were.
+    stored relative to the table's folder, and the folders of those outside it go into the metadata as
+    ``roots`` (what `read` accepts them in). The schema's name and version (and ``meta``) go into the metadata;
+    version-1 tables without ``meta`` and without paths outside their folder are written without metadata, as
+    they always were.
     """
     path = table_path(schema, path)
     df = validate(schema, df.copy(), str(path), allow_empty=True)
+    for col in schema.paths:
+        if col in df.columns:
+            df[col] = [os.path.normpath(os.path.abspath(p)) if p else "" for p in df[col]]
+    meta = {k: v for k, v in (meta or {}).items() if k != "roots"}
+    outside = _outside_roots(path.parent, df, schema.paths)
+    if outside:
+        meta["roots"] = outside
     for col in schema.paths:
         if col in df.columns:
             df[col] = _relative(path.parent, df[col])

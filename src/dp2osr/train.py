@@ -177,7 +177,7 @@ def run(cfg: TrainConfig) -> Path:
         # the flash / memory-efficient backends ran the same step fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(cfg.output)
-    with output_lock(out, "train", hold=process_group(cpu).is_main_process):
+    with output_lock(out, "train", process_group(cpu)):
         return _train(cfg, cpu, out)
 
 

@@ -31,8 +31,8 @@ from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model, samp
 from dp2osr.errors import PartialFailure
 from dp2osr.images import atomic_write, list_images, load_image
 from dp2osr.math.reward import hybrid_reward
-from dp2osr.paths import check_name, check_output_dir
-from dp2osr.runtime import process_state
+from dp2osr.paths import append_text, check_name, check_output_dir
+from dp2osr.runtime import output_lock, process_state
 
 CONFIG_NAME = "upscale_config.yaml"
 RUNS_NAME = "upscale_runs.jsonl"
@@ -122,12 +122,18 @@ def record_run(cfg: UpscaleConfig, out: Path, images_done: int) -> None:
     are all on record."""
     save_config(cfg, out / CONFIG_NAME)
     record = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "images_done": images_done, **to_dict(cfg)}
-    with open(out / RUNS_NAME, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(out / RUNS_NAME, json.dumps(record) + "\n")
 
 
 def run(cfg: UpscaleConfig) -> None:
     """Run the model over every input; raises `PartialFailure` (after the others are written) when any failed."""
+    check_output_dir(cfg.output)
+    with output_lock(cfg.output, "upscale", process_state(cfg.device)[0]):
+        _run(cfg)
+
+
+def _run(cfg: UpscaleConfig) -> None:
+    """`run` once the output folder is this run's."""
     state, device = process_state(cfg.device)
     images = list_images(cfg.input)
     stems = [p.stem for p in images]

@@ -30,7 +30,7 @@ from dp2osr.engine.options import SamplingOptions
 from dp2osr.engine.train_data import batch_indices, data_table, existing_table
 from dp2osr.errors import TrainingDiverged
 from dp2osr.images import atomic_write, follow_umask
-from dp2osr.paths import file_sha
+from dp2osr.paths import append_text, file_sha
 from dp2osr.progress import bar as progress_bar
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -310,8 +310,7 @@ def train_loop(run: Run, cfg) -> None:
 
 def log_row(run: Run, record: dict, tag) -> None:
     """One row of metrics.jsonl, and its values in the trackers under ``tag(key)`` (main process only)."""
-    with (run.out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(run.out / "metrics.jsonl", json.dumps(record) + "\n")
     if run.writer is not None:
         run.writer.log({tag(k): v for k, v in record.items() if k != "step"}, step=record["step"])
 

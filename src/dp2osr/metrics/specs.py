@@ -135,16 +135,16 @@ _KNOWN: dict[str, tuple[tuple[WeightFile, ...], str, dict[str, Any]]] = {
     # NIQE: the official file when present, else the packaged parameters; one 96 px block at least
     "niqe": ((_pyiqa_file("niqe_modelparameters.mat"),), "niqe", {"min_size": 96}),
     # BRISQUE: always the packaged SVM (pyiqa's own file is a pickle)
-    "brisque": ((), "brisque", {}),
-    # --- no weights at all (checked offline with pyiqa 0.1.16)
+    "brisque": ((), "brisque", {"min_size": 7}),
+    # --- no weights at all (checked offline with pyiqa 0.1.16; min_size: the smallest short side each accepts)
     "ms_ssim": ((), "none", {"min_size": 176}),
     "fsim": ((), "none", {}),
-    "gmsd": ((), "none", {}),
-    "piqe": ((), "none", {}),
+    "gmsd": ((), "none", {"min_size": 3}),
+    "piqe": ((), "none", {"min_size": 8}),
     "psnr": ((), "none", {}),
     "psnry": ((), "none", {}),
-    "ssim": ((), "none", {}),
-    "ssimc": ((), "none", {}),
+    "ssim": ((), "none", {"min_size": 11}),  # its 11 px window
+    "ssimc": ((), "none", {"min_size": 11}),
     "cw_ssim": ((), "none", {}),
     "vif": ((), "none", {}),
     "vsi": ((), "none", {}),
