@@ -142,6 +142,8 @@ _RANK = textwrap.dedent(
             print("went on")
     except ValueError as exc:
         print(f"refused: {exc}")
+    finally:  # as the CLI does: a gloo process left to the exit can abort
+        state.destroy_process_group()
     """
 )
 
