@@ -103,6 +103,29 @@ def test_same_seed_same_output_whatever_the_batch(backbone):
     assert (batch[0] - batch[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("backbone", ["sd2-tiny", "flux-tiny"])
+def test_noise_device_model_draws_on_the_models_device(backbone, monkeypatch):
+    """--noise-device model seeds each sample's generator on the model's device (a GPU run then draws what a
+    generator seeded there draws); on a CPU model that is the CPU, so the output equals the default's."""
+    import dp2osr.engine.sampler as sampler
+
+    bb = load_backbone(backbone)
+    devices = []
+    real = sampler.sample_generators
+    monkeypatch.setattr(
+        sampler,
+        "sample_generators",
+        lambda seeds, device="cpu": devices.append(device) or real(seeds, device),
+    )
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cond = bb.encode_prompts(["a house"], bb.default_negative_prompt or None)
+    kw = dict(steps=2, guidance=bb.default_guidance)
+    cpu = generate(bb, control, cond, [5], **kw)
+    model = generate(bb, control, cond, [5], noise_device="model", **kw)
+    assert devices == ["cpu", bb.device]
+    assert torch.equal(cpu, model)
+
+
 def test_batch_size_does_not_change_files(tmp_path):
     inp = _png(tmp_path / "x.png", 16, 16)
     outs = []

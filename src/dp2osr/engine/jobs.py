@@ -153,6 +153,7 @@ def sample_job(bb: Backbone, job: Job, cache: dict, settings: dict, opts: Sampli
             tile_overlap=opts.tile_overlap,
             color_fix_method=opts.color_fix,
             tile_batch=opts.tile_batch,
+            noise_device=settings["noise_device"],
             progress=steps.update,
         )
 

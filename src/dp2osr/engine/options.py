@@ -15,7 +15,7 @@ import torch
 
 from dp2osr.backbones import DTYPES, NAMES, Backbone, auto_dtype, load_backbone, trait_defaults
 from dp2osr.config import check_choices, check_range, field
-from dp2osr.engine.sampler import tile_threshold_for
+from dp2osr.engine.sampler import NOISE_DEVICES, tile_threshold_for
 from dp2osr.math.colorfix import COLOR_FIXES
 from dp2osr.prompts import PROMPT_SOURCES
 from dp2osr.runtime import resolve_device
@@ -88,6 +88,12 @@ class SamplingOptions(ModelOptions):
         "(default: twice the process size; 0: every image in one call, memory grows with the image)",
     )
     tile_overlap: float = field(0.25, help="overlap of latent tiles, as a fraction of the tile side")
+    noise_device: str = field(
+        "cpu",
+        help="where each sample's generator draws its noise: cpu (the same noise on every device) or model "
+        "(a generator on the model's device, as the released scripts seed theirs: their pixels on a GPU)",
+        choices=list(NOISE_DEVICES),
+    )
     tile_batch: int = field(
         4,
         help="latent tiles denoised together in one call when an image is tiled (with every seed of the "
@@ -175,6 +181,7 @@ def sampling_settings(bb: Backbone, opts: SamplingOptions) -> dict:
             opts.process_size or bb.default_process_size, opts.tile_threshold
         ),
         "tile_overlap": opts.tile_overlap,
+        "noise_device": opts.noise_device,
         "tile_batch": opts.tile_batch,
         "color_fix": opts.color_fix,
     }

@@ -39,16 +39,21 @@ def expand_cond(cond: Cond, batch: int) -> Cond:
     return {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in cond.items()}
 
 
-def sample_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded with its seed: every random draw of that sample comes from it."""
-    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+NOISE_DEVICES = ("cpu", "model")
+
+
+def sample_generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample on ``device``, seeded with its seed: every random draw of that sample comes
+    from it. A CPU generator draws the same noise whatever device the model runs on; one on the model's GPU
+    draws what a script that seeds ``torch.Generator(device="cuda")`` draws."""
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
 
 def initial_latents(
     backbone: Backbone, generators: list[torch.Generator], latent_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """Per-sample Gaussian latents, each drawn on its CPU generator as the diffusers pipelines draw them
-    (``randn_tensor`` in the model's dtype: identical on every device)."""
+    """Per-sample Gaussian latents, each drawn on its generator as the diffusers pipelines draw them
+    (``randn_tensor`` in the model's dtype)."""
     shape = (1, backbone.latent_channels, *latent_hw)
     noise = [
         randn_tensor(shape, generator=g, device=backbone.device, dtype=backbone.dtype) for g in generators
@@ -71,6 +76,7 @@ def generate(
     controlnet: torch.nn.Module | None = None,
     progress: Callable[[float], None] | None = None,
     tile_batch: int = 1,
+    noise_device: str = "cpu",
 ) -> torch.Tensor:
     """Sample one SR output per seed for one control image.
 
@@ -88,7 +94,7 @@ def generate(
     f = backbone.latent_factor
     h, w = control_image.shape[-2] // f, control_image.shape[-1] // f
     b = len(seeds)
-    generators = sample_generators(seeds)
+    generators = sample_generators(seeds, backbone.device if noise_device == "model" else "cpu")
     control = backbone.prepare_control(control_image.to(backbone.device), generators)  # draws first (FLUX)
     cond = expand_cond({k: v.to(backbone.device) for k, v in cond.items()}, b)
     latents = initial_latents(backbone, generators, (h, w))
@@ -198,6 +204,7 @@ def super_resolve(
     controlnet: torch.nn.Module | None = None,
     progress: Callable[[float], None] | None = None,
     tile_batch: int = 1,
+    noise_device: str = "cpu",
 ) -> torch.Tensor:
     """SR outputs ``(len(seeds), 3, h·upscale, w·upscale)`` for the LR ``lr`` ``(1, 3, h, w)``, any size/aspect.
 
@@ -225,6 +232,7 @@ def super_resolve(
         controlnet=controlnet,
         progress=progress,
         tile_batch=tile_batch,
+        noise_device=noise_device,
     )
     out = finish(out, reference, color_fix_method)
     if tuple(out.shape[-2:]) != out_hw:
