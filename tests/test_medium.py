@@ -1,0 +1,42 @@
+"""scripts/medium.py's crop choice: training tiles only from photos the embedded model was trained on,
+held-out tiles only from photos it never saw; flat tiles skipped."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import medium  # noqa: E402
+from train_embedded import HOLDOUT  # noqa: E402
+
+
+def photo(path: Path, flat: bool = False, side: int = 128) -> Path:
+    rng = np.random.default_rng(len(path.stem))
+    arr = np.full((side, side, 3), 128, np.uint8) if flat else rng.integers(0, 256, (side, side, 3), np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_photo_sets_keep_heldout_photos_out_of_training(tmp_path):
+    for name in ("plant", "apple", "baboon", "astronaut"):
+        photo(tmp_path / f"{name}.png")
+    train, held = medium.photo_sets(tmp_path)
+    assert [p.stem for p in train] == ["apple", "plant"]
+    stems = [p.stem for p in held]
+    assert "baboon" in stems and set(stems) <= set(HOLDOUT)
+    assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(stems)  # the bundled photos join them
+    assert not {p.stem for p in train} & set(HOLDOUT)
+
+
+def test_only_heldout_photos_is_an_error(tmp_path):
+    photo(tmp_path / "baboon.png")
+    with pytest.raises(ValueError, match="no photo outside"):
+        medium.photo_sets(tmp_path)
+
+
+def test_flat_tiles_are_skipped(tmp_path):
+    tiles = medium.textured_tiles([photo(tmp_path / "a.png"), photo(tmp_path / "flat.png", flat=True)], 64)
+    assert len(tiles) == 4 and all(t[0].startswith("a_") for t in tiles)  # 2 x 2 of a, none of flat
