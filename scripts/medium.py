@@ -161,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     if "output" not in vars(args):
         args.output = Path("medium_runs")
     cfg = build_config(QuickstartConfig, args)
+    if cfg.photos is None:
+        parser.error("--photos is required: the folder of scripts/train_embedded.py --export-photos")
+    photo_sets(Path(cfg.photos))  # before any work: a folder with no training photo is refused
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     command = "python scripts/medium.py " + " ".join(sys.argv[1:] if argv is None else argv)
