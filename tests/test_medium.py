@@ -40,3 +40,22 @@ def test_only_heldout_photos_is_an_error(tmp_path):
 def test_flat_tiles_are_skipped(tmp_path):
     tiles = medium.textured_tiles([photo(tmp_path / "a.png"), photo(tmp_path / "flat.png", flat=True)], 64)
     assert len(tiles) == 4 and all(t[0].startswith("a_") for t in tiles)  # 2 x 2 of a, none of flat
+
+
+def test_variants_share_the_starting_models_pool_but_not_a_checkpoints(tmp_path):
+    import json
+
+    from dp2osr.curve import SOURCE_NAME, check_sources
+
+    def record(step: int, run: str, checkpoint: str) -> None:
+        folder = tmp_path / "eval" / f"step_{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SOURCE_NAME).write_text(json.dumps({"run": run, "checkpoint": checkpoint}))
+
+    record(
+        0, str(tmp_path / "hybrid" / "5_train"), ""
+    )  # the base model's pool, linked from the first variant
+    check_sources(tmp_path / "eval", tmp_path / "n1" / "5_train")  # no error
+    record(100, str(tmp_path / "hybrid" / "5_train"), "/x/checkpoint-100/model.safetensors")
+    with pytest.raises(ValueError, match="holds the reward curve of the run"):
+        check_sources(tmp_path / "eval", tmp_path / "n1" / "5_train")
