@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -59,3 +60,23 @@ def test_variants_share_the_starting_models_pool_but_not_a_checkpoints(tmp_path)
     record(100, str(tmp_path / "hybrid" / "5_train"), "/x/checkpoint-100/model.safetensors")
     with pytest.raises(ValueError, match="holds the reward curve of the run"):
         check_sources(tmp_path / "eval", tmp_path / "n1" / "5_train")
+
+
+def test_claims_section_and_missing_photos():
+    from dp2osr.math import claims
+
+    rng = np.random.default_rng(1)
+    rows_in = []
+    for i in range(3):
+        for s in range(4):
+            r = float(rng.uniform())
+            rows_in.append(
+                {"image_id": f"i{i}", "seed": s, "reward": r, "fr": r, "nr": r, "psnr": 25.0, "ssim": 0.7}
+            )
+    base = pd.DataFrame(rows_in)
+    rows = claims.claim_rows({"base": base, "hybrid": base.assign(reward=base.reward + 0.1)})
+    page = medium.claims_html(rows, seed=7)
+    assert "seed 7" in page and page.count("<tr>") == len(claims.CLAIMS) + 1
+    assert "not run: fr_only, nr_only" in page and "+0.1000" in page
+    with pytest.raises(SystemExit):
+        medium.main(["--output", "/nonexistent/never-made"])
