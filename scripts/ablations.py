@@ -102,9 +102,10 @@ def variant(cfg: QuickstartConfig, name: str, seed: int, output: Path, curve: bo
     return c
 
 
-def run_variant(c: QuickstartConfig, lay: VariantLayout) -> dict:
+def run_variant(c: QuickstartConfig, lay: VariantLayout, **stages) -> dict:
     """`quickstart.prepare_output` and `run_stages` in ``lay``: the stages ``shared`` already holds resume
-    with no work; a variant's own scores start from the shared ones, its step-0 pool is the shared one."""
+    with no work; a variant's own scores start from the shared ones, its step-0 pool is the shared one.
+    ``stages``: `run_stages`' keyword options."""
     check_output_dir(lay.root)
     if c.overwrite and lay.root.exists():
         shutil.rmtree(lay.root)
@@ -119,7 +120,7 @@ def run_variant(c: QuickstartConfig, lay: VariantLayout) -> dict:
         if not base_pool.exists():
             base_pool.parent.mkdir(parents=True, exist_ok=True)
             base_pool.symlink_to(step_dir(Layout(lay.shared).eval, 0).resolve(), target_is_directory=True)
-    return run_stages(c, lay)
+    return run_stages(c, lay, **stages)
 
 
 def ablation_row(name: str, seed: int, s: dict) -> dict:

@@ -266,9 +266,10 @@ def _pair_reward(cfg) -> str:
     return names.get(w, f"{w[0]:g} FR + {w[1]:g} NR")
 
 
-def write_report(cfg, s: dict, eval_dir: Path, page: Path) -> Path:
+def write_report(cfg, s: dict, eval_dir: Path, page: Path, sections=()) -> Path:
     """`dp2osr eval` of the two joint pools (Best/Mean/Worst@M, the curve's plot) into ``eval_dir``, and
-    `dp2osr report` into ``page`` with the before/after summary as its first section; returns the page."""
+    `dp2osr report` into ``page`` with the before/after summary as its first section (then ``sections``);
+    returns the page."""
     joint = [eval_dir / "joint" / k for k in ("base", "dp2o")]
     names = [BASE_LABEL, DPO_LABEL]
     curve_csv = eval_dir / heldout.CURVE_CSV
@@ -277,4 +278,4 @@ def write_report(cfg, s: dict, eval_dir: Path, page: Path) -> Path:
     acc_csv = eval_dir / pref_accuracy.ACCURACY_CSV
     options["pref_accuracy"] = acc_csv if acc_csv.is_file() else None
     cfg_page = report.ReportConfig(output=page, pools=joint, names=names, reward_curve=curve_csv, **options)
-    return report.run(cfg_page, sections=[summary_html(cfg, s)])
+    return report.run(cfg_page, sections=[summary_html(cfg, s), *sections])

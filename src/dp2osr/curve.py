@@ -116,14 +116,16 @@ def record_source(out: Path, step: int, run_dir: Path, checkpoint: Path | None) 
 def check_sources(out: Path, run_dir: Path) -> None:
     """Refuse an output folder holding the pools of another run (its curve would mix the two runs). A pool of
     this run whose checkpoint was replaced is sampled again: its samples record the checkpoint's content
-    (`engine.provenance.model_identity`)."""
+    (`engine.provenance.model_identity`). The starting model's pool (no checkpoint) is no run's own: runs from
+    one model share it (the ablations link it), and a pool of another model is sampled again the same way."""
     here = os.path.abspath(run_dir)
     for record in sorted(Path(out).glob(f"step_*/{SOURCE_NAME}")):
         try:
-            owner = json.loads(record.read_text()).get("run")
+            source = json.loads(record.read_text())
+            owner, checkpoint = source.get("run"), source.get("checkpoint")
         except (json.JSONDecodeError, AttributeError):
             raise ValueError(f"{record} is not a readable pool record; choose another --output") from None
-        if owner != here:
+        if owner != here and checkpoint:
             raise ValueError(
                 f"{out} holds the reward curve of the run {owner} ({record.parent.name}), not of --run-dir "
                 f"{run_dir}; choose another --output"

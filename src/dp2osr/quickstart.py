@@ -221,11 +221,12 @@ def train_dpo(cfg: train.TrainConfig) -> None:
     train.run(dataclasses.replace(cfg, resume=any(Path(cfg.output).glob("checkpoint-*"))))  # newest complete
 
 
-def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
-    """Every stage in order (each resumes from what ``lay`` already holds); returns the summary dict."""
+def run_stages(cfg: QuickstartConfig, lay: Layout, prepare=prepare_data, sections=()) -> dict:
+    """Every stage in order (each resumes from what ``lay`` already holds); returns the summary dict.
+    ``prepare(cfg, folder)`` makes stage 1's crops; ``sections``: more HTML sections for the report."""
     clock = RunClock(lay.root / TIMINGS_NAME)
     steps = [
-        ("degrade", f"{cfg.images} + {cfg.heldout} crops", lambda: prepare_data(cfg, lay.degrade)),
+        ("degrade", f"{cfg.images} + {cfg.heldout} crops", lambda: prepare(cfg, lay.degrade)),
         ("sample", f"M = {cfg.sample.samples}", lambda: sample.run(cfg.sample)),
         ("score", f"{', '.join(cfg.reward_metrics)} -> reward", lambda: score.run(cfg.score)),
         ("pair", f"top-N x bottom-N, HPO {cfg.pair.hpo}", lambda: pair.run(cfg.pair)),
@@ -248,7 +249,9 @@ def run_stages(cfg: QuickstartConfig, lay: Layout) -> dict:
     summary["timings"] = clock.totals()
     (lay.eval / "summary.json").write_text(json.dumps(summary, indent=2))
     (lay.eval / "summary.md").write_text(before_after.summary_markdown(cfg, summary))
-    summary["report"] = str(before_after.write_report(cfg, summary, lay.eval, lay.root / REPORT_NAME))
+    summary["report"] = str(
+        before_after.write_report(cfg, summary, lay.eval, lay.root / REPORT_NAME, sections)
+    )
     return summary
 
 

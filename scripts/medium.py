@@ -1,0 +1,179 @@
+"""The medium-scale DP²O recipe: hundreds of crops, M = 16, five variants trained from one pair of pools, and
+the paper's claims as one table (``dp2osr.math.claims``).
+
+    python scripts/train_embedded.py --export-photos PHOTOS --opencv-doc /tmp/opencv-doc [--debian DIR]
+    python scripts/medium.py --photos PHOTOS --output runs/medium --seeds 0
+
+Options default to ``configs/medium.yaml`` (another file: ``--config``; any quickstart option as a flag wins
+over it). Per seed, under OUTPUT/seed_S/:
+
+- crops: ``--images`` 64 px tiles (no two overlap) of the photos of PHOTOS the embedded model was trained on,
+  and ``--heldout`` tiles of the photos it never saw (``train_embedded.HOLDOUT``: those in PHOTOS and the
+  quickstart's bundled ones), drawn at random by the seed; tiles with almost no texture are skipped;
+- the variants of ``scripts/ablations.py`` (default: hybrid, fr_only, nr_only, n1, no_hpo), each a quickstart
+  in its own folder; the crops, the training pool and its scores and the base model's held-out pool are
+  made once, in the first variant's folder, so each further variant costs its pairs, training and final pool;
+- claims.md / claims.json: per claim the effect, its 95 % interval and "reproduced", "not reproduced" or "not
+  measured" (a variant left out), all pools under the base held-out pool's bounds; report.html: the first
+  variant's report with the claims table as a section; timings.json: seconds per stage and variant.
+
+A rerun with the same options resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablations import VARIANTS, VariantLayout, run_variant, variant  # noqa: E402
+from train_embedded import HOLDOUT  # noqa: E402
+
+from dp2osr import before_after, degrade  # noqa: E402
+from dp2osr import metrics as metric_lib  # noqa: E402
+from dp2osr.config import add_arguments, build_config  # noqa: E402
+from dp2osr.engine.heldout import pool_rewards, step_dir  # noqa: E402
+from dp2osr.images import checkerboard_tiles, list_images, save_image  # noqa: E402
+from dp2osr.math import claims  # noqa: E402
+from dp2osr.math.reward import fit_bounds, hybrid_reward  # noqa: E402
+from dp2osr.quickstart import PHOTOS, Layout, QuickstartConfig, resolved  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "medium.yaml"
+DEFAULT_VARIANTS = ["hybrid", "fr_only", "nr_only", "n1", "no_hpo"]
+MIN_TILE_STD = 0.02  # a tile this flat (std of its pixels in [0, 1]) gives every candidate the same score
+
+
+def photo_sets(photos: Path) -> tuple[list[Path], list[Path]]:
+    """(training photos, held-out photos): PHOTOS minus / among HOLDOUT, plus the bundled quickstart photos
+    (all held out) among the held-out ones."""
+    files = list_images(photos)
+    train = [p for p in files if p.stem not in HOLDOUT]
+    held = {p.stem: p for p in [*list_images(PHOTOS), *files] if p.stem in HOLDOUT}
+    if not train:
+        raise ValueError(f"--photos {photos}: no photo outside the embedded model's held-out set")
+    return train, sorted(held.values())
+
+
+def textured_tiles(photos: list[Path], size: int) -> list[tuple[str, object]]:
+    """Every ``size`` tile of the photos (both checkerboard halves) with some texture."""
+    both = checkerboard_tiles(photos, size)
+    return sorted((t for half in both for t in half if float(t[1].std()) >= MIN_TILE_STD), key=lambda t: t[0])
+
+
+def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
+    """Stage 1: training tiles from the training photos, held-out tiles from the held-out photos."""
+    if cfg.photos is None:
+        raise ValueError("--photos is required: the folder of scripts/train_embedded.py --export-photos")
+    sets = photo_sets(Path(cfg.photos))
+    rng = np.random.default_rng(cfg.seed)
+    for name, photos, n in zip(("train", "heldout"), sets, (cfg.images, cfg.heldout)):
+        tiles = textured_tiles(photos, cfg.hr_size)
+        if len(tiles) < n:
+            raise ValueError(f"--{'images' if name == 'train' else 'heldout'} {n}: only {len(tiles)} tiles")
+        tile_dir = folder / f"tiles_{name}"
+        for tile_id, tile in [tiles[i] for i in sorted(rng.permutation(len(tiles))[:n])]:
+            if not (tile_dir / f"{tile_id}.png").is_file():
+                save_image(tile, tile_dir / f"{tile_id}.png")
+        degrade.run(dataclasses.replace(cfg.degrade, input=tile_dir, output=folder / name))
+
+
+def read_pool(pool: Path, bounds: dict, metrics: list[str]) -> pd.DataFrame:
+    """A held-out pool as `claims` reads it: reward (0.5/0.5), fr, nr (its parts), psnr, ssim per candidate."""
+    scores = pd.read_parquet(pool / "scores.parquet")
+    df = pool_rewards(scores, pool, bounds, metrics)[["image_id", "seed", "reward", "psnr", "ssim"]]
+    cat = metric_lib.catalogue(metrics)
+    for part, w in (("fr", (1.0, 0.0)), ("nr", (0.0, 1.0))):
+        r = hybrid_reward(scores, cat, w_fr=w[0], w_nr=w[1], bounds=bounds)[["image_id", "seed", "reward"]]
+        df = df.merge(r.rename(columns={"reward": part}), on=["image_id", "seed"])
+    return df
+
+
+def read_pools(seed_dir: Path, names: list[str], cfg: QuickstartConfig) -> dict[str, pd.DataFrame]:
+    """``{"base": …, variant: final pool}`` of one seed, under the base held-out pool's bounds."""
+    metrics = cfg.reward_metrics
+    base = step_dir(Layout(seed_dir / names[0]).eval, 0)
+    bounds = fit_bounds(pd.read_parquet(base / "scores.parquet"), metric_lib.catalogue(metrics))
+    pools = {"base": read_pool(base, bounds, metrics)}
+    for name in names:
+        pools[name] = read_pool(step_dir(Layout(seed_dir / name).eval, cfg.train.steps), bounds, metrics)
+    return pools
+
+
+def claims_html(rows: list[dict], seed: int) -> str:
+    """The report section of the claims table (escaped HTML)."""
+    cells = []
+    for r in rows:
+        span = r["note"] if r["effect"] is None else f"[{r['lo']:+.4f}, {r['hi']:+.4f}]"
+        effect = "–" if r["effect"] is None else f"{r['effect']:+.4f}"
+        row = [r["claim"], r["measured_as"], effect, span, str(r["n"]), r["verdict"]]
+        cells.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+    head = "".join(
+        f"<th>{h}</th>" for h in ("claim", "measured as", "effect", "95 % interval", "images", "verdict")
+    )
+    return (
+        f"<section><h2>The paper's claims (seed {seed})</h2><p>Held-out pools, all under the base pool's "
+        f"min-max bounds; intervals: Student t over images (see claims.md).</p>"
+        f"<table><tr>{head}</tr>{''.join(cells)}</table></section>"
+    )
+
+
+def run_seed(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> list[dict]:
+    """Every variant of one seed (sharing the first's pools), then its claims table and report."""
+    seed_dir, summaries, timings = root / f"seed_{seed}", {}, {}
+    first = variant(cfg, names[0], seed, seed_dir / names[0], False)
+    for name in names:
+        c = variant(cfg, name, seed, seed_dir / name, False)
+        lay = VariantLayout(c.output, shared=first.output, own_score=c.score != first.score)
+        summaries[name] = run_variant(c, lay, prepare=prepare_data)
+        timings[name] = summaries[name]["timings"]
+    rows = claims.claim_rows(read_pools(seed_dir, names, cfg))
+    (seed_dir / "claims.json").write_text(json.dumps(rows, indent=1))
+    text = claims.claims_markdown(rows)
+    (seed_dir / "claims.md").write_text(f"# Claims, seed {seed} ({', '.join(names)})\n\n{text}")
+    (seed_dir / "timings.json").write_text(json.dumps(timings, indent=1))
+    c = resolved(first, Layout(first.output))
+    lay = Layout(first.output)
+    before_after.write_report(
+        c, summaries[names[0]], lay.eval, seed_dir / "report.html", [claims_html(rows, seed)]
+    )
+    print(text)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="whole-run seeds")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    add_arguments(parser, QuickstartConfig)
+    args = parser.parse_args(argv)
+    if args.config is None:
+        args.config = CONFIG
+    if "output" not in vars(args):
+        args.output = Path("medium_runs")
+    cfg = build_config(QuickstartConfig, args)
+    if cfg.photos is None:
+        parser.error("--photos is required: the folder of scripts/train_embedded.py --export-photos")
+    photo_sets(Path(cfg.photos))  # before any work: a folder with no training photo is refused
+    root = Path(cfg.output)
+    root.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/medium.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (root / "command.txt").write_text(command + "\n")
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        run_seed(cfg, args.variants, seed, root)
+    print(f"{time.perf_counter() - t0:.0f} s; claims: {root}/seed_*/claims.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

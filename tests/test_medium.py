@@ -1,0 +1,82 @@
+"""scripts/medium.py's crop choice: training tiles only from photos the embedded model was trained on,
+held-out tiles only from photos it never saw; flat tiles skipped."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import medium  # noqa: E402
+from train_embedded import HOLDOUT  # noqa: E402
+
+
+def photo(path: Path, flat: bool = False, side: int = 128) -> Path:
+    rng = np.random.default_rng(len(path.stem))
+    arr = np.full((side, side, 3), 128, np.uint8) if flat else rng.integers(0, 256, (side, side, 3), np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_photo_sets_keep_heldout_photos_out_of_training(tmp_path):
+    for name in ("plant", "apple", "baboon", "astronaut"):
+        photo(tmp_path / f"{name}.png")
+    train, held = medium.photo_sets(tmp_path)
+    assert [p.stem for p in train] == ["apple", "plant"]
+    stems = [p.stem for p in held]
+    assert "baboon" in stems and set(stems) <= set(HOLDOUT)
+    assert {"astronaut", "chelsea", "coffee", "rocket"} <= set(stems)  # the bundled photos join them
+    assert not {p.stem for p in train} & set(HOLDOUT)
+
+
+def test_only_heldout_photos_is_an_error(tmp_path):
+    photo(tmp_path / "baboon.png")
+    with pytest.raises(ValueError, match="no photo outside"):
+        medium.photo_sets(tmp_path)
+
+
+def test_flat_tiles_are_skipped(tmp_path):
+    tiles = medium.textured_tiles([photo(tmp_path / "a.png"), photo(tmp_path / "flat.png", flat=True)], 64)
+    assert len(tiles) == 4 and all(t[0].startswith("a_") for t in tiles)  # 2 x 2 of a, none of flat
+
+
+def test_variants_share_the_starting_models_pool_but_not_a_checkpoints(tmp_path):
+    import json
+
+    from dp2osr.curve import SOURCE_NAME, check_sources
+
+    def record(step: int, run: str, checkpoint: str) -> None:
+        folder = tmp_path / "eval" / f"step_{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SOURCE_NAME).write_text(json.dumps({"run": run, "checkpoint": checkpoint}))
+
+    record(
+        0, str(tmp_path / "hybrid" / "5_train"), ""
+    )  # the base model's pool, linked from the first variant
+    check_sources(tmp_path / "eval", tmp_path / "n1" / "5_train")  # no error
+    record(100, str(tmp_path / "hybrid" / "5_train"), "/x/checkpoint-100/model.safetensors")
+    with pytest.raises(ValueError, match="holds the reward curve of the run"):
+        check_sources(tmp_path / "eval", tmp_path / "n1" / "5_train")
+
+
+def test_claims_section_and_missing_photos():
+    from dp2osr.math import claims
+
+    rng = np.random.default_rng(1)
+    rows_in = []
+    for i in range(3):
+        for s in range(4):
+            r = float(rng.uniform())
+            rows_in.append(
+                {"image_id": f"i{i}", "seed": s, "reward": r, "fr": r, "nr": r, "psnr": 25.0, "ssim": 0.7}
+            )
+    base = pd.DataFrame(rows_in)
+    rows = claims.claim_rows({"base": base, "hybrid": base.assign(reward=base.reward + 0.1)})
+    page = medium.claims_html(rows, seed=7)
+    assert "seed 7" in page and page.count("<tr>") == len(claims.CLAIMS) + 1
+    assert "not run: fr_only, nr_only" in page and "+0.1000" in page
+    with pytest.raises(SystemExit):
+        medium.main(["--output", "/nonexistent/never-made"])
