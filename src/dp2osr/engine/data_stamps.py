@@ -4,9 +4,9 @@ The training-data table names its images by path, and its content hash (``data_s
 image is replaced in place at the same path. `record` writes, beside the run's stored inputs, the size and the
 modification time (ns) of every distinct image the run reads; `first_changed` compares them with the files on
 disk, so a stored input (`engine.frozen_store`) is re-encoded and a ``--resume`` refused when an image changed.
-The check costs one ``stat`` per file, no read: about 5 s per million files on a local disk with a warm cache (more on a network
-file system). A file rewritten with its old size and modification time both restored passes unnoticed (as it
-does for make and rsync). It sits in the engine, below the frozen store and the trainer that call it.
+The check costs one ``stat`` per file, no read: about 5 s per million files on a local disk with a warm cache
+(more on a network file system). A file rewritten with its old size and modification time both restored passes
+unnoticed (as it does for make and rsync). It sits in the engine, below the frozen store and the trainer that call it.
 """
 
 from __future__ import annotations
