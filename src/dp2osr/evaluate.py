@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from dp2osr import plots
-from dp2osr.config import field, to_dict
+from dp2osr import plots, tables
+from dp2osr.config import data_root_field, field, to_dict
 from dp2osr.errors import PartialFailure
 from dp2osr.eval_folders import evaluate_folders, sr_sets, summary_markdown
 from dp2osr.eval_pools import bestm_markdown, evaluate_pools, find_rewards
@@ -84,6 +84,7 @@ class EvalConfig:
     ms: list[int] = field([], help="values of M; empty = 1, 2, 4, ... up to the pool size")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot (mode C)")
     curve_smooth: int = field(1, help="moving-average window for the reward curve plot (1 = raw)")
+    data_root: list[Path] = data_root_field()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -118,6 +119,7 @@ def _write_pools(cfg: EvalConfig, out: Path) -> None:
     print(text)
 
 
+@tables.with_data_roots
 def run(cfg: EvalConfig) -> None:
     """Run every mode whose inputs are given; raises `PartialFailure` (after writing every table) when image
     pairs were missing or mismatched."""

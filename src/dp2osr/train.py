@@ -11,7 +11,17 @@ from pathlib import Path
 
 import torch
 
-from dp2osr.config import check_choices, check_range, check_resume, check_seed, field, save_config, to_dict
+from dp2osr import tables
+from dp2osr.config import (
+    check_choices,
+    check_range,
+    check_resume,
+    check_seed,
+    data_root_field,
+    field,
+    save_config,
+    to_dict,
+)
 from dp2osr.engine import trackers, trainer
 from dp2osr.engine.options import MAX_STEPS, ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
@@ -129,6 +139,7 @@ class TrainConfig(ModelOptions):
     eval_process_size: int | None = field(
         None, help="process size of the held-out samples (default: the backbone's)"
     )
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -167,6 +178,7 @@ class TrainConfig(ModelOptions):
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
 
 
+@tables.with_data_roots
 def run(cfg: TrainConfig) -> Path:
     """Run training; returns the final model's folder. Raises `TrainingDiverged` (no broken checkpoint is
     written; the last good one is kept) when the loss or the gradient stops being finite."""
