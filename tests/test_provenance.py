@@ -365,3 +365,26 @@ def test_model_files_follow_the_umask(data, tmp_path):
         str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o644
     }
     assert not wrong
+
+
+def test_resume_on_an_image_replaced_in_place_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(data, out, 2) == 0
+    _png(data / "a" / "seed_0000.png", 64, 64, 999)  # same path, same table, other content
+    capsys.readouterr()
+    assert _train(data, out, 4, "--resume") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "seed_0000.png changed since" in line and not (out / "checkpoint-000004").exists()
+
+
+@pytest.mark.parametrize("name", ["final", "frozen"])
+def test_an_output_subfolder_that_is_a_link_is_refused_before_training(data, tmp_path, capsys, name):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (elsewhere / "model.safetensors").parent.mkdir(parents=True)
+    (elsewhere / "model.safetensors").write_text("keep")
+    out.mkdir()
+    (out / name).symlink_to(elsewhere)
+    assert _train(data, out, 2) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert name in line and "symbolic link" in line and not (out / "checkpoint-000002").exists()
+    assert (elsewhere / "model.safetensors").read_text() == "keep"

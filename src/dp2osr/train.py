@@ -22,12 +22,12 @@ from dp2osr.config import (
     save_config,
     to_dict,
 )
-from dp2osr.engine import trackers, trainer
+from dp2osr.engine import frozen_store, trackers, trainer
 from dp2osr.engine.options import MAX_STEPS, ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
-from dp2osr.paths import check_output_dir
+from dp2osr.paths import check_not_link, check_output_dir
 from dp2osr.runtime import output_lock, process_group, resolve_device
 
 CONFIG_NAME = "train_config.yaml"
@@ -197,6 +197,11 @@ def _train(cfg: TrainConfig, cpu: bool, out: Path) -> Path:
     """`run` once the output folder is this run's."""
     from accelerate import Accelerator
 
+    for name, what in (
+        ("final", "the final model folder"),
+        (frozen_store.FOLDER, "the frozen inputs folder"),
+    ):
+        check_not_link(out / name, what)  # replaced by the run: a link's target would be deleted or written
     resume_from = trainer.resume_point(cfg, out)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
