@@ -120,7 +120,7 @@ def resume_point(cfg, out: Path) -> Path | None:
             )
         return None
     try:
-        resume_from = checkpoints.newest_complete(out, say=True)
+        resume_from = checkpoints.newest_complete(out, say=True, content=True)
     except ValueError as exc:
         raise ValueError(f"--resume: {exc}") from None
     if resume_from is None:
