@@ -62,7 +62,7 @@ def check_unchanged(output: Path) -> None:
     if changed:
         raise ValueError(
             f"--resume: {changed} changed since {output} was trained on it (its size or modification time "
-            "differs); restore it, or train into another --output"
+            "differs, or it is gone); restore it, or train into another --output"
         )
 
 
