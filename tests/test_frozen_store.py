@@ -192,6 +192,7 @@ def test_no_cache_records_the_images_for_a_resume(pool, tmp_path):
     bb = load_backbone("sd2-tiny", dtype="fp32").to("cpu", torch.float32)
     cfg = SimpleNamespace(cache=False, output=tmp_path, data=pool, mode="sft", hpo="both", upscale=4)
     assert isinstance(frozen_store.training_inputs(cfg, bb, OneProcess(), "sha"), OnTheFly)
+    assert (tmp_path / "data_files.parquet").is_file() and not (tmp_path / "frozen").exists()
     frozen_store.check_unchanged(tmp_path)
     lr = pool / "lr" / "b.png"
     st = os.stat(lr)

@@ -13,7 +13,8 @@ controls (FLUX's latents) are kept as prepared.
 
 Layout: ``manifest.json`` (written last: a folder without it is incomplete) names the blocks and the
 fingerprint of the inputs (data table hash, mode, pair weights, backbone, base, precision, upscale);
-``data_files.parquet`` records the size and modification time of every image encoded (`data_stamps`). A run
+``data_files.parquet`` records the size and modification time of every image encoded (`data_stamps`; a
+``--no-cache`` run records its images in OUTPUT/data_files.parquet instead). A run
 with the same fingerprint and unchanged images (a resume) reuses the folder, any other rebuilds it (a resume
 whose images changed is refused). ``examples/SLOT.npy`` holds, per
 example, the (block, row) of each slot (``target0``, ``target1``, ``control``, ``cond.NAME``) and
@@ -58,7 +59,7 @@ def fingerprint(cfg, data_sha: str) -> str:
 def check_unchanged(output: Path) -> None:
     """Refuse (ValueError naming the file) to resume a run in ``output`` whose images changed since it read
     them: its checkpoints were trained on the old ones."""
-    changed = data_stamps.first_changed(Path(output) / FOLDER)
+    changed = data_stamps.first_changed(Path(output) / FOLDER) or data_stamps.first_changed(output)
     if changed:
         raise ValueError(
             f"--resume: {changed} changed since {output} was trained on it (its size or modification time "
@@ -76,24 +77,17 @@ def training_inputs(cfg, bb: Backbone, state, data_sha: str):
     changed = data_stamps.first_changed(folder)
     if not cfg.cache:
         ex = read_examples(cfg.data, cfg.mode, cfg.hpo)
-        _record_unstored(folder, ex, state, changed)
+        if state.is_main_process:  # no store: the run's images are recorded in OUTPUT, for a later --resume
+            data_stamps.record(data_stamps.stamps(data_stamps.example_paths(ex)), Path(cfg.output))
         return OnTheFly(enc, ex)
+    if state.is_main_process:  # the store's own record holds for a run that reads the store
+        (Path(cfg.output) / data_stamps.FILE).unlink(missing_ok=True)
     fp = fingerprint(cfg, data_sha)
     if changed or not is_complete(folder, fp):
         if changed and state.is_main_process:
             print(f"note: {changed} changed since {folder} was encoded; encoding it again", file=sys.stderr)
         build(folder, enc, lambda: read_examples(cfg.data, cfg.mode, cfg.hpo), state, fp)
     return FrozenStore(folder, enc)
-
-
-def _record_unstored(folder: Path, ex: Examples, state, changed: str | None) -> None:
-    """Without a store (``--no-cache``), still record the images (for a later ``--resume``'s check); a store
-    whose record no longer holds is marked incomplete."""
-    state.wait_for_everyone()  # every process has checked the old record
-    if state.is_main_process and (changed or not (folder / data_stamps.FILE).is_file()):
-        (folder / MANIFEST).unlink(missing_ok=True)
-        data_stamps.record(data_stamps.stamps(data_stamps.example_paths(ex)), folder)
-    state.wait_for_everyone()
 
 
 def is_complete(folder: Path, fp: str) -> bool:
