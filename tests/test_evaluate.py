@@ -317,3 +317,20 @@ def test_pools_are_normalised_jointly_from_raw_scores(tmp_path):
     _scored_pool(b, [(25, 20), (40, 30)], (0.5, 0.5))
     with pytest.raises(ValueError, match="different reward weights"):
         evaluate(EvalConfig(output=out, pools=[a, b]))
+
+
+@pytest.mark.parametrize("missing", ["pools", "reward-curve", "sr", "hr", "sr-seed"])
+def test_a_missing_input_is_refused_before_anything_is_written(tmp_path, capsys, missing):
+    rng = np.random.default_rng(4)
+    _seed_layout(tmp_path / "up", ["a"], [0], rng)
+    args = {
+        "pools": ["--pools", str(tmp_path / "nowhere")],
+        "reward-curve": ["--reward-curve", str(tmp_path / "nowhere.csv")],
+        "sr": ["--sr", str(tmp_path / "nowhere")],
+        "hr": ["--sr", str(tmp_path / "up"), "--hr", str(tmp_path / "nowhere")],
+        "sr-seed": ["--sr", str(tmp_path / "up"), "--sr-seed", "5"],
+    }[missing]
+    rc = cli.main(["eval", *args, "--output", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("nowhere" in err or "--sr-seed 5" in err) and "Traceback" not in err
+    assert not (tmp_path / "e").exists()  # no eval_config.json, no folder

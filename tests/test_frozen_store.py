@@ -150,3 +150,55 @@ def test_training_inputs_reuses_a_matching_store_and_rebuilds_another(pool, tmp_
     assert len(built) == 3
     cfg.cache = False
     assert isinstance(frozen_store.training_inputs(cfg, bb, OneProcess(), "sha2"), OnTheFly)
+
+
+def test_an_image_replaced_in_place_is_encoded_again_and_refuses_a_resume(
+    pool, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(pool, data)
+    df = pd.read_parquet(data / "pool" / "pref_pairs.parquet")
+    df.assign(lr_path=df.lr_path.str.replace(str(pool), str(data))).to_parquet(
+        data / "pool" / "pref_pairs.parquet"
+    )
+    bb = load_backbone("sd2-tiny", dtype="fp32").to("cpu", torch.float32)
+    cfg = SimpleNamespace(
+        cache=True, output=tmp_path / "out", data=data / "pool", mode="dpo", hpo="both", backbone="sd2-tiny",
+        base=None, mixed_precision="no", upscale=4,
+    )  # fmt: skip
+    built = []
+    real = frozen_store.build
+    monkeypatch.setattr(frozen_store, "build", lambda *a: built.append(1) or real(*a))
+    before = frozen_store.training_inputs(cfg, bb, OneProcess(), "sha1").batch([0])
+    frozen_store.check_unchanged(cfg.output)  # nothing changed: a resume goes on
+    target = data / "pool" / "a" / "seed_0000.png"  # the winner of example 0
+    _png(target, 32, 32, 999)  # same path, same table, new content
+    with pytest.raises(ValueError, match=r"--resume: .*seed_0000\.png changed since"):
+        frozen_store.check_unchanged(cfg.output)
+    after = frozen_store.training_inputs(cfg, bb, OneProcess(), "sha1").batch([0])
+    assert len(built) == 2 and "seed_0000.png changed since" in capsys.readouterr().err
+    assert not torch.equal(before[0], after[0])  # the new image's latents, not the stale ones
+    assert torch.equal(after[0], OnTheFly(FrozenEncoder(bb, 4), read_examples(cfg.data, "dpo")).batch([0])[0])
+    frozen_store.check_unchanged(cfg.output)  # recorded again: a resume of the new run goes on
+    frozen_store.training_inputs(cfg, bb, OneProcess(), "sha1")
+    assert len(built) == 2
+
+
+def test_no_cache_records_the_images_for_a_resume(pool, tmp_path):
+    import os
+
+    bb = load_backbone("sd2-tiny", dtype="fp32").to("cpu", torch.float32)
+    cfg = SimpleNamespace(cache=False, output=tmp_path, data=pool, mode="sft", hpo="both", upscale=4)
+    assert isinstance(frozen_store.training_inputs(cfg, bb, OneProcess(), "sha"), OnTheFly)
+    assert (tmp_path / "data_files.parquet").is_file() and not (tmp_path / "frozen").exists()
+    frozen_store.check_unchanged(tmp_path)
+    lr = pool / "lr" / "b.png"
+    st = os.stat(lr)
+    try:
+        os.utime(lr, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        with pytest.raises(ValueError, match=r"b\.png changed since"):
+            frozen_store.check_unchanged(tmp_path)
+    finally:
+        os.utime(lr, ns=(st.st_atime_ns, st.st_mtime_ns))

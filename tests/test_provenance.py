@@ -365,3 +365,42 @@ def test_model_files_follow_the_umask(data, tmp_path):
         str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != 0o644
     }
     assert not wrong
+
+
+def test_resume_on_an_image_replaced_in_place_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(data, out, 2) == 0
+    _png(data / "a" / "seed_0000.png", 64, 64, 999)  # same path, same table, other content
+    capsys.readouterr()
+    assert _train(data, out, 4, "--resume") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "seed_0000.png changed since" in line and not (out / "checkpoint-000004").exists()
+
+
+@pytest.mark.parametrize("name", ["final", "frozen"])
+def test_an_output_subfolder_that_is_a_link_is_refused_before_training(data, tmp_path, capsys, name):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    (elsewhere / "model.safetensors").parent.mkdir(parents=True)
+    (elsewhere / "model.safetensors").write_text("keep")
+    out.mkdir()
+    (out / name).symlink_to(elsewhere)
+    assert _train(data, out, 2) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert name in line and "symbolic link" in line and not (out / "checkpoint-000002").exists()
+    assert (elsewhere / "model.safetensors").read_text() == "keep"
+
+
+def test_a_checkpoint_damaged_in_place_falls_back_to_the_previous_one(data, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert _train(data, full, 6) == 0
+    assert _train(data, part, 4) == 0
+    damaged = part / "checkpoint-000004" / "state" / "optimizer.bin"
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 4096] = bytes(4096)  # same size, whole zip: torch.load would take it
+    damaged.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert _train(data, part, 6, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "optimizer.bin is damaged" in err and "resuming from checkpoint-000002" in err
+    wa, wb = _weights(full / "final"), _weights(part / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -48,22 +49,38 @@ def field(
     help: str,
     choices: list | None = None,
     run_only: bool = False,
+    repeatable: bool = False,
     **kw: Any,
 ) -> Any:
     """A dataclass field with a help string (and optional choices) for the CLI.
 
     ``run_only`` marks an option that does not change what a run produces (paths, device, batch sizes that
-    give the same outputs, resume switches): a resumed run may change it (``check_resume``).
+    give the same outputs, resume switches): a resumed run may change it (``check_resume``). ``repeatable``: a
+    list option whose flag may be given several times, the values adding up.
     """
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = list(choices)
     if run_only:
         meta["run_only"] = True
+    if repeatable:
+        meta["repeatable"] = True
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def data_root_field() -> Any:
+    """The ``--data-root`` option of the stages that read tables (`tables.with_data_roots` applies it)."""
+    return field(
+        [],
+        help="a folder whose images the tables this stage reads may name (repeatable, or several joined by "
+        f"{os.pathsep!r}). A path in a table must lie inside the table's own folder, the folders recorded in "
+        "the table when it was written, or a --data-root; any other is refused naming the row",
+        run_only=True,
+        repeatable=True,
+    )
 
 
 def nested(cls: type, help: str, fixed: list[str] | tuple[str, ...], **values: Any) -> Any:
@@ -143,6 +160,8 @@ def _add_fields(parser: Any, cls: type, prefix: str, skip: tuple[str, ...], inst
         elif typing.get_origin(tp) is list:
             (inner,) = typing.get_args(tp) or (str,)
             kwargs.update(nargs="+", type=inner)
+            if f.metadata.get("repeatable"):
+                kwargs["action"] = "extend"
         elif tp is Path:
             kwargs["type"] = Path
         elif tp in (int, float, str):

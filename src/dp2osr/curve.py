@@ -17,8 +17,17 @@ from pathlib import Path
 import pandas as pd
 
 from dp2osr import metrics as metric_lib
+from dp2osr import tables
 from dp2osr.backbones import NAMES
-from dp2osr.config import check_range, check_resume, check_seed, field, load_yaml, save_config
+from dp2osr.config import (
+    check_range,
+    check_resume,
+    check_seed,
+    data_root_field,
+    field,
+    load_yaml,
+    save_config,
+)
 from dp2osr.engine.heldout import (
     CURVE_CSV,
     CURVE_PNG,
@@ -75,6 +84,7 @@ class CurveConfig(SamplingOptions):
     )
     upscale: int = field(4, help="LR -> output scale factor")
     limit: int | None = field(None, help="use only the first N held-out images (sorted by ID)")
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +142,7 @@ def check_sources(out: Path, run_dir: Path) -> None:
             )
 
 
+@tables.with_data_roots
 def run(cfg: CurveConfig) -> pd.DataFrame:
     """Run ``dp2osr curve``: sample and score the held-out images at step 0 and every checkpoint.
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from dp2osr import plots
-from dp2osr.config import field, to_dict
+from dp2osr import plots, tables
+from dp2osr.config import data_root_field, field, to_dict
 from dp2osr.errors import PartialFailure
-from dp2osr.eval_folders import evaluate_folders, summary_markdown
-from dp2osr.eval_pools import bestm_markdown, evaluate_pools
+from dp2osr.eval_folders import evaluate_folders, sr_sets, summary_markdown
+from dp2osr.eval_pools import bestm_markdown, evaluate_pools, find_rewards
 from dp2osr.images import atomic_write
 from dp2osr.metrics import PRESETS
 from dp2osr.paths import check_output_dir
@@ -84,6 +84,7 @@ class EvalConfig:
     ms: list[int] = field([], help="values of M; empty = 1, 2, 4, ... up to the pool size")
     reward_curve: Path | None = field(None, help="table with columns step, reward[, more] to plot (mode C)")
     curve_smooth: int = field(1, help="moving-average window for the reward curve plot (1 = raw)")
+    data_root: list[Path] = data_root_field()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -118,6 +119,7 @@ def _write_pools(cfg: EvalConfig, out: Path) -> None:
     print(text)
 
 
+@tables.with_data_roots
 def run(cfg: EvalConfig) -> None:
     """Run every mode whose inputs are given; raises `PartialFailure` (after writing every table) when image
     pairs were missing or mismatched."""
@@ -125,10 +127,26 @@ def run(cfg: EvalConfig) -> None:
         raise ValueError("nothing to evaluate: give --sr (with --hr), --pools and/or --reward-curve")
     if cfg.crop_border < 0:
         raise ValueError(f"--crop-border must be >= 0, got {cfg.crop_border}")
+    _check_inputs(cfg)
     out = Path(cfg.output)
     check_output_dir(out)
     with output_lock(out, "eval"):
         _evaluate(cfg, out)
+
+
+def _check_inputs(cfg: EvalConfig) -> None:
+    """Every input folder and table is there (FileNotFoundError naming the first missing one), before anything
+    is written to ``--output``."""
+    for folder in cfg.sr:
+        if not Path(folder).exists():
+            raise FileNotFoundError(f"SR folder not found: {folder}")
+        sr_sets(folder, "", cfg.sr_seed)  # a seed layout without --sr-seed's seed, or without images
+    if cfg.hr is not None and not Path(cfg.hr).is_dir():
+        raise FileNotFoundError(f"HR folder not found: {cfg.hr}")
+    for pool in cfg.pools:
+        find_rewards(pool)
+    if cfg.reward_curve is not None and not Path(cfg.reward_curve).is_file():
+        raise FileNotFoundError(f"reward curve table not found: {cfg.reward_curve}")
 
 
 def _evaluate(cfg: EvalConfig, out: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from dp2osr import tables
-from dp2osr.config import check_choice, check_choices, field, save_config
+from dp2osr.config import check_choice, check_choices, data_root_field, field, save_config
 from dp2osr.math.hpo import HPO_MODES, inter_weights, intra_weights, n_from_ratio, select_pairs
 from dp2osr.paths import check_output_file
 
@@ -160,6 +160,7 @@ class PairConfig:
     overwrite: bool = field(
         False, help="replace an existing --output that is not a pairs table written by pair", run_only=True
     )
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         self.rewards = Path(self.rewards)
@@ -194,6 +195,7 @@ def check_output(output: Path, overwrite: bool) -> None:
         )
 
 
+@tables.with_data_roots
 def run(cfg: PairConfig) -> pd.DataFrame:
     """Run the ``pair`` stage: read rewards, build pairs, write ``pref_pairs.parquet`` and its config.
 

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dp2osr import eval_pools, evaluate, plots
-from dp2osr.config import check_choices, field, to_dict
+from dp2osr import eval_pools, evaluate, plots, tables
+from dp2osr.config import check_choices, data_root_field, field, to_dict
 from dp2osr.engine.pool_store import exists, read_image
 from dp2osr.images import IMAGE_SUFFIXES, ImageReadError, atomic_write, to_uint8
 from dp2osr.math import bestm
@@ -76,6 +76,7 @@ class ReportConfig:
     max_side: int = field(384, help="images are downscaled to at most this many pixels per side")
     image_format: str = field("jpeg", help="encoding of embedded images", choices=["jpeg", "png"])
     title: str = field("DP²O-SR results", help="page title")
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -413,6 +414,7 @@ def build_html(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> str:
     )
 
 
+@tables.with_data_roots
 def run(cfg: ReportConfig, *, sections: Sequence[str] = ()) -> Path:
     """Write the page to ``cfg.output`` (atomically); returns its path. ``sections``: as for `build_html`."""
     if cfg.max_side < 16:

@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dp2osr.config import check_range, check_resume, check_seed, field, save_config
+from dp2osr import tables
+from dp2osr.config import check_range, check_resume, check_seed, data_root_field, field, save_config
 from dp2osr.engine.budget import DEFAULT_MAX_PIXELS, check_inputs
 from dp2osr.engine.jobs import check_outputs
 from dp2osr.engine.options import MAX_SAMPLES, SamplingOptions, load_model
@@ -61,6 +62,7 @@ class SampleConfig(SamplingOptions):
         "its estimated memory and time; 0 = no limit",
         run_only=True,
     )
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +72,7 @@ class SampleConfig(SamplingOptions):
             raise ValueError(f"--max-pixels must be >= 0 (0: no limit), got {self.max_pixels}")
 
 
+@tables.with_data_roots
 def run(cfg: SampleConfig) -> None:
     """Run ``dp2osr sample``; raises `PartialFailure` (after writing the rest of the pool) when images failed."""
     state, device = process_state(cfg.device)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dp2osr import metrics as metric_lib
-from dp2osr.config import field, save_config
+from dp2osr import tables
+from dp2osr.config import data_root_field, field, save_config
 from dp2osr.engine.pools import candidates_dir
 from dp2osr.engine.scoring import ScoreOptions, ScoreResult, score_pool
 from dp2osr.errors import PartialFailure
@@ -44,6 +45,7 @@ class ScoreConfig(ScoreOptions):
         choices=sorted(metric_lib.PRESETS),
     )
     metrics: list[str] | None = field(None, help="metric names (pyiqa names); overrides --preset")
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +65,7 @@ def resolved_metrics(cfg: ScoreConfig) -> list[str]:
     return metric_lib.resolve_names(cfg.preset, cfg.metrics)
 
 
+@tables.with_data_roots
 def run(cfg: ScoreConfig) -> ScoreResult:
     """Score the pool in ``cfg.candidates``; write scores.parquet and rewards.parquet.
 

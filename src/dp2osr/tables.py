@@ -19,8 +19,9 @@ table, row, column and value, before any file is opened):
   resolve inside that folder;
 - every path must resolve inside the table's *roots*: the table's own folder, the folders recorded in the
   table when it was written (``write`` records, relative to the table's folder, the folders of the paths that
-  lie outside it: a pool's LR and HR in the degrade folder, preference pairs in the pool), and the folders a
-  caller passes as ``roots``. A path edited to ``../outside/secret.png`` is refused;
+  lie outside it: a pool's LR and HR in the degrade folder, preference pairs in the pool), the folders a
+  caller passes as ``roots``, and the folders the user vouches for with a stage's ``--data-root``
+  (`with_data_roots`). A path edited to ``../outside/secret.png`` is refused;
 - a table a user may write by hand as a stage's input (``Schema.user_input``: a pairs table for ``sample`` or
   ``train --mode sft``, preference pairs for ``train --mode dpo``) may also hold absolute paths, anywhere: an
   absolute path there is the user's own choice of image. Its relative paths follow the rule above (they may
@@ -39,6 +40,9 @@ The column docs are in docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -251,10 +255,14 @@ def _check_paths(
             elif is_inside(value, trusted) or (schema.user_input and os.path.isabs(raw)):
                 continue
             else:
-                problem = f"lies outside the table's folder and the folders it was written with {trusted}" + (
-                    "; a hand-written table may name images elsewhere by absolute path"
-                    if schema.user_input
-                    else ""
+                problem = (
+                    f"lies outside the table's folder, the folders it was written with and the --data-root "
+                    f"folders {trusted} (pass --data-root FOLDER to vouch for a folder of yours)"
+                    + (
+                        "; a hand-written table may name images elsewhere by absolute path"
+                        if schema.user_input
+                        else ""
+                    )
                 )
             raise ValueError(f"{where}: row {row}: {col} {shown} {problem}; refused")
 
@@ -284,7 +292,7 @@ def read(
     for col in schema.paths:
         if col in df.columns:
             df[col] = _absolute(path.parent, df[col])
-    _check_paths(schema, df, stored, path, _roots(path.parent, meta, roots))
+    _check_paths(schema, df, stored, path, _roots(path.parent, meta, (*(roots or ()), *_DATA_ROOTS.get())))
     return df, meta
 
 
@@ -322,3 +330,44 @@ def write(schema: Schema, df: pd.DataFrame, path: Path, meta: dict | None = None
     )
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
     return path
+
+
+# ------------------------------------------------------------------------------ roots the user vouches for
+# The --data-root folders of the stage running now: set around a stage's run (`with_data_roots`) and added to
+# the roots of every table it reads, however deep in the engine the read happens.
+_DATA_ROOTS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("data_roots", default=())
+
+
+def split_roots(values) -> tuple[str, ...]:
+    """The folders of ``--data-root`` values (each may join several with ``os.pathsep``), absolute and
+    normalised; a ValueError names one that is not a folder."""
+    out = []
+    for value in values or ():
+        for part in str(value).split(os.pathsep):
+            if not part:
+                continue
+            if not os.path.isdir(part):
+                raise ValueError(f"--data-root {part!r} is not a folder")
+            out.append(os.path.abspath(part))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def data_roots(values):
+    """Within the block, every `read` also accepts paths inside the folders of ``values`` (`split_roots`)."""
+    token = _DATA_ROOTS.set(_DATA_ROOTS.get() + split_roots(values))
+    try:
+        yield
+    finally:
+        _DATA_ROOTS.reset(token)
+
+
+def with_data_roots(run):
+    """A stage's ``run(cfg, ...)`` with its ``cfg.data_root`` folders vouched for (`data_roots`) while it runs."""
+
+    @functools.wraps(run)
+    def wrapped(cfg, *args, **kwargs):
+        with data_roots(getattr(cfg, "data_root", ())):
+            return run(cfg, *args, **kwargs)
+
+    return wrapped

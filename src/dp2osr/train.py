@@ -11,13 +11,23 @@ from pathlib import Path
 
 import torch
 
-from dp2osr.config import check_choices, check_range, check_resume, check_seed, field, save_config, to_dict
-from dp2osr.engine import trackers, trainer
+from dp2osr import tables
+from dp2osr.config import (
+    check_choices,
+    check_range,
+    check_resume,
+    check_seed,
+    data_root_field,
+    field,
+    save_config,
+    to_dict,
+)
+from dp2osr.engine import frozen_store, trackers, trainer
 from dp2osr.engine.options import MAX_STEPS, ModelOptions
 from dp2osr.engine.trainer import latest_checkpoint
 from dp2osr.errors import TrainingDiverged
 from dp2osr.math.hpo import HPO_MODES
-from dp2osr.paths import check_output_dir
+from dp2osr.paths import check_not_link, check_output_dir
 from dp2osr.runtime import output_lock, process_group, resolve_device
 
 CONFIG_NAME = "train_config.yaml"
@@ -129,6 +139,7 @@ class TrainConfig(ModelOptions):
     eval_process_size: int | None = field(
         None, help="process size of the held-out samples (default: the backbone's)"
     )
+    data_root: list[Path] = data_root_field()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -167,6 +178,7 @@ class TrainConfig(ModelOptions):
             raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
 
 
+@tables.with_data_roots
 def run(cfg: TrainConfig) -> Path:
     """Run training; returns the final model's folder. Raises `TrainingDiverged` (no broken checkpoint is
     written; the last good one is kept) when the loss or the gradient stops being finite."""
@@ -185,6 +197,11 @@ def _train(cfg: TrainConfig, cpu: bool, out: Path) -> Path:
     """`run` once the output folder is this run's."""
     from accelerate import Accelerator
 
+    for name, what in (
+        ("final", "the final model folder"),
+        (frozen_store.FOLDER, "the frozen inputs folder"),
+    ):
+        check_not_link(out / name, what)  # replaced by the run: a link's target would be deleted or written
     resume_from = trainer.resume_point(cfg, out)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,

@@ -2,8 +2,8 @@
 
 A checkpoint folder (``checkpoint-NNNNNN/``, written by `engine.trainer.save_checkpoint`) counts once its
 ``train_state.json`` is written, last: the step, the content hash of the training-data table (``data_sha``) and
-the size of every file in it. A resume picks the newest checkpoint whose files are all there, at their sizes,
-with whole safetensors and zip (torch.save) containers, and says which newer ones it passed over; it refuses a
+the size and CRC-32 of every file in it. A resume picks the newest checkpoint whose files are all there, at their
+sizes, with whole safetensors and zip (torch.save) containers and their recorded checksums, and says which newer ones it passed over; it refuses a
 resume on other data and a checkpoint holding pickles that are more than tensors. It sits in the engine beside
 the trainer, which calls it.
 """
@@ -15,6 +15,7 @@ import pickle
 import struct
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -70,8 +71,10 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete checkpoint (None: it is), naming the file."""
+def checkpoint_problem(folder: Path, content: bool = False) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (None: it is), naming the file. ``content``: also compare
+    every file's CRC-32 with the one recorded when it was saved (reads the whole checkpoint: a file damaged in
+    place at its full size; tensor files carry no checksum of their own)."""
     folder = Path(folder)
     try:
         state = read_state(folder)
@@ -88,7 +91,18 @@ def checkpoint_problem(folder: Path) -> str | None:
             problem = _file_problem(path)
             if problem:
                 return problem
+    for rel, crc in state.get("crc32", {}).items() if content else ():
+        if _crc32(folder / rel) != crc:
+            return f"{folder / rel} is damaged (its content differs from when it was saved)"
     return None
+
+
+def _crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def saved_checkpoints(out: Path) -> list[Path]:
@@ -96,13 +110,14 @@ def saved_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in Path(out).glob("checkpoint-*") if (p / STATE_FILE).is_file())
 
 
-def newest_complete(out: Path, say: bool = False) -> Path | None:
-    """The newest complete checkpoint in ``out``; ``say``: name on stderr each newer one passed over.
-    Refuses (ValueError) when checkpoints were saved but none is complete."""
+def newest_complete(out: Path, say: bool = False, content: bool = False) -> Path | None:
+    """The newest complete checkpoint in ``out``; ``say``: name on stderr each newer one passed over;
+    ``content``: its files' checksums verified too (`checkpoint_problem`). Refuses (ValueError) when checkpoints
+    were saved but none is complete."""
     saved = saved_checkpoints(out)
     skipped = []
     for folder in reversed(saved):
-        problem = checkpoint_problem(folder)
+        problem = checkpoint_problem(folder, content)
         if problem is None:
             for name, why in skipped if say else []:
                 print(f"note: {name} is incomplete ({why}); resuming from {folder.name}", file=sys.stderr)
@@ -114,14 +129,13 @@ def newest_complete(out: Path, say: bool = False) -> Path | None:
 
 
 def write_state(folder: Path, step: int, data_sha: str) -> None:
-    """Write ``train_state.json`` last: the step, the data's hash and the size of every file of the checkpoint."""
+    """Write ``train_state.json`` last: the step, the data's hash and the size and CRC-32 of every file of the
+    checkpoint (read back once, from the page cache: about 1 s per 2 GB)."""
     folder = Path(folder)
-    files = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p != folder / STATE_FILE
-    }
-    record = {"step": step, "data_sha": data_sha, "files": files}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / STATE_FILE]
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in paths}
+    crc = {str(p.relative_to(folder)): _crc32(p) for p in paths}
+    record = {"step": step, "data_sha": data_sha, "files": files, "crc32": crc}
     atomic_write(folder / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(record)))
 
 

@@ -12,8 +12,11 @@ embedded model) is kept as its 8-bit LR and rebuilt per batch (resize + ``prepar
 controls (FLUX's latents) are kept as prepared.
 
 Layout: ``manifest.json`` (written last: a folder without it is incomplete) names the blocks and the
-fingerprint of the inputs (data table hash, mode, pair weights, backbone, base, precision, upscale); a run with
-the same fingerprint (a resume) reuses the folder, any other rebuilds it. ``examples/SLOT.npy`` holds, per
+fingerprint of the inputs (data table hash, mode, pair weights, backbone, base, precision, upscale);
+``data_files.parquet`` records the size and modification time of every image encoded (`data_stamps`; a
+``--no-cache`` run records its images in OUTPUT/data_files.parquet instead). A run
+with the same fingerprint and unchanged images (a resume) reuses the folder, any other rebuilds it (a resume
+whose images changed is refused). ``examples/SLOT.npy`` holds, per
 example, the (block, row) of each slot (``target0``, ``target1``, ``control``, ``cond.NAME``) and
 ``examples/weights.npy`` the pair weights.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ import pandas as pd
 import torch
 
 from dp2osr.backbones import Backbone, Cond
+from dp2osr.engine import data_stamps
 from dp2osr.engine.train_data import Examples, FrozenEncoder, OnTheFly, assemble, read_examples
 from dp2osr.images import atomic_write, load_image, write_parquet
 from dp2osr.paths import text_sha
@@ -51,20 +56,43 @@ def fingerprint(cfg, data_sha: str) -> str:
     return text_sha(json.dumps(keys, sort_keys=True))
 
 
+def check_unchanged(output: Path) -> None:
+    """Refuse (ValueError naming the file) to resume a run in ``output`` whose images changed since it read
+    them: its checkpoints were trained on the old ones."""
+    changed = data_stamps.first_changed(Path(output) / FOLDER) or data_stamps.first_changed(output)
+    if changed:
+        raise ValueError(
+            f"--resume: {changed} changed since {output} was trained on it (its size or modification time "
+            "differs, or it is gone); restore it, or train into another --output"
+        )
+
+
 def training_inputs(cfg, bb: Backbone, state, data_sha: str):
     """The batches of ``cfg``'s training data: the stored inputs (`FrozenStore`, built or reused under
-    OUTPUT/frozen/), or with ``--no-cache`` `train_data.OnTheFly`. ``state``: the accelerate state (ranks)."""
+    OUTPUT/frozen/), or with ``--no-cache`` `train_data.OnTheFly`. ``state``: the accelerate state (ranks).
+    An image replaced since the inputs were stored (`data_stamps`) makes them encoded again (a resume is
+    refused before: `check_unchanged`)."""
     enc = FrozenEncoder(bb, cfg.upscale)
-    if not cfg.cache:
-        return OnTheFly(enc, read_examples(cfg.data, cfg.mode, cfg.hpo))
     folder = Path(cfg.output) / FOLDER
+    changed = data_stamps.first_changed(folder)
+    if not cfg.cache:
+        ex = read_examples(cfg.data, cfg.mode, cfg.hpo)
+        if state.is_main_process:  # no store: the run's images are recorded in OUTPUT, for a later --resume
+            data_stamps.record(data_stamps.stamps(data_stamps.example_paths(ex)), Path(cfg.output))
+        return OnTheFly(enc, ex)
+    if state.is_main_process:  # the store's own record holds for a run that reads the store
+        (Path(cfg.output) / data_stamps.FILE).unlink(missing_ok=True)
     fp = fingerprint(cfg, data_sha)
-    if not is_complete(folder, fp):
+    if changed or not is_complete(folder, fp):
+        if changed and state.is_main_process:
+            print(f"note: {changed} changed since {folder} was encoded; encoding it again", file=sys.stderr)
         build(folder, enc, lambda: read_examples(cfg.data, cfg.mode, cfg.hpo), state, fp)
     return FrozenStore(folder, enc)
 
 
 def is_complete(folder: Path, fp: str) -> bool:
+    if not (folder / data_stamps.FILE).is_file():  # a store from before images were recorded
+        return False
     try:
         return json.loads((folder / MANIFEST).read_text())["fingerprint"] == fp
     except (OSError, ValueError, KeyError):
@@ -145,12 +173,13 @@ def build(folder: Path, enc: FrozenEncoder, examples, state, fp: str) -> None:
         (folder / "examples").mkdir(parents=True)
     state.wait_for_everyone()
     ex = examples()
+    files = data_stamps.stamps(data_stamps.example_paths(ex)) if state.is_main_process else None
     writer = _Writer(folder, state.process_index)
     encode_share(enc, ex, writer, state.process_index, state.num_processes)
     writer.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        write_index(folder, ex, state.num_processes, fp)
+        write_index(folder, ex, state.num_processes, fp, files)
     state.wait_for_everyone()
 
 
@@ -163,8 +192,9 @@ def _lookup(keys: pd.DataFrame, kinds: list[str], wanted: list[str], what: str) 
     return found.to_numpy(np.int64)
 
 
-def write_index(folder: Path, ex: Examples, world: int, fp: str) -> None:
-    """Join the processes' blocks and keys into the per-example (block, row) columns and the manifest."""
+def write_index(folder: Path, ex: Examples, world: int, fp: str, files: pd.DataFrame | None = None) -> None:
+    """Join the processes' blocks and keys into the per-example (block, row) columns and the manifest; record
+    the images encoded (``files``: their `data_stamps.stamps` taken before encoding; default: now)."""
     blocks, frames = [], []
     for r in range(world):
         keys = pd.read_parquet(folder / f"keys-r{r:03d}.parquet")
@@ -184,6 +214,7 @@ def write_index(folder: Path, ex: Examples, world: int, fp: str) -> None:
     for slot, arr in slots.items():
         np.save(folder / "examples" / f"{slot}.npy", arr)
     np.save(folder / "examples" / "weights.npy", ex.weights.numpy().astype(np.float32))
+    data_stamps.record(data_stamps.stamps(data_stamps.example_paths(ex)) if files is None else files, folder)
     manifest = {
         "fingerprint": fp,
         "examples": len(ex),

@@ -120,12 +120,13 @@ def resume_point(cfg, out: Path) -> Path | None:
             )
         return None
     try:
-        resume_from = checkpoints.newest_complete(out, say=True)
+        resume_from = checkpoints.newest_complete(out, say=True, content=True)
     except ValueError as exc:
         raise ValueError(f"--resume: {exc}") from None
     if resume_from is None:
         raise ValueError(f"--resume: no checkpoint in {out}")
     checkpoints.check_data(resume_from, data_table(cfg.data, cfg.mode))
+    frozen_store.check_unchanged(out)  # the table's hash does not cover its images' content
     return resume_from
 
 
