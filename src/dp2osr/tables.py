@@ -235,8 +235,15 @@ def _inside_any(roots: list[str]):
     exact, folders = set(roots), {r.rstrip(os.sep) for r in roots}
 
     def inside(path: str) -> bool:
+        if path in exact:
+            return True
         # path.startswith(r + sep) holds exactly when path[:i] == r at some separator i of path.
-        return path in exact or any(c == os.sep and path[:i] in folders for i, c in enumerate(path))
+        i = path.find(os.sep)
+        while i >= 0:
+            if path[:i] in folders:
+                return True
+            i = path.find(os.sep, i + 1)
+        return False
 
     return inside
 
