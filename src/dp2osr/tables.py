@@ -148,10 +148,18 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta[META_KEY]) if META_KEY in meta else {}
 
 
-def _relative(folder: Path, values: pd.Series) -> list[str]:
+def _each_distinct(values: pd.Series, fn) -> pd.Series:
+    """``fn`` of every value of the string column ``values`` ("" stays ""), called once per distinct value (a
+    pool's LR path recurs in every row of its image; the column is converted at once, not row by row)."""
+    codes, distinct = pd.factorize(values)
+    made = [fn(p) if p else "" for p in distinct]
+    return pd.Series(pd.array(made, dtype="str")).take(codes).reset_index(drop=True)
+
+
+def _relative(folder: Path, values: pd.Series) -> pd.Series:
     """Paths as the caller names them (absolute, or relative to the working folder) made relative to ``folder``."""
     base = os.path.abspath(folder)
-    return [os.path.relpath(p, base) if p else "" for p in values]
+    return _each_distinct(values, lambda p: os.path.relpath(p, base))
 
 
 def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = False) -> pd.DataFrame:
@@ -214,7 +222,7 @@ def _outside_roots(folder: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> 
         os.path.dirname(p)
         for col in columns
         if col in df.columns
-        for p in df[col]
+        for p in df[col].unique()
         if p and not is_inside(p, [own])
     }
 
@@ -324,7 +332,7 @@ def write(schema: Schema, df: pd.DataFrame, path: Path, meta: dict | None = None
     df = validate(schema, df.copy(), str(path), allow_empty=True)
     for col in schema.paths:
         if col in df.columns:
-            df[col] = [os.path.normpath(os.path.abspath(p)) if p else "" for p in df[col]]
+            df[col] = _each_distinct(df[col], lambda p: os.path.normpath(os.path.abspath(p)))
     meta = {k: v for k, v in (meta or {}).items() if k != "roots"}
     outside = _outside_roots(path.parent, df, schema.paths)
     if outside:
