@@ -1,4 +1,4 @@
-"""How the pipeline's bookkeeping grows with the pool: synthetic pools of ~10^3..10^5 candidates (tables only).
+"""How the pipeline's bookkeeping grows with the pool: synthetic pools of ~10^3..10^6 candidates (tables only).
 
 Each size is a pool of n candidates (M = 32 per image, the paper's SD2 setting) written as the tables the
 stages exchange: candidates.parquet, rewards.parquet, pref_pairs.parquet (N = 8 winners x 8 losers per image,
@@ -12,6 +12,12 @@ second), the growth exponent fitted on log(time) against log(n), and the time pr
 size, with that exponent and linearly (exponents below 1 come from fixed costs at small n), to the paper's
 counts (1 M candidates, 1.92 M pairs). The data order is also timed at 1.92 M pairs directly.
 
+The resume of a finished pool (``--resume-sizes``) is what a rerun of `sample` does besides loading the model,
+on a files-layout pool of empty candidate files whose stamps (size, mtime, hashes) its last manifest recorded:
+reading the stamps, planning (a `stat` per candidate, trusted while size and mtime match), recording every
+candidate, each image's prompt and HR hash, and writing the manifest (`resume_finished`). Real candidates differ
+only in their size, which a trusted file is never read for.
+
 The training data path's memory per process is measured on stores of the frozen inputs
 (`dp2osr.engine.frozen_store`) of 10^4..10^6 pairs (``--memory-pairs``; tiny rows written directly, no model):
 a fresh process opens the store and reads ``--memory-batches`` micro-batches of the data order; printed are its
@@ -20,6 +26,8 @@ processes of a node share, reclaimable), next to the store's size on disk.
 
     .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~3 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 300000 --repeats 2
+    .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 1000000 --repeats 1 \
+        --resume-sizes 100000 1000000 --memory-pairs         # the paper's scale (~15 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --memory-only --memory-pairs 10000 100000 1000000
 """
 
