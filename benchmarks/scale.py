@@ -1,4 +1,4 @@
-"""How the pipeline's bookkeeping grows with the pool: synthetic pools of ~10^3..10^5 candidates (tables only).
+"""How the pipeline's bookkeeping grows with the pool: synthetic pools of ~10^3..10^6 candidates (tables only).
 
 Each size is a pool of n candidates (M = 32 per image, the paper's SD2 setting) written as the tables the
 stages exchange: candidates.parquet, rewards.parquet, pref_pairs.parquet (N = 8 winners x 8 losers per image,
@@ -12,6 +12,12 @@ second), the growth exponent fitted on log(time) against log(n), and the time pr
 size, with that exponent and linearly (exponents below 1 come from fixed costs at small n), to the paper's
 counts (1 M candidates, 1.92 M pairs). The data order is also timed at 1.92 M pairs directly.
 
+The resume of a finished pool (``--resume-sizes``) is what a rerun of `sample` does besides loading the model,
+on a files-layout pool of empty candidate files whose stamps (size, mtime, hashes) its last manifest recorded:
+reading the stamps, planning (a `stat` per candidate, trusted while size and mtime match), recording every
+candidate, each image's prompt and HR hash, and writing the manifest (`resume_finished`). Real candidates differ
+only in their size, which a trusted file is never read for.
+
 The training data path's memory per process is measured on stores of the frozen inputs
 (`dp2osr.engine.frozen_store`) of 10^4..10^6 pairs (``--memory-pairs``; tiny rows written directly, no model):
 a fresh process opens the store and reads ``--memory-batches`` micro-batches of the data order; printed are its
@@ -20,6 +26,8 @@ processes of a node share, reclaimable), next to the store's size on disk.
 
     .venv/bin/python benchmarks/scale.py                   # 10^3, 10^4, 10^5 candidates (~3 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 300000 --repeats 2
+    .venv/bin/python benchmarks/scale.py --sizes 1024 10016 100000 1000000 --repeats 1 \
+        --resume-sizes 100000 1000000 --memory-pairs         # the paper's scale (~15 min, 2 cores)
     .venv/bin/python benchmarks/scale.py --memory-only --memory-pairs 10000 100000 1000000
 """
 
@@ -43,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dp2osr import metrics as metric_lib
 from dp2osr import tables
-from dp2osr.engine import frozen_store, scoring, train_data
+from dp2osr.engine import frozen_store, jobs, pools, scoring, train_data
+from dp2osr.engine.provenance import file_sha
 from dp2osr.images import write_parquet
 from dp2osr.math.permutation import permuted
 from dp2osr.pair import build_pairs
@@ -161,6 +170,79 @@ def _hr_key(hr_shas: dict[str, str], pool: Path) -> dict[str, str]:
     return {os.path.normpath(os.path.join(pool.parent, h)): s for h, s in hr_shas.items()}
 
 
+MODEL = {"backbone": "sd2", "base": "base", "controlnet": "controlnet"}
+OPTIONS_SHA = "0" * 64  # what every synthetic candidate records it was sampled with
+
+
+def make_finished_pool(root: Path, n: int) -> pd.DataFrame:
+    """A finished files-layout pool of ``n`` candidates under ``root / "pool"``: an empty file per candidate
+    (``ID/seed_XXXX.png``), a tiny LR and HR file per image, and the stamps its last manifest recorded (size,
+    mtime, LR hash, options hash, hash of each file); returns its images (``image_id, lr_path, hr_path``)."""
+    ids = [f"img{i:07d}" for i in range(n // M)]
+    data, out = root / "data", root / "pool"
+    data.mkdir(parents=True)
+    rows = []
+    for image_id in ids:
+        for kind in ("lr", "hr"):
+            (data / f"{image_id}_{kind}.png").write_bytes(f"{kind} {image_id}".encode())
+        lr_sha = file_sha(data / f"{image_id}_lr.png")
+        (out / image_id).mkdir(parents=True)
+        for s in range(M):
+            rel = pools.candidate_path(image_id, s)
+            (out / rel).touch()
+            st = (out / rel).stat()
+            rows.append((rel, st.st_size, st.st_mtime_ns, lr_sha, OPTIONS_SHA, f"{len(rows):064x}"))
+    write_parquet(pd.DataFrame(rows, columns=pools._STAMP_COLUMNS), out / pools.STAMPS_FILE)
+    lr = [str(data / f"{i}_lr.png") for i in ids]
+    return pd.DataFrame(
+        {"image_id": ids, "lr_path": lr, "hr_path": [p[: -len("lr.png")] + "hr.png" for p in lr]}
+    )
+
+
+def resume_finished(images: pd.DataFrame, out: Path) -> None:
+    """What a rerun of `sample` does on the finished pool ``out`` besides loading the model: read the stamps,
+    plan (`jobs._plan`: a `stat` per candidate, trusted while size and mtime match), record every candidate
+    (`pools.manifest_records`, another `stat`), each image's prompt and HR hash, and write the manifest."""
+    seeds = list(range(M))
+    stamps = pools.read_stamps(out)
+    job_list = jobs.chunk_jobs(list(zip(images.image_id, images.lr_path)), seeds, 8)
+    real = jobs.options_sha
+    jobs.options_sha = lambda *a, **k: OPTIONS_SHA  # the hash of the sampling settings: needs a backbone
+    try:
+        todo = jobs._plan(None, job_list, out, None, 4, MODEL, False, stamps, False)[0]
+    finally:
+        jobs.options_sha = real
+    assert not todo, f"the synthetic pool should be finished; {len(todo)} job(s) left"
+    records, missing = pools.manifest_records(images, out, seeds, job_list, stamps)
+    assert not missing, f"{len(missing)} candidate(s) missing"
+    info = pools.image_info(images, out)
+    pools.combine_manifest(images, out, records, info, MODEL, {"pair_ratio": N / M})
+
+
+def time_resume(n: int) -> tuple[float, float]:
+    """(seconds to make, seconds to resume) a finished pool of ``n`` candidates (`resume_finished`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        images = make_finished_pool(Path(tmp), n)
+        made = time.perf_counter() - t
+        t = time.perf_counter()
+        resume_finished(images, Path(tmp) / "pool")
+        return made, time.perf_counter() - t
+
+
+def resume_sizes(sizes: list[int]) -> None:
+    """Print the resume of a finished pool of each count of candidates, with its fitted growth exponent."""
+    print("resume of a finished pool (files layout, empty files; no model):")
+    times = []
+    for n in sizes:
+        made, took = time_resume(n)
+        times.append(took)
+        print(f"{n:>12,d} candidates: {_fmt(took)} (made in {_fmt(made)})", flush=True)
+    if len(sizes) > 1:
+        slope = float(np.polyfit(np.log(sizes), np.log(times), 1)[0])
+        print(f"exponent {slope:.2f}; {_fmt(times[-1] * PAPER_CANDIDATES / sizes[-1])} at 1 M, linearly")
+
+
 def make_store(folder: Path, n_pairs: int) -> None:
     """A store of ``n_pairs`` DPO pairs (2 pairs per candidate, M per LR image) with tiny random rows: an 8-bit
     4x4 LR per image, a 4x2x2 fp32 latent per candidate, two prompts' 8x4 embeddings."""
@@ -233,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_024, 10_016, 100_000], help="candidates")
     ap.add_argument("--repeats", type=int, default=3, help="runs per size; the best is kept")
-    ap.add_argument("--memory-pairs", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--memory-pairs", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument(
+        "--resume-sizes", type=int, nargs="*", default=[10_016, 100_000], help="candidates of finished pools"
+    )
     ap.add_argument("--memory-batches", type=int, default=200, help="micro-batches read per store")
     ap.add_argument("--memory-only", action="store_true", help="only the training data path's memory")
     ap.add_argument("--read-store", type=Path, help=argparse.SUPPRESS)  # the fresh process of memory_sizes
@@ -244,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_only:
         memory_sizes(args.memory_pairs, args.memory_batches)
         return 0
-    if len(set(args.sizes)) < 2 or any(n < M or n % M for n in args.sizes):
+    if len(set(args.sizes)) < 2 or any(n < M or n % M for n in args.sizes + args.resume_sizes):
         raise ValueError(f"--sizes needs at least 2 sizes, multiples of M = {M}, got {args.sizes}")
     t0 = time.perf_counter()
+    if args.resume_sizes:
+        resume_sizes(sorted(args.resume_sizes))
     runs = {n: time_size(n, args.repeats) for n in sorted(args.sizes)}
     stages = list(next(iter(runs.values())))
     head = f"{'stage':30s}" + "".join(f"{f'n={n:,}':>14s}" for n in runs)
@@ -264,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"batch_indices at {PAPER_PAIRS:,} pairs, measured: {direct * 1e3:.3f} ms per micro-batch of {MICRO_BATCH}"
     )
-    memory_sizes(args.memory_pairs, args.memory_batches)
+    if args.memory_pairs:
+        memory_sizes(args.memory_pairs, args.memory_batches)
     print(f"(pairs = 2 x candidates; {time.perf_counter() - t0:.0f} s in all)")
     return 0
 

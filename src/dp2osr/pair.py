@@ -52,8 +52,13 @@ def build_pairs(
     if n is None and ratio is None:
         raise ValueError("give N (--n) or a ratio (--ratio)")
     df = _checked_rewards(rewards_df)
-    rows, group_stds = _group_pairs(df, n, ratio)
-    out = _with_hpo_weights(pd.DataFrame(rows), group_stds, hpo)
+    built = _all_pairs(df, n, ratio)
+    if built is None:  # some image breaks a rule: the per-image loop names the first one
+        rows, group_stds = _group_pairs(df, n, ratio)
+        out = pd.DataFrame(rows)
+        groups = pd.factorize(out["image_id"])[0]
+        built = out, groups, np.array(list(group_stds.values()))
+    out = _with_hpo_weights(*built, hpo)
     return out.astype({"win_seed": "int64", "lose_seed": "int64"})[PAIR_COLUMNS]
 
 
@@ -114,16 +119,65 @@ def _group_pairs(df: pd.DataFrame, n: int | None, ratio: float | None) -> tuple[
     return rows, group_stds
 
 
-def _with_hpo_weights(out: pd.DataFrame, group_stds: dict[str, float], hpo: str) -> pd.DataFrame:
-    """``out`` with w_intra, w_inter and weight = w_intra · w_inter (a disabled level is 1)."""
+def _all_pairs(
+    df: pd.DataFrame, n: int | None, ratio: float | None
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray] | None:
+    """The rows of `_group_pairs` computed for all images at once, each row's image (its index in sorted
+    ``image_id`` order) and each image's σ_g; None when an image breaks a rule of `_group_pairs` (it names it)."""
+    seeds = df["seed"].to_numpy()
+    rewards = df["reward"].to_numpy(dtype=np.float64)
+    if seeds.dtype.kind not in "iu" or not np.isfinite(rewards).all():
+        return None
+    codes, ids = pd.factorize(df["image_id"])  # df is sorted by image_id: each image's rows are contiguous
+    m = np.bincount(codes)
+    starts = np.concatenate([[0], np.cumsum(m)[:-1]])
+    try:
+        per_m = {int(k): n if n is not None else n_from_ratio(int(k), ratio) for k in np.unique(m)}
+    except ValueError:
+        return None
+    n_g = np.array([per_m[int(k)] for k in m], dtype=np.int64)
+    lr_codes = pd.factorize(df["lr_path"].astype(str))[0]
+    if (n_g < 1).any() or (2 * n_g > m).any() or (lr_codes != np.repeat(lr_codes[starts], m)).any():
+        return None
+    # Within an image: reward descending, then seed ascending (`select_pairs`); seeds are unique per image.
+    order = np.lexsort((seeds, -rewards, codes))
+    per_image = n_g * n_g
+    group = np.repeat(np.arange(len(m)), per_image)
+    local = np.arange(len(group)) - np.repeat(np.cumsum(per_image) - per_image, per_image)
+    win = order[starts[group] + local // n_g[group]]
+    lose = order[starts[group] + m[group] - n_g[group] + local % n_g[group]]
+    paths, lr = df["path"].astype(str).to_numpy(), df["lr_path"].astype(str).to_numpy()
+    out = pd.DataFrame(
+        {
+            "image_id": np.asarray(ids, dtype=object)[group],
+            "win_seed": seeds[win].astype(np.int64),
+            "lose_seed": seeds[lose].astype(np.int64),
+            "win_path": paths[win],
+            "lose_path": paths[lose],
+            "lr_path": lr[starts[group]],
+            "win_reward": rewards[win],
+            "lose_reward": rewards[lose],
+        }
+    )
+    stds = np.empty(len(m))
+    for k in np.unique(m):  # images of one size at once: σ_g of each row of an (images, M) matrix
+        of_size = np.flatnonzero(m == k)
+        stds[of_size] = np.std(rewards[starts[of_size, None] + np.arange(k)], axis=1, ddof=0)
+    return out, group, stds
+
+
+def _with_hpo_weights(
+    out: pd.DataFrame, groups: np.ndarray, group_stds: np.ndarray, hpo: str
+) -> pd.DataFrame:
+    """``out`` with w_intra, w_inter and weight = w_intra · w_inter (a disabled level is 1); ``groups``: each
+    row's image (an index into ``group_stds``, σ_g of each image)."""
     ones = np.ones(len(out))
     if hpo in ("both", "intra"):
-        out["w_intra"] = intra_weights(out["win_reward"] - out["lose_reward"], out["image_id"].to_numpy())
+        out["w_intra"] = intra_weights((out["win_reward"] - out["lose_reward"]).to_numpy(), groups)
     else:
         out["w_intra"] = ones
     if hpo in ("both", "inter"):
-        per_group = dict(zip(group_stds, inter_weights(np.array(list(group_stds.values())))))
-        out["w_inter"] = out["image_id"].map(per_group).to_numpy(dtype=np.float64)
+        out["w_inter"] = inter_weights(group_stds)[groups]
     else:
         out["w_inter"] = ones
     out["weight"] = out["w_intra"] * out["w_inter"]

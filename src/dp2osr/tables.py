@@ -48,6 +48,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dp2osr.images import IMAGE_SUFFIXES, atomic_write
@@ -151,16 +152,18 @@ def read_meta(path: Path) -> dict:
     return json.loads(meta[META_KEY]) if META_KEY in meta else {}
 
 
-def _absolute(folder: Path, values: pd.Series) -> list[str]:
-    """Stored paths made absolute against ``folder`` (empty stays empty; no per-row filesystem calls)."""
-    base = os.path.abspath(folder)
-    return [os.path.normpath(os.path.join(base, p)) if p else "" for p in values]
+def _each_distinct(values: pd.Series, fn) -> pd.Series:
+    """``fn`` of every value of the string column ``values`` ("" stays ""), called once per distinct value (a
+    pool's LR path recurs in every row of its image; the column is converted at once, not row by row)."""
+    codes, distinct = pd.factorize(values)
+    made = [fn(p) if p else "" for p in distinct]
+    return pd.Series(pd.array(made, dtype="str")).take(codes).reset_index(drop=True)
 
 
-def _relative(folder: Path, values: pd.Series) -> list[str]:
+def _relative(folder: Path, values: pd.Series) -> pd.Series:
     """Paths as the caller names them (absolute, or relative to the working folder) made relative to ``folder``."""
     base = os.path.abspath(folder)
-    return [os.path.relpath(p, base) if p else "" for p in values]
+    return _each_distinct(values, lambda p: os.path.relpath(p, base))
 
 
 def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = False) -> pd.DataFrame:
@@ -192,13 +195,16 @@ def validate(schema: Schema, df: pd.DataFrame, where: str, allow_empty: bool = F
 
 
 def _check_ids(ids: pd.Series, where: str) -> None:
-    """Refuse an image ID that is not a plain file name (it names output files), naming the row."""
-    for row, image_id in enumerate(ids):
-        problem = name_problem(image_id)
-        if problem is not None:
-            raise ValueError(
-                f"{where}: row {row}: image_id {image_id!r} {problem}; an image ID must be a plain file name"
-            )
+    """Refuse an image ID that is not a plain file name (it names output files), naming the first such row."""
+    codes, distinct = pd.factorize(ids)
+    problems = [name_problem(i) for i in distinct]
+    bad = [k for k, p in enumerate(problems) if p is not None]
+    if bad:
+        row = int(np.flatnonzero(np.isin(codes, bad))[0])
+        image_id, problem = distinct[codes[row]], problems[codes[row]]
+        raise ValueError(
+            f"{where}: row {row}: image_id {image_id!r} {problem}; an image ID must be a plain file name"
+        )
 
 
 def _roots(folder: Path, meta: dict, roots: tuple[Path, ...] | None) -> list[str]:
@@ -220,7 +226,7 @@ def _outside_roots(folder: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> 
         os.path.dirname(p)
         for col in columns
         if col in df.columns
-        for p in df[col]
+        for p in df[col].unique()
         if p and not is_inside(p, [own])
     }
 
@@ -235,36 +241,60 @@ def _outside_roots(folder: Path, df: pd.DataFrame, columns: tuple[str, ...]) -> 
     return sorted(os.path.relpath(d, own) for d in parents if not nested(d))
 
 
-def _check_paths(
-    schema: Schema, df: pd.DataFrame, stored: pd.DataFrame, where: Path, trusted: list[str]
-) -> None:
-    """The rules on what a table's paths may name (module docstring); ``stored``: the values as stored;
-    ``trusted``: the table's roots, its own folder first."""
+def _inside_any(roots: list[str]):
+    """`dp2osr.paths.is_inside` against ``roots`` as a function of the path, one set look-up per separator of
+    the path instead of one comparison per root (a pairs table records a folder per image of its pool)."""
+    exact, folders = set(roots), {r.rstrip(os.sep) for r in roots}
+
+    def inside(path: str) -> bool:
+        if path in exact:
+            return True
+        # path.startswith(r + sep) holds exactly when path[:i] == r at some separator i of path.
+        i = path.find(os.sep)
+        while i >= 0:
+            if path[:i] in folders:
+                return True
+            i = path.find(os.sep, i + 1)
+        return False
+
+    return inside
+
+
+def _path_problem(schema: Schema, col: str, value: str, raw: str, trusted: list[str], inside) -> str | None:
+    """Why ``value`` (stored as ``raw``) may not stand in ``col`` of a ``schema`` table (module docstring), or
+    None; ``trusted``: the table's roots, its own folder first; ``inside``: `_inside_any` of ``trusted``."""
     own = trusted[:1]
-    for col in schema.paths:
-        if col not in df.columns:
-            continue
-        for row, (value, raw) in enumerate(zip(df[col], stored[col])):
-            if not value:
-                continue
-            shown = f"{raw!r}" + ("" if raw == value else f" (resolves to {value})")
-            if "\0" in value or os.path.splitext(value)[1].lower() not in IMAGE_SUFFIXES:
-                problem = f"is not an image file ({', '.join(IMAGE_SUFFIXES)})"
-            elif col in schema.inside and not is_inside(value, own):
-                problem = f"lies outside the table's folder {own[0]}"
-            elif is_inside(value, trusted) or (schema.user_input and os.path.isabs(raw)):
-                continue
-            else:
-                problem = (
-                    f"lies outside the table's folder, the folders it was written with and the --data-root "
-                    f"folders {trusted} (pass --data-root FOLDER to vouch for a folder of yours)"
-                    + (
-                        "; a hand-written table may name images elsewhere by absolute path"
-                        if schema.user_input
-                        else ""
-                    )
-                )
-            raise ValueError(f"{where}: row {row}: {col} {shown} {problem}; refused")
+    if not value:
+        return None
+    if "\0" in value or os.path.splitext(value)[1].lower() not in IMAGE_SUFFIXES:
+        return f"is not an image file ({', '.join(IMAGE_SUFFIXES)})"
+    if col in schema.inside and not is_inside(value, own):
+        return f"lies outside the table's folder {own[0]}"
+    if inside(value) or (schema.user_input and os.path.isabs(raw)):
+        return None
+    return (
+        f"lies outside the table's folder, the folders it was written with and the --data-root folders "
+        f"{trusted} (pass --data-root FOLDER to vouch for a folder of yours)"
+        + ("; a hand-written table may name images elsewhere by absolute path" if schema.user_input else "")
+    )
+
+
+def _resolved(schema: Schema, col: str, stored: pd.Series, where: Path, trusted: list[str]) -> pd.Series:
+    """Column ``col`` of a ``schema`` table, its stored paths made absolute against the table's folder (empty
+    stays empty; no filesystem calls) and checked against the rules on what they may name (module docstring),
+    each distinct value once (a pool's LR path recurs in every row of its image); the first refused row is
+    named. ``trusted``: the table's roots, its own folder first."""
+    inside = _inside_any(trusted)
+    codes, distinct = pd.factorize(stored)
+    values = [os.path.normpath(os.path.join(trusted[0], p)) if p else "" for p in distinct]
+    problems = [_path_problem(schema, col, v, r, trusted, inside) for v, r in zip(values, distinct)]
+    bad = [k for k, p in enumerate(problems) if p is not None]
+    if bad:
+        row = int(np.flatnonzero(np.isin(codes, bad))[0])
+        raw, value = distinct[codes[row]], values[codes[row]]
+        shown = f"{raw!r}" + ("" if raw == value else f" (resolves to {value})")
+        raise ValueError(f"{where}: row {row}: {col} {shown} {problems[codes[row]]}; refused")
+    return pd.Series(pd.array(values, dtype=stored.dtype)).take(codes).reset_index(drop=True)
 
 
 def read(
@@ -288,11 +318,10 @@ def read(
             f"{schema.version}: update dp2osr"
         )
     df = validate(schema, pd.read_parquet(path, columns=columns), str(path))
-    stored = df[[c for c in schema.paths if c in df.columns]].copy()
+    trusted = _roots(path.parent, meta, (*(roots or ()), *_DATA_ROOTS.get()))
     for col in schema.paths:
         if col in df.columns:
-            df[col] = _absolute(path.parent, df[col])
-    _check_paths(schema, df, stored, path, _roots(path.parent, meta, (*(roots or ()), *_DATA_ROOTS.get())))
+            df[col] = _resolved(schema, col, df[col], path, trusted)
     return df, meta
 
 
@@ -309,7 +338,7 @@ def write(schema: Schema, df: pd.DataFrame, path: Path, meta: dict | None = None
     df = validate(schema, df.copy(), str(path), allow_empty=True)
     for col in schema.paths:
         if col in df.columns:
-            df[col] = [os.path.normpath(os.path.abspath(p)) if p else "" for p in df[col]]
+            df[col] = _each_distinct(df[col], lambda p: os.path.normpath(os.path.abspath(p)))
     meta = {k: v for k, v in (meta or {}).items() if k != "roots"}
     outside = _outside_roots(path.parent, df, schema.paths)
     if outside:

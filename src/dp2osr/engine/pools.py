@@ -97,7 +97,13 @@ def read_stamps(out: Path) -> dict[str, tuple]:
         df = pd.read_parquet(Path(out) / STAMPS_FILE, columns=_STAMP_COLUMNS)
     except (OSError, ValueError, KeyError):
         return {}
-    return {str(Path(out) / p): rest for p, *rest in df.itertuples(index=False, name=None)}
+    base, rels = str(Path(out)), df["path"].tolist()
+    # str(Path(out) / p) is out + "/" + p for the plain relative paths a manifest writes (built as text:
+    # Path objects cost seconds per 10^6 stamps); any other path is joined by pathlib.
+    odd = df["path"].str.contains(r"(?:^|/)\.?(?:/|$)", regex=True).to_numpy() | (base == "/")
+    keys = [str(Path(out) / p) if o else f"{base}/{p}" for p, o in zip(rels, odd)]
+    values = zip(*[df[c].tolist() for c in _STAMP_COLUMNS[1:]])
+    return {k: list(v) for k, v in zip(keys, values)}
 
 
 def _file_record(path: Path, stamps: dict[str, tuple]) -> tuple | None:

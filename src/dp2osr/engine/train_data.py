@@ -55,16 +55,18 @@ def read_examples(data: Path, mode: str, hpo: str = "both") -> Examples:
     """DPO: a ``pref_pairs.parquet`` (or a folder with one); SFT: a `dp2osr degrade` folder (pairs.parquet)."""
     schema = tables.PREF_PAIRS if mode == "dpo" else tables.PAIRS
     df, _ = tables.read(schema, existing_table(data, mode))
-    prompts = list(df["prompt"]) if "prompt" in df.columns else [""] * len(df)
-    lr = list(df["lr_path"])
+    # Series.tolist converts a column at once; iterating a column yields its values one by one (seconds at 10^6).
+    prompts = df["prompt"].tolist() if "prompt" in df.columns else [""] * len(df)
+    lr = df["lr_path"].tolist()
     if mode == "sft":
-        return Examples([[p] for p in df["hr_path"]], lr, prompts, torch.ones(len(df)))
+        return Examples([[p] for p in df["hr_path"].tolist()], lr, prompts, torch.ones(len(df)))
     if hpo == "none":
         w = torch.ones(len(df))
     else:
         col = {"both": ["w_intra", "w_inter"], "intra": ["w_intra"], "inter": ["w_inter"]}[hpo]
         w = torch.tensor(df[col].prod(axis=1).to_numpy(), dtype=torch.float32)
-    return Examples([[a, b] for a, b in zip(df["win_path"], df["lose_path"])], lr, prompts, w)
+    images = [[a, b] for a, b in zip(df["win_path"].tolist(), df["lose_path"].tolist())]
+    return Examples(images, lr, prompts, w)
 
 
 KEYED_ORDER_ABOVE = 2**16  # pools larger than this use the keyed permutation (O(1) per example)
