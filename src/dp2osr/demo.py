@@ -11,6 +11,7 @@ without it. The gradio queue runs one request at a time: the model is not shared
 
 from __future__ import annotations
 
+import html
 import os
 import time
 from dataclasses import dataclass, fields
@@ -58,7 +59,7 @@ class DemoConfig(ModelOptions):
     max_samples: int = field(8, help="most samples a request may ask for")
     steps: int | None = field(None, help="denoising steps (default: the backbone's)")
     process_size: int | None = field(
-        None, help="short side the model works at (default: the backbone's); larger photos are tiled"
+        None, help="short side the model works at (default: the backbone's); photos above twice it are tiled"
     )
 
     def __post_init__(self) -> None:
@@ -209,7 +210,8 @@ def build_page(demo: Demo):
             try:
                 res = demo.run(path, label, int(m), int(s), fix)
             except ValueError as exc:
-                raise gr.Error(str(exc), duration=None, print_exception=False) from None
+                # the message names the uploaded file: escaped, the page may render it as HTML
+                raise gr.Error(html.escape(str(exc)), duration=None, print_exception=False) from None
             return res.summary, (res.before, res.chosen), res.gallery, res.scores
 
         inputs = [photo, model, samples, seed, color_fix]

@@ -127,9 +127,9 @@ def run(cfg: EvalConfig) -> None:
         raise ValueError("nothing to evaluate: give --sr (with --hr), --pools and/or --reward-curve")
     if cfg.crop_border < 0:
         raise ValueError(f"--crop-border must be >= 0, got {cfg.crop_border}")
-    _check_inputs(cfg)
     out = Path(cfg.output)
-    check_output_dir(out)
+    check_output_dir(out)  # writes nothing: an output that can never be written is named first
+    _check_inputs(cfg)
     with output_lock(out, "eval"):
         _evaluate(cfg, out)
 

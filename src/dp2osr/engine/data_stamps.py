@@ -11,12 +11,12 @@ unnoticed (as it does for make and rsync). It sits in the engine, below the froz
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from dp2osr.engine.pool_store import ref_stat
 from dp2osr.images import write_parquet
 
 FILE = "data_files.parquet"
@@ -31,11 +31,8 @@ def stamps(paths: Iterable[str]) -> pd.DataFrame:
 
 
 def _stat(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return -1, -1
-    return st.st_size, st.st_mtime_ns
+    found = ref_stat(path)  # a shard member: its size and its shard's mtime
+    return (-1, -1) if found is None else found
 
 
 def record(table: pd.DataFrame, folder: Path) -> None:

@@ -78,7 +78,8 @@ class SamplingOptions(ModelOptions):
     )
     process_size: int | None = field(
         None,
-        help="short side the model works at; larger images are tiled, smaller ones upsized then resized back "
+        help="short side the model works at: a smaller image is brought up to it and the result resized back; "
+        "an image above --tile-threshold is denoised in tiles of this size "
         f"(default: the backbone's: {trait_defaults('default_process_size')})",
     )
     tile_threshold: int | None = field(

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from dp2osr.backbones import Backbone, Cond
-from dp2osr.images import to_pil
+from dp2osr.images import to_pil, to_uint8
 from dp2osr.math.colorfix import color_fix
 from dp2osr.math.geometry import ramp, tile_starts
 
@@ -158,7 +158,9 @@ def release_input(
     by ``int``), the result ×``upscale``, then down to a multiple of ``factor`` — each a PIL bicubic resize, the
     colour reference — and, where that is no multiple of ``multiple`` (FLUX packs 2×2 latents), down to one by
     PIL Lanczos, as the pipeline's image processor does: the model input."""
-    image = pil_resize(lr.float().cpu(), tuple(lr.shape[-2:]))  # 8 bits, as the release reads its files
+    image = (
+        torch.from_numpy(to_uint8(lr)).permute(2, 0, 1)[None].float() / 255
+    )  # 8 bits, as the release reads
     h, w = image.shape[-2:]
     short = process_size // upscale
     if h < short or w < short:

@@ -117,7 +117,8 @@ CLAIMS: list[tuple[str, str, str, tuple[str, ...], Callable, Callable]] = [
     (
         "base_best_rises",
         "Base model: Best@M rises with M",
-        "Best@M − Best@1 of the base pool (M = its seeds), per image",
+        "Best@M − Best@1 of the base pool (M = its seeds), per image; ≥ 0 for every image by construction (the "
+        "best of M includes seed 0), so the verdict only says the seeds differ: its size is the finding",
         ("base",),
         lambda p: growth_with_m(p["base"], "max"),
         above,
@@ -125,7 +126,7 @@ CLAIMS: list[tuple[str, str, str, tuple[str, ...], Callable, Callable]] = [
     (
         "base_worst_falls",
         "Base model: Worst@M falls with M",
-        "Worst@M − Worst@1 of the base pool, per image",
+        "Worst@M − Worst@1 of the base pool, per image; ≤ 0 by construction, so its size is the finding",
         ("base",),
         lambda p: growth_with_m(p["base"], "min"),
         below,
