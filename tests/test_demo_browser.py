@@ -15,7 +15,6 @@ import dp2osr.demo as demo_module
 from dp2osr.cli import main
 from dp2osr.demo import EMBEDDED_LABEL, MISSING_GRADIO, Demo, DemoConfig
 
-CHROMIUM = "/usr/bin/chromium"
 SMALL = dict(steps=2, process_size=64, max_pixels=128 * 128, device="cpu", samples=2)
 
 
@@ -67,21 +66,11 @@ def test_cli_without_gradio_says_how_to_install(capsys, monkeypatch):
     assert names and not any(str(n).startswith("gradio") for n in names)  # imported inside functions only
 
 
-def _browser():
-    pytest.importorskip("gradio", reason='gradio is not installed (pip install "dp2osr[demo]")')
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no browser: {CHROMIUM} missing (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    return sync_playwright
-
-
 @pytest.fixture
-def served():
-    """The demo page on a free localhost port (embedded model, 2 steps, 2 samples); its URL."""
-    _browser()
+def served(chromium):
+    """The demo page on a free localhost port (embedded model, 2 steps, 2 samples); its URL. Skips, before the
+    server starts, where gradio or the browser is missing."""
+    pytest.importorskip("gradio", reason='gradio is not installed (pip install "dp2osr[demo]")')
     from dp2osr.demo import build_page, launch
 
     cfg = DemoConfig(port=_free_port(), **SMALL)
@@ -100,37 +89,29 @@ def _upload(page, url: str, photo: Path) -> None:
     page.locator("#upscale").click()
 
 
-def test_demo_in_browser(served, tmp_path):
-    sync_playwright = _browser()
+def test_demo_in_browser(served, tmp_path, chromium):
     errors, requests = [], []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-sync"],
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        _upload(page, served, _png(tmp_path / "photo.png", 16, 0))
+        gallery = page.locator("#samples img")
+        gallery.nth(1).wait_for(timeout=20_000)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#samples img')].every(i => i.complete && i.naturalWidth)"
         )
-        try:
-            page = browser.new_page(viewport={"width": 1300, "height": 1000})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            _upload(page, served, _png(tmp_path / "photo.png", 16, 0))
-            gallery = page.locator("#samples img")
-            gallery.nth(1).wait_for(timeout=20_000)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('#samples img')].every(i => i.complete && i.naturalWidth)"
-            )
-            widths = gallery.evaluate_all("els => els.map(e => e.naturalWidth)")
-            assert widths == [64, 64], widths
-            assert "chosen: seed" in page.locator("#summary").inner_text()
-            assert page.get_by_text("seed 0 · reward").count() and page.get_by_text("· chosen").count()
-            shot = tmp_path / "demo.png"
-            page.screenshot(path=str(shot), full_page=True)
-            # An oversized photo: refused before any work, with the estimate upscale gives.
-            _upload(page, served, _png(tmp_path / "big.png", 64, 1))
-            refusal = page.get_by_text("above --max-pixels 16384 pixels")
-            refusal.first.wait_for(timeout=10_000)
-            assert "big.png: output 256x256" in refusal.first.inner_text()
-        finally:
-            browser.close()
+        widths = gallery.evaluate_all("els => els.map(e => e.naturalWidth)")
+        assert widths == [64, 64], widths
+        assert "chosen: seed" in page.locator("#summary").inner_text()
+        assert page.get_by_text("seed 0 · reward").count() and page.get_by_text("· chosen").count()
+        shot = tmp_path / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+        # An oversized photo: refused before any work, with the estimate upscale gives.
+        _upload(page, served, _png(tmp_path / "big.png", 64, 1))
+        refusal = page.get_by_text("above --max-pixels 16384 pixels")
+        refusal.first.wait_for(timeout=10_000)
+        assert "big.png: output 256x256" in refusal.first.inner_text()
     assert errors == []
     host = served.split("//")[1].split("/")[0]
     assert all(u.startswith((f"http://{host}", "data:", "blob:")) for u in requests), requests

@@ -3,7 +3,6 @@
 import base64
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,6 @@ from dp2osr.report import run as report
 NASTY_ID = 'im<b>&"0'  # file names, model names and prompts must be escaped
 NASTY_MODEL = "base <i>SD2</i>"
 NASTY_PROMPT = "<script>alert('x')</script> a cat"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _image(rng, size):
@@ -120,58 +118,34 @@ def test_max_images_and_downscale(results):
     assert max(max(s) for s in sizes[2:]) <= 64  # first two are the plots
 
 
-def _browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no browser: {CHROMIUM} missing (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    return sync_playwright
-
-
-def test_page_in_browser(results, tmp_path):
-    sync_playwright = _browser()
+def test_page_in_browser(results, tmp_path, chromium):
     page_path = _write(results)
     errors, requests = [], []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1300, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_path.as_uri())
-            page.wait_for_load_state("load")
-            widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
-            assert len(widths) == 2 + 3 * 6 + 3 * 2 and all(w > 0 for w in widths), widths
-            before = page.locator(".cmp-before").first
-            clip0 = before.evaluate("e => getComputedStyle(e).clipPath")
-            slider = page.locator(".cmp-range").first
-            slider.scroll_into_view_if_needed()
-            box = slider.bounding_box()
-            page.mouse.click(box["x"] + 0.2 * box["width"], box["y"] + box["height"] / 2)
-            value = int(slider.input_value())
-            clip1 = before.evaluate("e => getComputedStyle(e).clipPath")
-            assert value < 35 and clip1 != clip0, (value, clip0, clip1)
-            assert f"{100 - value}%" in clip1
-            # Changing the right-hand select swaps the compared image.
-            src0 = page.locator(".cmp-after").first.evaluate("e => e.src")
-            page.locator(".cmp-right").first.select_option("5")  # HR
-            assert page.locator(".cmp-after").first.evaluate("e => e.src") != src0
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(page_path.as_uri())
+        page.wait_for_load_state("load")
+        widths = page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+        assert len(widths) == 2 + 3 * 6 + 3 * 2 and all(w > 0 for w in widths), widths
+        before = page.locator(".cmp-before").first
+        clip0 = before.evaluate("e => getComputedStyle(e).clipPath")
+        slider = page.locator(".cmp-range").first
+        slider.scroll_into_view_if_needed()
+        box = slider.bounding_box()
+        page.mouse.click(box["x"] + 0.2 * box["width"], box["y"] + box["height"] / 2)
+        value = int(slider.input_value())
+        clip1 = before.evaluate("e => getComputedStyle(e).clipPath")
+        assert value < 35 and clip1 != clip0, (value, clip0, clip1)
+        assert f"{100 - value}%" in clip1
+        # Changing the right-hand select swaps the compared image.
+        src0 = page.locator(".cmp-after").first.evaluate("e => e.src")
+        page.locator(".cmp-right").first.select_option("5")  # HR
+        assert page.locator(".cmp-after").first.evaluate("e => e.src") != src0
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
     assert errors == []
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     assert shot.stat().st_size > 10_000
