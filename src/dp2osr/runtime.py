@@ -185,7 +185,7 @@ def output_lock(folder: Path, command: str, state=None) -> Iterator[None]:
                 stack.enter_context(_held(Path(folder), command))
             except Exception as exc:  # every process must hear of it, whatever it is, or the others wait
                 error, failure = str(exc) or type(exc).__name__, exc
-        error = _from_main(error)
+        error = from_main(error)
         if failure is not None:
             raise failure
         if error:
@@ -193,7 +193,7 @@ def output_lock(folder: Path, command: str, state=None) -> Iterator[None]:
         yield
 
 
-def _from_main(value: str) -> str:
+def from_main(value: str) -> str:
     """The main process's ``value``, on every process of a multi-process launch."""
     from accelerate.utils import broadcast_object_list
 

@@ -37,6 +37,7 @@ from dp2osr.engine import data_stamps
 from dp2osr.engine.train_data import Examples, FrozenEncoder, OnTheFly, assemble, read_examples
 from dp2osr.images import atomic_write, load_image, write_parquet
 from dp2osr.paths import text_sha
+from dp2osr.runtime import from_main
 
 FORMAT = 1
 FOLDER = "frozen"
@@ -74,7 +75,6 @@ def training_inputs(cfg, bb: Backbone, state, data_sha: str):
     refused before: `check_unchanged`)."""
     enc = FrozenEncoder(bb, cfg.upscale)
     folder = Path(cfg.output) / FOLDER
-    changed = data_stamps.first_changed(folder)
     if not cfg.cache:
         ex = read_examples(cfg.data, cfg.mode, cfg.hpo)
         if state.is_main_process:  # no store: the run's images are recorded in OUTPUT, for a later --resume
@@ -82,6 +82,10 @@ def training_inputs(cfg, bb: Backbone, state, data_sha: str):
         return OnTheFly(enc, ex)
     if state.is_main_process:  # the store's own record holds for a run that reads the store
         (Path(cfg.output) / data_stamps.FILE).unlink(missing_ok=True)
+    # one stat per image, on the main process only; every process needs the answer (the build is collective)
+    changed = (data_stamps.first_changed(folder) or "") if state.is_main_process else ""
+    if state.num_processes > 1:
+        changed = from_main(changed)
     fp = fingerprint(cfg, data_sha)
     if changed or not is_complete(folder, fp):
         if changed and state.is_main_process:
