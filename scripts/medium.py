@@ -73,7 +73,7 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
     if cfg.photos is None:
         raise ValueError("--photos is required: the folder of scripts/train_embedded.py --export-photos")
     sets = photo_sets(Path(cfg.photos))
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.pool_seed)
     for name, photos, n in zip(("train", "heldout"), sets, (cfg.images, cfg.heldout)):
         tiles = textured_tiles(photos, cfg.hr_size)
         if len(tiles) < n:
@@ -86,13 +86,18 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
 
 
 def read_pool(pool: Path, bounds: dict, metrics: list[str]) -> pd.DataFrame:
-    """A held-out pool as `claims` reads it: reward (0.5/0.5), fr, nr (its parts), psnr, ssim per candidate."""
+    """A held-out pool as `claims` reads it: reward (0.5/0.5), fr, nr (its parts), psnr, ssim per candidate,
+    and the raw value of each guard metric (pool/guard, where the quickstart scored it)."""
     scores = pd.read_parquet(pool / "scores.parquet")
     df = pool_rewards(scores, pool, bounds, metrics)[["image_id", "seed", "reward", "psnr", "ssim"]]
     cat = metric_lib.catalogue(metrics)
     for part, w in (("fr", (1.0, 0.0)), ("nr", (0.0, 1.0))):
         r = hybrid_reward(scores, cat, w_fr=w[0], w_nr=w[1], bounds=bounds)[["image_id", "seed", "reward"]]
         df = df.merge(r.rename(columns={"reward": part}), on=["image_id", "seed"])
+    guard = pool / "guard" / "scores.parquet"
+    if guard.is_file():
+        g = pd.read_parquet(guard).pivot_table(index=["image_id", "seed"], columns="metric", values="value")
+        df = df.merge(g.reset_index(), on=["image_id", "seed"])
     return df
 
 
@@ -105,6 +110,50 @@ def read_pools(seed_dir: Path, names: list[str], cfg: QuickstartConfig) -> dict[
     for name in names:
         pools[name] = read_pool(step_dir(Layout(seed_dir / name).eval, cfg.train.steps), bounds, metrics)
     return pools
+
+
+def target_rows(cfg: QuickstartConfig, seed: int, pools: dict, summaries: dict) -> list[dict]:
+    """Per variant of one seed, `claims.seed_target`: held-out preference accuracy, Mean@M and the guards
+    (PSNR-Y, SSIM-Y and the guard metrics, which are not in the reward) against the base pool."""
+    guards = {"psnr": False, "ssim": False}
+    guards |= {m: metric_lib.get_spec(m).lower_better for m in before_after.cfg_guards(cfg)}
+    rows = []
+    for name, s in summaries.items():
+        acc = s["pref_accuracy"]
+        t = claims.seed_target(pools["base"], pools[name], acc["heldout"], guards)
+        rows.append({"seed": seed, "variant": name, "train_accuracy": acc["train"], **t})
+    return rows
+
+
+def _span(r: dict, fmt: str = "+.4f") -> str:
+    return f"{r['effect']:{fmt}} [{r['lo']:{fmt}}, {r['hi']:{fmt}}]"
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    """The across-seeds table: per seed and variant, the target's parts and whether it was met."""
+    guards = [k for k in rows[0] if isinstance(rows[0][k], dict) and "worse" in rows[0][k]]
+    head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training pairs", "Mean@M Δ [95 %]"]
+    head += ["Worst@M Δ [95 %]", *[f"{g} Δ [95 %]" for g in guards], "target met"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        a, tr = r["accuracy"], r["train_accuracy"]
+        cells = [str(r["seed"]), r["variant"], f"{a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]"]
+        cells += [f"{tr['accuracy']:.3f}", _span(r["mean"]), _span(r["worst"])]
+        cells += [_span(r[g], "+.3f") + (" worse" if r[g]["worse"] else "") for g in guards]
+        miss = [k for k, ok in (("accuracy", r["accuracy_ok"]), ("Mean@M", r["mean_ok"])) if not ok]
+        miss += r["worse_guards"]
+        cells.append("yes" if r["met"] else "no (" + ", ".join(miss) + ")")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        part = [r for r in rows if r["variant"] == name]
+        count = {k: sum(r[k] for r in part) for k in ("accuracy_ok", "mean_ok", "guards_ok", "met")}
+        lines.append(
+            f"- {name}: accuracy above 0.5 in {count['accuracy_ok']} of {len(part)} seeds, Mean@M up beyond the "
+            f"noise in {count['mean_ok']}, no guard worse in {count['guards_ok']}; all three in "
+            f"**{count['met']} of {len(part)}** (target: 4 of 5)."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def claims_html(rows: list[dict], seed: int) -> str:
@@ -126,26 +175,39 @@ def claims_html(rows: list[dict], seed: int) -> str:
 
 
 def run_seed(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> list[dict]:
-    """Every variant of one seed (sharing the first's pools), then its claims table and report."""
+    """Every variant of one seed (sharing the pools of `pool_owner`), then its claims table and report;
+    returns its `target_rows`."""
     seed_dir, summaries, timings = root / f"seed_{seed}", {}, {}
-    first = variant(cfg, names[0], seed, seed_dir / names[0], False)
+    shared = pool_owner(cfg, names, seed, root)
     for name in names:
         c = variant(cfg, name, seed, seed_dir / name, False)
-        lay = VariantLayout(c.output, shared=first.output, own_score=c.score != first.score)
+        lay = VariantLayout(c.output, shared=shared.output, own_score=c.score != shared.score)
         summaries[name] = run_variant(c, lay, prepare=prepare_data)
         timings[name] = summaries[name]["timings"]
-    rows = claims.claim_rows(read_pools(seed_dir, names, cfg))
+    pools = read_pools(seed_dir, names, cfg)
+    rows = claims.claim_rows(pools)
     (seed_dir / "claims.json").write_text(json.dumps(rows, indent=1))
     text = claims.claims_markdown(rows)
     (seed_dir / "claims.md").write_text(f"# Claims, seed {seed} ({', '.join(names)})\n\n{text}")
     (seed_dir / "timings.json").write_text(json.dumps(timings, indent=1))
-    c = resolved(first, Layout(first.output))
+    first = variant(cfg, names[0], seed, seed_dir / names[0], False)
     lay = Layout(first.output)
+    c = resolved(first, lay)
     before_after.write_report(
         c, summaries[names[0]], lay.eval, seed_dir / "report.html", [claims_html(rows, seed)]
     )
     print(text)
-    return rows
+    return target_rows(c, seed, pools, summaries)
+
+
+def pool_owner(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> QuickstartConfig:
+    """The run whose folder holds a seed's crops, training pool and base held-out pool: the seed's first
+    variant, or with --data-seed D seed D's first variant (run first when D is not among --seeds)."""
+    owner = seed if cfg.data_seed is None else cfg.data_seed
+    c = variant(cfg, names[0], owner, root / f"seed_{owner}" / names[0], False)
+    if owner != seed and not (Layout(c.output).eval / "summary.json").is_file():
+        run_variant(c, VariantLayout(c.output, shared=c.output), prepare=prepare_data)
+    return c
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,9 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/medium.py " + " ".join(sys.argv[1:] if argv is None else argv)
     (root / "command.txt").write_text(command + "\n")
     t0 = time.perf_counter()
+    rows = []
     for seed in args.seeds:
-        run_seed(cfg, args.variants, seed, root)
-    print(f"{time.perf_counter() - t0:.0f} s; claims: {root}/seed_*/claims.md")
+        rows += run_seed(cfg, args.variants, seed, root)
+        text = seeds_markdown(rows)
+        (root / "seeds.md").write_text(f"Command: `{command}`\n\n{text}")
+        (root / "seeds.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+    print(f"{time.perf_counter() - t0:.0f} s; claims: {root}/seed_*/claims.md; across seeds: {root}/seeds.md")
     return 0
 
 

@@ -103,3 +103,26 @@ def test_interval_matches_student_t():
     half = 3.182446305284263 * d.std(ddof=1) / 2
     assert (r["effect"], r["lo"], r["hi"]) == pytest.approx((0.25, 0.25 - half, 0.25 + half))
     assert np.isnan(claims.interval(np.array([1.0]))["lo"])
+
+
+def test_seed_target_needs_accuracy_mean_and_no_worse_guard():
+    mean = BASE.mean(axis=1, keepdims=True)
+    up = mean + 0.05 + 0.5 * (BASE - mean)
+    base, after = pool(BASE), pool(up)
+    after["brisque"], base["brisque"] = (
+        30.0 + RNG.normal(0, 0.1, len(after)),
+        30.0 + RNG.normal(0, 0.1, len(base)),
+    )
+    guards = {"psnr": False, "ssim": False, "brisque": True}
+    good = {"accuracy": 0.7, "lo": 0.6, "hi": 0.8}
+    t = claims.seed_target(base, after, good, guards)
+    assert t["mean"]["effect"] == pytest.approx(0.05) and t["mean_ok"] and t["accuracy_ok"]
+    assert t["guards_ok"] and t["met"] and not t["brisque"]["worse"]
+    assert not claims.seed_target(base, after, {"accuracy": 0.6, "lo": 0.45, "hi": 0.75}, guards)["met"]
+    worse = after.assign(brisque=after["brisque"] + 5.0)  # BRISQUE: lower is better, so +5 is worse
+    t = claims.seed_target(base, worse, good, guards)
+    assert t["brisque"]["worse"] and t["worse_guards"] == ["brisque"] and not t["met"]
+    t = claims.seed_target(base, after.assign(psnr=after["psnr"] - 1.0), good, guards)
+    assert t["worse_guards"] == ["psnr"]
+    flat = claims.seed_target(base, base.copy(), good, guards)  # no change: Mean@M not up
+    assert flat["mean"]["effect"] == pytest.approx(0.0) and not flat["mean_ok"]

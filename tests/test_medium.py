@@ -80,3 +80,45 @@ def test_claims_section_and_missing_photos():
     assert "not run: fr_only, nr_only" in page and "+0.1000" in page
     with pytest.raises(SystemExit):
         medium.main(["--output", "/nonexistent/never-made"])
+
+
+def test_data_seed_fixes_the_data_and_leaves_training_to_the_seed(tmp_path):
+    from dp2osr.quickstart import Layout, QuickstartConfig, curve_config, resolved
+
+    def parts(**kw):
+        c = QuickstartConfig(output=tmp_path, **kw)
+        r = resolved(c, Layout(tmp_path))
+        return (r.degrade.seed, r.sample.seed, curve_config(r, Layout(tmp_path)).seed), r.train.seed
+
+    data0, train0 = parts(seed=0)
+    data1, train1 = parts(seed=1)
+    shared, train_shared = parts(seed=1, data_seed=0)
+    assert data1 != data0 and shared == data0  # the crops and pools of seed 0
+    assert train_shared == train1 == 1 and train0 == 0  # training still follows --seed
+
+
+def test_seeds_table_counts_the_target():
+    def row(seed, acc_lo, mean_lo, worse):
+        span = {"effect": 0.01, "lo": mean_lo, "hi": 0.02, "n": 24}
+        guard = {"effect": -0.1, "lo": -0.2, "hi": 0.1, "n": 24, "worse": bool(worse)}
+        return {
+            "seed": seed,
+            "variant": "hybrid",
+            "train_accuracy": {"accuracy": 0.8},
+            "accuracy": {"accuracy": 0.6, "lo": acc_lo, "hi": 0.7},
+            "mean": span,
+            "worst": span,
+            "psnr": guard,
+            "accuracy_ok": acc_lo > 0.5,
+            "mean_ok": mean_lo > 0,
+            "guards_ok": not worse,
+            "worse_guards": ["psnr"] if worse else [],
+            "met": acc_lo > 0.5 and mean_lo > 0 and not worse,
+        }
+
+    text = medium.seeds_markdown(
+        [row(0, 0.55, 0.001, False), row(1, 0.45, 0.001, False), row(2, 0.55, -0.01, True)]
+    )
+    assert "all three in **1 of 3**" in text
+    assert "accuracy above 0.5 in 2 of 3" in text and "no guard worse in 2" in text
+    assert "no (accuracy)" in text and "no (Mean@M, psnr)" in text and "psnr Δ [95 %]" in text

@@ -107,6 +107,12 @@ class QuickstartConfig:
         "always are). Default: the first of niqe (crops >= 96 px), brisque, piqe that is not in the reward",
     )
     seed: int = field(0, help="whole-run seed: degradations, crop choice, sampling seeds, data order, noise")
+    data_seed: int | None = field(
+        None,
+        help="seed of the data alone: degradations, crop choice and the pools' sampling seeds (default: --seed). "
+        "Runs with the same --data-seed and different --seed share their crops and pools and differ only in "
+        "training (data order, noise)",
+    )
     device: str = field("auto", help="auto, cpu or cuda", choices=["auto", "cpu", "cuda"], run_only=True)
     overwrite: bool = field(False, help="delete an earlier quickstart in --output first", run_only=True)
     degrade: DegradeConfig = nested(
@@ -129,6 +135,8 @@ class QuickstartConfig:
             check_range("eval_samples", self.eval_samples, 1, MAX_SAMPLES, integer=True)
         # The stages' seeds are derived from this one (SEED x 100000 + k): they must stay seeds too.
         check_seed(self.seed, high=MAX_SEED // _SEED_STRIDE - 1)
+        if self.data_seed is not None:
+            check_seed(self.data_seed, high=MAX_SEED // _SEED_STRIDE - 1)
         if self.hr_size < 16 or self.hr_size % 16:
             raise ValueError(f"--hr-size must be a multiple of 16 (>= 16), got {self.hr_size}")
         before_after.guards(self.guard_metrics, self.reward_metrics, self.hr_size)
@@ -136,6 +144,11 @@ class QuickstartConfig:
     @property
     def reward_metrics(self) -> list[str]:
         return score.resolved_metrics(self.score)
+
+    @property
+    def pool_seed(self) -> int:
+        """The seed of the crops, degradations and pools: --data-seed, or --seed."""
+        return self.seed if self.data_seed is None else self.data_seed
 
 
 @dataclass(frozen=True)
@@ -158,13 +171,15 @@ def resolved(cfg: QuickstartConfig, lay: Layout) -> QuickstartConfig:
     model = {"backbone": cfg.backbone, "base": cfg.base, "controlnet": cfg.controlnet, "device": cfg.device}
     return dataclasses.replace(
         cfg,
-        degrade=dataclasses.replace(cfg.degrade, hr_size=cfg.hr_size, scale=4, crop="center", seed=cfg.seed),
+        degrade=dataclasses.replace(
+            cfg.degrade, hr_size=cfg.hr_size, scale=4, crop="center", seed=cfg.pool_seed
+        ),
         sample=dataclasses.replace(
             cfg.sample,
             **model,
             input=lay.degrade / "train",
             output=lay.sample,
-            seed=cfg.seed * _SEED_STRIDE,
+            seed=cfg.pool_seed * _SEED_STRIDE,
             process_size=cfg.hr_size,
         ),
         score=dataclasses.replace(cfg.score, candidates=lay.sample, output=lay.score, device=cfg.device),
@@ -191,7 +206,7 @@ def curve_config(cfg: QuickstartConfig, lay: Layout) -> curve.CurveConfig:
         heldout=lay.degrade / "heldout",
         output=lay.eval,
         samples=cfg.eval_samples or cfg.sample.samples,
-        seed=cfg.seed * _SEED_STRIDE + _SEED_STRIDE // 2,
+        seed=cfg.pool_seed * _SEED_STRIDE + _SEED_STRIDE // 2,
         preset=cfg.score.preset,
         metrics=cfg.reward_metrics,
         weights_dir=cfg.score.weights_dir,
@@ -204,7 +219,7 @@ def prepare_data(cfg: QuickstartConfig, folder: Path) -> None:
     photos = list_images(Path(cfg.photos) if cfg.photos is not None else PHOTOS)
     train_tiles, held = checkerboard_tiles(photos, cfg.hr_size)
     check_inputs(cfg, (len(train_tiles), len(held)))
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.pool_seed)
     for name, pool, n in (("train", train_tiles, cfg.images), ("heldout", held, cfg.heldout)):
         tile_dir = folder / f"tiles_{name}"
         for tile_id, tile in [pool[i] for i in sorted(rng.permutation(len(pool))[:n])]:

@@ -224,6 +224,28 @@ def claim_rows(pools: dict[str, pd.DataFrame]) -> list[dict]:
     return rows
 
 
+def seed_target(base: pd.DataFrame, after: pd.DataFrame, accuracy: dict, guards: dict[str, bool]) -> dict:
+    """One run's check against the medium recipe's target: the held-out preference accuracy's interval above
+    0.5 (``accuracy``: ``accuracy, lo, hi``), Mean@M up beyond the noise (the per-image interval of the mean
+    reward above 0) and no guard worse beyond the noise (its per-image mean's interval not wholly on the worse
+    side; ``guards``: column -> lower is better). Returns the intervals and the verdicts ``accuracy_ok``,
+    ``mean_ok``, ``guards_ok`` and ``met`` (all three)."""
+    out: dict = {"accuracy": dict(accuracy), "mean": paired(after, base, "reward", "mean")}
+    out["worst"] = paired(after, base, "reward", "min")
+    worse = []
+    for column, lower_better in guards.items():
+        r = paired(after, base, column, "mean")
+        r["worse"] = bool(r["lo"] > 0) if lower_better else bool(r["hi"] < 0)
+        out[column] = r
+        worse += [column] if r["worse"] else []
+    out["accuracy_ok"] = bool(accuracy["lo"] > 0.5)
+    out["mean_ok"] = above(out["mean"])
+    out["guards_ok"] = not worse
+    out["worse_guards"] = worse
+    out["met"] = out["accuracy_ok"] and out["mean_ok"] and out["guards_ok"]
+    return out
+
+
 def _num(x) -> str:
     if x is None or not np.isfinite(x):
         return "–"
