@@ -179,6 +179,7 @@ def run_seed(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> 
     returns its `target_rows`."""
     seed_dir, summaries, timings = root / f"seed_{seed}", {}, {}
     shared = pool_owner(cfg, names, seed, root)
+    cfg = seed_config(cfg, seed)
     for name in names:
         c = variant(cfg, name, seed, seed_dir / name, False)
         lay = VariantLayout(c.output, shared=shared.output, own_score=c.score != shared.score)
@@ -200,11 +201,17 @@ def run_seed(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> 
     return target_rows(c, seed, pools, summaries)
 
 
+def seed_config(cfg: QuickstartConfig, seed: int) -> QuickstartConfig:
+    """``cfg`` for one seed: --data-seed kept only where it differs from the seed, so that seed D's own runs
+    are plain quickstarts of seed D (and resume as such)."""
+    return dataclasses.replace(cfg, data_seed=None if cfg.data_seed in (None, seed) else cfg.data_seed)
+
+
 def pool_owner(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> QuickstartConfig:
     """The run whose folder holds a seed's crops, training pool and base held-out pool: the seed's first
     variant, or with --data-seed D seed D's first variant (run first when D is not among --seeds)."""
     owner = seed if cfg.data_seed is None else cfg.data_seed
-    c = variant(cfg, names[0], owner, root / f"seed_{owner}" / names[0], False)
+    c = variant(seed_config(cfg, owner), names[0], owner, root / f"seed_{owner}" / names[0], False)
     if owner != seed and not (Layout(c.output).eval / "summary.json").is_file():
         run_variant(c, VariantLayout(c.output, shared=c.output), prepare=prepare_data)
     return c

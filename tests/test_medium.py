@@ -122,3 +122,12 @@ def test_seeds_table_counts_the_target():
     assert "all three in **1 of 3**" in text
     assert "accuracy above 0.5 in 2 of 3" in text and "no guard worse in 2" in text
     assert "no (accuracy)" in text and "no (Mean@M, psnr)" in text and "psnr Δ [95 %]" in text
+
+
+def test_the_data_seeds_own_runs_are_plain_quickstarts(tmp_path):
+    from dp2osr.quickstart import QuickstartConfig
+
+    cfg = QuickstartConfig(output=tmp_path, data_seed=0)
+    assert medium.seed_config(cfg, 0).data_seed is None  # resumes a run made without --data-seed
+    assert medium.seed_config(cfg, 3).data_seed == 0
+    assert medium.seed_config(QuickstartConfig(output=tmp_path), 3).data_seed is None
