@@ -8,7 +8,8 @@ Two modes:
   which both Mean@M and Worst@M rose (the target: at least 4 of 5).
 - ``--mode ablations``: the paper's ablations at small scale, per seed: pair reward hybrid vs FR-only
   (``--score.w-fr 1 --score.w-nr 0``) vs NR-only; top-N x bottom-N vs N=1 (``--pair.n 1``); HPO on vs off
-  (``--pair.hpo none``); and beta 5000 (the paper's) vs the quickstart's 500 (``--train.beta 5000``). All
+  (``--pair.hpo none``); and beta 5000 (the paper's) vs the quickstart's 500 (``--train.beta 5000``); on
+  request (``--variants``) also lr 1e-4 (``lr1e4``) and three times the DPO steps (``steps3x``). All
   variants of a seed share the crops, the training pool and its scores (in the first variant's folder), and
   the base model's held-out pool (each variant's 6_eval/step_000000 links to the first's); each has its own
   pairs, training and final held-out pool. Outcomes are read under one fixed normalisation: the min-max
@@ -52,6 +53,8 @@ VARIANTS: dict[str, tuple[str, dict[str, dict]]] = {
     "n1": ("N = 1 (best vs worst)", {"pair": {"n": 1}}),
     "no_hpo": ("HPO off (uniform pair weights)", {"pair": {"hpo": "none"}}),
     "beta5000": ("beta = 5000 (the paper's; quickstart: 500)", {"train": {"beta": 5000.0}}),
+    "lr1e4": ("lr = 1e-4 (quickstart: 3e-5)", {"train": {"lr": 1e-4}}),
+    "steps3x": ("3x the DPO steps", {}),
 }
 FORMATS = (
     ("worst", ".4f"),
@@ -80,7 +83,7 @@ def parse(argv: list[str] | None = None) -> tuple[QuickstartConfig, argparse.Nam
     )
     parser.add_argument("--mode", choices=["seeds", "ablations"], required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="whole-run seeds")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS)[:6])
     parser.add_argument(
         "--curve",
         action="store_true",
@@ -96,6 +99,8 @@ def parse(argv: list[str] | None = None) -> tuple[QuickstartConfig, argparse.Nam
 def variant(cfg: QuickstartConfig, name: str, seed: int, output: Path, curve: bool) -> QuickstartConfig:
     """``cfg`` with variant ``name``'s stage options, the seed and the output folder."""
     stages = {k: dataclasses.replace(getattr(cfg, k), **v) for k, v in VARIANTS[name][1].items()}
+    if name == "steps3x":
+        stages["train"] = dataclasses.replace(cfg.train, steps=3 * cfg.train.steps)
     c = dataclasses.replace(cfg, seed=seed, output=output, **stages)
     if not curve:
         c.train = dataclasses.replace(c.train, checkpoint_every=c.train.steps)

@@ -108,7 +108,8 @@ def read_pools(seed_dir: Path, names: list[str], cfg: QuickstartConfig) -> dict[
     bounds = fit_bounds(pd.read_parquet(base / "scores.parquet"), metric_lib.catalogue(metrics))
     pools = {"base": read_pool(base, bounds, metrics)}
     for name in names:
-        pools[name] = read_pool(step_dir(Layout(seed_dir / name).eval, cfg.train.steps), bounds, metrics)
+        steps = variant(cfg, name, 0, seed_dir / name, False).train.steps  # the variant's own final step
+        pools[name] = read_pool(step_dir(Layout(seed_dir / name).eval, steps), bounds, metrics)
     return pools
 
 
@@ -133,25 +134,29 @@ def seeds_markdown(rows: list[dict]) -> str:
     """The across-seeds table: per seed and variant, the target's parts and whether it was met."""
     guards = [k for k in rows[0] if isinstance(rows[0][k], dict) and "worse" in rows[0][k]]
     head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training pairs", "Mean@M Δ [95 %]"]
-    head += ["Worst@M Δ [95 %]", *[f"{g} Δ [95 %]" for g in guards], "target met"]
+    head += ["Worst@M Δ [95 %]", *[f"{g} Δ [95 %]" for g in guards], "target met", "with the slight drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a, tr = r["accuracy"], r["train_accuracy"]
         cells = [str(r["seed"]), r["variant"], f"{a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]"]
         cells += [f"{tr['accuracy']:.3f}", _span(r["mean"]), _span(r["worst"])]
         cells += [_span(r[g], "+.3f") + (" worse" if r[g]["worse"] else "") for g in guards]
+        slight = "yes" if r["met_slight"] else "no"
         miss = [k for k, ok in (("accuracy", r["accuracy_ok"]), ("Mean@M", r["mean_ok"])) if not ok]
         miss += r["worse_guards"]
-        cells.append("yes" if r["met"] else "no (" + ", ".join(miss) + ")")
+        cells += ["yes" if r["met"] else "no (" + ", ".join(miss) + ")", slight]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for name in dict.fromkeys(r["variant"] for r in rows):
         part = [r for r in rows if r["variant"] == name]
-        count = {k: sum(r[k] for r in part) for k in ("accuracy_ok", "mean_ok", "guards_ok", "met")}
+        keys = ("accuracy_ok", "mean_ok", "guards_ok", "met", "met_slight")
+        count = {k: sum(r[k] for r in part) for k in keys}
         lines.append(
             f"- {name}: accuracy above 0.5 in {count['accuracy_ok']} of {len(part)} seeds, Mean@M up beyond the "
-            f"noise in {count['mean_ok']}, no guard worse in {count['guards_ok']}; all three in "
-            f"**{count['met']} of {len(part)}** (target: 4 of 5)."
+            f"noise in {count['mean_ok']}, no guard worse beyond the noise in {count['guards_ok']}; all three in "
+            f"**{count['met']} of {len(part)}** (target: 4 of 5); allowing PSNR-Y and SSIM-Y the paper's slight "
+            f"drop (interval above −{claims.SLIGHT['psnr']} dB / −{claims.SLIGHT['ssim']}): {count['met_slight']} "
+            f"of {len(part)}."
         )
     return "\n".join(lines) + "\n"
 

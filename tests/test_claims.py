@@ -123,6 +123,10 @@ def test_seed_target_needs_accuracy_mean_and_no_worse_guard():
     t = claims.seed_target(base, worse, good, guards)
     assert t["brisque"]["worse"] and t["worse_guards"] == ["brisque"] and not t["met"]
     t = claims.seed_target(base, after.assign(psnr=after["psnr"] - 1.0), good, guards)
-    assert t["worse_guards"] == ["psnr"]
+    assert t["worse_guards"] == ["psnr"] and not t["psnr"]["slight"] and not t["met_slight"]
+    t = claims.seed_target(
+        base, after.assign(psnr=after["psnr"] - 0.1), good, guards
+    )  # the paper's slight drop
+    assert t["worse_guards"] == ["psnr"] and t["psnr"]["slight"] and t["met_slight"] and not t["met"]
     flat = claims.seed_target(base, base.copy(), good, guards)  # no change: Mean@M not up
     assert flat["mean"]["effect"] == pytest.approx(0.0) and not flat["mean_ok"]
