@@ -113,16 +113,27 @@ def read_pools(seed_dir: Path, names: list[str], cfg: QuickstartConfig) -> dict[
     return pools
 
 
-def target_rows(cfg: QuickstartConfig, seed: int, pools: dict, summaries: dict) -> list[dict]:
+def winner_error(train_dir: Path, last: int = 10) -> float:
+    """The policy's denoising error on the winners minus the reference's, averaged over the last ``last``
+    logged steps of metrics.jsonl: above 0 when DPO made the model worse on the images it should prefer."""
+    lines = (train_dir / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(x) for x in lines if x.strip()]
+    steps = [r for r in logged if "policy_err_w" in r][-last:]
+    return float(np.mean([r["policy_err_w"] - r["ref_err_w"] for r in steps])) if steps else float("nan")
+
+
+def target_rows(cfg: QuickstartConfig, seed: int, pools: dict, summaries: dict, seed_dir: Path) -> list[dict]:
     """Per variant of one seed, `claims.seed_target`: held-out preference accuracy, Mean@M and the guards
-    (PSNR-Y, SSIM-Y and the guard metrics, which are not in the reward) against the base pool."""
+    (PSNR-Y, SSIM-Y and the guard metrics, which are not in the reward) against the base pool, and the
+    policy's change of error on the training winners (`winner_error`)."""
     guards = {"psnr": False, "ssim": False}
     guards |= {m: metric_lib.get_spec(m).lower_better for m in before_after.cfg_guards(cfg)}
     rows = []
     for name, s in summaries.items():
         acc = s["pref_accuracy"]
         t = claims.seed_target(pools["base"], pools[name], acc["heldout"], guards)
-        rows.append({"seed": seed, "variant": name, "train_accuracy": acc["train"], **t})
+        err = winner_error(Layout(seed_dir / name).train)
+        rows.append({"seed": seed, "variant": name, "train_accuracy": acc["train"], "winner_err": err, **t})
     return rows
 
 
@@ -133,13 +144,14 @@ def _span(r: dict, fmt: str = "+.4f") -> str:
 def seeds_markdown(rows: list[dict]) -> str:
     """The across-seeds table: per seed and variant, the target's parts and whether it was met."""
     guards = [k for k in rows[0] if isinstance(rows[0][k], dict) and "worse" in rows[0][k]]
-    head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training pairs", "Mean@M Δ [95 %]"]
+    head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training pairs", "winner error Δ"]
+    head += ["Mean@M Δ [95 %]"]
     head += ["Worst@M Δ [95 %]", *[f"{g} Δ [95 %]" for g in guards], "target met", "with the slight drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a, tr = r["accuracy"], r["train_accuracy"]
         cells = [str(r["seed"]), r["variant"], f"{a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]"]
-        cells += [f"{tr['accuracy']:.3f}", _span(r["mean"]), _span(r["worst"])]
+        cells += [f"{tr['accuracy']:.3f}", f"{r['winner_err']:+.5f}", _span(r["mean"]), _span(r["worst"])]
         cells += [_span(r[g], "+.3f") + (" worse" if r[g]["worse"] else "") for g in guards]
         slight = "yes" if r["met_slight"] else "no"
         miss = [k for k, ok in (("accuracy", r["accuracy_ok"]), ("Mean@M", r["mean_ok"])) if not ok]
@@ -179,16 +191,32 @@ def claims_html(rows: list[dict], seed: int) -> str:
     )
 
 
-def run_seed(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> list[dict]:
+def finished_summary(folder: Path) -> dict:
+    """A finished variant's summary (6_eval/summary.json), for ``--tables-only``."""
+    path = Layout(folder).eval / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run that variant first (--tables-only reads finished runs)"
+        )
+    return json.loads(path.read_text())
+
+
+def run_seed(
+    cfg: QuickstartConfig, names: list[str], seed: int, root: Path, tables_only: bool = False
+) -> list[dict]:
     """Every variant of one seed (sharing the pools of `pool_owner`), then its claims table and report;
-    returns its `target_rows`."""
+    returns its `target_rows`. ``tables_only``: read the finished variants' summaries instead of running them,
+    and write the tables but not the report."""
     seed_dir, summaries, timings = root / f"seed_{seed}", {}, {}
-    shared = pool_owner(cfg, names, seed, root)
+    shared = None if tables_only else pool_owner(cfg, names, seed, root)
     cfg = seed_config(cfg, seed)
     for name in names:
         c = variant(cfg, name, seed, seed_dir / name, False)
-        lay = VariantLayout(c.output, shared=shared.output, own_score=c.score != shared.score)
-        summaries[name] = run_variant(c, lay, prepare=prepare_data)
+        if shared is None:
+            summaries[name] = finished_summary(c.output)
+        else:
+            lay = VariantLayout(c.output, shared=shared.output, own_score=c.score != shared.score)
+            summaries[name] = run_variant(c, lay, prepare=prepare_data)
         timings[name] = summaries[name]["timings"]
     pools = read_pools(seed_dir, names, cfg)
     rows = claims.claim_rows(pools)
@@ -199,11 +227,12 @@ def run_seed(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> 
     first = variant(cfg, names[0], seed, seed_dir / names[0], False)
     lay = Layout(first.output)
     c = resolved(first, lay)
-    before_after.write_report(
-        c, summaries[names[0]], lay.eval, seed_dir / "report.html", [claims_html(rows, seed)]
-    )
+    if not tables_only:
+        before_after.write_report(
+            c, summaries[names[0]], lay.eval, seed_dir / "report.html", [claims_html(rows, seed)]
+        )
     print(text)
-    return target_rows(c, seed, pools, summaries)
+    return target_rows(c, seed, pools, summaries, seed_dir)
 
 
 def seed_config(cfg: QuickstartConfig, seed: int) -> QuickstartConfig:
@@ -228,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="whole-run seeds")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="rebuild claims.md and seeds.md (and their JSON) from the finished variants' summaries and pools; "
+        "runs nothing and leaves the reports as they are",
+    )
     add_arguments(parser, QuickstartConfig)
     args = parser.parse_args(argv)
     if args.config is None:
@@ -241,11 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     command = "python scripts/medium.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (root / "command.txt").write_text(command + "\n")
+    if args.tables_only and (root / "command.txt").is_file():
+        command = f"{(root / 'command.txt').read_text().strip()}` (tables rebuilt by `{command}"
+    else:
+        (root / "command.txt").write_text(command + "\n")
     t0 = time.perf_counter()
     rows = []
     for seed in args.seeds:
-        rows += run_seed(cfg, args.variants, seed, root)
+        rows += run_seed(cfg, args.variants, seed, root, args.tables_only)
         text = seeds_markdown(rows)
         (root / "seeds.md").write_text(f"Command: `{command}`\n\n{text}")
         (root / "seeds.json").write_text(json.dumps(rows, indent=1))

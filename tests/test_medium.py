@@ -105,6 +105,7 @@ def test_seeds_table_counts_the_target():
             "seed": seed,
             "variant": "hybrid",
             "train_accuracy": {"accuracy": 0.8},
+            "winner_err": 0.0012,
             "accuracy": {"accuracy": 0.6, "lo": acc_lo, "hi": 0.7},
             "mean": span,
             "worst": span,
@@ -124,7 +125,12 @@ def test_seeds_table_counts_the_target():
         "all three in **1 of 3**" in text and "slight drop (interval above −0.5 dB / −0.02): 1 of 3" in text
     )
     assert "accuracy above 0.5 in 2 of 3" in text and "no guard worse beyond the noise in 2" in text
-    assert "no (accuracy)" in text and "no (Mean@M, psnr)" in text and "psnr Δ [95 %]" in text
+    assert (
+        "+0.00120" in text
+        and "no (accuracy)" in text
+        and "no (Mean@M, psnr)" in text
+        and "psnr Δ [95 %]" in text
+    )
 
 
 def test_the_data_seeds_own_runs_are_plain_quickstarts(tmp_path):
