@@ -17,7 +17,14 @@ over it). Per seed, under OUTPUT/seed_S/:
   measured" (a variant left out), all pools under the base held-out pool's bounds; report.html: the first
   variant's report with the claims table as a section; timings.json: seconds per stage and variant.
 
-A rerun with the same options resumes.
+Across seeds, OUTPUT/seeds.md and seeds.json: per seed and variant the held-out preference accuracy, Mean@M,
+Worst@M and the guards against the base model, each with its 95 % interval, and whether the target was met
+(accuracy above 0.5, Mean@M up beyond the noise, no guard worse).
+
+``--data-seed D``: every seed uses seed D's crops, training pool and base held-out pool (made in
+OUTPUT/seed_D/FIRST_VARIANT, run first when D is not among --seeds), so a seed costs only its training and
+final pools and seeds differ only in training (data order, noise). Without it each seed draws its own crops
+and pools. ``--tables-only`` rebuilds the tables from finished runs. A rerun with the same options resumes.
 """
 
 from __future__ import annotations
