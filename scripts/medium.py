@@ -23,8 +23,8 @@ Worst@M and the guards against the base model, each with its 95 % interval, and 
 
 ``--data-seed D``: every seed uses seed D's crops, training pool and base held-out pool (made in
 OUTPUT/seed_D/FIRST_VARIANT, run first when D is not among --seeds), so a seed costs only its training and
-final pools and seeds differ only in training (data order, noise). Without it each seed draws its own crops
-and pools. ``--tables-only`` rebuilds the tables from finished runs. A rerun with the same options resumes.
+final pools and seeds differ only in training (data order, noise) and in the noise draws of the preference
+accuracy. Without it each seed draws its own crops and pools. ``--tables-only`` rebuilds the tables from finished runs. A rerun with the same options resumes.
 """
 
 from __future__ import annotations
@@ -46,15 +46,17 @@ from train_embedded import HOLDOUT  # noqa: E402
 
 from dp2osr import before_after, degrade  # noqa: E402
 from dp2osr import metrics as metric_lib  # noqa: E402
-from dp2osr.config import add_arguments, build_config  # noqa: E402
+from dp2osr.config import add_arguments, build_config, check_resume  # noqa: E402
 from dp2osr.engine.heldout import pool_rewards, step_dir  # noqa: E402
 from dp2osr.images import checkerboard_tiles, list_images, save_image  # noqa: E402
 from dp2osr.math import claims  # noqa: E402
 from dp2osr.math.reward import fit_bounds, hybrid_reward  # noqa: E402
-from dp2osr.quickstart import PHOTOS, Layout, QuickstartConfig, resolved  # noqa: E402
+from dp2osr.quickstart import CONFIG_NAME, PHOTOS, Layout, QuickstartConfig, resolved  # noqa: E402
+from dp2osr.runtime import output_lock  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "medium.yaml"
 DEFAULT_VARIANTS = ["hybrid", "fr_only", "nr_only", "n1", "no_hpo"]
+_SHARED_HINT = "give --data-seed the same data options as that seed's runs, or another --output"
 MIN_TILE_STD = 0.02  # a tile this flat (std of its pixels in [0, 1]) gives every candidate the same score
 
 
@@ -151,7 +153,7 @@ def _span(r: dict, fmt: str = "+.4f") -> str:
 def seeds_markdown(rows: list[dict]) -> str:
     """The across-seeds table: per seed and variant, the target's parts and whether it was met."""
     guards = [k for k in rows[0] if isinstance(rows[0][k], dict) and "worse" in rows[0][k]]
-    head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training pairs", "winner error Δ"]
+    head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training-pair accuracy", "winner error Δ"]
     head += ["Mean@M Δ [95 %]"]
     head += ["Worst@M Δ [95 %]", *[f"{g} Δ [95 %]" for g in guards], "target met", "with the slight drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -216,7 +218,6 @@ def run_seed(
     and write the tables but not the report."""
     seed_dir, summaries, timings = root / f"seed_{seed}", {}, {}
     shared = None if tables_only else pool_owner(cfg, names, seed, root)
-    cfg = seed_config(cfg, seed)
     for name in names:
         c = variant(cfg, name, seed, seed_dir / name, False)
         if shared is None:
@@ -242,18 +243,16 @@ def run_seed(
     return target_rows(c, seed, pools, summaries, seed_dir)
 
 
-def seed_config(cfg: QuickstartConfig, seed: int) -> QuickstartConfig:
-    """``cfg`` for one seed: --data-seed kept only where it differs from the seed, so that seed D's own runs
-    are plain quickstarts of seed D (and resume as such)."""
-    return dataclasses.replace(cfg, data_seed=None if cfg.data_seed in (None, seed) else cfg.data_seed)
-
-
 def pool_owner(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> QuickstartConfig:
     """The run whose folder holds a seed's crops, training pool and base held-out pool: the seed's first
     variant, or with --data-seed D seed D's first variant (run first when D is not among --seeds)."""
     owner = seed if cfg.data_seed is None else cfg.data_seed
-    c = variant(seed_config(cfg, owner), names[0], owner, root / f"seed_{owner}" / names[0], False)
-    if owner != seed and not (Layout(c.output).eval / "summary.json").is_file():
+    c = variant(cfg, names[0], owner, root / f"seed_{owner}" / names[0], False)
+    if owner == seed:
+        return c
+    # Its folder is shared: made with other options (crops, photos, M, ...) it is refused, not added to.
+    check_resume(resolved(c, Layout(c.output)), c.output / CONFIG_NAME, f"seed {owner}'s pools", _SHARED_HINT)
+    if not (Layout(c.output).eval / "summary.json").is_file():
         run_variant(c, VariantLayout(c.output, shared=c.output), prepare=prepare_data)
     return c
 
@@ -267,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tables-only",
         action="store_true",
-        help="rebuild claims.md and seeds.md (and their JSON) from the finished variants' summaries and pools; "
-        "runs nothing and leaves the reports as they are",
+        help="rebuild claims.md and seeds.md (and their JSON) from the finished variants' summaries and pools "
+        "(give the options the runs were made with); runs nothing and leaves the reports as they are",
     )
     add_arguments(parser, QuickstartConfig)
     args = parser.parse_args(argv)
@@ -289,11 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         (root / "command.txt").write_text(command + "\n")
     t0 = time.perf_counter()
     rows = []
-    for seed in args.seeds:
-        rows += run_seed(cfg, args.variants, seed, root, args.tables_only)
-        text = seeds_markdown(rows)
-        (root / "seeds.md").write_text(f"Command: `{command}`\n\n{text}")
-        (root / "seeds.json").write_text(json.dumps(rows, indent=1))
+    with output_lock(root, "medium"):  # one recipe per OUTPUT at a time: its seeds may share one folder
+        for seed in args.seeds:
+            rows += run_seed(cfg, args.variants, seed, root, args.tables_only)
+            text = seeds_markdown(rows)
+            (root / "seeds.md").write_text(f"Command: `{command}`\n\n{text}")
+            (root / "seeds.json").write_text(json.dumps(rows, indent=1))
     print(text)
     print(f"{time.perf_counter() - t0:.0f} s; claims: {root}/seed_*/claims.md; across seeds: {root}/seeds.md")
     return 0

@@ -134,15 +134,28 @@ def test_seeds_table_counts_the_target():
 
 
 def test_the_data_seeds_own_runs_are_plain_quickstarts(tmp_path):
-    from dp2osr.quickstart import QuickstartConfig
+    from dp2osr.quickstart import Layout, QuickstartConfig, resolved
 
-    cfg = QuickstartConfig(output=tmp_path, data_seed=0)
-    assert medium.seed_config(cfg, 0).data_seed is None  # resumes a run made without --data-seed
-    assert medium.seed_config(cfg, 3).data_seed == 0
-    assert medium.seed_config(QuickstartConfig(output=tmp_path), 3).data_seed is None
+    assert resolved(QuickstartConfig(output=tmp_path, data_seed=0), Layout(tmp_path)).data_seed is None
+    assert resolved(QuickstartConfig(output=tmp_path, seed=3, data_seed=0), Layout(tmp_path)).data_seed == 0
 
 
-def test_the_steps_variant_triples_the_steps_and_its_final_pool_is_read_there(tmp_path):
+def test_a_shared_pool_made_with_other_options_is_refused_not_added_to(tmp_path):
+    from dp2osr.config import save_config
+    from dp2osr.quickstart import CONFIG_NAME, Layout, QuickstartConfig, resolved
+
+    owner = tmp_path / "seed_0" / "hybrid"
+    owner.mkdir(parents=True)
+    made = QuickstartConfig(output=owner, images=100)
+    save_config(resolved(made, Layout(owner)), owner / CONFIG_NAME)
+    before = sorted(p.name for p in owner.iterdir())
+    cfg = QuickstartConfig(output=tmp_path, images=200, data_seed=0)
+    with pytest.raises(ValueError, match="images"):
+        medium.pool_owner(cfg, ["hybrid"], 1, tmp_path)
+    assert sorted(p.name for p in owner.iterdir()) == before  # nothing written into seed 0's folder
+
+
+def test_the_steps_variant_triples_the_steps(tmp_path):
     from ablations import variant
 
     from dp2osr.quickstart import QuickstartConfig

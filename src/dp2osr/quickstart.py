@@ -171,6 +171,7 @@ def resolved(cfg: QuickstartConfig, lay: Layout) -> QuickstartConfig:
     model = {"backbone": cfg.backbone, "base": cfg.base, "controlnet": cfg.controlnet, "device": cfg.device}
     return dataclasses.replace(
         cfg,
+        data_seed=None if cfg.data_seed == cfg.seed else cfg.data_seed,  # the same run as without it
         degrade=dataclasses.replace(
             cfg.degrade, hr_size=cfg.hr_size, scale=4, crop="center", seed=cfg.pool_seed
         ),
