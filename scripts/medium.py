@@ -244,15 +244,17 @@ def run_seed(
 
 
 def pool_owner(cfg: QuickstartConfig, names: list[str], seed: int, root: Path) -> QuickstartConfig:
-    """The run whose folder holds a seed's crops, training pool and base held-out pool: the seed's first
-    variant, or with --data-seed D seed D's first variant (run first when D is not among --seeds)."""
+    """The run whose folder holds a seed's crops, training pool and base held-out pool: that of the seed (or
+    with --data-seed D of seed D) whose folder already holds a training pool, else its first variant in
+    ``names``. Run first when it is not among this seed's variants and has not finished."""
     owner = seed if cfg.data_seed is None else cfg.data_seed
-    c = variant(cfg, names[0], owner, root / f"seed_{owner}" / names[0], False)
-    if owner == seed:
-        return c
+    seed_dir = root / f"seed_{owner}"
+    holders = sorted(p.parent.name for p in seed_dir.glob(f"*/{Layout(Path()).sample.name}") if p.is_dir())
+    name = holders[0] if holders else names[0]
+    c = variant(cfg, name, owner, seed_dir / name, False)
     # Its folder is shared: made with other options (crops, photos, M, ...) it is refused, not added to.
     check_resume(resolved(c, Layout(c.output)), c.output / CONFIG_NAME, f"seed {owner}'s pools", _SHARED_HINT)
-    if not (Layout(c.output).eval / "summary.json").is_file():
+    if (owner != seed or name not in names) and not (Layout(c.output).eval / "summary.json").is_file():
         run_variant(c, VariantLayout(c.output, shared=c.output), prepare=prepare_data)
     return c
 

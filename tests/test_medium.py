@@ -164,3 +164,17 @@ def test_the_steps_variant_triples_the_steps(tmp_path):
     c = variant(cfg, "steps3x", 0, tmp_path / "steps3x", False)
     assert c.train.steps == 3 * cfg.train.steps and c.train.checkpoint_every == c.train.steps
     assert variant(cfg, "lr1e4", 0, tmp_path / "lr", False).train.lr == 1e-4
+
+
+def test_the_pools_are_taken_from_the_variant_that_holds_them(tmp_path):
+    from dp2osr.quickstart import Layout, QuickstartConfig
+
+    holder = Layout(tmp_path / "seed_0" / "hybrid")
+    for folder in (holder.sample, holder.eval):
+        folder.mkdir(parents=True)
+    (holder.eval / "summary.json").write_text("{}")
+    (tmp_path / "seed_0" / "lr1e4" / "6_eval").mkdir(parents=True)  # a variant that only links the pools
+    cfg = QuickstartConfig(output=tmp_path, data_seed=0)
+    for seed in (0, 1):  # seed 0's own later variant, and seed 1 sharing seed 0's data
+        assert medium.pool_owner(cfg, ["lr1e4"], seed, tmp_path).output == holder.root
+    assert medium.pool_owner(QuickstartConfig(output=tmp_path), ["n1"], 2, tmp_path).output.name == "n1"
