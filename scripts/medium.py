@@ -21,10 +21,11 @@ Across seeds, OUTPUT/seeds.md and seeds.json: per seed and variant the held-out 
 Worst@M and the guards against the base model, each with its 95 % interval, and whether the target was met
 (accuracy above 0.5, Mean@M up beyond the noise, no guard worse).
 
-``--data-seed D``: every seed uses seed D's crops, training pool and base held-out pool (made in
-OUTPUT/seed_D/FIRST_VARIANT, run first when D is not among --seeds), so a seed costs only its training and
-final pools and seeds differ only in training (data order, noise) and in the noise draws of the preference
-accuracy. Without it each seed draws its own crops and pools. ``--tables-only`` rebuilds the tables from finished runs. A rerun with the same options resumes.
+``--data-seed D``: every seed uses seed D's crops, training pool and base held-out pool (in the folder of
+OUTPUT/seed_D/ that holds them; made first when needed), so a seed costs only its training and final pools,
+and seeds differ only in training (data order, noise) and in the noise draws of the preference accuracy.
+Without it each seed draws its own crops and pools. ``--tables-only`` rebuilds the tables from finished
+runs. A rerun with the same options resumes.
 """
 
 from __future__ import annotations
@@ -154,8 +155,13 @@ def seeds_markdown(rows: list[dict]) -> str:
     """The across-seeds table: per seed and variant, the target's parts and whether it was met."""
     guards = [k for k in rows[0] if isinstance(rows[0][k], dict) and "worse" in rows[0][k]]
     head = ["seed", "variant", "held-out pref. accuracy [95 %]", "training-pair accuracy", "winner error Δ"]
-    head += ["Mean@M Δ [95 %]"]
-    head += ["Worst@M Δ [95 %]", *[f"{g} Δ [95 %]" for g in guards], "target met", "with the slight drop"]
+    head += [
+        "Mean@M Δ [95 %]",
+        "Worst@M Δ [95 %]",
+        *[f"{g} Δ [95 %]" for g in guards],
+        "target met",
+        "with the slight drop",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a, tr = r["accuracy"], r["train_accuracy"]
