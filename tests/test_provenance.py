@@ -223,18 +223,28 @@ def test_resume_on_rebuilt_data_is_refused(data, tmp_path, capsys):
     assert not (out / "checkpoint-000004").exists()
 
 
-def test_truncated_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsys):
+def _resume_after_damage(data, tmp_path, capsys, damage) -> str:
+    """6 steps in one run; 4 steps in another, ``damage(checkpoint-000004)``, then --resume to 6: the two finals
+    must be equal. Returns the resumed run's stderr."""
     full, part = tmp_path / "full", tmp_path / "part"
     assert _train(data, full, 6) == 0
     assert _train(data, part, 4) == 0
-    broken = part / "checkpoint-000004" / "model.safetensors"
-    broken.write_bytes(broken.read_bytes()[:1000])
+    damage(part / "checkpoint-000004")
     capsys.readouterr()
     assert _train(data, part, 6, "--resume") == 0
     err = capsys.readouterr().err
-    assert "checkpoint-000004" in err and "checkpoint-000002" in err
     wa, wb = _weights(full / "final"), _weights(part / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return err
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(data, tmp_path, capsys):
+    def truncate(ckpt):
+        broken = ckpt / "model.safetensors"
+        broken.write_bytes(broken.read_bytes()[:1000])
+
+    err = _resume_after_damage(data, tmp_path, capsys, truncate)
+    assert "checkpoint-000004" in err and "checkpoint-000002" in err
 
 
 def test_truncated_train_state_is_named_and_skipped(data, tmp_path, capsys):
@@ -391,16 +401,11 @@ def test_an_output_subfolder_that_is_a_link_is_refused_before_training(data, tmp
 
 
 def test_a_checkpoint_damaged_in_place_falls_back_to_the_previous_one(data, tmp_path, capsys):
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert _train(data, full, 6) == 0
-    assert _train(data, part, 4) == 0
-    damaged = part / "checkpoint-000004" / "state" / "optimizer.bin"
-    raw = bytearray(damaged.read_bytes())
-    raw[len(raw) // 2 : len(raw) // 2 + 4096] = bytes(4096)  # same size, whole zip: torch.load would take it
-    damaged.write_bytes(bytes(raw))
-    capsys.readouterr()
-    assert _train(data, part, 6, "--resume") == 0
-    err = capsys.readouterr().err
+    def zero_a_block(ckpt):
+        damaged = ckpt / "state" / "optimizer.bin"
+        raw = bytearray(damaged.read_bytes())
+        raw[len(raw) // 2 : len(raw) // 2 + 4096] = bytes(4096)  # same size, whole zip: torch.load takes it
+        damaged.write_bytes(bytes(raw))
+
+    err = _resume_after_damage(data, tmp_path, capsys, zero_a_block)
     assert "optimizer.bin is damaged" in err and "resuming from checkpoint-000002" in err
-    wa, wb = _weights(full / "final"), _weights(part / "final")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
